@@ -1,0 +1,66 @@
+"""The ``fedsec`` command: a thin dispatcher over subcommands that live in their own packages.
+
+Each subcommand is a module exposing ``add_arguments(parser)`` and ``run(args) -> int``. The
+table below names modules as strings and imports only the one that is asked for, so
+``fedsec --help`` starts instantly (no torch import) and ``fl_core`` takes no static dependency
+on the layers above it (``clients``, ``server``, ``proofs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Protocol, cast
+
+
+class _Subcommand(Protocol):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+#: name -> (module, one-line summary). Order is the order shown by ``fedsec --help``.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("clients.simulate_cli", "run a whole federation in one process (the main job)"),
+}
+
+
+class UsageError(Exception):
+    """A problem with the command line or a config file, reported without a traceback."""
+
+
+def _usage() -> str:
+    width = max(len(n) for n in SUBCOMMANDS)
+    lines = ["usage: fedsec <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    lines += ["", "Run 'fedsec <command> --help' for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"fedsec: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, summary = SUBCOMMANDS[name]
+    module = cast(_Subcommand, importlib.import_module(module_name))
+    parser = argparse.ArgumentParser(prog=f"fedsec {name}", description=summary)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return module.run(args)
+    except UsageError as exc:
+        print(f"fedsec {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedsec {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
