@@ -60,7 +60,7 @@ class Ring:
             raise ConfigurationError(f"{what} must have dtype {self.dtype}, got {values.dtype}")
         if self.bits not in (32, 64) and values.size and int(values.max()) > self.mask:
             raise ConfigurationError(f"{what} has elements outside Z_2^{self.bits}")
-        return values  # type: ignore[return-value]
+        return values
 
     def to_signed(self, values: RingArray) -> npt.NDArray[np.int64]:
         """Centred representatives in [-2^(b-1), 2^(b-1)) as int64.
