@@ -76,7 +76,5 @@ class Ring:
 
     def from_signed(self, values: npt.NDArray[np.signedinteger]) -> RingArray:
         """Map signed integers to the ring (values must fit in int64)."""
-        words = values.astype(np.int64, copy=False).astype(np.uint64) if self.bits > 32 else (
-            values.astype(np.int64, copy=False).astype(np.uint64).astype(np.uint32)
-        )
-        return self.reduce(words)
+        words = values.astype(np.int64, copy=False).astype(np.uint64)
+        return self.reduce(words if self.bits > 32 else words.astype(np.uint32))

@@ -1,0 +1,94 @@
+"""t-of-n Shamir secret sharing of 32-byte secrets over GF(p), p = 2^256 + 297 (prime).
+
+Share x-coordinates are client ids (>= 1). Several secrets can be shared in one call (a client
+shares its masking key and its self-mask seed to the same neighbours), evaluating all
+polynomials at each point with Horner's rule. Reconstruction caches the Lagrange coefficients
+per set of x-coordinates (the server reconstructs many secrets from the same survivors) and,
+given more than t shares, checks that every extra share lies on the interpolated polynomial,
+so one corrupted share is detected instead of silently changing the secret.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from collections.abc import Mapping, Sequence
+
+from secagg.errors import ConfigurationError, InconsistentSharesError, TooFewSurvivors
+from secagg.ids import check_client_id
+
+PRIME = 2**256 + 297
+SECRET_BYTES = 32
+SHARE_BYTES = 33  # field elements below 2^257
+
+
+def split(secret_values: Sequence[bytes], threshold: int, xs: Sequence[int]) -> list[list[bytes]]:
+    """Share each secret t-of-n at the points ``xs``; result[i][j] is secret i's share at xs[j]."""
+    if not 1 <= threshold <= len(xs):
+        raise ConfigurationError(f"threshold {threshold} must be in [1, {len(xs)}]")
+    if len(set(xs)) != len(xs):
+        raise ConfigurationError("share points must be distinct")
+    for x in xs:
+        check_client_id(x)
+    coefficients: list[list[int]] = []
+    for value in secret_values:
+        if len(value) != SECRET_BYTES:
+            raise ConfigurationError(f"a shared secret is {SECRET_BYTES} bytes")
+        random_terms = [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+        coefficients.append([int.from_bytes(value, "big"), *random_terms])
+    result: list[list[bytes]] = []
+    for coeffs in coefficients:
+        row = []
+        for x in xs:
+            acc = 0
+            for c in reversed(coeffs):
+                acc = (acc * x + c) % PRIME
+            row.append(acc.to_bytes(SHARE_BYTES, "big"))
+        result.append(row)
+    return result
+
+
+def _field_element(share: bytes, x: int) -> int:
+    if len(share) != SHARE_BYTES:
+        raise InconsistentSharesError(f"share from client {x} is not {SHARE_BYTES} bytes")
+    value = int.from_bytes(share, "big")
+    if value >= PRIME:
+        raise InconsistentSharesError(f"share from client {x} is not a field element")
+    return value
+
+
+@functools.lru_cache(maxsize=4096)
+def _lagrange_at(xs: tuple[int, ...], target: int) -> tuple[int, ...]:
+    """Coefficients l_j with f(target) = Σ l_j f(xs[j]) for any polynomial of degree < len(xs)."""
+    coeffs = []
+    for j, xj in enumerate(xs):
+        num, den = 1, 1
+        for m, xm in enumerate(xs):
+            if m != j:
+                num = num * (target - xm) % PRIME
+                den = den * (xj - xm) % PRIME
+        coeffs.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(coeffs)
+
+
+def _interpolate(points: Sequence[tuple[int, int]], target: int) -> int:
+    xs = tuple(x for x, _ in points)
+    weights = _lagrange_at(xs, target)
+    return sum(w * y for w, (_, y) in zip(weights, points, strict=True)) % PRIME
+
+
+def reconstruct(shares: Mapping[int, bytes], threshold: int, what: str = "secret") -> bytes:
+    """Recover a secret from ``shares`` (x -> share bytes), checking any beyond the first t."""
+    if len(shares) < threshold:
+        raise TooFewSurvivors(f"{what}: {len(shares)} shares, {threshold} needed")
+    points = sorted((x, _field_element(s, x)) for x, s in shares.items())
+    basis, extra = points[:threshold], points[threshold:]
+    for x, y in extra:
+        if _interpolate(basis, x) != y:
+            raise InconsistentSharesError(
+                f"{what}: the shares do not lie on one polynomial (checked at client {x})"
+            )
+    secret = _interpolate(basis, 0)
+    if secret >= 1 << (8 * SECRET_BYTES):
+        raise InconsistentSharesError(f"{what}: reconstructed value is not a 32-byte secret")
+    return secret.to_bytes(SECRET_BYTES, "big")
