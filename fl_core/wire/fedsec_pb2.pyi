@@ -1,0 +1,189 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class MessageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MESSAGE_KIND_UNSPECIFIED: _ClassVar[MessageKind]
+    ADVERTISE_KEYS: _ClassVar[MessageKind]
+    SHARE_KEYS: _ClassVar[MessageKind]
+    MASKED_INPUT: _ClassVar[MessageKind]
+    CONSISTENCY_SIGNATURE: _ClassVar[MessageKind]
+    UNMASK_RESPONSE: _ClassVar[MessageKind]
+MESSAGE_KIND_UNSPECIFIED: MessageKind
+ADVERTISE_KEYS: MessageKind
+SHARE_KEYS: MessageKind
+MASKED_INPUT: MessageKind
+CONSISTENCY_SIGNATURE: MessageKind
+UNMASK_RESPONSE: MessageKind
+
+class ChallengeRequest(_message.Message):
+    __slots__ = ("client_id",)
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    def __init__(self, client_id: _Optional[int] = ...) -> None: ...
+
+class ChallengeReply(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
+
+class AuthenticateRequest(_message.Message):
+    __slots__ = ("client_id", "nonce", "server_cert_sha256", "signature")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_CERT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    nonce: bytes
+    server_cert_sha256: bytes
+    signature: bytes
+    def __init__(self, client_id: _Optional[int] = ..., nonce: _Optional[bytes] = ..., server_cert_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AuthenticateReply(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: bytes
+    def __init__(self, token: _Optional[bytes] = ...) -> None: ...
+
+class PollRequest(_message.Message):
+    __slots__ = ("token", "seq", "wait_ms")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    token: bytes
+    seq: int
+    wait_ms: int
+    def __init__(self, token: _Optional[bytes] = ..., seq: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class RoundConfig(_message.Message):
+    __slots__ = ("round_number", "session_id", "ring_bits", "dim", "threshold", "cohort", "neighbours", "graph_seed", "model_dim", "random", "train", "clip", "quant_bits", "weighted")
+    ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RING_BITS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIM_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    QUANT_BITS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    round_number: int
+    session_id: bytes
+    ring_bits: int
+    dim: int
+    threshold: int
+    cohort: _containers.RepeatedScalarFieldContainer[int]
+    neighbours: int
+    graph_seed: bytes
+    model_dim: int
+    random: RandomTask
+    train: TrainTask
+    clip: float
+    quant_bits: int
+    weighted: bool
+    def __init__(self, round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ..., ring_bits: _Optional[int] = ..., dim: _Optional[int] = ..., threshold: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., neighbours: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., model_dim: _Optional[int] = ..., random: _Optional[_Union[RandomTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., clip: _Optional[float] = ..., quant_bits: _Optional[int] = ..., weighted: _Optional[bool] = ...) -> None: ...
+
+class RandomTask(_message.Message):
+    __slots__ = ("seed",)
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    def __init__(self, seed: _Optional[int] = ...) -> None: ...
+
+class TrainTask(_message.Message):
+    __slots__ = ("seed", "local_steps", "learning_rate", "batch_size")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    local_steps: int
+    learning_rate: float
+    batch_size: int
+    def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class RoundStart(_message.Message):
+    __slots__ = ("config",)
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    config: bytes
+    def __init__(self, config: _Optional[bytes] = ...) -> None: ...
+
+class SecAggItem(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    def __init__(self, session_id: _Optional[bytes] = ...) -> None: ...
+
+class RoundEnd(_message.Message):
+    __slots__ = ("round_number", "completed", "reason")
+    ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round_number: int
+    completed: bool
+    reason: str
+    def __init__(self, round_number: _Optional[int] = ..., completed: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Idle(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerItem(_message.Message):
+    __slots__ = ("seq", "idle", "round_start", "secagg", "round_end", "payload_size")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_START_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
+    ROUND_END_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    idle: Idle
+    round_start: RoundStart
+    secagg: SecAggItem
+    round_end: RoundEnd
+    payload_size: int
+    def __init__(self, seq: _Optional[int] = ..., idle: _Optional[_Union[Idle, _Mapping]] = ..., round_start: _Optional[_Union[RoundStart, _Mapping]] = ..., secagg: _Optional[_Union[SecAggItem, _Mapping]] = ..., round_end: _Optional[_Union[RoundEnd, _Mapping]] = ..., payload_size: _Optional[int] = ...) -> None: ...
+
+class ServerFrame(_message.Message):
+    __slots__ = ("item", "chunk")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    item: ServerItem
+    chunk: bytes
+    def __init__(self, item: _Optional[_Union[ServerItem, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class SubmitHeader(_message.Message):
+    __slots__ = ("token", "round_number", "session_id", "kind", "payload_size")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    token: bytes
+    round_number: int
+    session_id: bytes
+    kind: MessageKind
+    payload_size: int
+    def __init__(self, token: _Optional[bytes] = ..., round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ..., kind: _Optional[_Union[MessageKind, str]] = ..., payload_size: _Optional[int] = ...) -> None: ...
+
+class ClientFrame(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: SubmitHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[SubmitHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class SubmitReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
