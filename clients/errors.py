@@ -1,0 +1,28 @@
+"""Errors raised by the client SDK for bad local input: data files, model directories.
+
+Data errors carry the file and the 1-based line so an institution's operator can fix the record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fl_core.errors import FLError
+
+
+class DataFormatError(FLError, ValueError):
+    """A training-data record that is malformed: bad JSON, a missing field, a wrong type."""
+
+    def __init__(self, path: str | Path, line: int, problem: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.problem = problem
+        super().__init__(f"{self.path}:{line}: {problem}")
+
+
+class EmptyDatasetError(FLError, ValueError):
+    """A data set with no usable example (an empty file, or every example truncated away)."""
+
+
+class ModelLoadError(FLError, ValueError):
+    """A model directory that is missing or does not hold a causal language model."""
