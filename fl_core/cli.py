@@ -23,6 +23,7 @@ class _Subcommand(Protocol):
 #: name -> (module, one-line summary). Order is the order shown by ``fedsec --help``.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("clients.simulate_cli", "run a whole federation in one process (the main job)"),
+    "keygen": ("server.keygen_cli", "identities, a roster and development TLS certificates"),
 }
 
 

@@ -1,0 +1,91 @@
+"""``fedsec client --config client.toml``: an institution's settings, validated on load.
+
+The policy table is the institution's own floor under what a coordinator may ask of it: a
+round below ``min_threshold``, ``min_cohort`` or ``min_ring_bits`` is refused by the client's
+protocol session, whatever the server says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fl_core.wire.credentials import load_identity
+from fl_core.wire.toml_config import ConfigError, load_toml
+from secagg.keys import Identity
+
+
+@dataclass(frozen=True)
+class ClientPolicyConfig:
+    min_threshold: int
+    min_cohort: int
+    min_ring_bits: int
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    client_id: int
+    server: str
+    #: Name the server certificate must carry, when ``server`` is an address it does not list.
+    server_name: str | None
+    ca_cert: Path
+    identity: Identity
+    #: Optional client certificate and key for servers that require mutual TLS.
+    tls_cert: Path | None
+    tls_key: Path | None
+    reconnect_max_s: float
+    give_up_after_s: float
+    policy: ClientPolicyConfig
+    #: Name of an embedded synthetic institution (``clients.synthetic``), or None.
+    synthetic: str | None
+    #: Local JSONL training data, or None.
+    jsonl: Path | None
+
+
+def load_client_config(path: Path) -> ClientConfig:
+    top = load_toml(path)
+    client = top.table("client")
+    client_id = client.integer("id", minimum=1, maximum=2**32 - 1)
+    server = client.string("server")
+    if ":" not in server:
+        raise ConfigError(f"{path}: client.server must be host:port, got {server!r}")
+    server_name = client.string("server_name") if client.has("server_name") else None
+    ca_cert = client.path("ca_cert")
+    identity = load_identity(client.path("identity"))
+    tls_cert = client.path("tls_cert") if client.has("tls_cert") else None
+    tls_key = client.path("tls_key") if client.has("tls_key") else None
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError(f"{path}: client.tls_cert and client.tls_key go together")
+    reconnect_max_s = client.number("reconnect_max_s", default=10.0, positive=True)
+    give_up_after_s = client.number("give_up_after_s", default=600.0, positive=True)
+    client.done()
+
+    policy_table = top.table("policy", required=False)
+    policy = ClientPolicyConfig(
+        min_threshold=policy_table.integer("min_threshold", default=2, minimum=1),
+        min_cohort=policy_table.integer("min_cohort", default=2, minimum=1),
+        min_ring_bits=policy_table.integer("min_ring_bits", default=16, minimum=1, maximum=64),
+    )
+    policy_table.done()
+
+    data = top.table("data", required=False)
+    synthetic = data.string("synthetic") if data.has("synthetic") else None
+    jsonl = data.path("jsonl") if data.has("jsonl") else None
+    data.done()
+    if synthetic is not None and jsonl is not None:
+        raise ConfigError(f"{path}: data.synthetic and data.jsonl are alternatives; set one")
+    top.done()
+    return ClientConfig(
+        client_id,
+        server,
+        server_name,
+        ca_cert,
+        identity,
+        tls_cert,
+        tls_key,
+        reconnect_max_s,
+        give_up_after_s,
+        policy,
+        synthetic,
+        jsonl,
+    )

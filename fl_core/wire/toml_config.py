@@ -1,0 +1,129 @@
+"""Reading TOML config files with errors that name the file, the key and what was expected.
+
+``fedsec server --config`` and ``fedsec client --config`` both read TOML (stdlib ``tomllib``).
+Validation is strict: an unknown key is an error (a typo such as ``treshold`` must not silently
+fall back to a default), and every value is type- and range-checked where it is read.
+:class:`ConfigError` derives from :class:`fl_core.cli.UsageError`, so the CLI prints one line
+instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fl_core.cli import UsageError
+
+_MISSING: Any = object()
+
+
+class ConfigError(UsageError):
+    """A config file that cannot be read or holds a missing, unknown or out-of-range value."""
+
+
+def load_toml(path: Path) -> Table:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return Table(data, path, "")
+
+
+class Table:
+    """One TOML table; remembers which keys were read so :meth:`done` can reject the rest."""
+
+    def __init__(self, data: dict[str, Any], source: Path, prefix: str) -> None:
+        self._data = data
+        self._source = source
+        self._prefix = prefix
+        self._read: set[str] = set()
+
+    @property
+    def source(self) -> Path:
+        return self._source
+
+    def _where(self, key: str) -> str:
+        return f"{self._source}: {self._prefix}{key}"
+
+    def _get(self, key: str, default: Any) -> Any:
+        self._read.add(key)
+        if key in self._data:
+            return self._data[key]
+        if default is _MISSING:
+            raise ConfigError(f"{self._where(key)} is required")
+        return default
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def table(self, key: str, required: bool = True) -> Table:
+        value = self._get(key, _MISSING if required else {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self._where(key)} must be a table, got {type(value).__name__}")
+        return Table(value, self._source, f"{self._prefix}{key}.")
+
+    def tables(self, key: str) -> list[Table]:
+        """An array of tables (``[[key]]``); absent means empty."""
+        value = self._get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{self._where(key)} must be an array of tables ([[{key}]])")
+        return [Table(v, self._source, f"{self._prefix}{key}[{i}].") for i, v in enumerate(value)]
+
+    def string(self, key: str, default: Any = _MISSING, choices: tuple[str, ...] = ()) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self._where(key)} must be a string")
+        if choices and value not in choices:
+            raise ConfigError(f"{self._where(key)} must be one of {', '.join(choices)}")
+        return value
+
+    def integer(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self._where(key)} must be an integer")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{self._where(key)} must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{self._where(key)} must be <= {maximum}, got {value}")
+        return value
+
+    def number(self, key: str, default: Any = _MISSING, positive: bool = False) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{self._where(key)} must be a number")
+        if positive and not value > 0:
+            raise ConfigError(f"{self._where(key)} must be > 0, got {value}")
+        return float(value)
+
+    def boolean(self, key: str, default: Any = _MISSING) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._where(key)} must be true or false")
+        return value
+
+    def path(self, key: str, default: Any = _MISSING, must_exist: bool = True) -> Path:
+        """A path; relative ones are relative to the config file, not the working directory."""
+        raw = self.string(key, default)
+        path = Path(raw)
+        if not path.is_absolute():
+            path = self._source.parent / path
+        if must_exist and not path.exists():
+            raise ConfigError(f"{self._where(key)}: {path} does not exist")
+        return path
+
+    def done(self) -> None:
+        unknown = sorted(set(self._data) - self._read)
+        if unknown:
+            raise ConfigError(
+                f"{self._source}: unknown key(s) {', '.join(self._prefix + k for k in unknown)}"
+            )

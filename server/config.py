@@ -1,0 +1,123 @@
+"""``fedsec server --config server.toml``: the coordinator's settings, validated on load.
+
+Every refusal names the file and the key (see :mod:`fl_core.wire.toml_config`). Cross-field
+rules that would otherwise surface mid-round (a threshold above the cohort, a cohort above the
+roster) are checked here, before the server listens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fl_core.wire.credentials import load_roster
+from fl_core.wire.toml_config import ConfigError, load_toml
+from secagg.keys import Roster
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    #: When set, clients must also present a certificate issued by this CA (mutual TLS).
+    client_ca: Path | None
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    rounds: int
+    cohort_size: int
+    min_clients: int
+    threshold: int
+    ring_bits: int
+    #: 0: complete graph (classic SecAgg); k > 0: SecAgg+ neighbourhoods of size k.
+    neighbours: int
+    stage_timeout_s: float
+    join_timeout_s: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    #: ``random``: clients submit pseudo-random ring vectors (load tests); ``train``: LoRA.
+    kind: str
+    dim: int
+    local_steps: int
+    learning_rate: float
+    batch_size: int
+    clip: float
+    quant_bits: int
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str
+    tls: TlsConfig
+    roster_path: Path
+    roster: Roster
+    names: dict[int, str]
+    state_dir: Path
+    rounds: RoundConfig
+    task: TaskConfig
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    top = load_toml(path)
+    server = top.table("server")
+    listen = server.string("listen", default="127.0.0.1:50051")
+    if ":" not in listen:
+        raise ConfigError(f"{path}: server.listen must be host:port, got {listen!r}")
+    tls = TlsConfig(
+        cert=server.path("tls_cert"),
+        key=server.path("tls_key"),
+        client_ca=server.path("client_ca") if server.has("client_ca") else None,
+    )
+    roster_path = server.path("roster")
+    state_dir = server.path("state_dir", default="state", must_exist=False)
+    server.done()
+
+    rounds_table = top.table("rounds")
+    rounds = RoundConfig(
+        rounds=rounds_table.integer("count", minimum=1),
+        cohort_size=rounds_table.integer("cohort_size", minimum=2),
+        min_clients=rounds_table.integer("min_clients", minimum=2),
+        threshold=rounds_table.integer("threshold", minimum=2),
+        ring_bits=rounds_table.integer("ring_bits", default=32, minimum=8, maximum=64),
+        neighbours=rounds_table.integer("neighbours", default=0, minimum=0),
+        stage_timeout_s=rounds_table.number("stage_timeout_s", default=30.0, positive=True),
+        join_timeout_s=rounds_table.number("join_timeout_s", default=60.0, positive=True),
+        seed=rounds_table.integer("seed", default=0, minimum=0, maximum=2**63 - 1),
+    )
+    rounds_table.done()
+
+    task_table = top.table("task")
+    task = TaskConfig(
+        kind=task_table.string("kind", choices=("random", "train")),
+        dim=task_table.integer("dim", default=0, minimum=0),
+        local_steps=task_table.integer("local_steps", default=2, minimum=1),
+        learning_rate=task_table.number("learning_rate", default=1e-3, positive=True),
+        batch_size=task_table.integer("batch_size", default=4, minimum=1),
+        clip=task_table.number("clip", default=1.0, positive=True),
+        quant_bits=task_table.integer("quant_bits", default=16, minimum=2, maximum=48),
+    )
+    task_table.done()
+    top.done()
+
+    if task.kind == "random" and task.dim < 1:
+        raise ConfigError(f'{path}: task.dim must be >= 1 for kind = "random"')
+    roster, names = load_roster(roster_path)
+    if rounds.threshold > rounds.min_clients:
+        raise ConfigError(
+            f"{path}: rounds.threshold ({rounds.threshold}) must be <= rounds.min_clients "
+            f"({rounds.min_clients}), or a round that reached min_clients could never unmask"
+        )
+    if rounds.min_clients > rounds.cohort_size:
+        raise ConfigError(f"{path}: rounds.min_clients must be <= rounds.cohort_size")
+    if rounds.cohort_size > len(roster):
+        raise ConfigError(
+            f"{path}: rounds.cohort_size ({rounds.cohort_size}) exceeds the {len(roster)} "
+            f"institutions in {roster_path}"
+        )
+    if rounds.neighbours and rounds.neighbours < rounds.threshold:
+        raise ConfigError(f"{path}: rounds.neighbours must be 0 (complete) or >= threshold")
+    return ServerConfig(listen, tls, roster_path, roster, names, state_dir, rounds, task)

@@ -1,0 +1,116 @@
+"""`fedsec keygen` output and the TOML config loaders that read it."""
+
+from __future__ import annotations
+
+import argparse
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from clients.client_config import load_client_config
+from fl_core.cli import UsageError, main
+from fl_core.wire.credentials import load_identity, load_roster
+from fl_core.wire.toml_config import ConfigError
+from server import keygen_cli
+from server.config import load_server_config
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("deploy") / "d"
+    assert main(["keygen", "--out", str(out), "--clients", "4"]) == 0
+    return out
+
+
+def test_bundle_configs_load_and_identities_match_the_roster(bundle: Path) -> None:
+    server = load_server_config(bundle / "server.toml")
+    assert sorted(server.roster) == [1, 2, 3, 4]
+    assert server.rounds.cohort_size == 4 and server.rounds.threshold == 3
+    for client_id in (1, 2, 3, 4):
+        client = load_client_config(bundle / f"client-{client_id}" / "client.toml")
+        assert client.client_id == client_id
+        assert client.identity.public_bytes == server.roster[client_id]
+        key_file = bundle / f"client-{client_id}" / "identity.key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+def test_server_certificate_is_issued_by_the_dev_ca_for_the_hosts(bundle: Path) -> None:
+    ca = x509.load_pem_x509_certificate((bundle / "pki/ca.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((bundle / "pki/server.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert stat.S_IMODE((bundle / "pki/ca.key").stat().st_mode) == 0o600
+
+
+def test_keygen_refuses_to_overwrite_a_deployment(bundle: Path) -> None:
+    with pytest.raises(UsageError, match="refusing to overwrite"):
+        keygen_cli.run(
+            argparse.Namespace(
+                out=bundle, clients=3, host=None, port=1, identity=None, id=None, name=None
+            )
+        )
+
+
+def test_single_identity_prints_a_roster_entry_that_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "me.key"
+    assert main(["keygen", "--identity", str(key), "--id", "42", "--name", 'St "A"']) == 0
+    entry = capsys.readouterr().out
+    roster_file = tmp_path / "roster.toml"
+    roster_file.write_text(entry)
+    roster, names = load_roster(roster_file)
+    assert roster[42] == load_identity(key).public_bytes
+    assert names[42] == 'St "A"'
+    assert main(["keygen", "--identity", str(key), "--id", "42"]) == 2  # no overwrite
+
+
+def _edit(bundle: Path, tmp_path: Path, old: str, new: str) -> Path:
+    text = (bundle / "server.toml").read_text()
+    assert old in text
+    path = bundle / f"edited-{tmp_path.name}.toml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("threshold = 3", "treshold = 3", r"rounds.threshold is required"),
+        ("count = 2", "count = 2\nbogus = 1", r"unknown key\(s\) rounds.bogus"),
+        ("threshold = 3", "threshold = 4", r"must be <= rounds.min_clients"),
+        ("cohort_size = 4", "cohort_size = 9", r"exceeds the 4 institutions"),
+        ("ring_bits = 32", "ring_bits = 65", r"rounds.ring_bits must be <= 64"),
+        ("count = 2", 'count = "2"', r"rounds.count must be an integer"),
+        ('kind = "random"', 'kind = "magic"', r"task.kind must be one of random, train"),
+        ('roster = "roster.toml"', 'roster = "nope.toml"', r"server.roster: .* does not exist"),
+        ("[task]", "[task", r"not valid TOML"),
+    ],
+)
+def test_server_config_errors_name_the_key(
+    bundle: Path, tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_server_config(_edit(bundle, tmp_path, old, new))
+
+
+def test_roster_with_a_bad_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "roster.toml"
+    path.write_text('[[institution]]\nid = 1\npublic_key = "abcd"\n')
+    with pytest.raises(ConfigError, match="32 bytes"):
+        load_roster(path)
+    path.write_text('[[institution]]\nid = 1\npublic_key = "zz"\n')
+    with pytest.raises(ConfigError, match="not hex"):
+        load_roster(path)
+
+
+def test_client_config_refuses_a_non_ed25519_identity(bundle: Path, tmp_path: Path) -> None:
+    text = (bundle / "client-1" / "client.toml").read_text()
+    path = bundle / "client-1" / "bad.toml"
+    path.write_text(text.replace('"identity.key"', '"../pki/server.key"'))
+    with pytest.raises(ConfigError, match="must be Ed25519"):
+        load_client_config(path)
