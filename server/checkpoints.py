@@ -1,0 +1,91 @@
+"""Checkpoints of the global model: one safetensors file per completed round.
+
+A checkpoint holds the flat float32 global vector (``global``) and the strategy's state tensors
+(``strategy/<name>``, e.g. FedAdam's moments), with the round number and the SHA-256 of the
+global vector in the metadata. Files are written to a temporary name, fsynced, then renamed, so
+a crash leaves either the previous checkpoint set or the new complete file, never a torn one;
+:mod:`server.store` commits the row that names a checkpoint only after this returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+FloatVector = npt.NDArray[np.float32]
+_GLOBAL = "global"
+_STRATEGY = "strategy/"
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that is missing, unreadable or fails its integrity check."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round_number: int
+    global_vector: FloatVector
+    strategy_state: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+
+
+def _digest(vector: FloatVector) -> str:
+    return hashlib.sha256(np.ascontiguousarray(vector, dtype="<f4").tobytes()).hexdigest()
+
+
+def checkpoint_path(directory: Path, round_number: int) -> Path:
+    return directory / f"round-{round_number:06d}.safetensors"
+
+
+def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
+    vector = np.ascontiguousarray(checkpoint.global_vector, dtype=np.float32)
+    if vector.ndim != 1:
+        raise CheckpointError(f"the global vector must be 1-D, got shape {vector.shape}")
+    tensors = {_GLOBAL: vector}
+    for name, value in checkpoint.strategy_state.items():
+        tensors[_STRATEGY + name] = np.ascontiguousarray(value, dtype=np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(directory, checkpoint.round_number)
+    temporary = final.with_suffix(".tmp")
+    save_file(
+        tensors,
+        str(temporary),
+        metadata={"round": str(checkpoint.round_number), "global_sha256": _digest(vector)},
+    )
+    with temporary.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, final)
+    directory_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)  # make the rename itself durable
+    finally:
+        os.close(directory_fd)
+    return final
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint: {exc}") from None
+    if _GLOBAL not in tensors or "round" not in metadata:
+        raise CheckpointError(f"{path}: not a fedsec checkpoint")
+    vector = tensors[_GLOBAL].astype(np.float32, copy=False)
+    if _digest(vector) != metadata.get("global_sha256"):
+        raise CheckpointError(f"{path}: global vector does not match its recorded SHA-256")
+    state = {
+        name[len(_STRATEGY) :]: value.astype(np.float32, copy=False)
+        for name, value in tensors.items()
+        if name.startswith(_STRATEGY)
+    }
+    return Checkpoint(int(metadata["round"]), vector, state)

@@ -1,0 +1,282 @@
+"""The coordinator's durable record: rounds, participants and stage outcomes in SQLite.
+
+Why SQLite in WAL mode: one file, crash-safe commits, readers (``fedsec status``) never block
+the running server. ``synchronous = FULL`` because a round marked completed must survive a
+power cut together with its checkpoint (the checkpoint is written and fsynced first, then the
+row that points to it is committed; a crash in between leaves an orphan file, never a row
+pointing at a missing one).
+
+Rounds are *attempts*: ``round_number`` is the index of the global model an attempt tries to
+produce, and a round aborted by a crash or by too few survivors is rerun as a new attempt with
+the same ``round_number`` and a fresh secure-aggregation session id, so nothing a client sent
+in the aborted attempt can be combined with anything later.
+
+All methods are serialised by one lock: gRPC handler threads record participants while the
+round loop records stages.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rounds (
+    attempt       INTEGER PRIMARY KEY AUTOINCREMENT,
+    round_number  INTEGER NOT NULL,
+    session_id    TEXT    NOT NULL UNIQUE,
+    status        TEXT    NOT NULL CHECK (status IN ('running', 'completed', 'aborted')),
+    cohort        TEXT    NOT NULL,
+    contributors  TEXT,
+    reason        TEXT,
+    checkpoint    TEXT,
+    started_at    REAL    NOT NULL,
+    ended_at      REAL
+);
+CREATE TABLE IF NOT EXISTS participants (
+    client_id     INTEGER PRIMARY KEY,
+    name          TEXT    NOT NULL,
+    first_seen    REAL    NOT NULL,
+    last_seen     REAL    NOT NULL,
+    rounds_joined INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS stages (
+    attempt       INTEGER NOT NULL REFERENCES rounds(attempt),
+    stage         TEXT    NOT NULL,
+    expected      INTEGER NOT NULL,
+    arrived       INTEGER NOT NULL,
+    deadline_hit  INTEGER NOT NULL,
+    seconds       REAL    NOT NULL,
+    PRIMARY KEY (attempt, stage)
+);
+"""
+
+
+class RoundStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+
+
+class StoreError(Exception):
+    """A state database that cannot be opened, or a transition the record does not allow."""
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    attempt: int
+    round_number: int
+    session_id: bytes
+    status: RoundStatus
+    cohort: tuple[int, ...]
+    contributors: tuple[int, ...] | None
+    reason: str | None
+    checkpoint: str | None
+    started_at: float
+    ended_at: float | None
+
+
+@dataclass(frozen=True)
+class ParticipantRecord:
+    client_id: int
+    name: str
+    first_seen: float
+    last_seen: float
+    rounds_joined: int
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    stage: str
+    expected: int
+    arrived: int
+    deadline_hit: bool
+    seconds: float
+
+
+def _ids(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    return tuple(int(x) for x in text.split(",")) if text else ()
+
+
+def _ids_text(ids: tuple[int, ...] | list[int]) -> str:
+    return ",".join(str(i) for i in ids)
+
+
+class Store:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self._lock = threading.Lock()
+        try:
+            if readonly:
+                if not path.exists():
+                    raise StoreError(f"{path}: no state database (has the server run yet?)")
+                self._db = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, check_same_thread=False
+                )
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = FULL")
+                self._db.execute("PRAGMA foreign_keys = ON")
+                self._migrate(path)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: cannot open the state database: {exc}") from None
+
+    def _migrate(self, path: Path) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, _SCHEMA_VERSION):
+            raise StoreError(
+                f"{path}: schema version {version}, this server knows {_SCHEMA_VERSION}"
+            )
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- transitions ---------------------------------------------------------------------
+
+    def recover(self) -> list[RoundRecord]:
+        """Mark every attempt left ``running`` by a crash as aborted; returns them."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT attempt FROM rounds WHERE status = 'running'"
+            ).fetchall()
+            self._db.execute(
+                "UPDATE rounds SET status = 'aborted', ended_at = ?, "
+                "reason = 'server stopped while the round was in flight' "
+                "WHERE status = 'running'",
+                (time.time(),),
+            )
+        return [self.attempt(row[0]) for row in rows]
+
+    def begin_round(self, round_number: int, session_id: bytes, cohort: tuple[int, ...]) -> int:
+        with self._lock:
+            running = self._db.execute(
+                "SELECT attempt FROM rounds WHERE status = 'running'"
+            ).fetchone()
+            if running is not None:
+                raise StoreError(f"attempt {running[0]} is still running")
+            try:
+                cursor = self._db.execute(
+                    "INSERT INTO rounds (round_number, session_id, status, cohort, started_at) "
+                    "VALUES (?, ?, 'running', ?, ?)",
+                    (round_number, session_id.hex(), _ids_text(cohort), time.time()),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreError("session id already used by an earlier attempt") from None
+            self._db.executemany(
+                "UPDATE participants SET rounds_joined = rounds_joined + 1 WHERE client_id = ?",
+                [(c,) for c in cohort],
+            )
+            attempt = cursor.lastrowid
+        assert attempt is not None  # sqlite3 sets it after an INSERT
+        return attempt
+
+    def _end(self, attempt: int, status: RoundStatus, **columns: str | None) -> None:
+        with self._lock:
+            sets = ", ".join(f"{name} = ?" for name in columns)
+            cursor = self._db.execute(
+                f"UPDATE rounds SET status = ?, ended_at = ?, {sets} "
+                "WHERE attempt = ? AND status = 'running'",
+                (status.value, time.time(), *columns.values(), attempt),
+            )
+            if cursor.rowcount != 1:
+                raise StoreError(f"attempt {attempt} is not running")
+
+    def complete_round(self, attempt: int, contributors: tuple[int, ...], checkpoint: str) -> None:
+        self._end(
+            attempt,
+            RoundStatus.COMPLETED,
+            contributors=_ids_text(contributors),
+            checkpoint=checkpoint,
+            reason=None,
+        )
+
+    def abort_round(self, attempt: int, reason: str) -> None:
+        self._end(attempt, RoundStatus.ABORTED, reason=reason)
+
+    def record_stage(
+        self,
+        attempt: int,
+        stage: str,
+        expected: int,
+        arrived: int,
+        deadline_hit: bool,
+        seconds: float,
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?, ?)",
+                (attempt, stage, expected, arrived, int(deadline_hit), seconds),
+            )
+
+    def seen(self, client_id: int, name: str) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO participants (client_id, name, first_seen, last_seen) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET last_seen = ?, "
+                "name = excluded.name",
+                (client_id, name, now, now, now),
+            )
+
+    # --- queries -------------------------------------------------------------------------
+
+    def _record(self, row: tuple[object, ...]) -> RoundRecord:
+        (attempt, number, session, status, cohort, contributors, reason, ckpt, start, end) = row
+        return RoundRecord(
+            attempt=int(str(attempt)),
+            round_number=int(str(number)),
+            session_id=bytes.fromhex(str(session)),
+            status=RoundStatus(str(status)),
+            cohort=_ids(str(cohort)) or (),
+            contributors=_ids(None if contributors is None else str(contributors)),
+            reason=None if reason is None else str(reason),
+            checkpoint=None if ckpt is None else str(ckpt),
+            started_at=float(str(start)),
+            ended_at=None if end is None else float(str(end)),
+        )
+
+    def attempt(self, attempt: int) -> RoundRecord:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM rounds WHERE attempt = ?", (attempt,)).fetchone()
+        if row is None:
+            raise StoreError(f"no attempt {attempt}")
+        return self._record(row)
+
+    def rounds(self) -> list[RoundRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM rounds ORDER BY attempt").fetchall()
+        return [self._record(r) for r in rows]
+
+    def last_completed(self) -> RoundRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM rounds WHERE status = 'completed' ORDER BY attempt DESC LIMIT 1"
+            ).fetchone()
+        return None if row is None else self._record(row)
+
+    def participants(self) -> list[ParticipantRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM participants ORDER BY client_id").fetchall()
+        return [
+            ParticipantRecord(int(a), str(b), float(c), float(d), int(e)) for a, b, c, d, e in rows
+        ]
+
+    def stages(self, attempt: int) -> list[StageRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT stage, expected, arrived, deadline_hit, seconds FROM stages "
+                "WHERE attempt = ? ORDER BY rowid",
+                (attempt,),
+            ).fetchall()
+        return [StageRecord(str(s), int(e), int(a), bool(d), float(t)) for s, e, a, d, t in rows]
