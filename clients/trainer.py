@@ -1,0 +1,280 @@
+"""Local LoRA training of a causal LM: one loop a reader can follow (nanoGPT style).
+
+A :class:`LoraModel` wraps a base model with a PEFT LoRA adapter whose initial weights depend
+only on ``LoraSettings.init_seed``, so every client and the server build the same starting
+adapter. In FFA-LoRA mode (Sun et al., ICLR'24) the A matrices stay frozen at that shared
+initialisation and only B is trained: the average of the B updates is then exactly the update
+of the averaged product BA, which is what secure aggregation can compute. In plain mode A and B
+are both trained and averaged separately (as FedIT/OpenFedLLM do), which is inexact.
+
+:func:`train_local` starts from the global vector, trains, and returns the update
+``trained - global`` over the trainable tensors only, with the FedProx proximal term and the
+SCAFFOLD correction (option II of Karimireddy et al., ICML'20) when asked. An update with NaN or
+Inf is refused with :class:`~fl_core.errors.NonFiniteUpdateError` and never returned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import PreTrainedModel
+
+from clients.data import IGNORE_INDEX, TokenizedDataset
+from fl_core.errors import FLError, NonFiniteUpdateError, UpdateLayoutError
+from fl_core.updates import LoraLayout, check_finite
+
+LoraMode = Literal["plain", "ffa"]
+_ADAPTER = "default"
+
+
+class TrainingConfigError(FLError, ValueError):
+    """Training settings that cannot work (no steps, SCAFFOLD without SGD, ...)."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "up_proj",
+        "down_proj",
+        "gate_proj",
+    )
+    mode: LoraMode = "plain"
+    init_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Exactly one of ``local_steps`` / ``local_epochs`` sets how long a client trains."""
+
+    local_steps: int | None = 20
+    local_epochs: int | None = None
+    batch_size: int = 16
+    lr: float = 3e-3
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    seed: int = 0
+    prox_mu: float = 0.0
+    max_grad_norm: float = 1.0
+    num_threads: int | None = 2
+
+    def __post_init__(self) -> None:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise TrainingConfigError("set exactly one of local_steps and local_epochs")
+        if (self.local_steps or self.local_epochs or 0) < 1:
+            raise TrainingConfigError("local_steps / local_epochs must be >= 1")
+        if self.batch_size < 1 or not self.lr > 0 or self.prox_mu < 0:
+            raise TrainingConfigError("need batch_size >= 1, lr > 0 and prox_mu >= 0")
+
+
+@dataclass(frozen=True)
+class ScaffoldControls:
+    """Server control variate c and this client's c_i, both over the trainable layout."""
+
+    server: np.ndarray
+    client: np.ndarray
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    delta: np.ndarray  # trained - global, float32, over the trainable layout
+    num_samples: int
+    mean_loss: float
+    steps: int
+    control_delta: np.ndarray | None = None  # SCAFFOLD: c_i^+ - c_i
+    new_client_control: np.ndarray | None = None  # SCAFFOLD: c_i^+, kept by the client
+
+
+class LoraModel:
+    """A base causal LM with one LoRA adapter, read and written as flat vectors."""
+
+    def __init__(self, base: PreTrainedModel, settings: LoraSettings) -> None:
+        config = LoraConfig(
+            r=settings.rank,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=list(settings.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        # Seeding here is what makes A identical on every client and the server (FFA-LoRA
+        # depends on it); the caller's RNG state is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.init_seed)
+            self.model = get_peft_model(base, config)
+        self.settings = settings
+        self.peft_config = config
+        self._params: dict[str, torch.nn.Parameter] = {}
+        for name, param in self.model.named_parameters():
+            if "lora_" in name:
+                # PEFT's on-disk keys are the parameter names without the adapter name.
+                self._params[name.replace(f".{_ADAPTER}.", ".")] = param
+        if settings.mode == "ffa":
+            for key, param in self._params.items():
+                if ".lora_A." in key:
+                    param.requires_grad_(False)
+        self.full_layout = LoraLayout.from_tensors(self.tensors())
+        self.layout = self.full_layout.select(lambda k: self._params[k].requires_grad)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """All LoRA tensors (A and B), as PEFT names them in ``adapter_model.safetensors``."""
+        return {k: p.detach().cpu().numpy().copy() for k, p in self._params.items()}
+
+    def get_vector(self) -> np.ndarray:
+        """The trainable tensors as one vector in the layout's order."""
+        return self.layout.flatten(
+            {k: self._params[k].detach().cpu().numpy() for k in self.layout.names}
+        )
+
+    def set_vector(self, vector: np.ndarray) -> None:
+        for name, value in self.layout.unflatten(vector).items():
+            with torch.no_grad():
+                self._params[name].copy_(torch.from_numpy(value))
+
+    def set_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Load a full adapter (e.g. the server's frozen A in FFA mode) by name."""
+        self.full_layout.flatten(tensors)  # validates names, shapes and dtype
+        with torch.no_grad():
+            for name, value in tensors.items():
+                self._params[name].copy_(torch.from_numpy(value))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [self._params[k] for k in self.layout.names]
+
+
+def _batches(data: TokenizedDataset, order: np.ndarray, pad_id: int) -> tuple[torch.Tensor, ...]:
+    width = max(len(data.input_ids[i]) for i in order)
+    ids = np.full((len(order), width), pad_id, dtype=np.int64)
+    labels = np.full((len(order), width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(order), width), dtype=np.int64)
+    for row, i in enumerate(order):
+        n = len(data.input_ids[i])
+        ids[row, :n], labels[row, :n], mask[row, :n] = data.input_ids[i], data.labels[i], 1
+    return torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(mask)
+
+
+def _token_losses(
+    model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token losses over response tokens, and their count."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        target.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((target != IGNORE_INDEX).sum())
+
+
+def train_local(
+    lm: LoraModel,
+    global_vector: np.ndarray,
+    data: TokenizedDataset,
+    settings: TrainSettings,
+    pad_id: int,
+    scaffold: ScaffoldControls | None = None,
+) -> LocalResult:
+    """Train from ``global_vector`` on ``data`` and return the update (never NaN/Inf)."""
+    if scaffold is not None:
+        if settings.optimizer != "sgd":
+            # Option II estimates the mean gradient as (x - y_i) / (K * lr), true only for SGD.
+            raise TrainingConfigError("SCAFFOLD's control-variate update needs optimizer='sgd'")
+        for what, c in (("server", scaffold.server), ("client", scaffold.client)):
+            if c.shape != (lm.layout.size,):
+                raise UpdateLayoutError(
+                    f"SCAFFOLD {what} control has shape {c.shape}, need ({lm.layout.size},)"
+                )
+    if settings.num_threads is not None:
+        torch.set_num_threads(settings.num_threads)
+    check_finite(global_vector, "global model")
+    lm.set_vector(global_vector)
+    params = lm.trainable_parameters()
+    anchors = [p.detach().clone() for p in params]  # global weights for the FedProx term
+    correction: list[torch.Tensor] = []
+    if scaffold is not None:
+        diff = lm.layout.unflatten((scaffold.server - scaffold.client).astype(np.float32))
+        correction = [torch.from_numpy(diff[k]) for k in lm.layout.names]
+    if settings.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=settings.lr)
+    else:
+        opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(data) / settings.batch_size)
+    total = settings.local_steps or (settings.local_epochs or 0) * steps_per_epoch
+    rng = np.random.default_rng(settings.seed)  # data order only, nothing secret
+    order = rng.permutation(len(data))
+    losses: list[float] = []
+    lm.model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)  # LoRA dropout
+        for step in range(total):
+            at = (step % steps_per_epoch) * settings.batch_size
+            if step > 0 and at == 0:
+                order = rng.permutation(len(data))
+            ids, labels, mask = _batches(data, order[at : at + settings.batch_size], pad_id)
+            loss_sum, count = _token_losses(lm.model, ids, labels, mask)
+            loss = loss_sum / max(count, 1)
+            objective = loss
+            if settings.prox_mu > 0:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+                objective = loss + 0.5 * settings.prox_mu * prox
+            opt.zero_grad(set_to_none=True)
+            objective.backward()  # type: ignore[no-untyped-call]
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            for p, corr in zip(params, correction, strict=False):
+                if p.grad is not None:
+                    p.grad.add_(corr)  # y <- y - lr * (g - c_i + c)
+            opt.step()
+            losses.append(float(loss.detach()))
+    lm.model.eval()
+    delta = lm.get_vector() - global_vector
+    mean_loss = float(np.mean(losses))
+    if not math.isfinite(mean_loss):
+        raise NonFiniteUpdateError(f"training loss became {mean_loss}; refusing to submit")
+    check_finite(delta, "local update")
+    result = LocalResult(delta.astype(np.float32), len(data), mean_loss, total)
+    if scaffold is None:
+        return result
+    new_control = scaffold.client - scaffold.server - delta / (total * settings.lr)
+    new_control = new_control.astype(np.float32)
+    control_delta = new_control - scaffold.client
+    check_finite(control_delta, "SCAFFOLD control delta")
+    return LocalResult(
+        result.delta, result.num_samples, mean_loss, total, control_delta, new_control
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    lm: LoraModel,
+    vector: np.ndarray,
+    sets: Mapping[str, TokenizedDataset],
+    pad_id: int,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Mean per-token loss on the response tokens of each named held-out set."""
+    lm.set_vector(vector)
+    lm.model.eval()
+    out: dict[str, float] = {}
+    for name, data in sets.items():
+        total, count = 0.0, 0
+        for at in range(0, len(data), batch_size):
+            ids, labels, mask = _batches(
+                data, np.arange(at, min(at + batch_size, len(data))), pad_id
+            )
+            loss_sum, n = _token_losses(lm.model, ids, labels, mask)
+            total, count = total + float(loss_sum), count + n
+        out[name] = total / max(count, 1)
+    return out
