@@ -1,0 +1,331 @@
+"""Audit a server's recorded transcripts for the protocol's privacy rules, from the record alone.
+
+The server records what it received and what it asked for (:mod:`secagg.transcript`). This
+module checks, without trusting the server's code, that the record is consistent with the
+guarantees of secure aggregation:
+
+* ``share_separation`` -- no client's self-mask share and key share were both requested in one
+  session, counted over *all* share requests (a server could list a client as a survivor in
+  one request and as dropped in another; the union catches that). Holding both lets the server
+  strip every mask from that client's masked input (see :mod:`proofs.toy_enumeration`).
+* ``release_threshold`` -- every released sum has at least t distinct contributors, all in the
+  cohort and all senders of a masked input, under the session's own threshold.
+* ``session_isolation`` -- every record carries the session id of its transcript, and no two
+  transcripts of a run share a session id (a reused id would let messages of one aggregation
+  be replayed into another).
+* ``record_integrity`` -- each recorded masked input is the payload of a recorded MaskedInput
+  message from a cohort member (its re-encoding hashes to the recorded digest), with the size
+  the ring and dimension imply.
+* ``masked_input_uniformity`` -- each recorded masked input is indistinguishable from uniform
+  by a chi-square test on the top bits of its elements. A masked input is uniform in the ring
+  because of the self mask; an unmasked or badly masked vector (quantized updates crowd around
+  0) fails by a wide margin. The significance level is a family-wise level, split over all the
+  vectors tested (Bonferroni), so an honest run fails with probability at most that level.
+
+A failed check lists one named finding per violation; a check that could not be run (no masked
+inputs recorded) says so rather than passing silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from scipy.stats import chi2
+
+from secagg.errors import ConfigurationError, MessageFormatError
+from secagg.messages import MaskedInput, encode_message
+from secagg.packing import packed_size, unpack
+from secagg.ring import Ring, RingArray
+from secagg.transcript import Transcript
+
+#: Probability that an honest run fails the uniformity check at all (over every vector tested).
+DEFAULT_FAMILY_ALPHA = 1e-6
+#: The uniformity test uses the top ``log2(MAX_BINS)`` bits of each element.
+MAX_BINS = 256
+#: Fewest expected observations per bin for the chi-square approximation to hold.
+MIN_EXPECTED_PER_BIN = 5
+
+CheckName = Literal[
+    "share_separation",
+    "release_threshold",
+    "session_isolation",
+    "record_integrity",
+    "masked_input_uniformity",
+]
+Status = Literal["passed", "failed", "not tested"]
+
+CHECK_DESCRIPTIONS: dict[CheckName, str] = {
+    "share_separation": "no client had both its self-mask share and its key share requested",
+    "release_threshold": "every released sum had at least t contributors from the cohort",
+    "session_isolation": "every record carries its session's id and no session id is reused",
+    "record_integrity": "every recorded masked input matches a received message's digest",
+    "masked_input_uniformity": "masked inputs pass a chi-square uniformity test",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One violation: which check, in which transcript (its position and session), and why."""
+
+    check: CheckName
+    transcript_index: int
+    session_id: str  # hex
+    detail: str
+
+
+@dataclass(frozen=True)
+class UniformityTest:
+    """Chi-square goodness of fit of one vector's top bits against the uniform distribution."""
+
+    statistic: float
+    degrees_of_freedom: int
+    p_value: float
+    bins: int
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: CheckName
+    status: Status
+    findings: tuple[Finding, ...]
+    note: str = ""
+
+    @property
+    def description(self) -> str:
+        return CHECK_DESCRIPTIONS[self.name]
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    transcripts: int
+    checks: tuple[CheckResult, ...]
+    family_alpha: float
+    vectors_tested: int
+
+    @property
+    def passed(self) -> bool:
+        return all(c.status != "failed" for c in self.checks)
+
+    @property
+    def findings(self) -> tuple[Finding, ...]:
+        return tuple(f for c in self.checks for f in c.findings)
+
+    def check(self, name: CheckName) -> CheckResult:
+        return next(c for c in self.checks if c.name == name)
+
+
+def uniformity_test(values: RingArray, ring: Ring) -> UniformityTest | None:
+    """Chi-square test of the top bits of ``values`` against uniform; None if too short.
+
+    The number of bins is the largest power of two up to :data:`MAX_BINS` (and up to the ring
+    size) that leaves at least :data:`MIN_EXPECTED_PER_BIN` expected values in every bin.
+    """
+    ring.check(values, "masked input")
+    top_bits = min(MAX_BINS.bit_length() - 1, ring.bits)
+    while top_bits >= 1 and values.size < MIN_EXPECTED_PER_BIN << top_bits:
+        top_bits -= 1
+    if top_bits < 1:
+        return None
+    bins = 1 << top_bits
+    buckets = (values >> values.dtype.type(ring.bits - top_bits)).astype(np.intp)
+    observed = np.bincount(buckets, minlength=bins).astype(np.float64)
+    expected = values.size / bins
+    statistic = float(((observed - expected) ** 2).sum() / expected)
+    dof = bins - 1
+    return UniformityTest(statistic, dof, float(chi2.sf(statistic, dof)), bins)
+
+
+def audit_transcript(
+    transcript: Transcript, *, family_alpha: float = DEFAULT_FAMILY_ALPHA
+) -> AuditReport:
+    """Audit one session's transcript."""
+    return audit_transcripts([transcript], family_alpha=family_alpha)
+
+
+def audit_transcripts(
+    transcripts: Sequence[Transcript], *, family_alpha: float = DEFAULT_FAMILY_ALPHA
+) -> AuditReport:
+    """Audit every session of a run together (session ids must also differ between them)."""
+    if not 0.0 < family_alpha < 1.0:
+        raise ConfigurationError(f"family_alpha must lie in (0, 1), got {family_alpha!r}")
+    if not transcripts:
+        raise ConfigurationError("no transcripts to audit")
+    found: dict[CheckName, list[Finding]] = {name: [] for name in CHECK_DESCRIPTIONS}
+    first_seen: dict[bytes, int] = {}
+    for index, transcript in enumerate(transcripts):
+        sid = transcript.session_id
+        if sid in first_seen:
+            found["session_isolation"].append(
+                _finding(
+                    "session_isolation",
+                    index,
+                    transcript,
+                    f"session id already used by transcript {first_seen[sid]}",
+                )
+            )
+        else:
+            first_seen[sid] = index
+        for name, detail in _check_one(transcript):
+            found[name].append(_finding(name, index, transcript, detail))
+
+    uniformity_findings, tested, uniformity_note = _check_uniformity(transcripts, family_alpha)
+    found["masked_input_uniformity"] += uniformity_findings
+    checks = []
+    for name, findings in found.items():
+        if findings:
+            status: Status = "failed"
+        elif name == "masked_input_uniformity" and tested == 0:
+            status = "not tested"
+        else:
+            status = "passed"
+        note = uniformity_note if name == "masked_input_uniformity" else ""
+        checks.append(CheckResult(name, status, tuple(findings), note))
+    return AuditReport(len(transcripts), tuple(checks), family_alpha, tested)
+
+
+def _finding(name: CheckName, index: int, transcript: Transcript, detail: str) -> Finding:
+    return Finding(name, index, transcript.session_id.hex(), detail)
+
+
+def _check_one(t: Transcript) -> list[tuple[CheckName, str]]:
+    out: list[tuple[CheckName, str]] = []
+    cohort = set(t.cohort)
+
+    # session_isolation: every record of this transcript is about this session.
+    foreign = [
+        f"{m.kind} from client {m.sender} carries session {m.session_id.hex()[:16]}..."
+        for m in t.messages
+        if m.session_id != t.session_id
+    ]
+    foreign += [
+        f"share request to client {r.recipient} carries session {r.session_id.hex()[:16]}..."
+        for r in t.share_requests
+        if r.session_id != t.session_id
+    ]
+    foreign += [
+        f"release of {len(r.contributors)} contributors carries session "
+        f"{r.session_id.hex()[:16]}..."
+        for r in t.releases
+        if r.session_id != t.session_id
+    ]
+    out += [("session_isolation", d) for d in foreign]
+
+    # share_separation: union over all requests, so splitting the ask across recipients or
+    # across requests does not hide it.
+    self_mask_asked = {v for r in t.share_requests for v in r.self_mask_for}
+    key_asked = {v for r in t.share_requests for v in r.key_for}
+    for v in sorted(self_mask_asked & key_asked):
+        asked_self = sorted({r.recipient for r in t.share_requests if v in r.self_mask_for})
+        asked_key = sorted({r.recipient for r in t.share_requests if v in r.key_for})
+        out.append(
+            (
+                "share_separation",
+                f"client {v}: self-mask share requested from {asked_self} and key share "
+                f"requested from {asked_key}",
+            )
+        )
+
+    # release_threshold
+    senders = {m.sender for m in t.messages if m.kind == MaskedInput.__name__}
+    for r in t.releases:
+        distinct = set(r.contributors)
+        problems = []
+        if len(distinct) < t.threshold:
+            problems.append(f"{len(distinct)} distinct contributors, threshold t = {t.threshold}")
+        if len(distinct) != len(r.contributors):
+            problems.append("contributors listed more than once")
+        if r.threshold != t.threshold:
+            problems.append(
+                f"released under threshold {r.threshold}, session threshold is {t.threshold}"
+            )
+        if not distinct <= cohort:
+            problems.append(f"contributors {sorted(distinct - cohort)} are not in the cohort")
+        if not distinct <= senders:
+            problems.append(
+                f"contributors {sorted(distinct - senders)} sent no recorded masked input"
+            )
+        if problems:
+            out.append(("release_threshold", "release: " + "; ".join(problems)))
+
+    # record_integrity: the vectors an auditor tests are the ones the server received.
+    received = {(m.sender, m.digest, m.size) for m in t.messages if m.kind == MaskedInput.__name__}
+    expected_size = packed_size(t.ring_bits, t.dim)
+    for u, payload in sorted(t.masked_inputs.items()):
+        if u not in cohort:
+            out.append(("record_integrity", f"masked input of client {u}, not in the cohort"))
+            continue
+        if len(payload) != expected_size:
+            out.append(
+                (
+                    "record_integrity",
+                    f"masked input of client {u} has {len(payload)} bytes, expected "
+                    f"{expected_size} for {t.dim} x {t.ring_bits} bits",
+                )
+            )
+            continue
+        try:
+            unpack(payload, Ring(t.ring_bits), t.dim)
+        except MessageFormatError as exc:
+            out.append(("record_integrity", f"masked input of client {u} is malformed: {exc}"))
+            continue
+        encoded = encode_message(MaskedInput(t.session_id, u, payload))
+        if (u, hashlib.sha256(encoded).digest(), len(encoded)) not in received:
+            out.append(
+                (
+                    "record_integrity",
+                    f"masked input of client {u} matches no recorded MaskedInput message",
+                )
+            )
+    return out
+
+
+def _check_uniformity(
+    transcripts: Sequence[Transcript], family_alpha: float
+) -> tuple[list[Finding], int, str]:
+    vectors: list[tuple[int, Transcript, int, RingArray, Ring]] = []
+    too_short = 0
+    for index, t in enumerate(transcripts):
+        ring = Ring(t.ring_bits)
+        for u, payload in sorted(t.masked_inputs.items()):
+            try:
+                values = unpack(payload, ring, t.dim)
+            except MessageFormatError:
+                continue  # reported by record_integrity; nothing to test
+            vectors.append((index, t, u, values, ring))
+    tests = []
+    for index, t, u, values, ring in vectors:
+        result = uniformity_test(values, ring)
+        if result is None:
+            too_short += 1
+        else:
+            tests.append((index, t, u, result))
+    if not tests:
+        reason = (
+            "no masked inputs were recorded"
+            if not vectors
+            else (f"all {too_short} recorded vectors are too short for a chi-square test")
+        )
+        return [], 0, f"not tested: {reason}"
+    per_test_alpha = family_alpha / len(tests)
+    findings = [
+        _finding(
+            "masked_input_uniformity",
+            index,
+            t,
+            f"masked input of client {u}: chi-square {r.statistic:.1f} on {r.degrees_of_freedom} "
+            f"degrees of freedom, p = {r.p_value:.3g} < {per_test_alpha:.3g}",
+        )
+        for index, t, u, r in tests
+        if r.p_value < per_test_alpha
+    ]
+    note = (
+        f"{len(tests)} vectors tested at family-wise level {family_alpha:g} "
+        f"(Bonferroni: {per_test_alpha:.3g} per vector)"
+    )
+    if too_short:
+        note += f"; {too_short} vectors too short to test"
+    return findings, len(tests), note
