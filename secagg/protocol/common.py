@@ -1,0 +1,153 @@
+"""What the client and server of a secure-aggregation session agree on.
+
+``RoundParams`` are public and fixed per session; ``ClientPolicy`` is each institution's floor
+below which it refuses to take part. The byte strings that get signed and hashed are built here
+once, with a domain-separation label each, so the two ends cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from enum import Enum
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from secagg.errors import ConfigurationError, DuplicateClient, PolicyViolation
+from secagg.graph import NeighbourGraph, complete_graph, harary_graph
+from secagg.ids import check_client_id, check_session_id, id_bytes
+from secagg.ring import Ring
+
+_PARAMS_DOMAIN = b"fedsec/secagg/v1/round-params"
+_CONTEXT_DOMAIN = b"fedsec/secagg/v1/context"
+_ADVERT_DOMAIN = b"fedsec/secagg/v1/advertise-keys"
+_CONSISTENCY_DOMAIN = b"fedsec/secagg/v1/consistency"
+_COMMIT_DOMAIN = b"fedsec/secagg/v1/self-mask-commitment"
+_SELF_MASK_DOMAIN = b"fedsec/secagg/v1/self-mask-key"
+
+
+class Stage(Enum):
+    """The five stages of DESIGN.md, plus the two terminal states."""
+
+    ADVERTISE_KEYS = "advertise_keys"
+    SHARE_KEYS = "share_keys"
+    MASKED_INPUT = "masked_input"
+    CONSISTENCY_CHECK = "consistency_check"
+    UNMASK = "unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+PROTOCOL_STAGES = (
+    Stage.ADVERTISE_KEYS,
+    Stage.SHARE_KEYS,
+    Stage.MASKED_INPUT,
+    Stage.CONSISTENCY_CHECK,
+    Stage.UNMASK,
+)
+
+
+@dataclass(frozen=True)
+class RoundParams:
+    """Public parameters of one aggregation session (identical at every party)."""
+
+    session_id: bytes
+    ring_bits: int
+    dim: int
+    threshold: int
+    cohort: tuple[int, ...]
+    neighbours: int | None = None  # None: complete graph (classic SecAgg); k: SecAgg+ Harary
+    graph_seed: bytes = bytes(32)
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session_id)
+        Ring(self.ring_bits)
+        if self.dim < 1:
+            raise ConfigurationError(f"vector length must be at least 1, got {self.dim}")
+        for u in self.cohort:
+            check_client_id(u)
+        if len(set(self.cohort)) != len(self.cohort):
+            raise DuplicateClient("the cohort lists a client id more than once")
+        if list(self.cohort) != sorted(self.cohort):
+            raise ConfigurationError("the cohort must be sorted by client id")
+        if len(self.cohort) < 2:
+            raise ConfigurationError("secure aggregation needs at least 2 clients")
+        if not 1 <= self.threshold <= self.graph.degree:
+            raise ConfigurationError(
+                f"threshold {self.threshold} must be in [1, {self.graph.degree}] "
+                "(shares go to a client's neighbours)"
+            )
+
+    @property
+    def ring(self) -> Ring:
+        return Ring(self.ring_bits)
+
+    @property
+    def graph(self) -> NeighbourGraph:
+        if self.neighbours is None or self.neighbours >= len(self.cohort) - 1:
+            return complete_graph(self.cohort)
+        return harary_graph(self.cohort, self.neighbours, self.graph_seed)
+
+    def canonical_bytes(self) -> bytes:
+        k = 0 if self.neighbours is None else self.neighbours
+        cohort = b"".join(id_bytes(u) for u in self.cohort)
+        head = struct.pack(">IIII", self.ring_bits, self.dim, self.threshold, k)
+        return _PARAMS_DOMAIN + self.session_id + head + self.graph_seed + cohort
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """An institution's minimums; a round below any of them is refused with the reason."""
+
+    min_threshold: int = 2
+    min_cohort: int = 3
+    min_ring_bits: int = 16
+    min_threshold_fraction: float = 0.0  # t / degree; e.g. 0.5 demands a majority
+
+    def check(self, params: RoundParams) -> None:
+        degree = params.graph.degree
+        problems = []
+        if params.threshold < self.min_threshold:
+            problems.append(f"threshold {params.threshold} < policy minimum {self.min_threshold}")
+        if len(params.cohort) < self.min_cohort:
+            problems.append(f"cohort of {len(params.cohort)} < policy minimum {self.min_cohort}")
+        if params.ring_bits < self.min_ring_bits:
+            problems.append(
+                f"ring of {params.ring_bits} bits < policy minimum {self.min_ring_bits}"
+            )
+        if params.threshold < self.min_threshold_fraction * degree:
+            problems.append(
+                f"threshold {params.threshold} is below {self.min_threshold_fraction:.0%} "
+                f"of the {degree} neighbours"
+            )
+        if problems:
+            raise PolicyViolation("round parameters refused: " + "; ".join(problems))
+
+
+def context_digest(params: RoundParams, context: bytes) -> bytes:
+    """What a client signs in AdvertiseKeys: the round parameters and the global model/config it
+    was given. Survivors must all hold the same value (model-inconsistency defence)."""
+    return hashlib.sha256(_CONTEXT_DOMAIN + params.canonical_bytes() + context).digest()
+
+
+def advert_signed_bytes(
+    session_id: bytes, u: int, enc_pk: bytes, mask_pk: bytes, digest: bytes
+) -> bytes:
+    return _ADVERT_DOMAIN + session_id + id_bytes(u) + enc_pk + mask_pk + digest
+
+
+def consistency_signed_bytes(session_id: bytes, digest: bytes, survivors: tuple[int, ...]) -> bytes:
+    body = b"".join(id_bytes(u) for u in survivors)
+    return _CONSISTENCY_DOMAIN + session_id + digest + struct.pack(">I", len(survivors)) + body
+
+
+def self_mask_commitment(session_id: bytes, u: int, seed: bytes) -> bytes:
+    return hashlib.sha256(_COMMIT_DOMAIN + session_id + id_bytes(u) + seed).digest()
+
+
+def self_mask_key(session_id: bytes, u: int, seed: bytes) -> bytes:
+    """The AES-128 key of u's self mask, bound to the session and to u."""
+    hkdf = HKDF(hashes.SHA256(), 16, salt=session_id, info=_SELF_MASK_DOMAIN + id_bytes(u))
+    return hkdf.derive(seed)

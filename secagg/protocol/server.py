@@ -1,0 +1,426 @@
+"""The server side of one secure-aggregation session, as a pure state machine.
+
+The transport feeds every client message to :meth:`ServerSession.receive` (bytes or a decoded
+message) and calls :meth:`ServerSession.close_stage` when all expected senders have answered or
+the stage deadline has passed; ``close_stage`` returns the messages to send for the next stage.
+A bad message from one client raises a specific error and is discarded (the round goes on with
+the others); too few survivors at any stage aborts the session, and an aborted session releases
+nothing — the running sum is wiped.
+
+Masked inputs are summed as they arrive, so the server never holds more than one vector
+besides the sum. Unmasking removes every self mask of a survivor and every pair mask between a
+survivor and a neighbour that dropped after sharing, in one chunked pass
+(:func:`secagg.prg.accumulate_masks`), so it runs close to the AES-CTR speed limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from secagg import shamir
+from secagg.errors import (
+    DuplicateClient,
+    InconsistentSharesError,
+    MessageFormatError,
+    ProtocolAbort,
+    SecAggError,
+    SessionMismatch,
+    TooFewSurvivors,
+    UnexpectedMessage,
+    UnknownClient,
+)
+from secagg.keys import AgreementKeyPair, KeyPurpose, Roster, derive_pair_key
+from secagg.messages import (
+    SERVER,
+    AdvertiseKeys,
+    ClientMessage,
+    ConsistencyRequest,
+    ConsistencySignature,
+    KeysBroadcast,
+    MaskedInput,
+    PeerAdvert,
+    ServerMessage,
+    ShareKeys,
+    SharesDelivery,
+    UnmaskRequest,
+    UnmaskResponse,
+    decode_message,
+    encode_message,
+)
+from secagg.packing import unpack
+from secagg.prg import accumulate_masks
+from secagg.protocol.common import (
+    RoundParams,
+    Stage,
+    advert_signed_bytes,
+    consistency_signed_bytes,
+    self_mask_commitment,
+    self_mask_key,
+)
+from secagg.ring import RingArray
+from secagg.transcript import (
+    MessageRecord,
+    RejectionRecord,
+    ReleaseRecord,
+    ShareRequestRecord,
+    Transcript,
+)
+
+_EXPECTED_KIND: dict[Stage, type] = {
+    Stage.ADVERTISE_KEYS: AdvertiseKeys,
+    Stage.SHARE_KEYS: ShareKeys,
+    Stage.MASKED_INPUT: MaskedInput,
+    Stage.CONSISTENCY_CHECK: ConsistencySignature,
+    Stage.UNMASK: UnmaskResponse,
+}
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    sum: RingArray  # Σ_{u ∈ contributors} x_u in the ring
+    contributors: tuple[int, ...]  # U3: whose inputs the sum contains
+
+
+class ServerSession:
+    """The server's run of one session over ``params.cohort``."""
+
+    def __init__(
+        self, params: RoundParams, roster: Roster, record_masked_inputs: bool = True
+    ) -> None:
+        missing = [u for u in params.cohort if u not in roster]
+        if missing:
+            raise UnknownClient(f"cohort members missing from the roster: {missing[:10]}")
+        self.params = params
+        self._roster = roster
+        self._graph = params.graph
+        self._record_masked = record_masked_inputs
+        self.stage = Stage.ADVERTISE_KEYS
+        self.abort_reason: str | None = None
+        self._expected: frozenset[int] = frozenset(params.cohort)
+        self._got: set[int] = set()  # senders accepted in the current stage
+        self._adverts: dict[int, AdvertiseKeys] = {}
+        self._shares: dict[int, ShareKeys] = {}
+        self._masked: list[int] = []
+        self._sum: RingArray | None = params.ring.zeros(params.dim)
+        self._signatures: dict[int, bytes] = {}
+        self._requests: dict[int, UnmaskRequest] = {}
+        self._responses: dict[int, UnmaskResponse] = {}
+        self._u3: tuple[int, ...] = ()
+        self._result: AggregateResult | None = None
+        self.transcript = Transcript(
+            params.session_id,
+            params.ring_bits,
+            params.dim,
+            params.threshold,
+            params.neighbours,
+            params.cohort,
+        )
+
+    # --- public API ---------------------------------------------------------------------------
+
+    @property
+    def expected_senders(self) -> frozenset[int]:
+        """Clients the current stage waits for (those sent a message in the previous stage)."""
+        return self._expected
+
+    @property
+    def pending(self) -> frozenset[int]:
+        return self._expected - self._got
+
+    @property
+    def result(self) -> AggregateResult:
+        if self._result is None:
+            raise UnexpectedMessage(f"no result: the session is at stage {self.stage.value}")
+        return self._result
+
+    def receive(self, data: bytes | ClientMessage) -> None:
+        """Validate and absorb one client message; raises (and discards it) if it is bad."""
+        stage = self.stage
+        try:
+            if isinstance(data, bytes | bytearray | memoryview):
+                raw = bytes(data)
+                decoded = decode_message(raw)
+            else:
+                decoded = data
+                raw = encode_message(data)
+            if isinstance(decoded, KeysBroadcast | SharesDelivery | ConsistencyRequest):
+                raise UnexpectedMessage(f"{type(decoded).__name__} is a server message")
+            if isinstance(decoded, UnmaskRequest):
+                raise UnexpectedMessage("UnmaskRequest is a server message")
+            msg: ClientMessage = decoded
+            self._check_envelope(msg)
+            self._HANDLERS[type(msg)](self, msg)
+            self._got.add(msg.sender)
+        except SecAggError as exc:
+            sender = getattr(data, "sender", -1)
+            self.transcript.rejections.append(
+                RejectionRecord(stage.value, sender, type(exc).__name__, str(exc))
+            )
+            raise
+        self.transcript.messages.append(
+            MessageRecord(
+                stage.value,
+                type(msg).__name__,
+                msg.session_id,
+                msg.sender,
+                msg.recipient,
+                len(raw),
+                hashlib.sha256(raw).digest(),
+            )
+        )
+
+    def close_stage(self) -> list[ServerMessage]:
+        """End the current stage with whoever answered; returns the next stage's messages."""
+        closers: dict[Stage, Callable[[], list[ServerMessage]]] = {
+            Stage.ADVERTISE_KEYS: self._close_advertise,
+            Stage.SHARE_KEYS: self._close_share,
+            Stage.MASKED_INPUT: self._close_masked,
+            Stage.CONSISTENCY_CHECK: self._close_consistency,
+            Stage.UNMASK: self._close_unmask,
+        }
+        closer = closers.get(self.stage)
+        if closer is None:
+            raise UnexpectedMessage(f"the session is {self.stage.value}; no stage to close")
+        try:
+            return closer()
+        except ProtocolAbort as exc:
+            self._abort(str(exc))
+            raise
+
+    def abort(self, reason: str) -> None:
+        """Abandon the session (e.g. the transport gave up); nothing is released."""
+        self._abort(reason)
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    def _check_envelope(self, msg: ClientMessage) -> None:
+        if self.stage in (Stage.DONE, Stage.ABORTED):
+            raise UnexpectedMessage(f"the session is {self.stage.value}")
+        if msg.session_id != self.params.session_id:
+            raise SessionMismatch(
+                f"{type(msg).__name__} from client {msg.sender} belongs to another session "
+                "(replayed or misrouted)"
+            )
+        if msg.recipient != SERVER:
+            raise UnexpectedMessage(f"message from {msg.sender} is addressed to {msg.recipient}")
+        if msg.sender not in self._graph:
+            raise UnknownClient(f"client {msg.sender} is not in this session's cohort")
+        expected = _EXPECTED_KIND[self.stage]
+        if not isinstance(msg, expected):
+            raise UnexpectedMessage(
+                f"{type(msg).__name__} from client {msg.sender} during stage {self.stage.value}"
+            )
+        if msg.sender in self._got:
+            raise DuplicateClient(
+                f"second {type(msg).__name__} from client {msg.sender} in one stage"
+            )
+        if msg.sender not in self._expected:
+            raise UnexpectedMessage(
+                f"client {msg.sender} did not complete the previous stage of this session"
+            )
+
+    def _on_advertise(self, msg: AdvertiseKeys) -> None:
+        signed = advert_signed_bytes(
+            msg.session_id,
+            msg.sender,
+            msg.encryption_public,
+            msg.masking_public,
+            msg.context_digest,
+        )
+        self._roster.verify(msg.sender, msg.signature, signed, "AdvertiseKeys")
+        for other in self._adverts.values():
+            if {other.masking_public, other.encryption_public} & {
+                msg.masking_public,
+                msg.encryption_public,
+            }:
+                raise DuplicateClient(
+                    f"client {msg.sender} advertised a public key already used by {other.sender}"
+                )
+        self._adverts[msg.sender] = msg
+
+    def _on_share(self, msg: ShareKeys) -> None:
+        expected = set(self._graph.neighbours(msg.sender)) & self._expected
+        recipients = {v for v, _ in msg.ciphertexts}
+        if recipients != expected:
+            raise MessageFormatError(
+                f"client {msg.sender} sent shares to {len(recipients)} clients; expected exactly "
+                f"its {len(expected)} neighbours that advertised keys"
+            )
+        self._shares[msg.sender] = msg
+
+    def _on_masked(self, msg: MaskedInput) -> None:
+        vector = unpack(msg.payload, self.params.ring, self.params.dim)
+        if self._sum is None:
+            raise UnexpectedMessage("the session holds no running sum")
+        np.add(self._sum, vector, out=self._sum)  # wraps mod 2^32/2^64; reduced at the end
+        self._masked.append(msg.sender)
+        if self._record_masked:
+            self.transcript.masked_inputs[msg.sender] = msg.payload
+
+    def _on_signature(self, msg: ConsistencySignature) -> None:
+        digest = self._adverts[msg.sender].context_digest
+        signed = consistency_signed_bytes(msg.session_id, digest, self._u3)
+        self._roster.verify(msg.sender, msg.signature, signed, "ConsistencySignature")
+        self._signatures[msg.sender] = msg.signature
+
+    def _on_unmask(self, msg: UnmaskResponse) -> None:
+        request = self._requests[msg.sender]
+        got_self = tuple(v for v, _ in msg.self_mask_shares)
+        got_key = tuple(v for v, _ in msg.key_shares)
+        if got_self != request.reveal_self_mask_for or got_key != request.reveal_key_for:
+            raise MessageFormatError(
+                f"client {msg.sender} answered with shares for other clients than requested"
+            )
+        self._responses[msg.sender] = msg
+
+    _HANDLERS: ClassVar[dict[type, Callable[[ServerSession, ClientMessage], None]]] = {
+        AdvertiseKeys: _on_advertise,  # type: ignore[dict-item]
+        ShareKeys: _on_share,  # type: ignore[dict-item]
+        MaskedInput: _on_masked,  # type: ignore[dict-item]
+        ConsistencySignature: _on_signature,  # type: ignore[dict-item]
+        UnmaskResponse: _on_unmask,  # type: ignore[dict-item]
+    }
+
+    # --- closing stages -----------------------------------------------------------------------
+
+    def _advance(self, survivors: tuple[int, ...], what: str, next_stage: Stage) -> None:
+        if len(survivors) < self.params.threshold:
+            raise TooFewSurvivors(
+                f"only {len(survivors)} clients {what}; the threshold is {self.params.threshold}"
+            )
+        self._expected = frozenset(survivors)
+        self._got = set()
+        self.stage = next_stage
+
+    def _close_advertise(self) -> list[ServerMessage]:
+        u1 = tuple(sorted(self._adverts))
+        self._advance(u1, "advertised keys", Stage.SHARE_KEYS)
+        out: list[ServerMessage] = []
+        for u in u1:
+            adverts = tuple(
+                PeerAdvert(
+                    v,
+                    self._adverts[v].encryption_public,
+                    self._adverts[v].masking_public,
+                    self._adverts[v].context_digest,
+                    self._adverts[v].signature,
+                )
+                for v in self._graph.neighbours(u)
+                if v in self._adverts
+            )
+            out.append(KeysBroadcast(self.params.session_id, u, adverts))
+        return out
+
+    def _close_share(self) -> list[ServerMessage]:
+        u2 = tuple(sorted(self._shares))
+        self._advance(u2, "shared their keys", Stage.MASKED_INPUT)
+        inbox: dict[int, list[tuple[int, bytes]]] = {u: [] for u in u2}
+        for v in u2:
+            for u, ciphertext in self._shares[v].ciphertexts:
+                if u in inbox:
+                    inbox[u].append((v, ciphertext))
+        return [SharesDelivery(self.params.session_id, u, tuple(inbox[u])) for u in u2]
+
+    def _close_masked(self) -> list[ServerMessage]:
+        self._u3 = tuple(sorted(self._masked))
+        self._advance(self._u3, "sent a masked input", Stage.CONSISTENCY_CHECK)
+        return [ConsistencyRequest(self.params.session_id, u, self._u3) for u in self._u3]
+
+    def _close_consistency(self) -> list[ServerMessage]:
+        u4 = tuple(sorted(self._signatures))
+        self._advance(u4, "signed the survivor set", Stage.UNMASK)
+        u2, u3 = set(self._shares), set(self._u3)
+        out: list[ServerMessage] = []
+        for u in u4:
+            neighbours = self._graph.neighbours(u)
+            signers = sorted({u, *neighbours} & set(u4))
+            request = UnmaskRequest(
+                self.params.session_id,
+                u,
+                self._u3,
+                tuple((v, self._signatures[v]) for v in signers),
+                tuple(v for v in neighbours if v in u3),
+                tuple(v for v in neighbours if v in u2 and v not in u3),
+            )
+            self._requests[u] = request
+            self.transcript.share_requests.append(
+                ShareRequestRecord(
+                    self.params.session_id,
+                    u,
+                    request.reveal_self_mask_for,
+                    request.reveal_key_for,
+                )
+            )
+            out.append(request)
+        return out
+
+    def _close_unmask(self) -> list[ServerMessage]:
+        sid, ring = self.params.session_id, self.params.ring
+        if len(self._responses) < self.params.threshold:
+            raise TooFewSurvivors(
+                f"only {len(self._responses)} clients answered the unmask request; "
+                f"the threshold is {self.params.threshold}"
+            )
+        shares_by_owner = self._index_shares()
+        subtract_keys: list[bytes] = []
+        for u in self._u3:
+            seed = shamir.reconstruct(
+                shares_by_owner["self"].get(u, {}), self.params.threshold, f"self mask of {u}"
+            )
+            if self_mask_commitment(sid, u, seed) != self._shares[u].self_mask_commitment:
+                raise InconsistentSharesError(
+                    f"reconstructed self-mask seed of client {u} does not match its commitment"
+                )
+            subtract_keys.append(self_mask_key(sid, u, seed))
+        add_keys: list[bytes] = []
+        u3 = set(self._u3)
+        for v in sorted(set(self._shares) - u3):
+            secret = shamir.reconstruct(
+                shares_by_owner["key"].get(v, {}), self.params.threshold, f"masking key of {v}"
+            )
+            pair = AgreementKeyPair.from_private_bytes(secret)
+            if pair.public_bytes != self._adverts[v].masking_public:
+                raise InconsistentSharesError(
+                    f"reconstructed masking key of dropped client {v} does not match its advert"
+                )
+            for u in self._graph.neighbours(v):
+                if u not in u3:
+                    continue
+                shared = pair.exchange(self._adverts[u].masking_public)
+                key = derive_pair_key(shared, sid, KeyPurpose.MASK, u, v, 16)
+                # u added PRG(s_uv) when v > u and subtracted it when v < u: undo that.
+                (subtract_keys if v > u else add_keys).append(key)
+        if self._sum is None:
+            raise UnexpectedMessage("the session holds no running sum")
+        total = ring.reduce(self._sum)
+        accumulate_masks(total, ring, add_keys, subtract_keys)
+        self._result = AggregateResult(total, self._u3)
+        self._sum = None
+        self.transcript.releases.append(ReleaseRecord(sid, self._u3, self.params.threshold))
+        self.stage = Stage.DONE
+        self._expected = frozenset()
+        return []
+
+    def _index_shares(self) -> dict[str, dict[int, dict[int, bytes]]]:
+        index: dict[str, dict[int, dict[int, bytes]]] = {"self": {}, "key": {}}
+        for w, response in self._responses.items():
+            for v, share in response.self_mask_shares:
+                index["self"].setdefault(v, {})[w] = share
+            for v, share in response.key_shares:
+                index["key"].setdefault(v, {})[w] = share
+        return index
+
+    def _abort(self, reason: str) -> None:
+        if self._sum is not None:
+            self._sum.fill(0)
+        self._sum = None
+        self._result = None
+        self._responses = {}
+        self.stage = Stage.ABORTED
+        self.abort_reason = reason
+        self._expected = frozenset()
