@@ -211,3 +211,25 @@ def test_bad_audit_parameters_are_refused() -> None:
         audit_transcript(honest_transcript(), family_alpha=0.0)
     with pytest.raises(ConfigurationError, match="no transcripts"):
         audit_transcripts([])
+
+
+def test_transcript_of_a_real_session_with_a_dropout_passes() -> None:
+    from secagg.protocol import RoundParams, Stage
+    from secagg.simulate import simulate_round
+
+    ring = Ring(32)
+    cohort = tuple(range(1, 8))
+    params = RoundParams(os.urandom(32), ring.bits, 2048, 4, cohort)
+    inputs = {u: ring.from_signed(np.arange(2048, dtype=np.int64) % 7 - 3) for u in cohort}
+    result = simulate_round(params, inputs, dropouts={Stage.MASKED_INPUT: [7]})
+    transcript = Transcript.from_dict(result.transcript.to_dict())
+    report = audit_transcript(transcript)
+    assert report.passed, report.findings
+    assert report.vectors_tested == 6
+    # The same record with one masked input swapped for the client's plain input is caught.
+    plain = pack(inputs[3], ring)
+    transcript.masked_inputs[3] = plain
+    transcript.messages = [
+        m for m in transcript.messages if not (m.sender == 3 and m.kind == "MaskedInput")
+    ] + [_record(transcript.session_id, 3, plain)]
+    assert failed(audit_transcript(transcript)) == {"masked_input_uniformity"}
