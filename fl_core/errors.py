@@ -29,3 +29,7 @@ class AdapterFormatError(FLError, ValueError):
 
 class SamplingError(FLError, ValueError):
     """Client-sampling parameters that cannot produce a cohort (size 0, fraction outside (0, 1])."""
+
+
+class AggregationError(FLError, ValueError):
+    """A released aggregate the strategy cannot use (no contributors, zero weight, wrong size)."""
