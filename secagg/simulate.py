@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from secagg.errors import ConfigurationError, ProtocolAbort, SecAggError
+from secagg.errors import ConfigurationError, ProtocolAbort, SecAggError, UnexpectedMessage
 from secagg.keys import Identity, Roster
-from secagg.messages import ServerMessage, decode_message, encode_message
+from secagg.messages import ClientMessage, ServerMessage, decode_message, encode_message
 from secagg.protocol import (
     PROTOCOL_STAGES,
     AggregateResult,
@@ -95,11 +95,15 @@ class Simulation:
             for u, client in self.clients.items():
                 if u in dropped or client.aborted:
                     continue
+                reply: ClientMessage
                 if stage is Stage.ADVERTISE_KEYS:
                     reply = client.start()
                 elif u in inbox:
                     try:
-                        reply = client.handle(decode_message(inbox[u]))  # type: ignore[arg-type]
+                        incoming = decode_message(inbox[u])
+                        if not isinstance(incoming, ServerMessage):
+                            raise UnexpectedMessage("a client message arrived at a client")
+                        reply = client.handle(incoming)
                     except ProtocolAbort as exc:
                         self.client_aborts[u] = f"{type(exc).__name__}: {exc}"
                         continue
