@@ -102,6 +102,7 @@ class ClientSession:
         self._masking: AgreementKeyPair | None = AgreementKeyPair.generate()
         self._seed: bytes | None = random_seed(32)
         self._peers: dict[int, _Peer] = {}
+        self._own_seed_share = b""
         self._delivered: tuple[int, ...] = ()
         self._survivors: tuple[int, ...] = ()
         self.stage = Stage.ADVERTISE_KEYS
@@ -177,7 +178,7 @@ class ClientSession:
         keys = {a.masking_public for a in msg.adverts} | {a.encryption_public for a in msg.adverts}
         if len(keys) != 2 * len(msg.adverts):
             raise DuplicateClient("two neighbours advertised the same public key")
-        self._require(len(msg.adverts), "neighbours advertised keys")
+        self._require(len(msg.adverts) + 1, "parties (neighbours that advertised keys and us)")
         peers = {}
         for advert in msg.adverts:
             shared = self._encryption.exchange(advert.encryption_public)
@@ -186,7 +187,9 @@ class ClientSession:
             )
             peers[advert.client_id] = _Peer(advert.encryption_public, advert.masking_public, key)
         self._peers = peers
-        ids = sorted(peers)
+        # Shares go to the neighbours and to ourselves: our own share of b_u lets the server
+        # reconstruct our self mask with one fewer neighbour, so a round survives n - t dropouts.
+        ids = sorted([*peers, self.client_id])
         seed = self._seed_value()
         mask_shares, seed_shares = shamir.split(
             [self._masking_pair().private_bytes(), seed], self.params.threshold, ids
@@ -194,7 +197,9 @@ class ClientSession:
         ciphertexts = tuple(
             (v, aead.seal(peers[v].share_key, ms + ss, sid, self.client_id, v))
             for v, ms, ss in zip(ids, mask_shares, seed_shares, strict=True)
+            if v != self.client_id
         )
+        self._own_seed_share = seed_shares[ids.index(self.client_id)]
         self.stage = Stage.MASKED_INPUT
         return ShareKeys(
             sid, self.client_id, self_mask_commitment(sid, self.client_id, seed), ciphertexts
@@ -212,7 +217,7 @@ class ClientSession:
             peer.mask_share = plaintext[: shamir.SHARE_BYTES]
             peer.seed_share = plaintext[shamir.SHARE_BYTES :]
         self._delivered = tuple(v for v, _ in msg.ciphertexts)
-        self._require(len(self._delivered), "neighbours delivered shares")
+        self._require(len(self._delivered) + 1, "parties (neighbours that shared and us)")
         masking = self._masking_pair()
         add_keys = [self_mask_key(sid, self.client_id, self._seed_value())]
         subtract_keys: list[bytes] = []
@@ -277,13 +282,13 @@ class ClientSession:
                 "signed survivor set (their masked input was received)"
             )
         delivered = set(self._delivered)
-        unknown = (self_for | key_for) - delivered
+        unknown = (self_for - {self.client_id} | key_for) - delivered
         if unknown:
             raise ShareRequestRefused(f"no shares held for {sorted(unknown)}")
         response = UnmaskResponse(
             self.params.session_id,
             self.client_id,
-            tuple((v, self._peers[v].seed_share) for v in sorted(self_for)),
+            tuple((v, self._seed_share_of(v)) for v in sorted(self_for)),
             tuple((v, self._peers[v].mask_share) for v in sorted(key_for)),
         )
         self._forget()
@@ -313,6 +318,9 @@ class ClientSession:
                 f"{len(survivors)} survivors, fewer than the threshold {self.params.threshold}"
             )
 
+    def _seed_share_of(self, v: int) -> bytes:
+        return self._own_seed_share if v == self.client_id else self._peers[v].seed_share
+
     def _require(self, count: int, what: str) -> None:
         if count < self.params.threshold:
             raise TooFewSurvivors(f"only {count} {what}; threshold is {self.params.threshold}")
@@ -335,6 +343,7 @@ class ClientSession:
         self._input = None
         self._masking = None
         self._seed = None
+        self._own_seed_share = b""
         self._peers = {}
 
     def _abort(self, reason: str) -> None:

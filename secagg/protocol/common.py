@@ -74,10 +74,10 @@ class RoundParams:
             raise ConfigurationError("the cohort must be sorted by client id")
         if len(self.cohort) < 2:
             raise ConfigurationError("secure aggregation needs at least 2 clients")
-        if not 1 <= self.threshold <= self.graph.degree:
+        if not 2 <= self.threshold <= self.graph.degree + 1:
             raise ConfigurationError(
-                f"threshold {self.threshold} must be in [1, {self.graph.degree}] "
-                "(shares go to a client's neighbours)"
+                f"threshold {self.threshold} must be in [2, {self.graph.degree + 1}] "
+                "(shares go to a client's neighbours and itself; 1 would hand out secrets)"
             )
 
     @property

@@ -344,7 +344,7 @@ class ServerSession:
                 u,
                 self._u3,
                 tuple((v, self._signatures[v]) for v in signers),
-                tuple(v for v in neighbours if v in u3),
+                tuple(sorted({u, *neighbours} & u3)),
                 tuple(v for v in neighbours if v in u2 and v not in u3),
             )
             self._requests[u] = request
