@@ -24,6 +24,7 @@ class _Subcommand(Protocol):
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("clients.simulate_cli", "run a whole federation in one process (the main job)"),
     "keygen": ("server.keygen_cli", "identities, a roster and development TLS certificates"),
+    "audit": ("proofs.audit_cli", "privacy report of a run: epsilon spent, transcript checks"),
 }
 
 

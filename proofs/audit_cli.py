@@ -1,0 +1,553 @@
+"""``fedsec audit RUN_DIR``: the privacy report of one run, for a privacy officer.
+
+Reads what ``fedsec simulate`` leaves in a run directory -- ``run.json`` (the configuration),
+``metrics.jsonl`` (one record per round) and ``transcripts/round_NNNN.json`` (the server's
+record of each secure-aggregation session) -- and writes ``privacy.md`` and ``privacy.json``
+next to them: the differential-privacy budget spent per round and in total (from
+:mod:`proofs.accountant`; stated as unbounded when DP is off), clip fractions, cohort sizes, the
+fewest contributors in any released aggregate, the cryptographic parameters, and the verdict of
+every check of :mod:`proofs.transcript_audit` plus a cross-check of the metrics against the
+transcripts. The exit status is 1 when any check failed, 0 otherwise.
+
+The transcripts, not the metrics, are the authority for who contributed to what: the metrics
+are what the training loop believed, the transcripts are what the server actually released.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fl_core.cli import UsageError
+from proofs.accountant import (
+    AccountingError,
+    DistributedDiscreteGaussianDpEvent,
+    DpEvent,
+    GaussianDpEvent,
+    PoissonSampledDpEvent,
+    RdpAccountant,
+    SkellamDpEvent,
+)
+from proofs.transcript_audit import (
+    DEFAULT_FAMILY_ALPHA,
+    AuditReport,
+    audit_transcripts,
+)
+from secagg import aead, keys, prg, shamir
+from secagg.transcript import Transcript
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+TRANSCRIPT_DIR = "transcripts"
+_TRANSCRIPT_NAME = re.compile(r"^round_(\d{4,})\.json$")
+
+#: Record fields each mechanism needs, beyond ``sampling_rate`` and ``delta``. The Gaussian
+#: bound is *not* used for the integer mechanisms when their fields are missing: it would
+#: understate their epsilon.
+MECHANISM_FIELDS: dict[str, tuple[str, ...]] = {
+    "gaussian": ("noise_multiplier",),
+    "skellam": ("l2_sensitivity", "l1_sensitivity", "variance"),
+    "ddgauss": ("l2_sensitivity", "l1_sensitivity", "local_stddev", "num_clients", "dim"),
+}
+_MECHANISM_ALIASES = {
+    "distributed_discrete_gaussian": "ddgauss",
+    "discrete_gaussian": "ddgauss",
+    "dgauss": "ddgauss",
+}
+
+
+# --- reading a run directory -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    directory: Path
+    config: dict[str, Any]
+    metrics: tuple[dict[str, Any], ...]
+    transcripts: dict[int, Transcript]  # round -> transcript
+
+
+def load_run(directory: Path) -> RunRecord:
+    """Read a run directory; :class:`UsageError` with the file at fault for anything amiss."""
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory")
+    run_file = directory / RUN_FILE
+    if not run_file.is_file():
+        raise UsageError(
+            f"{directory} is not a run directory: it has no {RUN_FILE} "
+            "(expected the output directory of 'fedsec simulate')"
+        )
+    config = _read_json(run_file)
+    if not isinstance(config, dict):
+        raise UsageError(f"{run_file}: expected a JSON object")
+    metrics_file = directory / METRICS_FILE
+    if not metrics_file.is_file():
+        raise UsageError(f"{directory} is not a complete run directory: no {METRICS_FILE}")
+    metrics: list[dict[str, Any]] = []
+    for number, line in enumerate(metrics_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{metrics_file}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+            raise UsageError(f"{metrics_file}:{number}: expected an object with an integer round")
+        if any(r["round"] == record["round"] for r in metrics):
+            raise UsageError(f"{metrics_file}:{number}: round {record['round']} recorded twice")
+        metrics.append(record)
+    transcripts: dict[int, Transcript] = {}
+    transcript_dir = directory / TRANSCRIPT_DIR
+    if transcript_dir.is_dir():
+        for path in sorted(transcript_dir.iterdir()):
+            match = _TRANSCRIPT_NAME.match(path.name)
+            if match is None:
+                continue
+            data = _read_json(path)
+            try:
+                transcripts[int(match.group(1))] = Transcript.from_dict(data)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise UsageError(
+                    f"{path}: not a transcript ({type(exc).__name__}: {exc})"
+                ) from None
+    if not metrics and not transcripts:
+        raise UsageError(f"{directory}: the run recorded no rounds")
+    return RunRecord(directory, config, tuple(metrics), transcripts)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}:{exc.lineno}: not JSON ({exc.msg})") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+# --- privacy accounting ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundPrivacy:
+    round: int
+    session_id: str | None
+    cohort_size: int | None
+    contributors: int | None  # from the transcript's release; None when nothing was released
+    clip_fraction: float | None
+    mechanism: str | None  # None: no DP noise this round
+    epsilon_round: float  # this round alone; math.inf without DP
+    epsilon_cumulative: float  # all rounds up to this one
+
+
+@dataclass(frozen=True)
+class DpSummary:
+    enabled: bool  # every round was noised and accounted
+    delta: float | None
+    epsilon_total: float
+    statement: str
+    events: tuple[dict[str, Any], ...]
+    problems: tuple[str, ...]  # reasons accounting was impossible (a failed check)
+
+
+def round_event(record: Mapping[str, Any]) -> DpEvent | None:
+    """The privacy event of one metrics record, or None when the round added no DP noise.
+
+    :class:`AccountingError` when the record names a mechanism without the fields it needs.
+    """
+    raw = record.get("mechanism")
+    if raw is None and record.get("noise_multiplier") is None:
+        return None
+    mechanism = _MECHANISM_ALIASES.get(str(raw), str(raw)) if raw is not None else "gaussian"
+    if mechanism not in MECHANISM_FIELDS:
+        raise AccountingError(
+            f"round {record.get('round')}: unknown DP mechanism {raw!r} "
+            f"(known: {', '.join(MECHANISM_FIELDS)})"
+        )
+    needed = (*MECHANISM_FIELDS[mechanism], "sampling_rate")
+    missing = [f for f in needed if not isinstance(record.get(f), int | float)]
+    if missing:
+        raise AccountingError(
+            f"round {record.get('round')}: mechanism {mechanism!r} cannot be accounted without "
+            f"{', '.join(missing)} in the metrics record"
+        )
+    base: DpEvent
+    if mechanism == "gaussian":
+        base = GaussianDpEvent(float(record["noise_multiplier"]))
+    elif mechanism == "skellam":
+        base = SkellamDpEvent(
+            float(record["l2_sensitivity"]),
+            float(record["l1_sensitivity"]),
+            float(record["variance"]),
+        )
+    else:
+        base = DistributedDiscreteGaussianDpEvent(
+            float(record["l2_sensitivity"]),
+            float(record["l1_sensitivity"]),
+            float(record["local_stddev"]),
+            int(record["num_clients"]),
+            int(record["dim"]),
+        )
+    return PoissonSampledDpEvent(float(record["sampling_rate"]), base)
+
+
+def account(metrics: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[float, float]], DpSummary]:
+    """(epsilon of the round, cumulative epsilon) per record, and the run's summary."""
+    problems: list[str] = []
+    events: list[DpEvent | None] = []
+    for record in metrics:
+        try:
+            events.append(round_event(record))
+        except AccountingError as exc:
+            problems.append(str(exc))
+            events.append(None)
+    deltas = {
+        float(r["delta"])
+        for r, e in zip(metrics, events, strict=True)
+        if e is not None and isinstance(r.get("delta"), int | float)
+    }
+    if any(e is not None for e in events) and len(deltas) != 1:
+        problems.append(
+            "rounds with DP must state one common delta; found "
+            + (", ".join(f"{d:g}" for d in sorted(deltas)) if deltas else "none")
+        )
+    delta = next(iter(deltas)) if len(deltas) == 1 else None
+    per_round: list[tuple[float, float]] = []
+    cumulative = RdpAccountant()
+    unbounded = False
+    for event in events:
+        if event is None or delta is None:
+            unbounded = True
+            per_round.append((math.inf, math.inf))
+            continue
+        cumulative.compose(event)
+        alone = RdpAccountant().compose(event).get_epsilon(delta)
+        per_round.append((alone, math.inf if unbounded else cumulative.get_epsilon(delta)))
+    noised = [e for e in events if e is not None]
+    total = per_round[-1][1] if per_round else math.inf
+    if problems:
+        statement = "epsilon could not be computed: " + "; ".join(problems)
+    elif not noised:
+        statement = (
+            "Differential privacy was OFF: epsilon is unbounded (infinite). Secure aggregation "
+            "hides each institution's update from the server, but nothing limits what the "
+            "released sums and the final model reveal about any one institution's data."
+        )
+    elif len(noised) < len(events):
+        statement = (
+            f"{len(events) - len(noised)} of {len(events)} rounds ran without DP noise, so the "
+            "run's epsilon is unbounded (infinite) even though other rounds were noised."
+        )
+    else:
+        statement = (
+            f"({total:.4g}, {delta:g})-DP at the level of one institution (add or remove one "
+            f"client), over {len(events)} rounds with Poisson client sampling, by RDP "
+            "accounting."
+        )
+    summary = DpSummary(
+        enabled=bool(noised) and len(noised) == len(events) and not problems,
+        delta=delta,
+        epsilon_total=total if not problems else math.inf,
+        statement=statement,
+        events=tuple(e.to_dict() for e in noised),
+        problems=tuple(problems),
+    )
+    return per_round, summary
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportCheck:
+    name: str
+    description: str
+    status: str  # "passed" | "failed" | "not tested"
+    reasons: tuple[str, ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    run_dir: str
+    rounds: tuple[RoundPrivacy, ...]
+    dp: DpSummary
+    cryptography: dict[str, Any]
+    checks: tuple[ReportCheck, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.status != "failed" for c in self.checks)
+
+    @property
+    def fewest_contributors(self) -> int | None:
+        released = [r.contributors for r in self.rounds if r.contributors is not None]
+        return min(released) if released else None
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, list | tuple):
+        return len(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def build_report(run: RunRecord, *, family_alpha: float = DEFAULT_FAMILY_ALPHA) -> PrivacyReport:
+    metrics = sorted(run.metrics, key=lambda r: int(r["round"]))
+    per_round, dp = account(metrics)
+    by_round = {int(r["round"]): r for r in metrics}
+    consistency: list[str] = []
+    rows = []
+    eps = dict(zip(by_round, per_round, strict=True))
+    for rnd in sorted(set(by_round) | set(run.transcripts)):
+        record = by_round.get(rnd, {})
+        transcript = run.transcripts.get(rnd)
+        released = [len(set(r.contributors)) for r in transcript.releases] if transcript else []
+        contributors = min(released) if released else None
+        if rnd not in by_round:
+            consistency.append(f"round {rnd}: transcript without a metrics record")
+        if transcript is None:
+            consistency.append(
+                f"round {rnd}: no transcript ({TRANSCRIPT_DIR}/round_{rnd:04d}.json)"
+            )
+        reported = _count(record.get("contributors"))
+        if transcript is not None and reported is not None and reported != contributors:
+            consistency.append(
+                f"round {rnd}: metrics report {reported} contributors, the transcript's release "
+                f"has {contributors}"
+            )
+        cohort_size = len(transcript.cohort) if transcript else _count(record.get("cohort"))
+        clip = record.get("clip_fraction")
+        mechanism = None
+        if record and (record.get("mechanism") or record.get("noise_multiplier") is not None):
+            mechanism = str(record.get("mechanism") or "gaussian")
+        alone, cumulative = eps.get(rnd, (math.inf, math.inf))
+        rows.append(
+            RoundPrivacy(
+                round=rnd,
+                session_id=transcript.session_id.hex() if transcript else None,
+                cohort_size=cohort_size,
+                contributors=contributors,
+                clip_fraction=float(clip) if isinstance(clip, int | float) else None,
+                mechanism=mechanism,
+                epsilon_round=alone,
+                epsilon_cumulative=cumulative,
+            )
+        )
+
+    ordered = sorted(run.transcripts)
+    checks: list[ReportCheck] = []
+    if ordered:
+        audit = audit_transcripts([run.transcripts[r] for r in ordered], family_alpha=family_alpha)
+        checks += _transcript_checks(audit, ordered)
+    else:
+        checks.append(
+            ReportCheck(
+                "transcripts",
+                "the server recorded a transcript of every session",
+                "failed",
+                (f"no {TRANSCRIPT_DIR}/round_NNNN.json files: nothing to audit",),
+            )
+        )
+    checks.append(
+        ReportCheck(
+            "run_consistency",
+            "every round has a metrics record and a transcript, and they agree",
+            "failed" if consistency else "passed",
+            tuple(consistency),
+        )
+    )
+    checks.append(
+        ReportCheck(
+            "dp_accounting",
+            "the privacy budget of every noised round could be accounted",
+            "failed" if dp.problems else ("passed" if dp.events else "not tested"),
+            dp.problems,
+            "" if dp.events or dp.problems else "DP was off: nothing to account",
+        )
+    )
+    return PrivacyReport(
+        str(run.directory),
+        tuple(rows),
+        dp,
+        _cryptography(run.transcripts.values()),
+        tuple(checks),
+    )
+
+
+def _transcript_checks(audit: AuditReport, rounds: Sequence[int]) -> list[ReportCheck]:
+    return [
+        ReportCheck(
+            c.name,
+            c.description,
+            c.status,
+            tuple(f"round {rounds[f.transcript_index]}: {f.detail}" for f in c.findings),
+            c.note,
+        )
+        for c in audit.checks
+    ]
+
+
+def _cryptography(transcripts: Iterable[Transcript]) -> dict[str, Any]:
+    ts = list(transcripts)
+
+    def distinct(values: Iterable[Any]) -> list[Any]:
+        return sorted(set(values), key=lambda v: (v is None, v if v is not None else 0))
+
+    return {
+        "ring_bits": distinct(t.ring_bits for t in ts),
+        "vector_length": distinct(t.dim for t in ts),
+        "threshold": distinct(t.threshold for t in ts),
+        "neighbourhood_degree": [
+            "complete graph" if k is None else k for k in distinct(t.neighbours for t in ts)
+        ],
+        "cohort_size": distinct(len(t.cohort) for t in ts),
+        "key_agreement": f"X25519, {keys.PUBLIC_KEY_BYTES}-byte public keys",
+        "signatures": f"Ed25519, {keys.SIGNATURE_BYTES}-byte signatures",
+        "share_encryption": f"AES-GCM, {aead.KEY_BYTES * 8}-bit keys",
+        "mask_prg": f"AES-CTR, {prg.KEY_BYTES * 8}-bit keys",
+        "secret_sharing": (
+            f"Shamir over GF(2^256 + 297), {shamir.SECRET_BYTES}-byte secrets, "
+            f"{shamir.SHARE_BYTES}-byte shares"
+        ),
+    }
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def _eps(value: float) -> str:
+    return "∞" if math.isinf(value) else f"{value:.4g}"
+
+
+def _opt(value: float | int | None, fmt: str = "") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isinf(value) else value
+
+
+def render_markdown(report: PrivacyReport) -> str:
+    verdict = "ALL CHECKS PASSED" if report.passed else "ONE OR MORE CHECKS FAILED"
+    lines = [
+        f"# Privacy report — `{report.run_dir}`",
+        "",
+        f"**Verdict: {verdict}.**",
+        "",
+        "## Differential privacy",
+        "",
+        report.dp.statement,
+        "",
+        f"- Total ε: **{_eps(report.dp.epsilon_total)}**"
+        + (f" at δ = {report.dp.delta:g}" if report.dp.delta is not None else ""),
+        f"- Fewest contributors in any released aggregate: **{_opt(report.fewest_contributors)}**",
+        "",
+        "## Rounds",
+        "",
+        "| round | cohort | contributors | clip fraction | mechanism | ε (round) "
+        "| ε (cumulative) |",
+        "|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    lines += [
+        f"| {r.round} | {_opt(r.cohort_size)} | {_opt(r.contributors)} | "
+        f"{_opt(r.clip_fraction, '.3f')} | {r.mechanism or 'none'} | {_eps(r.epsilon_round)} | "
+        f"{_eps(r.epsilon_cumulative)} |"
+        for r in report.rounds
+    ]
+    lines += ["", "## Cryptographic parameters", "", "| parameter | value |", "|---|---|"]
+    for key, value in report.cryptography.items():
+        shown = ", ".join(str(v) for v in value) if isinstance(value, list) else str(value)
+        lines.append(f"| {key.replace('_', ' ')} | {shown} |")
+    lines += ["", "## Checks", "", "| check | what it verifies | result |", "|---|---|---|"]
+    lines += [f"| {c.name} | {c.description} | **{c.status.upper()}** |" for c in report.checks]
+    for c in report.checks:
+        if c.reasons or c.note:
+            lines += ["", f"### {c.name}: {c.status}", ""]
+            if c.note:
+                lines.append(c.note)
+                lines.append("")
+            lines += [f"- {reason}" for reason in c.reasons]
+    return "\n".join(lines) + "\n"
+
+
+def report_to_json(report: PrivacyReport) -> dict[str, Any]:
+    """JSON form; an unbounded epsilon is ``null`` (JSON has no infinity) with the statement."""
+    return {
+        "run_dir": report.run_dir,
+        "passed": report.passed,
+        "differential_privacy": {
+            "enabled": report.dp.enabled,
+            "delta": report.dp.delta,
+            "epsilon_total": _finite(report.dp.epsilon_total),
+            "epsilon_unbounded": math.isinf(report.dp.epsilon_total),
+            "statement": report.dp.statement,
+            "events": list(report.dp.events),
+        },
+        "fewest_contributors": report.fewest_contributors,
+        "rounds": [
+            {
+                "round": r.round,
+                "session_id": r.session_id,
+                "cohort_size": r.cohort_size,
+                "contributors": r.contributors,
+                "clip_fraction": r.clip_fraction,
+                "mechanism": r.mechanism,
+                "epsilon_round": _finite(r.epsilon_round),
+                "epsilon_cumulative": _finite(r.epsilon_cumulative),
+            }
+            for r in report.rounds
+        ],
+        "cryptography": report.cryptography,
+        "checks": [
+            {
+                "name": c.name,
+                "description": c.description,
+                "status": c.status,
+                "reasons": list(c.reasons),
+                "note": c.note,
+            }
+            for c in report.checks
+        ],
+    }
+
+
+# --- the subcommand ----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a run directory written by 'fedsec simulate'")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_FAMILY_ALPHA,
+        help="family-wise significance of the masked-input uniformity test "
+        f"(default {DEFAULT_FAMILY_ALPHA:g})",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write the reports (default: RUN_DIR)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0.0 < args.alpha < 1.0:
+        raise UsageError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    record = load_run(args.run_dir)
+    report = build_report(record, family_alpha=args.alpha)
+    out: Path = args.out or args.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "privacy.md").write_text(render_markdown(report))
+    (out / "privacy.json").write_text(json.dumps(report_to_json(report), indent=2) + "\n")
+    failed = [c.name for c in report.checks if c.status == "failed"]
+    print(
+        f"wrote {out / 'privacy.md'} and {out / 'privacy.json'}: total epsilon "
+        f"{_eps(report.dp.epsilon_total)}, "
+        + ("all checks passed" if not failed else f"FAILED: {', '.join(failed)}")
+    )
+    return 1 if failed else 0

@@ -1,0 +1,195 @@
+"""``fedsec audit``: the privacy report of a run directory, end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fl_core.cli import main
+from proofs.accountant import GaussianDpEvent, epsilon_for_rounds
+from secagg.protocol import RoundParams, Stage
+from secagg.ring import Ring
+from secagg.simulate import simulate_round
+from secagg.transcript import ShareRequestRecord, Transcript
+
+COHORT = tuple(range(1, 7))
+DIM = 1024
+NOISE, RATE, DELTA = 1.1, 0.5, 1e-5
+
+
+def write_run(
+    directory: Path, rounds: int = 3, dp: dict[str, Any] | None = None, dropped_in: int = 1
+) -> Path:
+    """A run directory as 'fedsec simulate' writes it, from real secure-aggregation sessions."""
+    ring = Ring(32)
+    (directory / "transcripts").mkdir(parents=True)
+    config = {"secagg": {"ring_bits": 32, "threshold": 4}, "dp": dp}
+    (directory / "run.json").write_text(json.dumps(config))
+    lines = []
+    for rnd in range(rounds):
+        params = RoundParams(os.urandom(32), ring.bits, DIM, 4, COHORT)
+        inputs = {u: ring.from_signed(np.full(DIM, u - 3, dtype=np.int64)) for u in COHORT}
+        dropouts = {Stage.MASKED_INPUT: [6]} if rnd == dropped_in else None
+        result = simulate_round(params, inputs, dropouts=dropouts)
+        path = directory / "transcripts" / f"round_{rnd:04d}.json"
+        path.write_text(json.dumps(result.transcript.to_dict()))
+        contributors = list(result.transcript.releases[0].contributors)
+        record: dict[str, Any] = {
+            "round": rnd,
+            "cohort": list(COHORT),
+            "contributors": contributors,
+            "clip_fraction": 0.25,
+        }
+        if dp is not None:
+            record.update(dp)
+        lines.append(json.dumps(record))
+    (directory / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def gaussian() -> dict[str, Any]:
+    return {
+        "mechanism": "gaussian",
+        "noise_multiplier": NOISE,
+        "sampling_rate": RATE,
+        "delta": DELTA,
+    }
+
+
+def read_report(directory: Path) -> tuple[dict[str, Any], str]:
+    report = json.loads((directory / "privacy.json").read_text())
+    return report, (directory / "privacy.md").read_text()
+
+
+def test_dp_run_reports_epsilon_per_round_and_in_total(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", dp=gaussian())
+    assert main(["audit", str(run_dir)]) == 0
+    report, markdown = read_report(run_dir)
+    assert report["passed"]
+    dp = report["differential_privacy"]
+    expected, _ = epsilon_for_rounds(GaussianDpEvent(NOISE), RATE, 3, DELTA)
+    assert dp["enabled"] and dp["delta"] == DELTA
+    assert dp["epsilon_total"] == pytest.approx(expected, rel=1e-9)
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    cumulative = [r["epsilon_cumulative"] for r in rounds]
+    assert cumulative == sorted(cumulative) and cumulative[-1] == dp["epsilon_total"]
+    single, _ = epsilon_for_rounds(GaussianDpEvent(NOISE), RATE, 1, DELTA)
+    assert rounds[0]["epsilon_round"] == pytest.approx(single, rel=1e-9)
+    assert rounds[0]["epsilon_cumulative"] == pytest.approx(single, rel=1e-9)
+    # The dropout in round 1 is the smallest released aggregate.
+    assert [r["contributors"] for r in rounds] == [6, 5, 6]
+    assert report["fewest_contributors"] == 5
+    assert report["cryptography"]["threshold"] == [4]
+    assert report["cryptography"]["neighbourhood_degree"] == ["complete graph"]
+    assert report["cryptography"]["ring_bits"] == [32]
+    assert {c["name"]: c["status"] for c in report["checks"]} == {
+        "share_separation": "passed",
+        "release_threshold": "passed",
+        "session_isolation": "passed",
+        "record_integrity": "passed",
+        "masked_input_uniformity": "passed",
+        "run_consistency": "passed",
+        "dp_accounting": "passed",
+    }
+    assert "**Verdict: ALL CHECKS PASSED.**" in markdown
+    assert "| 1 | 6 | 5 | 0.250 | gaussian |" in markdown
+    assert f"{expected:.4g}" in markdown
+
+
+def test_run_without_dp_states_unbounded_epsilon(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", rounds=2)
+    assert main(["audit", str(run_dir)]) == 0
+    report, markdown = read_report(run_dir)
+    dp = report["differential_privacy"]
+    assert not dp["enabled"]
+    assert dp["epsilon_total"] is None and dp["epsilon_unbounded"]
+    assert "Differential privacy was OFF" in dp["statement"]
+    assert "Total ε: **∞**" in markdown
+    assert all(r["epsilon_round"] is None for r in report["rounds"])
+
+
+def test_a_double_share_request_fails_the_audit_with_the_round_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = write_run(tmp_path / "run", dp=gaussian())
+    path = run_dir / "transcripts" / "round_0002.json"
+    transcript = Transcript.from_dict(json.loads(path.read_text()))
+    transcript.share_requests.append(ShareRequestRecord(transcript.session_id, 1, (), (3,)))
+    path.write_text(json.dumps(transcript.to_dict()))
+    assert main(["audit", str(run_dir)]) == 1
+    assert "FAILED: share_separation" in capsys.readouterr().out
+    report, markdown = read_report(run_dir)
+    assert not report["passed"]
+    check = next(c for c in report["checks"] if c["name"] == "share_separation")
+    assert check["status"] == "failed"
+    assert check["reasons"][0].startswith("round 2: client 3:")
+    assert "**Verdict: ONE OR MORE CHECKS FAILED.**" in markdown
+    assert "| share_separation |" in markdown and "**FAILED**" in markdown
+
+
+def test_metrics_that_disagree_with_the_transcripts_fail_consistency(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", rounds=2, dp=gaussian())
+    (run_dir / "transcripts" / "round_0000.json").unlink()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    record["contributors"] = 6  # the release had 5
+    lines[1] = json.dumps(record)
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["audit", str(run_dir)]) == 1
+    report, _ = read_report(run_dir)
+    check = next(c for c in report["checks"] if c["name"] == "run_consistency")
+    assert check["reasons"] == [
+        "round 0: no transcript (transcripts/round_0000.json)",
+        "round 1: metrics report 6 contributors, the transcript's release has 5",
+    ]
+
+
+def test_an_integer_mechanism_without_its_parameters_is_not_accounted_as_gaussian(
+    tmp_path: Path,
+) -> None:
+    dp = {**gaussian(), "mechanism": "skellam"}
+    run_dir = write_run(tmp_path / "run", rounds=1, dp=dp)
+    assert main(["audit", str(run_dir)]) == 1
+    report, _ = read_report(run_dir)
+    assert report["differential_privacy"]["epsilon_total"] is None
+    check = next(c for c in report["checks"] if c["name"] == "dp_accounting")
+    assert check["status"] == "failed"
+    assert "l2_sensitivity, l1_sensitivity, variance" in check["reasons"][0]
+
+
+def test_skellam_with_its_parameters_is_accounted(tmp_path: Path) -> None:
+    dp = {
+        "mechanism": "skellam",
+        "l2_sensitivity": 100.0,
+        "l1_sensitivity": 3000.0,
+        "variance": 1e5,
+        "sampling_rate": RATE,
+        "delta": DELTA,
+    }
+    run_dir = write_run(tmp_path / "run", rounds=1, dp=dp)
+    assert main(["audit", str(run_dir)]) == 0
+    report, _ = read_report(run_dir)
+    eps = report["differential_privacy"]["epsilon_total"]
+    assert eps is not None and math.isfinite(eps) and eps > 0
+
+
+def test_not_a_run_directory_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["audit", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedsec audit: error:") and "is not a run directory" in err
+    assert err.count("\n") == 1
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n{oops\n')
+    assert main(["audit", str(tmp_path)]) == 2
+    assert "metrics.jsonl:2: not JSON" in capsys.readouterr().err
+    assert main(["audit", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
