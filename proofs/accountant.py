@@ -2,8 +2,10 @@
 discrete Gaussian, composed over rounds and converted to (epsilon, delta).
 
 Privacy events are frozen dataclasses in the style of Google's ``dp_accounting.DpEvent`` so that
-a run report can record exactly what was spent. The accountant is self-contained: it does not
-import ``dp_accounting`` (that package is a test dependency only, used to check this module).
+a run report can record exactly what was spent. It does not import ``dp_accounting`` (a test
+dependency only, used to check this module). The per-mechanism formulas live in
+:mod:`secagg.dp.rdp`, so the noise calibration (``secagg`` may not import ``proofs``) and this
+accountant run the same code.
 
 Neighbouring relation: add-or-remove one *client* (client-level DP), as in dp_accounting's
 ``ADD_OR_REMOVE_ONE``; Poisson sampling of clients with rate q each round.
@@ -42,31 +44,45 @@ Formulas, and where they come from:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
-from scipy import special
 
-#: The default order grid of dp_accounting's RdpAccountant.
-DEFAULT_RDP_ORDERS: tuple[float, ...] = tuple(
-    [1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(11, 64)]
-    + [128.0, 256.0, 512.0, 1024.0]
+from secagg.dp.rdp import (
+    DEFAULT_RDP_ORDERS,
+    AccountingError,
+    FloatArray,
+    ddgauss_rdp,
+    ddgauss_tau,
+    delta_from_rdp,
+    epsilon_from_rdp,
+    rdp_integer_mechanism,
+    rdp_sampled_gaussian,
+    skellam_rdp,
+    subsampled_rdp_upper_bound,
 )
 
-_MAX_STEPS_LOG_A_FRAC = 1000
-
-FloatArray = npt.NDArray[np.float64]
-
-
-class AccountingError(ValueError):
-    """Parameters the accountant cannot account for (out of range, unsupported event)."""
-
-
-# --- events ----------------------------------------------------------------------------------
-
+__all__ = [
+    "DEFAULT_RDP_ORDERS",
+    "AccountingError",
+    "ComposedDpEvent",
+    "DistributedDiscreteGaussianDpEvent",
+    "DpEvent",
+    "GaussianDpEvent",
+    "PoissonSampledDpEvent",
+    "RdpAccountant",
+    "SelfComposedDpEvent",
+    "SkellamDpEvent",
+    "ddgauss_tau",
+    "delta_from_rdp",
+    "epsilon_for_rounds",
+    "epsilon_from_rdp",
+    "rdp_sampled_gaussian",
+    "skellam_rdp",
+    "subsampled_rdp_upper_bound",
+]
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
@@ -173,196 +189,19 @@ class ComposedDpEvent(DpEvent):
 # --- RDP of single mechanisms ----------------------------------------------------------------
 
 
-def _log_add(logx: float, logy: float) -> float:
-    a, b = min(logx, logy), max(logx, logy)
-    if a == -math.inf:
-        return b
-    return math.log1p(math.exp(a - b)) + b
-
-
-def _log_comb(n: float, k: float) -> float:
-    return float(special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1))
-
-
-def _log_erfc(x: float) -> float:
-    return math.log(2) + float(special.log_ndtr(-x * 2**0.5))
-
-
-def _log_a_int(q: float, sigma: float, alpha: int) -> float:
-    log_a = -math.inf
-    log1mq = math.log1p(-q)
-    for i in range(alpha + 1):
-        log_coef_i = _log_comb(alpha, i) + i * math.log(q) + (alpha - i) * log1mq
-        log_a = _log_add(log_a, log_coef_i + (i * i - i) / (2 * sigma**2))
-    return log_a
-
-
-def _log_a_frac(q: float, sigma: float, alpha: float) -> float:
-    # Two halves of the integral split at z0 (Mironov et al. Sec. 3.3); stop when both series
-    # are decreasing and negligible (2^-43 relative) against the total.
-    log_a0, log_a1 = -math.inf, -math.inf
-    z0 = sigma**2 * math.log(1 / q - 1) + 0.5
-    log1mq = math.log1p(-q)
-    last_s0 = last_s1 = -math.inf
-    for i in range(_MAX_STEPS_LOG_A_FRAC):
-        log_coef = _log_comb(alpha, i)
-        j = alpha - i
-        log_t0 = log_coef + i * math.log(q) + j * log1mq
-        log_t1 = log_coef + j * math.log(q) + i * log1mq
-        log_e0 = math.log(0.5) + _log_erfc((i - z0) / (math.sqrt(2) * sigma))
-        log_e1 = math.log(0.5) + _log_erfc((z0 - j) / (math.sqrt(2) * sigma))
-        log_s0 = log_t0 + (i * i - i) / (2 * sigma**2) + log_e0
-        log_s1 = log_t1 + (j * j - j) / (2 * sigma**2) + log_e1
-        log_a0 = _log_add(log_a0, log_s0)
-        log_a1 = _log_add(log_a1, log_s1)
-        total = _log_add(log_a0, log_a1)
-        if log_s0 < last_s0 and log_s1 < last_s1 and max(log_s0, log_s1) < total - 30:
-            return total
-        last_s0, last_s1 = log_s0, log_s1
-    # Not converged: this order gives no usable bound, so it is excluded (as dp_accounting does).
-    return math.inf
-
-
-def rdp_sampled_gaussian(q: float, noise_multiplier: float, orders: Sequence[float]) -> FloatArray:
-    """RDP of the Poisson-sampled Gaussian mechanism at each order (Mironov et al. 2019)."""
-
-    def one(alpha: float) -> float:
-        if q == 0:
-            return 0.0
-        if math.isinf(alpha) or noise_multiplier == 0:
-            return math.inf
-        if q == 1.0:
-            return alpha / (2 * noise_multiplier**2)
-        if float(alpha).is_integer():
-            log_a = _log_a_int(q, noise_multiplier, int(alpha))
-        else:
-            log_a = _log_a_frac(q, noise_multiplier, alpha)
-        return log_a / (alpha - 1)
-
-    return np.array([one(a) for a in orders], dtype=np.float64)
-
-
-def skellam_rdp(event: SkellamDpEvent, order: int) -> float:
-    """Agarwal et al. (NeurIPS'21) Thm 3.5, integer order > 1, all quantities in integer units."""
-    a, mu = order, event.variance
-    d2sq, d1 = event.l2_sensitivity**2, event.l1_sensitivity
-    return a * d2sq / (2 * mu) + min(((2 * a - 1) * d2sq + 6 * d1) / (4 * mu**2), 3 * d1 / (2 * mu))
-
-
-def ddgauss_tau(local_stddev: float, num_clients: int) -> float:
-    """Kairouz et al. (ICML'21): Rényi slack of summing discrete Gaussians instead of one."""
-    ks = np.arange(1, num_clients, dtype=np.float64)
-    return float(10.0 * np.exp(-2.0 * (math.pi * local_stddev) ** 2 * ks / (ks + 1)).sum())
-
-
-def ddgauss_rdp(event: DistributedDiscreteGaussianDpEvent, order: int) -> float:
-    """Kairouz et al. (ICML'21) Thm 4: RDP of the distributed discrete Gaussian at ``order``."""
-    central = math.sqrt(event.num_clients) * event.local_stddev
-    e2 = event.l2_sensitivity / central
-    e1 = event.l1_sensitivity / central
-    tau = ddgauss_tau(event.local_stddev, event.num_clients)
-    d = event.dim
-    return min(
-        order / 2 * e2**2 + tau * d,
-        order / 2 * (e2**2 + 2 * e1 * tau + tau**2 * d),
-        order / 2 * (e2 + math.sqrt(d) * tau) ** 2,
-    )
-
-
-def subsampled_rdp_upper_bound(q: float, rdp_at: FloatArray, order: int) -> float:
-    """Zhu & Wang (ICML'19) Thm 6: RDP at integer ``order`` >= 2 of the Poisson-subsampled
-    mechanism, given ``rdp_at[l]`` = RDP of the base mechanism at integer order l (l >= 2)."""
-    a = order
-    if q == 1.0:
-        return float(rdp_at[a])
-    log1mq, logq = math.log1p(-q), math.log(q)
-    ls = np.arange(3, a + 1, dtype=np.float64)
-    log_terms = [
-        (a - 1) * log1mq + math.log(a * q - q + 1),
-        _log_comb(a, 2) + 2 * logq + (a - 2) * log1mq + rdp_at[2],
-    ]
-    weights = [1.0, 1.0]
-    if a >= 3:
-        extra = (
-            (ls - 1) * rdp_at[3 : a + 1]
-            + special.gammaln(a + 1) - special.gammaln(ls + 1) - special.gammaln(a - ls + 1)
-            + (a - ls) * log1mq + ls * logq
+def _curve(event: DpEvent) -> Callable[[int], float]:
+    if isinstance(event, SkellamDpEvent):
+        return lambda a: skellam_rdp(event.l2_sensitivity, event.l1_sensitivity, event.variance, a)
+    if isinstance(event, DistributedDiscreteGaussianDpEvent):
+        return lambda a: ddgauss_rdp(
+            event.l2_sensitivity,
+            event.l1_sensitivity,
+            event.local_stddev,
+            event.num_clients,
+            event.dim,
+            a,
         )
-        log_terms.extend(extra.tolist())
-        weights.extend([3.0] * len(extra))
-    return float(special.logsumexp(log_terms, b=weights)) / (a - 1)
-
-
-def _integer_curve(event: DpEvent, max_order: int) -> FloatArray:
-    """RDP of a non-Gaussian base mechanism at integer orders 0..max_order (0 and 1 unused)."""
-    curve = np.full(max_order + 1, np.inf)
-    for order in range(2, max_order + 1):
-        if isinstance(event, SkellamDpEvent):
-            curve[order] = skellam_rdp(event, order)
-        elif isinstance(event, DistributedDiscreteGaussianDpEvent):
-            curve[order] = ddgauss_rdp(event, order)
-        else:
-            raise AccountingError(f"no integer-order RDP curve for {type(event).__name__}")
-    return curve
-
-
-def _rdp_integer_mechanism(event: DpEvent, q: float, orders: FloatArray) -> FloatArray:
-    if q == 0:
-        return np.zeros_like(orders)
-    ceil_orders = np.maximum(np.ceil(orders).astype(np.int64), 2)
-    curve = _integer_curve(event, int(ceil_orders.max()))
-    out = np.empty_like(orders)
-    cache: dict[int, float] = {}
-    for i, a in enumerate(ceil_orders.tolist()):
-        if a not in cache:
-            plain = float(curve[a])
-            cache[a] = plain if q == 1 else min(plain, subsampled_rdp_upper_bound(q, curve, a))
-        out[i] = cache[a]
-    return out
-
-
-# --- conversion ------------------------------------------------------------------------------
-
-
-def epsilon_from_rdp(
-    orders: Sequence[float], rdp: Sequence[float], delta: float
-) -> tuple[float, float]:
-    """(epsilon, optimal order) from RDP values (Balle et al. 2020, Prop. 12; KL bound)."""
-    if not (math.isfinite(delta) and 0 < delta < 1):
-        raise AccountingError(f"delta must be in (0, 1), got {delta!r}")
-    if len(orders) != len(rdp):
-        raise AccountingError("orders and rdp must have the same length")
-    eps: list[float] = []
-    for a, r in zip(orders, rdp, strict=True):
-        if a < 1:
-            raise AccountingError(f"Rényi orders must be at least 1, got {a}")
-        if r < 0 or delta**2 + math.expm1(-r) > 0:
-            eps.append(0.0)
-        elif a > 1.01:
-            eps.append(r + math.log1p(-1 / a) - math.log(delta * a) / (a - 1))
-        else:
-            eps.append(math.inf)
-    best = int(np.argmin(eps))
-    return max(0.0, eps[best]), float(orders[best])
-
-
-def delta_from_rdp(
-    orders: Sequence[float], rdp: Sequence[float], epsilon: float
-) -> tuple[float, float]:
-    """(delta, optimal order) for a target epsilon (same bounds as :func:`epsilon_from_rdp`)."""
-    if not (math.isfinite(epsilon) and epsilon >= 0):
-        raise AccountingError(f"epsilon must be a non-negative number, got {epsilon!r}")
-    logdeltas: list[float] = []
-    for a, r in zip(orders, rdp, strict=True):
-        if r <= 0:
-            logdelta = -math.inf
-        else:
-            logdelta = 0.5 * math.log1p(-math.exp(-r)) if math.isfinite(r) else 0.0
-        if a > 1.01 and math.isfinite(r):
-            logdelta = min(logdelta, (a - 1) * (r - epsilon + math.log1p(-1 / a)) - math.log(a))
-        logdeltas.append(logdelta)
-    best = int(np.argmin(logdeltas))
-    return min(math.exp(logdeltas[best]), 1.0), float(orders[best])
+    raise AccountingError(f"no integer-order RDP curve for {type(event).__name__}")
 
 
 # --- the accountant --------------------------------------------------------------------------
@@ -417,7 +256,7 @@ class RdpAccountant:
         if isinstance(base, GaussianDpEvent):
             return count * rdp_sampled_gaussian(q, base.noise_multiplier, self._orders.tolist())
         if isinstance(base, SkellamDpEvent | DistributedDiscreteGaussianDpEvent):
-            return count * _rdp_integer_mechanism(base, q, self._orders)
+            return count * rdp_integer_mechanism(_curve(base), q, self._orders.tolist())
         raise AccountingError(f"unsupported privacy event {type(event).__name__}")
 
     def get_epsilon_and_optimal_order(self, target_delta: float) -> tuple[float, float]:
@@ -434,7 +273,10 @@ class RdpAccountant:
 
 
 def epsilon_for_rounds(
-    event: DpEvent, sampling_rate: float, rounds: int, delta: float,
+    event: DpEvent,
+    sampling_rate: float,
+    rounds: int,
+    delta: float,
     orders: Sequence[float] | None = None,
 ) -> tuple[float, float]:
     """(epsilon, order) of ``rounds`` Poisson-sampled repetitions of ``event``."""
