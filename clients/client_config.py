@@ -10,9 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl_core.wire.credentials import load_identity
+from fl_core.wire.credentials import load_identity, load_roster
 from fl_core.wire.toml_config import ConfigError, load_toml
-from secagg.keys import Identity
+from secagg.keys import Identity, Roster
+
+#: Messages a client can be told to withhold (``[testing] stall_before``).
+STALLABLE_STAGES = (
+    "advertise_keys",
+    "share_keys",
+    "masked_input",
+    "consistency_check",
+    "unmask",
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,14 @@ class ClientConfig:
     synthetic: str | None
     #: Local JSONL training data, or None.
     jsonl: Path | None
+    #: The federation's roster, received out of band: peers' advertised keys are verified
+    #: against it, never against anything the server sends.
+    roster: Roster
+    #: Fault injection for tests and drills: stop (and wait to be killed) instead of sending
+    #: the message of this stage; None in normal operation.
+    stall_before: str | None
+    #: Stall only in this round (None: in every round).
+    stall_round: int | None
 
 
 def load_client_config(path: Path) -> ClientConfig:
@@ -56,6 +73,7 @@ def load_client_config(path: Path) -> ClientConfig:
     tls_key = client.path("tls_key") if client.has("tls_key") else None
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError(f"{path}: client.tls_cert and client.tls_key go together")
+    roster, _ = load_roster(client.path("roster"))
     reconnect_max_s = client.number("reconnect_max_s", default=10.0, positive=True)
     give_up_after_s = client.number("give_up_after_s", default=600.0, positive=True)
     client.done()
@@ -74,6 +92,14 @@ def load_client_config(path: Path) -> ClientConfig:
     data.done()
     if synthetic is not None and jsonl is not None:
         raise ConfigError(f"{path}: data.synthetic and data.jsonl are alternatives; set one")
+    testing = top.table("testing", required=False)
+    stall_before = (
+        testing.string("stall_before", choices=STALLABLE_STAGES)
+        if testing.has("stall_before")
+        else None
+    )
+    stall_round = testing.integer("stall_round", minimum=0) if testing.has("stall_round") else None
+    testing.done()
     top.done()
     return ClientConfig(
         client_id,
@@ -88,4 +114,7 @@ def load_client_config(path: Path) -> ClientConfig:
         policy,
         synthetic,
         jsonl,
+        roster,
+        stall_before,
+        stall_round,
     )

@@ -24,6 +24,9 @@ class _Subcommand(Protocol):
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("clients.simulate_cli", "run a whole federation in one process (the main job)"),
     "keygen": ("server.keygen_cli", "identities, a roster and development TLS certificates"),
+    "server": ("server.server_cli", "run the aggregation server (gRPC over TLS)"),
+    "client": ("clients.client_cli", "take part in a federation as one institution"),
+    "status": ("server.status_cli", "rounds, participants and last checkpoint of a server"),
     "audit": ("proofs.audit_cli", "privacy report of a run: epsilon spent, transcript checks"),
 }
 

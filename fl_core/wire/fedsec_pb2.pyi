@@ -47,10 +47,12 @@ class AuthenticateRequest(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., nonce: _Optional[bytes] = ..., server_cert_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuthenticateReply(_message.Message):
-    __slots__ = ("token",)
+    __slots__ = ("token", "next_seq")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
     token: bytes
-    def __init__(self, token: _Optional[bytes] = ...) -> None: ...
+    next_seq: int
+    def __init__(self, token: _Optional[bytes] = ..., next_seq: _Optional[int] = ...) -> None: ...
 
 class PollRequest(_message.Message):
     __slots__ = ("token", "seq", "wait_ms")
@@ -63,7 +65,7 @@ class PollRequest(_message.Message):
     def __init__(self, token: _Optional[bytes] = ..., seq: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("round_number", "session_id", "ring_bits", "dim", "threshold", "cohort", "neighbours", "graph_seed", "model_dim", "random", "train", "clip", "quant_bits", "weighted")
+    __slots__ = ("round_number", "session_id", "ring_bits", "dim", "threshold", "cohort", "neighbours", "graph_seed", "model_dim", "random", "train", "clip", "scale", "weighted")
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RING_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -76,7 +78,7 @@ class RoundConfig(_message.Message):
     RANDOM_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
-    QUANT_BITS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTED_FIELD_NUMBER: _ClassVar[int]
     round_number: int
     session_id: bytes
@@ -90,9 +92,9 @@ class RoundConfig(_message.Message):
     random: RandomTask
     train: TrainTask
     clip: float
-    quant_bits: int
+    scale: float
     weighted: bool
-    def __init__(self, round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ..., ring_bits: _Optional[int] = ..., dim: _Optional[int] = ..., threshold: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., neighbours: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., model_dim: _Optional[int] = ..., random: _Optional[_Union[RandomTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., clip: _Optional[float] = ..., quant_bits: _Optional[int] = ..., weighted: _Optional[bool] = ...) -> None: ...
+    def __init__(self, round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ..., ring_bits: _Optional[int] = ..., dim: _Optional[int] = ..., threshold: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., neighbours: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., model_dim: _Optional[int] = ..., random: _Optional[_Union[RandomTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., weighted: _Optional[bool] = ...) -> None: ...
 
 class RandomTask(_message.Message):
     __slots__ = ("seed",)
@@ -125,14 +127,16 @@ class SecAggItem(_message.Message):
     def __init__(self, session_id: _Optional[bytes] = ...) -> None: ...
 
 class RoundEnd(_message.Message):
-    __slots__ = ("round_number", "completed", "reason")
+    __slots__ = ("round_number", "completed", "reason", "final")
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
     round_number: int
     completed: bool
     reason: str
-    def __init__(self, round_number: _Optional[int] = ..., completed: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    final: bool
+    def __init__(self, round_number: _Optional[int] = ..., completed: _Optional[bool] = ..., reason: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class Idle(_message.Message):
     __slots__ = ()

@@ -1,0 +1,345 @@
+"""The network side of an institution: connect, prove identity, follow rounds, reconnect.
+
+The protocol itself is :class:`secagg.protocol.ClientSession`; this module only moves its
+messages. A round begins with a ``RoundStart`` item: the client builds the session from the
+round config *and the exact bytes it received* (config + global model) as the context it signs,
+so a server that shows different clients different models or configs is caught by the
+consistency check. Every later item is a canonical secure-aggregation message, answered by the
+session. Any :class:`ProtocolAbort` ends this client's part in the round (fail closed); the
+client then waits for the next round.
+
+Failure handling: ``UNAVAILABLE``/``DEADLINE_EXCEEDED`` -> reconnect with capped exponential
+backoff and jitter, keeping the token and poll position (a network blip loses nothing);
+``UNAUTHENTICATED`` (the server restarted, or the token was superseded) -> authenticate again,
+drop any in-flight session and continue from the server's current position. The client gives up
+after ``give_up_after_s`` without progress.
+
+Server identity: TLS verifies the certificate against ``ca_cert``. The admission signature
+additionally binds the SHA-256 of the server certificate, obtained from a TLS handshake to the
+same address with the same trust anchors and host name check (grpc-python does not expose the
+peer certificate of a channel, hence the separate handshake).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from clients.client_config import ClientConfig
+from fl_core.wire import fedsec_pb2 as pb
+from fl_core.wire import fedsec_pb2_grpc as pb_grpc
+from fl_core.wire.convert import (
+    MAX_MODEL_DIM,
+    admission_signed_bytes,
+    download_limit,
+    kind_of,
+    params_from_config,
+)
+from fl_core.wire.framing import client_frames, grpc_options, read_item
+from secagg.encoding import QuantizationParams
+from secagg.errors import ProtocolAbort, SecAggError
+from secagg.messages import (
+    ClientMessage,
+    ConsistencyRequest,
+    KeysBroadcast,
+    SharesDelivery,
+    UnmaskRequest,
+    decode_message,
+    encode_message,
+)
+from secagg.protocol import ClientPolicy, ClientSession
+from secagg.ring import Ring, RingArray
+
+log = logging.getLogger("fedsec.client")
+
+POLL_WAIT_MS = 5_000
+#: Deadline of one RPC beyond the server's long-poll wait (covers a large download).
+RPC_SLACK_S = 60.0
+_STAGE_OF_KIND: dict[int, str] = {
+    pb.ADVERTISE_KEYS: "advertise_keys",
+    pb.SHARE_KEYS: "share_keys",
+    pb.MASKED_INPUT: "masked_input",
+    pb.CONSISTENCY_SIGNATURE: "consistency_check",
+    pb.UNMASK_RESPONSE: "unmask",
+}
+_RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class GiveUp(Exception):
+    """The server stayed unreachable (or kept refusing us) for longer than configured."""
+
+
+def random_input(config: pb.RoundConfig, client_id: int) -> RingArray:
+    """The ``random`` task's update: integers uniform in the range of an encoded, clipped
+    update, drawn from (seed, round, client id). Public test data (a load test or drill), so
+    numpy's generator is fine here; it is reproducible so tests can compute the exact sum."""
+    quant = QuantizationParams(
+        config.ring_bits, config.clip, config.scale, max_clients=len(config.cohort)
+    )
+    bound = int(np.floor(quant.scale * quant.clip))
+    rng = np.random.default_rng([config.random.seed, config.round_number, client_id])
+    values = rng.integers(-bound, bound + 1, size=config.dim, dtype=np.int64)
+    return Ring(config.ring_bits).from_signed(values)
+
+
+@dataclass
+class _Round:
+    config: pb.RoundConfig
+    session: ClientSession
+
+
+@dataclass
+class TransportStats:
+    rounds_completed: int = 0
+    rounds_aborted: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def as_json(self, client_id: int) -> str:
+        return json.dumps({"client_id": client_id, **self.__dict__})
+
+
+class ClientTransport:
+    def __init__(self, config: ClientConfig) -> None:
+        self._config = config
+        self._policy = ClientPolicy(
+            min_threshold=config.policy.min_threshold,
+            min_cohort=config.policy.min_cohort,
+            min_ring_bits=config.policy.min_ring_bits,
+        )
+        self._channel: Any = None
+        self._stub: Any = None
+        self._token = b""
+        self._seq = 0
+        self._round: _Round | None = None
+        self.stats = TransportStats()
+
+    # --- connection -------------------------------------------------------------------------
+
+    def _target_name(self) -> str:
+        return self._config.server_name or self._config.server.rsplit(":", 1)[0]
+
+    def _server_cert_sha256(self) -> bytes:
+        host, port = self._config.server.rsplit(":", 1)
+        context = ssl.create_default_context(cafile=str(self._config.ca_cert))
+        context.set_alpn_protocols(["h2"])
+        if self._config.tls_cert and self._config.tls_key:
+            context.load_cert_chain(str(self._config.tls_cert), str(self._config.tls_key))
+        with (
+            socket.create_connection((host, int(port)), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=self._target_name()) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+        if der is None:
+            raise ssl.SSLError("server presented no certificate")
+        return hashlib.sha256(der).digest()
+
+    def _connect(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        options: list[tuple[str, Any]] = list(grpc_options())
+        if self._config.server_name:
+            options.append(("grpc.ssl_target_name_override", self._config.server_name))
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self._config.ca_cert.read_bytes(),
+            private_key=self._config.tls_key.read_bytes() if self._config.tls_key else None,
+            certificate_chain=self._config.tls_cert.read_bytes() if self._config.tls_cert else None,
+        )
+        self._channel = grpc.secure_channel(self._config.server, credentials, options=options)
+        stub: Any = pb_grpc.CoordinatorStub  # generated, untyped
+        self._stub = stub(self._channel)
+
+    def _authenticate(self) -> None:
+        client_id = self._config.client_id
+        cert_hash = self._server_cert_sha256()
+        nonce = self._stub.Challenge(pb.ChallengeRequest(client_id=client_id), timeout=30).nonce
+        signature = self._config.identity.sign(admission_signed_bytes(nonce, cert_hash, client_id))
+        reply = self._stub.Authenticate(
+            pb.AuthenticateRequest(
+                client_id=client_id, nonce=nonce, server_cert_sha256=cert_hash, signature=signature
+            ),
+            timeout=30,
+        )
+        self._token, self._seq = reply.token, reply.next_seq
+        if self._round is not None:
+            log.warning("re-admitted: the round in flight is lost to this client")
+            self._drop_round(aborted=True)
+        log.info("client %d admitted; polling from item %d", client_id, self._seq)
+
+    # --- main loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Follow rounds until the server says the federation is over; returns an exit code."""
+        backoff = 0.2
+        last_progress = time.monotonic()
+        need_auth = True
+        self._connect()
+        while True:
+            try:
+                if need_auth:
+                    self._authenticate()
+                    need_auth = False
+                if self._poll_once():
+                    return 0
+                backoff, last_progress = 0.2, time.monotonic()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    log.warning("server no longer knows our token (%s)", exc.details())
+                    need_auth = True
+                elif code not in _RETRY:
+                    log.error("refused by the server: %s: %s", code.name, exc.details())
+                    if need_auth:
+                        return 1  # refused admission: retrying will not help
+                    need_auth = True
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("cannot reach the server: %s", exc)
+            if time.monotonic() - last_progress > self._config.give_up_after_s:
+                log.error("no progress for %.0f s; giving up", self._config.give_up_after_s)
+                return 1
+            delay = min(backoff, self._config.reconnect_max_s) * random.uniform(0.5, 1.0)
+            time.sleep(delay)
+            backoff *= 2
+            self._connect()
+
+    def _limit_for(self, item: pb.ServerItem) -> int:
+        kind = item.WhichOneof("kind")
+        if kind == "round_start":
+            config: pb.RoundConfig = pb.RoundConfig.FromString(item.round_start.config)
+            if config.model_dim > MAX_MODEL_DIM:
+                return 0  # refused by the size check: larger than any model we accept
+            return 4 * config.model_dim
+        if kind == "secagg" and self._round is not None:
+            return download_limit(len(self._round.config.cohort))
+        return 0
+
+    def _poll_once(self) -> bool:
+        frames: Iterator[pb.ServerFrame] = self._stub.Poll(
+            pb.PollRequest(token=self._token, seq=self._seq, wait_ms=POLL_WAIT_MS),
+            timeout=POLL_WAIT_MS / 1000 + RPC_SLACK_S,
+        )
+        counted = self._count_down(frames)
+        item, payload = read_item(counted, self._limit_for)
+        kind = item.WhichOneof("kind")
+        if kind == "idle":
+            return False
+        self._seq = item.seq + 1
+        if kind == "round_start":
+            self._start_round(item.round_start.config, payload)
+        elif kind == "secagg":
+            self._on_secagg(item.secagg.session_id, payload)
+        elif kind == "round_end":
+            return self._on_round_end(item.round_end)
+        return False
+
+    def _count_down(self, frames: Iterator[pb.ServerFrame]) -> Iterator[pb.ServerFrame]:
+        for frame in frames:
+            self.stats.bytes_down += frame.ByteSize()
+            yield frame
+
+    # --- rounds -----------------------------------------------------------------------------
+
+    def _start_round(self, config_bytes: bytes, model: bytes) -> None:
+        if self._round is not None:
+            self._drop_round(aborted=True)
+        config: pb.RoundConfig = pb.RoundConfig.FromString(config_bytes)
+        try:
+            params = params_from_config(config)
+            session = ClientSession(
+                self._config.client_id,
+                self._config.identity,
+                self._config.roster,
+                params,
+                random_input(config, self._config.client_id),
+                context=config_bytes + model,
+                policy=self._policy,
+            )
+        except SecAggError as exc:
+            log.error("round %d refused: %s", config.round_number, exc)
+            self.stats.rounds_aborted += 1
+            return
+        log.info(
+            "round %d: session %s, cohort of %d",
+            config.round_number,
+            config.session_id[:8].hex(),
+            len(config.cohort),
+        )
+        self._round = _Round(config, session)
+        self._submit(session.start())
+
+    def _on_secagg(self, session_id: bytes, payload: bytes) -> None:
+        current = self._round
+        if current is None or session_id != current.config.session_id:
+            log.info("ignoring a message for session %s (not ours now)", session_id[:8].hex())
+            return
+        try:
+            message = decode_message(payload)
+            if not isinstance(
+                message, KeysBroadcast | SharesDelivery | ConsistencyRequest | UnmaskRequest
+            ):
+                raise ProtocolAbort(f"the server sent a {type(message).__name__}")
+            reply = current.session.handle(message)
+        except SecAggError as exc:
+            log.error("round %d: leaving the session: %s", current.config.round_number, exc)
+            self._drop_round(aborted=True)
+            return
+        self._submit(reply)
+
+    def _on_round_end(self, end: pb.RoundEnd) -> bool:
+        if end.completed:
+            log.info("round %d completed", end.round_number)
+            self._drop_round(aborted=False)
+        else:
+            log.warning("round %d aborted by the server: %s", end.round_number, end.reason)
+            self._drop_round(aborted=True)
+        return bool(end.final)
+
+    def _drop_round(self, aborted: bool) -> None:
+        if self._round is None:
+            return
+        if aborted:
+            self.stats.rounds_aborted += 1
+        else:
+            self.stats.rounds_completed += 1
+        self._round = None
+
+    def _submit(self, message: ClientMessage) -> None:
+        current = self._round
+        if current is None:
+            return
+        kind = kind_of(message)
+        stall_round = self._config.stall_round
+        if self._config.stall_before == _STAGE_OF_KIND[kind] and (
+            stall_round is None or stall_round == current.config.round_number
+        ):
+            log.warning("fault injection: stalling before %s", _STAGE_OF_KIND[kind])
+            while True:
+                time.sleep(3600)
+        header = pb.SubmitHeader(
+            token=self._token,
+            round_number=current.config.round_number,
+            session_id=current.config.session_id,
+            kind=kind,
+        )
+        frames = list(client_frames(header, encode_message(message)))
+        self.stats.bytes_up += sum(f.ByteSize() for f in frames)
+        try:
+            self._stub.Submit(iter(frames), timeout=RPC_SLACK_S)
+        except grpc.RpcError as exc:
+            if exc.code() in _RETRY or exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            # Late for the stage, or refused: the server goes on without us this round.
+            log.warning(
+                "%s refused: %s: %s", type(message).__name__, exc.code().name, exc.details()
+            )

@@ -1,0 +1,56 @@
+"""``fedsec server --config server.toml``: run the coordinator until its rounds are done.
+
+Prints one line ``fedsec server listening on HOST:PORT`` on stdout once it accepts connections
+(with ``listen = "127.0.0.1:0"`` the port is ephemeral; tests read it from that line). Logs go
+to stderr. SIGTERM/SIGINT stop the round loop; an in-flight round is then aborted (nothing
+released) and rerun after the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from server.config import load_server_config
+from server.service import build_server
+from server.store import Store
+
+#: After the last round, keep serving this long so polling clients fetch the final RoundEnd.
+FINAL_GRACE_S = 2.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="server TOML config")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = load_server_config(args.config)
+    store = Store(config.state_dir / "state.db")
+    server, runner, port = build_server(config, store)
+    host = config.listen.rsplit(":", 1)[0]
+    print(f"fedsec server listening on {host}:{port}", flush=True)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logging.getLogger("fedsec.server").warning("signal %d: stopping", signum)
+        runner.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        runner.run()
+        time.sleep(FINAL_GRACE_S)
+    finally:
+        server.stop(grace=1.0).wait()
+        store.close()
+    return 0

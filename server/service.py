@@ -1,0 +1,140 @@
+"""The gRPC face of the coordinator: admission, long-poll downloads, chunked uploads, TLS.
+
+Every refusal ends the call with a specific gRPC status and a log line naming the client (when
+known) and the reason; the server keeps serving everyone else. The message-size limits of the
+gRPC server are pinned to one frame (:func:`fl_core.wire.framing.grpc_options`): anything
+larger arrives in chunks whose total was declared and checked first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from fl_core.wire import fedsec_pb2 as pb
+from fl_core.wire import fedsec_pb2_grpc as pb_grpc
+from fl_core.wire.credentials import cert_sha256
+from fl_core.wire.framing import (
+    PayloadTooLarge,
+    WireFormatError,
+    grpc_options,
+    read_upload,
+    server_frames,
+)
+from server.admission import Admission, Refusal
+from server.config import ServerConfig
+from server.outbox import Mailboxes
+from server.rounds import RoundRunner
+from server.store import Store
+
+log = logging.getLogger("fedsec.server")
+
+#: Longest a Poll may wait for an item before returning Idle.
+MAX_POLL_WAIT_MS = 10_000
+
+
+def _peer(context: Any) -> str:
+    return str(context.peer())
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(
+        self,
+        config: ServerConfig,
+        admission: Admission,
+        mailboxes: Mailboxes,
+        runner: RoundRunner,
+        store: Store,
+    ) -> None:
+        self._config = config
+        self._admission = admission
+        self._mailboxes = mailboxes
+        self._runner = runner
+        self._store = store
+
+    def _refuse(self, context: Any, rpc: str, client: int | None, refusal: Refusal) -> None:
+        who = f"client {client}" if client is not None else _peer(context)
+        log.warning("%s refused for %s: %s: %s", rpc, who, refusal.code.name, refusal)
+        context.abort(refusal.code, str(refusal))
+
+    def Challenge(self, request: pb.ChallengeRequest, context: Any) -> pb.ChallengeReply:
+        try:
+            return pb.ChallengeReply(nonce=self._admission.challenge(request.client_id))
+        except Refusal as refusal:
+            self._refuse(context, "Challenge", request.client_id, refusal)
+            raise
+
+    def Authenticate(self, request: pb.AuthenticateRequest, context: Any) -> pb.AuthenticateReply:
+        try:
+            token = self._admission.authenticate(
+                request.client_id, request.nonce, request.server_cert_sha256, request.signature
+            )
+        except Refusal as refusal:
+            self._refuse(context, "Authenticate", request.client_id, refusal)
+            raise
+        client_id = request.client_id
+        self._store.seen(client_id, self._config.names.get(client_id, f"client-{client_id}"))
+        log.info("client %d admitted from %s", client_id, _peer(context))
+        return pb.AuthenticateReply(token=token, next_seq=self._mailboxes.of(client_id).restart())
+
+    def Poll(self, request: pb.PollRequest, context: Any) -> Iterator[pb.ServerFrame]:
+        try:
+            client_id = self._admission.client_of(request.token)
+        except Refusal as refusal:
+            self._refuse(context, "Poll", None, refusal)
+            raise
+        wait_s = min(request.wait_ms, MAX_POLL_WAIT_MS) / 1000.0
+        got = self._mailboxes.of(client_id).get(request.seq, wait_s)
+        if got is None:
+            yield pb.ServerFrame(item=pb.ServerItem(seq=request.seq, idle=pb.Idle()))
+            return
+        item, payload = got
+        yield from server_frames(item, payload)
+
+    def Submit(self, request_iterator: Iterator[pb.ClientFrame], context: Any) -> pb.SubmitReply:
+        client: list[int] = []
+
+        def limit_for(header: pb.SubmitHeader) -> int:
+            client.append(self._admission.client_of(header.token))
+            return self._runner.upload_limit(client[0], header)
+
+        try:
+            header, payload = read_upload(request_iterator, limit_for)
+            self._runner.deliver(client[0], header, payload)
+        except Refusal as refusal:
+            failure = refusal
+        except PayloadTooLarge as exc:
+            failure = Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except WireFormatError as exc:
+            failure = Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        else:
+            return pb.SubmitReply()
+        self._refuse(context, "Submit", client[0] if client else None, failure)
+        raise failure
+
+
+def build_server(config: ServerConfig, store: Store) -> tuple[Any, RoundRunner, int]:
+    """A started gRPC server (TLS), its round runner (not yet running) and the bound port."""
+    cert_pem = config.tls.cert.read_bytes()
+    credentials = grpc.ssl_server_credentials(
+        [(config.tls.key.read_bytes(), cert_pem)],
+        root_certificates=config.tls.client_ca.read_bytes() if config.tls.client_ca else None,
+        require_client_auth=config.tls.client_ca is not None,
+    )
+    mailboxes = Mailboxes()
+    runner = RoundRunner(config, store, mailboxes)
+    admission = Admission(config.roster, cert_sha256(cert_pem))
+    # Long polls hold a worker each: one per institution plus room for concurrent uploads.
+    workers = 2 * len(config.roster) + 16
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=grpc_options())
+    register: Any = pb_grpc.add_CoordinatorServicer_to_server  # generated, untyped
+    register(CoordinatorService(config, admission, mailboxes, runner, store), server)
+    port = server.add_secure_port(config.listen, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    server.start()
+    return server, runner, port

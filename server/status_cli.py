@@ -1,0 +1,82 @@
+"""``fedsec status --config server.toml``: rounds, participants and the last checkpoint.
+
+Reads the server's SQLite state read-only (WAL mode lets it run beside a live server).
+``--json`` prints one JSON object instead of the table, for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+
+from fl_core.cli import UsageError
+from server.config import load_server_config
+from server.store import Store, StoreError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="server TOML config")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_server_config(args.config)
+    try:
+        store = Store(config.state_dir / "state.db", readonly=True)
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    rounds, participants = store.rounds(), store.participants()
+    last = store.last_completed()
+    store.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "rounds": [
+                        {
+                            "round": r.round_number,
+                            "attempt": r.attempt,
+                            "status": r.status.value,
+                            "cohort": list(r.cohort),
+                            "contributors": None
+                            if r.contributors is None
+                            else list(r.contributors),
+                            "reason": r.reason,
+                            "checkpoint": r.checkpoint,
+                        }
+                        for r in rounds
+                    ],
+                    "participants": [
+                        {"id": p.client_id, "name": p.name, "rounds_joined": p.rounds_joined}
+                        for p in participants
+                    ],
+                    "last_checkpoint": None if last is None else last.checkpoint,
+                }
+            )
+        )
+        return 0
+    print(f"rounds ({len(rounds)} attempts):")
+    for r in rounds:
+        detail = (
+            f"contributors {list(r.contributors)}" if r.contributors is not None else r.reason or ""
+        )
+        print(
+            f"  round {r.round_number:>4} attempt {r.attempt:>4}  {r.status.value:<9} "
+            f"started {_when(r.started_at)}  cohort {len(r.cohort)}  {detail}"
+        )
+    print(f"participants ({len(participants)}):")
+    for p in participants:
+        print(
+            f"  {p.client_id:>6} {p.name:<20} rounds joined {p.rounds_joined:>4}  "
+            f"last seen {_when(p.last_seen)}"
+        )
+    print(f"last checkpoint: {last.checkpoint if last else 'none'}")
+    return 0
