@@ -14,7 +14,9 @@ DELTAS = [RNG.normal(size=DIM).astype(np.float32) for _ in range(3)]
 SAMPLES = [10, 30, 60]
 
 
-def _round(s: Strategy, x: np.ndarray, deltas: list[np.ndarray], controls: bool = False) -> np.ndarray:
+def _round(
+    s: Strategy, x: np.ndarray, deltas: list[np.ndarray], controls: bool = False
+) -> np.ndarray:
     contributions = [
         s.contribution(d, n, np.full(DIM, 0.5, np.float32) if controls else None)
         for d, n in zip(deltas, SAMPLES, strict=True)
@@ -25,7 +27,10 @@ def _round(s: Strategy, x: np.ndarray, deltas: list[np.ndarray], controls: bool 
 
 def _weighted_mean(deltas: list[np.ndarray]) -> np.ndarray:
     w = np.asarray(SAMPLES, dtype=np.float64)
-    return np.sum([wi * d.astype(np.float64) for wi, d in zip(w, deltas, strict=True)], 0) / w.sum()
+    total: np.ndarray = np.sum(
+        [wi * d.astype(np.float64) for wi, d in zip(w, deltas, strict=True)], 0
+    )
+    return total / w.sum()
 
 
 def test_fedavg_is_sample_weighted_mean_and_fedprox_sends_mu() -> None:
