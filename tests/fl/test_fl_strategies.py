@@ -30,7 +30,8 @@ def _weighted_mean(deltas: list[np.ndarray]) -> np.ndarray:
     total: np.ndarray = np.sum(
         [wi * d.astype(np.float64) for wi, d in zip(w, deltas, strict=True)], 0
     )
-    return total / w.sum()
+    mean: np.ndarray = total / w.sum()
+    return mean
 
 
 def test_fedavg_is_sample_weighted_mean_and_fedprox_sends_mu() -> None:
