@@ -44,6 +44,7 @@ class TinyLlamaSpec:
     num_heads: int = 4
     intermediate_size: int = 172
     max_positions: int = 256
+    initializer_range: float = 0.02
     seed: int = 0
 
 
@@ -92,7 +93,10 @@ def build_tiny_llama(vocab_size: int, spec: TinyLlamaSpec | None = None) -> Llam
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_heads,
         max_position_embeddings=spec.max_positions,
-        tie_word_embeddings=True,
+        initializer_range=spec.initializer_range,
+        # Untied, so the output head is a plain Linear that LoRA can adapt: with random base
+        # weights, adapting the head is what lets the tiny model learn a domain quickly.
+        tie_word_embeddings=False,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,

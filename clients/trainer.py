@@ -26,6 +26,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 from clients.data import IGNORE_INDEX, TokenizedDataset
+from fl_core.adapter_io import AdapterConfig
 from fl_core.errors import FLError, NonFiniteUpdateError, UpdateLayoutError
 from fl_core.updates import LoraLayout, check_finite
 
@@ -42,7 +43,9 @@ class LoraSettings:
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.0
+    # lm_head included: see clients.model_factory (the embedded base has random weights).
     target_modules: tuple[str, ...] = (
+        "lm_head",
         "q_proj",
         "k_proj",
         "v_proj",
@@ -126,6 +129,10 @@ class LoraModel:
                     param.requires_grad_(False)
         self.full_layout = LoraLayout.from_tensors(self.tensors())
         self.layout = self.full_layout.select(lambda k: self._params[k].requires_grad)
+
+    def adapter_config(self, base_model_name_or_path: str | None = None) -> AdapterConfig:
+        s = self.settings
+        return AdapterConfig(s.rank, s.alpha, s.target_modules, s.dropout, base_model_name_or_path)
 
     def tensors(self) -> dict[str, np.ndarray]:
         """All LoRA tensors (A and B), as PEFT names them in ``adapter_model.safetensors``."""
