@@ -41,6 +41,7 @@ class SimulationResult:
     stage_seconds: dict[str, float]
     client_mask_seconds: dict[int, float]
     upload_bytes: dict[int, int]
+    server_close_seconds: dict[str, float]  # server compute per stage (close_stage only)
     client_aborts: dict[int, str] = field(default_factory=dict)
 
 
@@ -87,6 +88,7 @@ class Simulation:
 
     def run(self) -> SimulationResult:
         stage_seconds: dict[str, float] = {}
+        server_close_seconds: dict[str, float] = {}
         dropped: set[int] = set()
         inbox: dict[int, bytes] = {}
         for stage in PROTOCOL_STAGES:
@@ -115,7 +117,9 @@ class Simulation:
                     self.server.receive(data)
                 except SecAggError:
                     continue  # a bad message is discarded; the transcript records why
+            closing = time.perf_counter()
             outgoing = self.server.close_stage()  # raises when too few survive
+            server_close_seconds[stage.value] = time.perf_counter() - closing
             inbox = {}
             for msg in outgoing:
                 if self.server_hook is not None:
@@ -128,6 +132,7 @@ class Simulation:
             stage_seconds,
             {u: c.mask_seconds for u, c in self.clients.items() if c.mask_seconds},
             self.upload_bytes,
+            server_close_seconds,
             self.client_aborts,
         )
 

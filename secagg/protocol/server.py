@@ -112,6 +112,7 @@ class ServerSession:
         self._responses: dict[int, UnmaskResponse] = {}
         self._u3: tuple[int, ...] = ()
         self._result: AggregateResult | None = None
+        self.masks_removed = 0  # PRG expansions the unmask stage needed (for benchmarks)
         self.transcript = Transcript(
             params.session_id,
             params.ring_bits,
@@ -398,6 +399,7 @@ class ServerSession:
         if self._sum is None:
             raise UnexpectedMessage("the session holds no running sum")
         total = ring.reduce(self._sum)
+        self.masks_removed = len(add_keys) + len(subtract_keys)
         accumulate_masks(total, ring, add_keys, subtract_keys)
         self._result = AggregateResult(total, self._u3)
         self._sum = None
