@@ -42,6 +42,9 @@ class _Nonce:
 class Admission:
     def __init__(self, roster: Roster, server_cert_sha256: bytes, nonce_ttl_s: float = 30.0):
         self._roster = roster
+        # Membership via the id set: Roster.__getitem__ raises UnknownClient, not KeyError,
+        # so the Mapping ``in`` operator would raise instead of answering False.
+        self._ids = frozenset(roster)
         self._cert_sha256 = server_cert_sha256
         self._nonce_ttl_s = nonce_ttl_s
         self._lock = threading.Lock()
@@ -49,7 +52,7 @@ class Admission:
         self._tokens: dict[bytes, int] = {}
 
     def _known(self, client_id: int) -> None:
-        if client_id not in self._roster:
+        if client_id not in self._ids:
             raise Refusal(
                 grpc.StatusCode.PERMISSION_DENIED, f"client {client_id} is not in the roster"
             )

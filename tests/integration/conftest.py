@@ -1,0 +1,201 @@
+"""Real server and client processes on loopback: a small harness shared by the tests here.
+
+Each deployment lives in a temp dir made by ``fedsec keygen``; processes run
+``fedsec server``/``fedsec client`` through the same entry point users run, with logs in files
+the tests poll (no pipes that could fill up and block a process). Every wait has a timeout, so
+a hang fails the test instead of blocking CI; every process is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fl_core.cli import main as fedsec
+from fl_core.wire import fedsec_pb2 as pb
+from secagg.encoding import QuantizationParams
+from server.checkpoints import load_checkpoint
+
+ENTRY = "import sys; from fl_core.cli import main; sys.exit(main())"
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Proc:
+    def __init__(self, args: list[str], log: Path, cwd: Path) -> None:
+        self.log = log
+        self.out = log.with_suffix(".out")
+        with log.open("wb") as err, self.out.open("wb") as out:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-c", ENTRY, *args], cwd=cwd, stdout=out, stderr=err
+            )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.text() + self.out.read_text(errors="replace"))
+            if found:
+                return found
+            if self.popen.poll() is not None:
+                time.sleep(0.2)  # let the last lines land
+                found = re.search(pattern, self.text() + self.out.read_text(errors="replace"))
+                if found:
+                    return found
+                code = self.popen.returncode
+                raise AssertionError(f"exit {code} before {pattern!r}:\n{self.text()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(
+            f"timed out waiting for {pattern!r} in {self.log}:\n{self.text()[-3000:]}"
+        )
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.log} still running:\n{self.text()[-3000:]}") from None
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+class Deployment:
+    def __init__(self, root: Path, clients: int, **rounds: object) -> None:
+        self.root = root
+        self.procs: list[Proc] = []
+        assert fedsec(["keygen", "--out", str(root), "--clients", str(clients), "--port", "0"]) == 0
+        self.settings: dict[str, object] = {
+            "count": 2,
+            "cohort_size": clients,
+            "min_clients": clients - 1,
+            "threshold": 3,
+            "stage_timeout_s": 5.0,
+            "join_timeout_s": 10.0,
+            "dim": 1000,
+            "seed": 7,
+        }
+        self.settings.update(rounds)
+        self.port = 0
+        self._write_server_config()
+
+    def _write_server_config(self) -> None:
+        s = self.settings
+        (self.root / "server.toml").write_text(
+            f"""[server]
+listen = "127.0.0.1:{self.port}"
+tls_cert = "pki/server.pem"
+tls_key = "pki/server.key"
+roster = "roster.toml"
+state_dir = "state"
+
+[rounds]
+count = {s["count"]}
+cohort_size = {s["cohort_size"]}
+min_clients = {s["min_clients"]}
+threshold = {s["threshold"]}
+ring_bits = 32
+stage_timeout_s = {s["stage_timeout_s"]}
+join_timeout_s = {s["join_timeout_s"]}
+seed = {s["seed"]}
+
+[task]
+kind = "random"
+dim = {s["dim"]}
+"""
+        )
+
+    def start_server(self) -> Proc:
+        proc = Proc(
+            ["server", "--config", "server.toml"],
+            self.root / f"server-{len(self.procs)}.log",
+            self.root,
+        )
+        self.procs.append(proc)
+        self.port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)", 30).group(1))
+        self._write_server_config()  # a restart must come back on the same port
+        return proc
+
+    def client_config(self, client_id: int, extra: str = "") -> Path:
+        path = self.root / f"client-{client_id}" / "client.toml"
+        path.write_text(
+            f"""[client]
+id = {client_id}
+server = "127.0.0.1:{self.port}"
+ca_cert = "../pki/ca.pem"
+identity = "identity.key"
+roster = "../roster.toml"
+reconnect_max_s = 1.0
+give_up_after_s = 60.0
+{extra}"""
+        )
+        return path
+
+    def start_client(self, client_id: int, extra: str = "") -> Proc:
+        return self.start_client_from(self.client_config(client_id, extra))
+
+    def start_client_from(self, config: Path) -> Proc:
+        log = self.root / f"{config.parent.name}-{config.stem}-{len(self.procs)}.log"
+        proc = Proc(["client", "--config", str(config)], log, self.root)
+        self.procs.append(proc)
+        return proc
+
+    def status(self) -> Any:
+        out = subprocess.run(
+            [sys.executable, "-c", ENTRY, "status", "--config", "server.toml", "--json"],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        return json.loads(out)
+
+    def checkpoint(self, round_number: int) -> np.ndarray:
+        path = self.root / "state" / "checkpoints" / f"round-{round_number:06d}.safetensors"
+        return load_checkpoint(path).global_vector
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+
+
+@pytest.fixture
+def deploy(tmp_path: Path) -> Iterator[Callable[..., Deployment]]:
+    """``deploy(clients=5, **round_settings)`` -> a fresh deployment, killed at teardown."""
+    made: list[Deployment] = []
+
+    def make(clients: int = 5, **rounds: object) -> Deployment:
+        d = Deployment(tmp_path / f"d{len(made)}", clients, **rounds)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def round_config(round_number: int, cohort: list[int], dim: int, seed: int) -> pb.RoundConfig:
+    """The public fields of a round's config that determine the random task's inputs."""
+    quant = QuantizationParams.fit(32, 1.0, max_clients=len(cohort))
+    config = pb.RoundConfig(
+        round_number=round_number,
+        ring_bits=32,
+        dim=dim,
+        cohort=cohort,
+        clip=1.0,
+        scale=quant.scale,
+    )
+    config.random.seed = seed
+    return config
