@@ -44,7 +44,7 @@ Formulas, and where they come from:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -53,13 +53,16 @@ import numpy as np
 from secagg.dp.rdp import (
     DEFAULT_RDP_ORDERS,
     AccountingError,
+    Curve,
     FloatArray,
+    ddgauss_curve,
     ddgauss_rdp,
     ddgauss_tau,
     delta_from_rdp,
     epsilon_from_rdp,
     rdp_integer_mechanism,
     rdp_sampled_gaussian,
+    skellam_curve,
     skellam_rdp,
     subsampled_rdp_upper_bound,
 )
@@ -75,6 +78,7 @@ __all__ = [
     "RdpAccountant",
     "SelfComposedDpEvent",
     "SkellamDpEvent",
+    "ddgauss_rdp",
     "ddgauss_tau",
     "delta_from_rdp",
     "epsilon_for_rounds",
@@ -83,6 +87,7 @@ __all__ = [
     "skellam_rdp",
     "subsampled_rdp_upper_bound",
 ]
+
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
@@ -189,17 +194,16 @@ class ComposedDpEvent(DpEvent):
 # --- RDP of single mechanisms ----------------------------------------------------------------
 
 
-def _curve(event: DpEvent) -> Callable[[int], float]:
+def _curve(event: DpEvent) -> Curve:
     if isinstance(event, SkellamDpEvent):
-        return lambda a: skellam_rdp(event.l2_sensitivity, event.l1_sensitivity, event.variance, a)
+        return skellam_curve(event.l2_sensitivity, event.l1_sensitivity, event.variance)
     if isinstance(event, DistributedDiscreteGaussianDpEvent):
-        return lambda a: ddgauss_rdp(
+        return ddgauss_curve(
             event.l2_sensitivity,
             event.l1_sensitivity,
             event.local_stddev,
             event.num_clients,
             event.dim,
-            a,
         )
     raise AccountingError(f"no integer-order RDP curve for {type(event).__name__}")
 

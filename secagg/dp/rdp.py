@@ -108,18 +108,55 @@ def rdp_sampled_gaussian(q: float, noise_multiplier: float, orders: Sequence[flo
     return np.array([one(a) for a in orders], dtype=np.float64)
 
 
+Curve = Callable[[FloatArray], FloatArray]
+
+
+def skellam_curve(l2_sensitivity: float, l1_sensitivity: float, variance: float) -> Curve:
+    """Agarwal et al. (NeurIPS'21) Thm 3.5 as a function of integer orders > 1 (array), all
+    quantities in integer units; ``variance`` is that of the total noise in the released sum."""
+    d2sq, d1, mu = l2_sensitivity**2, l1_sensitivity, variance
+
+    def curve(a: FloatArray) -> FloatArray:
+        surcharge = np.minimum(((2 * a - 1) * d2sq + 6 * d1) / (4 * mu**2), 3 * d1 / (2 * mu))
+        return np.asarray(a * d2sq / (2 * mu) + surcharge, dtype=np.float64)
+
+    return curve
+
+
 def skellam_rdp(l2_sensitivity: float, l1_sensitivity: float, variance: float, order: int) -> float:
-    """Agarwal et al. (NeurIPS'21) Thm 3.5, integer order > 1, all quantities in integer units;
-    ``variance`` is that of the total noise in the released sum."""
-    a, mu = order, variance
-    d2sq, d1 = l2_sensitivity**2, l1_sensitivity
-    return a * d2sq / (2 * mu) + min(((2 * a - 1) * d2sq + 6 * d1) / (4 * mu**2), 3 * d1 / (2 * mu))
+    """:func:`skellam_curve` at one order."""
+    curve = skellam_curve(l2_sensitivity, l1_sensitivity, variance)
+    return float(curve(np.array([float(order)]))[0])
 
 
 def ddgauss_tau(local_stddev: float, num_clients: int) -> float:
     """Kairouz et al. (ICML'21): Rényi slack of summing discrete Gaussians instead of one."""
     ks = np.arange(1, num_clients, dtype=np.float64)
     return float(10.0 * np.exp(-2.0 * (math.pi * local_stddev) ** 2 * ks / (ks + 1)).sum())
+
+
+def ddgauss_curve(
+    l2_sensitivity: float,
+    l1_sensitivity: float,
+    local_stddev: float,
+    num_clients: int,
+    dim: int,
+) -> Curve:
+    """Kairouz et al. (ICML'21) Thm 4: RDP of the sum of ``num_clients`` discrete Gaussians of
+    scale ``local_stddev`` on ``dim``-dimensional integer vectors, as a function of the order."""
+    central = math.sqrt(num_clients) * local_stddev
+    e2 = l2_sensitivity / central
+    e1 = l1_sensitivity / central
+    tau = ddgauss_tau(local_stddev, num_clients)
+    d = dim
+
+    def curve(a: FloatArray) -> FloatArray:
+        return np.minimum(
+            np.minimum(a / 2 * e2**2 + tau * d, a / 2 * (e2**2 + 2 * e1 * tau + tau**2 * d)),
+            a / 2 * (e2 + math.sqrt(d) * tau) ** 2,
+        )
+
+    return curve
 
 
 def ddgauss_rdp(
@@ -130,69 +167,65 @@ def ddgauss_rdp(
     dim: int,
     order: int,
 ) -> float:
-    """Kairouz et al. (ICML'21) Thm 4: RDP of the sum of ``num_clients`` discrete Gaussians of
-    scale ``local_stddev`` on ``dim``-dimensional integer vectors, at ``order``."""
-    central = math.sqrt(num_clients) * local_stddev
-    e2 = l2_sensitivity / central
-    e1 = l1_sensitivity / central
-    tau = ddgauss_tau(local_stddev, num_clients)
-    d = dim
-    return min(
-        order / 2 * e2**2 + tau * d,
-        order / 2 * (e2**2 + 2 * e1 * tau + tau**2 * d),
-        order / 2 * (e2 + math.sqrt(d) * tau) ** 2,
-    )
+    """:func:`ddgauss_curve` at one order."""
+    curve = ddgauss_curve(l2_sensitivity, l1_sensitivity, local_stddev, num_clients, dim)
+    return float(curve(np.array([float(order)]))[0])
 
 
-def subsampled_rdp_upper_bound(q: float, rdp_at: FloatArray, order: int) -> float:
-    """Zhu & Wang (ICML'19) Thm 6: RDP at integer ``order`` >= 2 of the Poisson-subsampled
-    mechanism, given ``rdp_at[l]`` = RDP of the base mechanism at integer order l (l >= 2)."""
-    a = order
-    if q == 1.0:
-        return float(rdp_at[a])
+def subsampled_rdp_upper_bounds(
+    q: float, rdp_at: FloatArray, orders: npt.NDArray[np.int64]
+) -> FloatArray:
+    """Zhu & Wang (ICML'19) Thm 6 at each integer order a >= 2 in ``orders``: RDP of the
+    Poisson-subsampled mechanism given ``rdp_at[l]``, the base mechanism's RDP at integer l:
+    (1/(a-1)) log[(1-q)^(a-1) (aq - q + 1) + C(a,2) q^2 (1-q)^(a-2) e^(rdp(2))
+    + 3 sum_{l=3}^{a} C(a,l) q^l (1-q)^(a-l) e^((l-1) rdp(l))], all orders in one array op."""
+    a = orders.astype(np.float64)[:, None]
+    top = int(orders.max())
+    ls = np.arange(2, top + 1, dtype=np.float64)[None, :]
+    valid = ls <= a
     log1mq, logq = math.log1p(-q), math.log(q)
-    ls = np.arange(3, a + 1, dtype=np.float64)
-    log_terms = [
-        (a - 1) * log1mq + math.log(a * q - q + 1),
-        _log_comb(a, 2) + 2 * logq + (a - 2) * log1mq + rdp_at[2],
-    ]
-    weights = [1.0, 1.0]
-    if a >= 3:
-        extra = (
-            (ls - 1) * rdp_at[3 : a + 1]
+    with np.errstate(invalid="ignore"):
+        terms = (
+            (ls - 1) * rdp_at[None, 2 : top + 1]
             + special.gammaln(a + 1)
             - special.gammaln(ls + 1)
-            - special.gammaln(a - ls + 1)
+            - special.gammaln(np.where(valid, a - ls, 0.0) + 1)
             + (a - ls) * log1mq
             + ls * logq
         )
-        log_terms.extend(extra.tolist())
-        weights.extend([3.0] * len(extra))
-    return float(special.logsumexp(log_terms, b=weights)) / (a - 1)
+    terms = np.where(valid, terms, -np.inf)
+    first = (a[:, 0] - 1) * log1mq + np.log(a[:, 0] * q - q + 1)
+    top_term = np.maximum(first, terms.max(axis=1))
+    weights = np.full(ls.shape, 3.0)
+    weights[0, 0] = 1.0  # the l = 2 term has coefficient 1, the l >= 3 terms 3
+    total = np.exp(first - top_term) + (weights * np.exp(terms - top_term[:, None])).sum(axis=1)
+    return np.asarray((top_term + np.log(total)) / (a[:, 0] - 1), dtype=np.float64)
 
 
-def rdp_integer_mechanism(
-    curve: Callable[[int], float], q: float, orders: Sequence[float]
-) -> FloatArray:
-    """RDP at ``orders`` of a mechanism known at integer orders through ``curve``, Poisson
-    subsampled with rate ``q`` (Zhu-Wang bound, capped by the unsampled value). A fractional
-    order gets the value at its ceiling: RDP is non-decreasing in the order."""
+def subsampled_rdp_upper_bound(q: float, rdp_at: FloatArray, order: int) -> float:
+    """:func:`subsampled_rdp_upper_bounds` at one order (the base curve itself when q = 1)."""
+    if q == 1.0:
+        return float(rdp_at[order])
+    return float(subsampled_rdp_upper_bounds(q, rdp_at, np.array([order]))[0])
+
+
+def rdp_integer_mechanism(curve: Curve, q: float, orders: Sequence[float]) -> FloatArray:
+    """RDP at ``orders`` of a mechanism known at integer orders through the vectorised
+    ``curve``, Poisson subsampled with rate ``q`` (Zhu-Wang bound, capped by the unsampled
+    value). A fractional order gets the value at its ceiling: RDP is non-decreasing in the
+    order."""
     grid = np.asarray(orders, dtype=np.float64)
     if q == 0:
         return np.zeros_like(grid)
     ceil_orders = np.maximum(np.ceil(grid).astype(np.int64), 2)
     top = int(ceil_orders.max())
     at = np.full(top + 1, np.inf)
-    for order in range(2, top + 1):
-        at[order] = curve(order)
-    out = np.empty_like(grid)
-    cache: dict[int, float] = {}
-    for i, a in enumerate(ceil_orders.tolist()):
-        if a not in cache:
-            plain = float(at[a])
-            cache[a] = plain if q == 1 else min(plain, subsampled_rdp_upper_bound(q, at, a))
-        out[i] = cache[a]
-    return out
+    at[2:] = curve(np.arange(2, top + 1, dtype=np.float64))
+    if q == 1:
+        return at[ceil_orders]
+    unique, position = np.unique(ceil_orders, return_inverse=True)
+    bound = np.minimum(at[unique], subsampled_rdp_upper_bounds(q, at, unique))
+    return np.asarray(bound[position], dtype=np.float64)
 
 
 def epsilon_from_rdp(

@@ -1,0 +1,114 @@
+"""Calibration: meets the target for the worst-case cohort, fits the ring, refuses what cannot."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from secagg.dp.calibration import Calibration, accounting_record, calibrate, round_epsilon
+from secagg.dp.encoder import DpEncoder, check_no_wrap, sum_magnitude_bound
+from secagg.errors import ConfigurationError
+
+SEED = bytes(range(32))
+BASE = {
+    "epsilon": 4.0,
+    "delta": 1e-5,
+    "rounds": 50,
+    "sampling_rate": 0.2,
+    "expected_cohort": 20,
+    "dropouts": 5,
+    "ring_bits": 32,
+    "clip": 0.5,
+    "dim": 5000,
+    "seed": SEED,
+}
+
+
+@pytest.fixture(scope="module", params=["skellam", "discrete_gaussian"])
+def calibrated(request: pytest.FixtureRequest) -> Calibration:
+    return calibrate(mechanism=request.param, **BASE)  # type: ignore[arg-type]
+
+
+def test_calibration_meets_the_target_for_the_fewest_contributors(
+    calibrated: Calibration,
+) -> None:
+    cal = calibrated
+    p = cal.params
+    assert cal.min_contributors == 15 and p.max_clients == 20
+    assert cal.epsilon <= 4.0 and cal.delta <= 1e-5
+    # Tight: 2% less noise would overspend (the search is not just conservative).
+    eps_less, _ = round_epsilon(
+        p.noise.mechanism,
+        p.l2_sensitivity,
+        p.l1_sensitivity,
+        0.98 * p.noise.stddev,
+        15,
+        p.encoded_dim,
+        0.2,
+        50,
+        1e-5,
+    )
+    assert eps_less > 4.0
+    # More survivors only add noise, so they only lower epsilon.
+    eps_all, _ = round_epsilon(
+        p.noise.mechanism,
+        p.l2_sensitivity,
+        p.l1_sensitivity,
+        p.noise.stddev,
+        20,
+        p.encoded_dim,
+        0.2,
+        50,
+        1e-5,
+    )
+    assert eps_all < cal.epsilon
+    # The ring holds the largest cohort's noisy sum with room to spare.
+    assert sum_magnitude_bound(p, 20) < 2.0**31
+    assert cal.wrap_probability == check_no_wrap(p) <= 8192 * 2.0**-40
+    assert cal.noise_std_over_clip == pytest.approx(math.sqrt(15) * p.noise.stddev / p.scale / 0.5)
+    assert 1 <= cal.sensitivity_inflation < 1.01
+    assert cal.rounding_std_over_clip < 0.01 * cal.noise_std_over_clip
+
+
+def test_calibrated_encoder_runs_end_to_end(calibrated: Calibration) -> None:
+    cal = calibrated
+    encoder = DpEncoder(cal.params)
+    rng = np.random.default_rng(0)
+    updates = [rng.standard_normal(5000).astype(np.float32) * 1e-3 for _ in range(15)]
+    total = encoder.encode(updates[0])
+    for u in updates[1:]:
+        total += encoder.encode(u)
+    error = encoder.decode_sum(total, 15) - np.sum(updates, axis=0)
+    assert float(error.std()) == pytest.approx(cal.noise_std_over_clip * 0.5, rel=0.1)
+
+
+def test_accounting_record_names_the_events_fields(calibrated: Calibration) -> None:
+    params = calibrated.params
+    record = accounting_record(params, 17, 0.2)
+    assert record["sampling_rate"] == 0.2
+    assert record["l2_sensitivity"] == params.l2_sensitivity
+    if params.noise.mechanism == "skellam":
+        assert record["mechanism"] == "skellam"
+        assert record["variance"] == pytest.approx(17 * params.noise.variance)
+    else:
+        assert record["mechanism"] == "ddgauss" and record["num_clients"] == 17
+        assert record["dim"] == 8192 and record["local_stddev"] == params.noise.stddev
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"ring_bits": 12}, "ring"),
+        ({"dropouts": 20}, "dropouts"),
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"delta": 1.0}, "delta"),
+        ({"sampling_rate": 0.0}, "sampling rate"),
+        ({"rounds": 0}, "rounds"),
+        ({"rounds": 10**9}, "samples"),
+    ],
+)
+def test_impossible_targets_are_refused(overrides: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        calibrate(mechanism="skellam", **{**BASE, **overrides})  # type: ignore[arg-type]
