@@ -310,6 +310,7 @@ class Institution:
     name: str
     domain: str
     records: tuple[AlpacaRecord, ...]
+    record_domains: tuple[str, ...]  # the domain each record was drawn from
 
 
 @dataclass(frozen=True)
@@ -378,14 +379,11 @@ def make_federation(
         own = _DOMAINS[i % len(_DOMAINS)]
         others = [d for d in _DOMAINS if d is not own]
         n_own = round(own_domain_share * records_per_institution)
-        records = [_sample(own, rng, test=False) for _ in range(n_own)]
-        records += [
-            _sample(rng.choice(others), rng, test=False)
-            for _ in range(records_per_institution - n_own)
-        ]
-        rng.shuffle(records)
+        drawn = [own] * n_own + [rng.choice(others) for _ in range(records_per_institution - n_own)]
+        rng.shuffle(drawn)
+        records = tuple(_sample(d, rng, test=False) for d in drawn)
         name = f"{own.name.replace(' ', '-')}-{i // len(_DOMAINS) + 1}"
-        institutions.append(Institution(name, own.name, tuple(records)))
+        institutions.append(Institution(name, own.name, records, tuple(d.name for d in drawn)))
     test_rng = random.Random(f"test:{seed}")
     test_sets = {
         d.name: tuple(_sample(d, test_rng, test=True) for _ in range(test_records_per_domain))
