@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "client": ("clients.client_cli", "take part in a federation as one institution"),
     "status": ("server.status_cli", "rounds, participants and last checkpoint of a server"),
     "audit": ("proofs.audit_cli", "privacy report of a run: epsilon spent, transcript checks"),
-    "privacy-budget": ("proofs.budget_cli", "epsilon spent by T rounds of sampled DP, one JSON line"),
+    "privacy-budget": ("proofs.budget_cli", "epsilon of T rounds of sampled DP, one JSON line"),
 }
 
 
