@@ -193,12 +193,15 @@ class ClientTransport:
                 if self._poll_once():
                     return 0
                 backoff, last_progress = 0.2, time.monotonic()
+                continue
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     log.warning("server no longer knows our token (%s)", exc.details())
                     need_auth = True
-                elif code not in _RETRY:
+                elif code in _RETRY:
+                    log.warning("server unreachable (%s: %s); retrying", code.name, exc.details())
+                else:
                     log.error("refused by the server: %s: %s", code.name, exc.details())
                     if need_auth:
                         return 1  # refused admission: retrying will not help
