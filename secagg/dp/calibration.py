@@ -40,7 +40,7 @@ from secagg.dp.encoder import (
     check_no_wrap,
     sum_magnitude_bound,
 )
-from secagg.dp.noise import MAX_STDDEV, Mechanism, NoiseSpec, sampler_for
+from secagg.dp.noise import DEVIATION_BOUND, MAX_STDDEV, Mechanism, NoiseSpec, sampler_for
 from secagg.dp.rdp import (
     DEFAULT_RDP_ORDERS,
     ddgauss_curve,
@@ -173,7 +173,7 @@ def calibrate(
 
     # Sampler precision: reduce the ideal mechanism's budget so the implemented one meets it.
     samples = rounds * n_max * n_pad
-    ideal_eps, ideal_delta = _ideal_budget(mechanism, epsilon, delta, samples)
+    ideal_eps, ideal_delta = _ideal_budget(epsilon, delta, samples)
 
     def params_for(scale: float, stddev: float) -> DpParams:
         return DpParams(
@@ -289,12 +289,10 @@ def _check_target(epsilon: float, delta: float, rounds: int, sampling_rate: floa
         raise ConfigurationError(f"sampling rate must be in (0, 1], got {sampling_rate!r}")
 
 
-def _ideal_budget(
-    mechanism: Mechanism, epsilon: float, delta: float, samples: int
-) -> tuple[float, float]:
+def _ideal_budget(epsilon: float, delta: float, samples: int) -> tuple[float, float]:
     """The (epsilon, delta) the ideal mechanism must meet so that the implemented one meets the
     target after :meth:`SamplerDeviation.adjust` (whose constants do not depend on the scale)."""
-    deviation = sampler_for(NoiseSpec(mechanism, 1.0)).deviation
+    deviation = DEVIATION_BOUND
     eta = samples * deviation.pmf_relative_error
     ideal_eps = epsilon - 2 * eta
     spare = delta - samples * (

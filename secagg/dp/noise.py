@@ -182,6 +182,13 @@ class SamplerDeviation:
         return eps, math.exp(eta) * delta + tau * (1 + math.exp(eps)) + math.exp(epsilon + eta) * t
 
 
+#: What any sampler built here can deviate by (its own ``deviation`` is at most this): the
+#: calibration budgets for it before the noise scale, and so the table, is known.
+DEVIATION_BOUND = SamplerDeviation(
+    tail=2 * 2.0**-TAIL_BITS, tv_quantisation=2.0 * 2.0**-64, pmf_relative_error=PMF_RELATIVE_ERROR
+)
+
+
 class AliasSampler:
     """Exact-table alias sampler for one :class:`NoiseSpec` (build with :func:`sampler_for`)."""
 
@@ -200,8 +207,8 @@ class AliasSampler:
         self._alias = np.array(alias, dtype=np.int32) - np.int32(k_max)
         self.deviation = SamplerDeviation(
             tail=2 * tail_bound(spec, k_max + 1),
-            tv_quantisation=2.0 * 2.0**-64,
-            pmf_relative_error=PMF_RELATIVE_ERROR,
+            tv_quantisation=DEVIATION_BOUND.tv_quantisation,
+            pmf_relative_error=DEVIATION_BOUND.pmf_relative_error,
         )
         # The exact implemented probabilities, kept for tests and audits.
         self.implemented = (values, weights[:atoms], buckets << 64)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from secagg.dp.noise import (
+    DEVIATION_BOUND,
     PMF_RELATIVE_ERROR,
     TAIL_BITS,
     CsprngWords,
@@ -95,6 +96,7 @@ def test_alias_table_realises_the_integer_weights_exactly(spec: NoiseSpec) -> No
     l1_numerator = sum(abs(w * total - n * capacity) for w, n in zip(weights, nums, strict=True))
     tv = l1_numerator / (2 * capacity * total)
     assert tv <= sampler.deviation.tv_quantisation
+    assert sampler.deviation.tail <= DEVIATION_BOUND.tail
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
