@@ -30,6 +30,7 @@ leak them through the vocabulary, whatever the training did.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -48,9 +49,10 @@ from clients.model_factory import TinyLlamaSpec, build_default_base, build_tiny_
 from clients.synthetic import make_federation
 from clients.trainer import LoraModel, LoraSettings, TrainSettings, train_local
 from fl_core.strategies import AggregateInput, FedAvg
-from proofs.accountant import SkellamDpEvent, epsilon_for_rounds
-from secagg.dp.encoder import DpEncoder, DpParams
-from secagg.dp.noise import NoiseSpec
+from proofs.accountant import RdpAccountant
+from proofs.audit_cli import round_event
+from secagg.dp.calibration import accounting_record, calibrate
+from secagg.dp.encoder import DpEncoder
 from secagg.encoding import QuantizationParams, decode_sum, encode
 from secagg.errors import ConfigurationError
 from secagg.protocol import RoundParams
@@ -237,9 +239,9 @@ class CanaryAuditConfig:
     repeats: int = 8
     digits: int = 4
     references: int = 63
-    # DP arm: clip (L2, in update units), noise multiplier of the summed noise, and delta.
+    # DP arm: clip (L2, in update units) and the (epsilon, delta) the noise is calibrated for.
     clip: float = 0.5
-    noise_multiplier: float = 1.0
+    target_epsilon: float = 8.0
     delta: float = 1e-5
     confidence: float = 0.95
     ring_bits: int = 32
@@ -253,8 +255,8 @@ class CanaryAuditConfig:
             raise ConfigurationError("a federation needs at least 2 institutions")
         if self.rounds < 1 or self.repeats < 1 or self.references < 1:
             raise ConfigurationError("rounds, repeats and references must be at least 1")
-        if not self.noise_multiplier > 0 or not self.clip > 0:
-            raise ConfigurationError("the DP arm needs a positive clip and noise multiplier")
+        if not self.target_epsilon > 0 or not self.clip > 0:
+            raise ConfigurationError("the DP arm needs a positive clip and target epsilon")
 
 
 @dataclass(frozen=True)
@@ -353,14 +355,31 @@ def _secure_sum(encoded: Sequence[RingArray], ring_bits: int, dim: int) -> tuple
 
 def _train(
     fed: _Federation, lm: LoraModel, dp: bool
-) -> tuple[npt.NDArray[np.float32], float, SkellamDpEvent | None]:
+) -> tuple[npt.NDArray[np.float32], float, float]:
+    """Federated training through secure aggregation; (final global vector, last mean training
+    loss, epsilon spent by the accountant -- infinite without DP)."""
     config = fed.config
     dim = lm.layout.size
     strategy = FedAvg(dim)
     global_vector = lm.get_vector()
     n = len(fed.datasets)
     loss = math.nan
-    event: SkellamDpEvent | None = None
+    accountant = RdpAccountant()
+    calibration = None
+    if dp:
+        calibration = calibrate(
+            mechanism="skellam",
+            epsilon=config.target_epsilon,
+            delta=config.delta,
+            rounds=config.rounds,
+            sampling_rate=1.0,  # every institution takes part in every round
+            expected_cohort=n,
+            dropouts=0,
+            ring_bits=config.ring_bits,
+            clip=config.clip,
+            dim=dim,
+            seed=os.urandom(32),
+        )
     for rnd in range(config.rounds):
         deltas = []
         losses = []
@@ -375,16 +394,19 @@ def _train(
             deltas.append(result.delta)
             losses.append(result.mean_loss)
         loss = float(np.mean(losses))
-        if dp:
-            params = _dp_params(config, dim, n)
+        if calibration is not None:
+            # A fresh public rotation seed per round, independent of the updates.
+            params = dataclasses.replace(calibration.params, seed=os.urandom(32))
             encoder = DpEncoder(params)
             summed, contributors = _secure_sum(
                 [encoder.encode(d) for d in deltas], config.ring_bits, params.encoded_dim
             )
             total = encoder.decode_sum(summed, contributors)
-            event = SkellamDpEvent(
-                params.l2_sensitivity, params.l1_sensitivity, n * params.noise.variance
-            )
+            # Accounted exactly as `fedsec audit` accounts a run's metrics records.
+            event = round_event({"round": rnd, **accounting_record(params, contributors, 1.0)})
+            if event is None:
+                raise ConfigurationError("the DP round produced no privacy event")
+            accountant.compose(event)
         else:
             quant = QuantizationParams.fit(config.ring_bits, clip=_max_abs(deltas), max_clients=n)
             summed, contributors = _secure_sum(
@@ -394,7 +416,8 @@ def _train(
         global_vector = strategy.aggregate(
             global_vector, AggregateInput(total, float(contributors), contributors)
         )
-    return global_vector, loss, event
+    epsilon = accountant.get_epsilon(config.delta) if calibration is not None else math.inf
+    return global_vector, loss, epsilon
 
 
 def _max_abs(deltas: Sequence[npt.NDArray[np.float32]]) -> float:
@@ -403,35 +426,14 @@ def _max_abs(deltas: Sequence[npt.NDArray[np.float32]]) -> float:
     return max(float(np.max(np.abs(d))) for d in deltas) or 1.0
 
 
-def _dp_params(config: CanaryAuditConfig, dim: int, n: int) -> DpParams:
-    """Skellam noise whose *sum* over n clients has std noise_multiplier x L2 sensitivity."""
-    scale = 2048.0 / config.clip  # 2^11 integer units for a full-norm update
-    probe = DpParams(
-        config.ring_bits, dim, config.clip, scale, NoiseSpec("skellam", 1.0), os.urandom(32), n
-    )
-    stddev = config.noise_multiplier * probe.l2_sensitivity / math.sqrt(n)
-    return DpParams(
-        config.ring_bits,
-        dim,
-        config.clip,
-        scale,
-        NoiseSpec("skellam", stddev),
-        os.urandom(32),  # the round's public rotation seed, independent of the updates
-        n,
-    )
-
-
 def _arm(fed: _Federation, dp: bool) -> ArmResult:
     config = fed.config
     lm = fed.fresh_model()
-    vector, loss, event = _train(fed, lm, dp)
+    vector, loss, eps = _train(fed, lm, dp)
     canary = response_losses(lm, vector, fed.canary_data, fed.pad_id)
     refs = response_losses(lm, vector, fed.reference_data, fed.pad_id)
     exposure = exposure_from_losses(canary, refs.reshape(len(fed.canaries), config.references))
     bound = epsilon_lower_bound(exposure, config.delta, config.confidence)
-    eps = math.inf
-    if event is not None:
-        eps, _ = epsilon_for_rounds(event, 1.0, config.rounds, config.delta)
     return ArmResult(dp, exposure, bound, eps, loss)
 
 
@@ -447,12 +449,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proofs.canary", description=__doc__)
     parser.add_argument("--rounds", type=int, default=CanaryAuditConfig.rounds)
     parser.add_argument(
-        "--noise-multiplier", type=float, default=CanaryAuditConfig.noise_multiplier
+        "--epsilon",
+        type=float,
+        default=CanaryAuditConfig.target_epsilon,
+        help="epsilon the DP arm's noise is calibrated for",
     )
     parser.add_argument("--canaries", type=int, default=CanaryAuditConfig.canaries)
     args = parser.parse_args(argv)
     config = CanaryAuditConfig(
-        rounds=args.rounds, noise_multiplier=args.noise_multiplier, canaries=args.canaries
+        rounds=args.rounds, target_epsilon=args.epsilon, canaries=args.canaries
     )
     report = run_canary_audit(config)
     print(json.dumps(report.to_dict()))

@@ -87,7 +87,7 @@ def test_tiny_federated_audit_runs_both_arms_consistently() -> None:
         institutions=3,
         records_per_institution=16,
         rounds=1,
-        local_steps=2,
+        local_steps=1,
         batch_size=8,
         canaries=6,
         repeats=2,
