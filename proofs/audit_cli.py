@@ -249,6 +249,15 @@ def account(metrics: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[float, flo
             f"client), over {len(events)} rounds with Poisson client sampling, by RDP "
             "accounting."
         )
+        if any(
+            isinstance(e, PoissonSampledDpEvent) and not isinstance(e.event, GaussianDpEvent)
+            for e in noised
+        ):
+            statement += (
+                " The integer mechanisms are accounted for their ideal noise distributions; "
+                "the sampler's deviation from them is charged by the noise calibration "
+                "(secagg.dp.calibration), not here."
+            )
     summary = DpSummary(
         enabled=bool(noised) and len(noised) == len(events) and not problems,
         delta=delta,

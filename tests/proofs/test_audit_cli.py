@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,9 @@ import pytest
 
 from fl_core.cli import main
 from proofs.accountant import GaussianDpEvent, epsilon_for_rounds
+from secagg.dp.calibration import accounting_record, round_epsilon
+from secagg.dp.encoder import DpParams
+from secagg.dp.noise import NoiseSpec
 from secagg.protocol import RoundParams, Stage
 from secagg.ring import Ring
 from secagg.simulate import simulate_round
@@ -164,20 +166,28 @@ def test_an_integer_mechanism_without_its_parameters_is_not_accounted_as_gaussia
     assert "l2_sensitivity, l1_sensitivity, variance" in check["reasons"][0]
 
 
-def test_skellam_with_its_parameters_is_accounted(tmp_path: Path) -> None:
-    dp = {
-        "mechanism": "skellam",
-        "l2_sensitivity": 100.0,
-        "l1_sensitivity": 3000.0,
-        "variance": 1e5,
-        "sampling_rate": RATE,
-        "delta": DELTA,
-    }
+def test_skellam_record_from_the_calibration_is_accounted_like_the_calibration(
+    tmp_path: Path,
+) -> None:
+    params = DpParams(32, DIM, 1.0, 256.0, NoiseSpec("skellam", 300.0), os.urandom(32), 6)
+    dp = {**accounting_record(params, len(COHORT), RATE), "delta": DELTA}
     run_dir = write_run(tmp_path / "run", rounds=1, dp=dp)
     assert main(["audit", str(run_dir)]) == 0
-    report, _ = read_report(run_dir)
-    eps = report["differential_privacy"]["epsilon_total"]
-    assert eps is not None and math.isfinite(eps) and eps > 0
+    report, markdown = read_report(run_dir)
+    expected, _ = round_epsilon(
+        "skellam",
+        params.l2_sensitivity,
+        params.l1_sensitivity,
+        params.noise.stddev,
+        len(COHORT),
+        params.encoded_dim,
+        RATE,
+        1,
+        DELTA,
+    )
+    assert report["differential_privacy"]["epsilon_total"] == pytest.approx(expected, rel=1e-6)
+    assert "ideal noise distributions" in report["differential_privacy"]["statement"]
+    assert "| skellam |" in markdown
 
 
 def test_not_a_run_directory_is_a_one_line_error(
