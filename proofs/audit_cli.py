@@ -45,6 +45,7 @@ from secagg.transcript import Transcript
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 TRANSCRIPT_DIR = "transcripts"
+_MAX_REFUSED_SHOWN = 20
 _TRANSCRIPT_NAME = re.compile(r"^round_(\d{4,})\.json$")
 
 #: Record fields each mechanism needs, beyond ``sampling_rate`` and ``delta``. The Gaussian
@@ -288,6 +289,9 @@ class PrivacyReport:
     dp: DpSummary
     cryptography: dict[str, Any]
     checks: tuple[ReportCheck, ...]
+    #: Messages the server refused (replays, wrong stage, bad signatures...), for the record:
+    #: a refusal is the protocol working, not a failed check.
+    refused: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -387,6 +391,11 @@ def build_report(run: RunRecord, *, family_alpha: float = DEFAULT_FAMILY_ALPHA) 
         dp,
         _cryptography(run.transcripts.values()),
         tuple(checks),
+        tuple(
+            f"round {rnd}: {r.error} from client {r.sender} at {r.stage}: {r.reason}"
+            for rnd in ordered
+            for r in run.transcripts[rnd].rejections
+        ),
     )
 
 
@@ -474,6 +483,14 @@ def render_markdown(report: PrivacyReport) -> str:
     for key, value in report.cryptography.items():
         shown = ", ".join(str(v) for v in value) if isinstance(value, list) else str(value)
         lines.append(f"| {key.replace('_', ' ')} | {shown} |")
+    lines += ["", "## Refused messages", ""]
+    if report.refused:
+        listed = report.refused[:_MAX_REFUSED_SHOWN]
+        lines += [f"- {line}" for line in listed]
+        if len(report.refused) > len(listed):
+            lines.append(f"- ... and {len(report.refused) - len(listed)} more (see privacy.json)")
+    else:
+        lines.append("The server refused no message.")
     lines += ["", "## Checks", "", "| check | what it verifies | result |", "|---|---|---|"]
     lines += [f"| {c.name} | {c.description} | **{c.status.upper()}** |" for c in report.checks]
     for c in report.checks:
@@ -514,6 +531,7 @@ def report_to_json(report: PrivacyReport) -> dict[str, Any]:
             for r in report.rounds
         ],
         "cryptography": report.cryptography,
+        "refused_messages": list(report.refused),
         "checks": [
             {
                 "name": c.name,

@@ -18,7 +18,7 @@ from secagg.dp.noise import NoiseSpec
 from secagg.protocol import RoundParams, Stage
 from secagg.ring import Ring
 from secagg.simulate import simulate_round
-from secagg.transcript import ShareRequestRecord, Transcript
+from secagg.transcript import RejectionRecord, ShareRequestRecord, Transcript
 
 COHORT = tuple(range(1, 7))
 DIM = 1024
@@ -101,6 +101,7 @@ def test_dp_run_reports_epsilon_per_round_and_in_total(tmp_path: Path) -> None:
         "dp_accounting": "passed",
     }
     assert "**Verdict: ALL CHECKS PASSED.**" in markdown
+    assert "The server refused no message." in markdown
     assert "| 1 | 6 | 5 | 0.250 | gaussian |" in markdown
     assert f"{expected:.4g}" in markdown
 
@@ -134,6 +135,21 @@ def test_a_double_share_request_fails_the_audit_with_the_round_named(
     assert check["reasons"][0].startswith("round 2: client 3:")
     assert "**Verdict: ONE OR MORE CHECKS FAILED.**" in markdown
     assert "| share_separation |" in markdown and "**FAILED**" in markdown
+
+
+def test_refused_messages_are_listed_without_failing_the_run(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", rounds=1, dp=gaussian())
+    path = run_dir / "transcripts" / "round_0000.json"
+    transcript = Transcript.from_dict(json.loads(path.read_text()))
+    transcript.rejections.append(
+        RejectionRecord("masked_input", 3, "SessionMismatch", "replayed from another session")
+    )
+    path.write_text(json.dumps(transcript.to_dict()))
+    assert main(["audit", str(run_dir)]) == 0
+    report, markdown = read_report(run_dir)
+    line = "round 0: SessionMismatch from client 3 at masked_input: replayed from another session"
+    assert report["refused_messages"] == [line]
+    assert f"- {line}" in markdown
 
 
 def test_metrics_that_disagree_with_the_transcripts_fail_consistency(tmp_path: Path) -> None:
