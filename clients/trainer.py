@@ -132,7 +132,9 @@ class LoraModel:
 
     def adapter_config(self, base_model_name_or_path: str | None = None) -> AdapterConfig:
         s = self.settings
-        return AdapterConfig(s.rank, s.alpha, s.target_modules, s.dropout, base_model_name_or_path)
+        return AdapterConfig(
+            s.rank, s.alpha, tuple(sorted(s.target_modules)), s.dropout, base_model_name_or_path
+        )
 
     def tensors(self) -> dict[str, np.ndarray]:
         """All LoRA tensors (A and B), as PEFT names them in ``adapter_model.safetensors``."""

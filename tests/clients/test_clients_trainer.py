@@ -1,0 +1,158 @@
+"""Local LoRA training: deterministic updates, FFA/plain modes, FedProx, SCAFFOLD, refusals,
+and a global adapter that PEFT itself loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from clients.data import TokenizedDataset, alpaca_example, tokenize
+from clients.model_factory import TinyLlamaSpec, build_tiny_llama
+from clients.synthetic import SyntheticFederation
+from clients.trainer import (
+    LoraModel,
+    LoraSettings,
+    ScaffoldControls,
+    TrainingConfigError,
+    TrainSettings,
+    evaluate,
+    train_local,
+)
+from fl_core.adapter_io import load_adapter, save_adapter
+from fl_core.errors import NonFiniteUpdateError
+
+FAST = TrainSettings(local_steps=4, batch_size=8, lr=1e-2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def cardio(federation: SyntheticFederation, tokenizer: PreTrainedTokenizerFast) -> TokenizedDataset:
+    records = federation.institutions[0].records
+    return tokenize([alpaca_example(r) for r in records], tokenizer, 96, "cardiology-1")
+
+
+def test_update_is_deterministic_and_matches_the_trained_weights(
+    base: LlamaForCausalLM, cardio: TokenizedDataset, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    lm = LoraModel(base, LoraSettings(rank=4))
+    g = lm.get_vector()
+    first = train_local(lm, g, cardio, FAST, tokenizer.pad_token_id)
+    trained = lm.get_vector()
+    second = train_local(lm, g, cardio, FAST, tokenizer.pad_token_id)
+    assert first.delta.dtype == np.float32 and first.delta.shape == (lm.layout.size,)
+    np.testing.assert_array_equal(first.delta, second.delta)
+    np.testing.assert_allclose(trained, g + first.delta, rtol=0, atol=1e-7)
+    assert first.num_samples == len(cardio) and first.steps == 4
+    assert np.isfinite(first.mean_loss) and np.linalg.norm(first.delta) > 0
+    other = train_local(lm, g, cardio, TrainSettings(**{**FAST.__dict__, "seed": 6}), 0)
+    assert not np.array_equal(other.delta, first.delta)
+
+
+def test_ffa_freezes_a_from_the_shared_seed_and_trains_only_b(
+    tokenizer: PreTrainedTokenizerFast, small_spec: TinyLlamaSpec, cardio: TokenizedDataset
+) -> None:
+    settings = LoraSettings(rank=4, mode="ffa", init_seed=9)
+    server = LoraModel(build_tiny_llama(len(tokenizer), small_spec), settings)
+    client = LoraModel(build_tiny_llama(len(tokenizer), small_spec), settings)
+    b_names = {n for n in client.full_layout.names if ".lora_B." in n}
+    assert set(client.layout.names) == b_names and len(b_names) * 2 == len(client.full_layout.names)
+    a_before = {k: v for k, v in client.tensors().items() if ".lora_A." in k}
+    assert all(np.array_equal(v, server.tensors()[k]) for k, v in a_before.items())
+    train_local(client, client.get_vector(), cardio, FAST, tokenizer.pad_token_id)
+    a_after = {k: v for k, v in client.tensors().items() if ".lora_A." in k}
+    assert all(np.array_equal(v, a_after[k]) for k, v in a_before.items())
+
+
+def test_fedprox_pulls_the_update_towards_the_global_model(
+    base: LlamaForCausalLM, cardio: TokenizedDataset
+) -> None:
+    lm = LoraModel(base, LoraSettings(rank=4))
+    g = lm.get_vector()
+    sgd = TrainSettings(local_steps=6, batch_size=8, lr=0.5, optimizer="sgd", max_grad_norm=1e9)
+    free = train_local(lm, g, cardio, sgd, 0)
+    prox = train_local(lm, g, cardio, TrainSettings(**{**sgd.__dict__, "prox_mu": 1.0}), 0)
+    assert np.linalg.norm(prox.delta) < 0.9 * np.linalg.norm(free.delta)
+
+
+def test_scaffold_option_two_control_update(
+    base: LlamaForCausalLM, cardio: TokenizedDataset
+) -> None:
+    lm = LoraModel(base, LoraSettings(rank=4))
+    g = lm.get_vector()
+    rng = np.random.default_rng(0)
+    c = (1e-3 * rng.normal(size=lm.layout.size)).astype(np.float32)
+    ci = (1e-3 * rng.normal(size=lm.layout.size)).astype(np.float32)
+    sgd = TrainSettings(local_steps=3, batch_size=8, lr=0.1, optimizer="sgd")
+    res = train_local(lm, g, cardio, sgd, 0, ScaffoldControls(server=c, client=ci))
+    assert res.new_client_control is not None and res.control_delta is not None
+    expected = ci - c - res.delta / (3 * 0.1)
+    np.testing.assert_allclose(res.new_client_control, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(res.control_delta, res.new_client_control - ci, atol=1e-7)
+    with pytest.raises(TrainingConfigError, match="sgd"):
+        train_local(lm, g, cardio, FAST, 0, ScaffoldControls(server=c, client=ci))
+
+
+def test_nan_update_is_refused(base: LlamaForCausalLM, cardio: TokenizedDataset) -> None:
+    lm = LoraModel(base, LoraSettings(rank=4))
+    g = lm.get_vector()
+    with torch.no_grad():
+        base.get_input_embeddings().weight[:] = float("nan")
+    with pytest.raises(NonFiniteUpdateError):
+        train_local(lm, g, cardio, FAST, 0)
+    with pytest.raises(NonFiniteUpdateError, match="global model"):
+        train_local(lm, np.full_like(g, np.inf), cardio, FAST, 0)
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(TrainingConfigError, match="exactly one"):
+        TrainSettings(local_steps=3, local_epochs=1)
+    with pytest.raises(TrainingConfigError):
+        TrainSettings(local_steps=0)
+    assert TrainSettings(local_steps=None, local_epochs=2).local_epochs == 2
+
+
+def test_training_on_a_domain_lowers_its_eval_loss_most(
+    base: LlamaForCausalLM,
+    federation: SyntheticFederation,
+    tokenizer: PreTrainedTokenizerFast,
+    cardio: TokenizedDataset,
+) -> None:
+    tests = {
+        d: tokenize([alpaca_example(r) for r in recs], tokenizer, 96, d)
+        for d, recs in federation.test_sets.items()
+    }
+    lm = LoraModel(base, LoraSettings(rank=4))
+    g = lm.get_vector()
+    before = evaluate(lm, g, tests, 0)
+    res = train_local(lm, g, cardio, TrainSettings(local_steps=30, batch_size=8, lr=2e-2), 0)
+    after = evaluate(lm, g + res.delta, tests, 0)
+    gains = {d: before[d] - after[d] for d in tests}
+    assert gains["cardiology"] > 0.3
+    assert gains["cardiology"] > max(v for d, v in gains.items() if d != "cardiology")
+
+
+def test_saved_global_adapter_loads_in_peft(
+    tmp_path: Path,
+    tokenizer: PreTrainedTokenizerFast,
+    small_spec: TinyLlamaSpec,
+    cardio: TokenizedDataset,
+) -> None:
+    lm = LoraModel(build_tiny_llama(len(tokenizer), small_spec), LoraSettings(rank=4, mode="ffa"))
+    res = train_local(lm, lm.get_vector(), cardio, FAST, 0)
+    lm.set_vector(lm.get_vector())  # the trained weights are the "global" ones here
+    save_adapter(tmp_path, lm.tensors(), lm.adapter_config())
+    tensors, config = load_adapter(tmp_path)
+    assert config == lm.adapter_config() and set(tensors) == set(lm.tensors())
+    assert np.linalg.norm(res.delta) > 0
+    peft_model = PeftModel.from_pretrained(build_tiny_llama(len(tokenizer), small_spec), tmp_path)
+    ids = torch.tensor([cardio.input_ids[0].tolist()])
+    with torch.no_grad():
+        ours, theirs = lm.model(input_ids=ids).logits, peft_model(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours)
+    plain = build_tiny_llama(len(tokenizer), small_spec)
+    with torch.no_grad():
+        assert not torch.allclose(plain(input_ids=ids).logits, ours)
