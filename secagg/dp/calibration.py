@@ -296,7 +296,7 @@ def _ideal_budget(epsilon: float, delta: float, samples: int) -> tuple[float, fl
     eta = samples * deviation.pmf_relative_error
     ideal_eps = epsilon - 2 * eta
     spare = delta - samples * (
-        deviation.tv_quantisation * (1 + math.exp(epsilon)) + deviation.tail * math.exp(epsilon)
+        deviation.tv_additive * (1 + math.exp(epsilon)) + deviation.tail * math.exp(epsilon)
     )
     # The 1 - 2^-30 factors absorb float rounding, so the adjusted figures never exceed the target.
     ideal_eps *= 1 - 2.0**-30

@@ -16,16 +16,19 @@ Deviation from the ideal distribution P (stated, tested, and charged by the cali
 * ``tail``: K is the smallest support with a Chernoff bound on P(|X| > K) below 2^-80 per
   side (Skellam: ``exp(sqrt(v^2+K^2) - v - K asinh(K/v))``; discrete Gaussian, which is
   sigma^2-sub-Gaussian (Canonne, Kamath, Steinke, NeurIPS'20): ``exp(-K^2/(2 sigma^2))``).
-* ``tv_quantisation``: flooring loses less than one unit per atom and the deficit (< #atoms
-  units) goes to the mode, so the total variation distance between the sampler and the
-  normalised float PMF is below 2 * 2^-64 (#atoms <= m).
-* ``pmf_relative_error``: float64 evaluation of the PMF (scipy's ``ive`` for Skellam, ``exp``
-  for the discrete Gaussian) is within a factor exp(+-eta) of the exact value with
-  eta = 2^-40 (measured against 200-bit mpmath values in the tests; a few 1e-14 at worst).
+* ``tv_additive`` (total variation, additive): flooring loses less than one unit per atom and
+  the deficit (< #atoms units) goes to the mode, at most 2 * 2^-64 in all (#atoms <= m); plus
+  the float64 error on the far-tail atoms (PMF below 2^-50, at most 2^18 of them, so at most
+  2^-32 of mass) allowed a relative error of 2^-30: at most 2^-62. Together below 2^-61.
+* ``pmf_relative_error`` (multiplicative): on the core atoms (PMF >= 2^-50) the float64
+  evaluation (scipy's ``ive`` for Skellam, ``exp`` for the discrete Gaussian) is within a factor
+  exp(+-2^-40) of the exact value; measured against 200-bit mpmath in the tests (a few 1e-14
+  at variance 2500; 1e-16 to 4e-13 at variance 2.5e5 for k up to 10 sigma, the error growing
+  with k). The exact renormalisation can double it: eta = 2^-39.
 
-The first two are additive (they enter delta), the third is multiplicative (it enters
-epsilon): see :meth:`SamplerDeviation.adjust` for the resulting (epsilon, delta) of the
-implemented mechanism.
+The additive terms enter delta, the multiplicative one epsilon: see
+:meth:`SamplerDeviation.adjust` for the resulting (epsilon, delta) of the implemented
+mechanism.
 """
 
 from __future__ import annotations
@@ -47,8 +50,13 @@ Mechanism = Literal["skellam", "discrete_gaussian"]
 MECHANISMS: tuple[Mechanism, ...] = ("skellam", "discrete_gaussian")
 
 TAIL_BITS = 80
-#: Upper bound on the relative error of the float64 PMF evaluation (see the module docstring).
-PMF_RELATIVE_ERROR = 2.0**-40
+#: Atoms with a PMF below this are the far tail: their float error is counted as additive.
+FAR_TAIL_PMF = 2.0**-50
+#: Relative error of the float64 PMF allowed on the core / far-tail atoms (module docstring).
+CORE_RELATIVE_ERROR = 2.0**-40
+FAR_TAIL_RELATIVE_ERROR = 2.0**-30
+#: Multiplicative deviation of the sampler on its support, renormalisation included.
+PMF_RELATIVE_ERROR = 2 * CORE_RELATIVE_ERROR
 #: Largest per-client standard deviation the alias table is built for (2^17 buckets, ~2 MB).
 MAX_STDDEV = 4096.0
 #: Elements per sampling chunk: its scratch buffers (~1.6 MB) stay in L2.
@@ -163,20 +171,20 @@ class SamplerDeviation:
     """How far one sample of the implemented sampler is from the ideal distribution."""
 
     tail: float  # mass of the ideal distribution outside [-K, K]
-    tv_quantisation: float  # TV distance to the normalised float64 PMF
+    tv_additive: float  # TV part: quantisation and far-tail float error
     pmf_relative_error: float  # multiplicative error of the float64 PMF
 
     def adjust(self, epsilon: float, delta: float, samples: int) -> tuple[float, float]:
         """(epsilon, delta) of the implemented mechanism, given those of the ideal one and the
         total number of noise samples drawn (clients x coordinates x rounds).
 
-        With eta = samples*pmf_relative_error, tau = samples*tv_quantisation and
+        With eta = samples*pmf_relative_error, tau = samples*tv_additive and
         t = samples*tail, chaining TV and max-divergence closeness through the ideal
         mechanism gives epsilon' = epsilon + 2 eta and
         delta' = e^eta delta + tau (1 + e^(epsilon + 2 eta)) + e^(epsilon + eta) t.
         """
         eta = samples * self.pmf_relative_error
-        tau = samples * self.tv_quantisation
+        tau = samples * self.tv_additive
         t = samples * self.tail
         eps = epsilon + 2 * eta
         return eps, math.exp(eta) * delta + tau * (1 + math.exp(eps)) + math.exp(epsilon + eta) * t
@@ -185,7 +193,9 @@ class SamplerDeviation:
 #: What any sampler built here can deviate by (its own ``deviation`` is at most this): the
 #: calibration budgets for it before the noise scale, and so the table, is known.
 DEVIATION_BOUND = SamplerDeviation(
-    tail=2 * 2.0**-TAIL_BITS, tv_quantisation=2.0 * 2.0**-64, pmf_relative_error=PMF_RELATIVE_ERROR
+    tail=2 * 2.0**-TAIL_BITS,
+    tv_additive=2.0**-61,
+    pmf_relative_error=PMF_RELATIVE_ERROR,
 )
 
 
@@ -207,7 +217,7 @@ class AliasSampler:
         self._alias = np.array(alias, dtype=np.int32) - np.int32(k_max)
         self.deviation = SamplerDeviation(
             tail=2 * tail_bound(spec, k_max + 1),
-            tv_quantisation=DEVIATION_BOUND.tv_quantisation,
+            tv_additive=DEVIATION_BOUND.tv_additive,
             pmf_relative_error=DEVIATION_BOUND.pmf_relative_error,
         )
         # The exact implemented probabilities, kept for tests and audits.
