@@ -1,0 +1,201 @@
+"""The in-process federation on a numpy workload (no torch): secure sums, strategies, run dirs.
+
+Each client "trains" by moving halfway towards its own target vector, so the plaintext FedAvg
+of a round is known in closed form and the secure aggregate can be checked against it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fl_core.adapter_io import AdapterConfig, load_adapter
+from fl_core.cli import main
+from fl_core.federation import (
+    SECAGGPLUS_MIN_COHORT,
+    ClientUpdate,
+    DpSettings,
+    Federation,
+    FederationConfig,
+    FederationConfigError,
+    SecAggSettings,
+    choose_graph,
+)
+from fl_core.run_dir import RunDirectoryError, RunWriter
+from fl_core.strategies import ClientOptions
+
+DIM = 64
+NAMES = ("alpha", "bravo", "charlie", "delta")
+
+
+class TargetTrainer:
+    """Client c moves halfway to target_c; SCAFFOLD clients also report a control delta."""
+
+    def __init__(self, names: tuple[str, ...] = NAMES) -> None:
+        self.targets = {
+            n: np.random.default_rng(i).normal(0, 0.05, DIM).astype(np.float32)
+            for i, n in enumerate(names)
+        }
+        self.samples = {n: 10 + 7 * i for i, n in enumerate(names)}
+        self.seen: list[tuple[str, int, ClientOptions]] = []
+
+    def train(
+        self, client: str, round_index: int, global_vector: np.ndarray, options: ClientOptions
+    ) -> ClientUpdate:
+        self.seen.append((client, round_index, options))
+        delta = (0.5 * (self.targets[client] - global_vector)).astype(np.float32)
+        control = None if options.server_control is None else (-delta).astype(np.float32)
+        loss = float(np.sum((self.targets[client] - global_vector) ** 2))
+        return ClientUpdate(delta, self.samples[client], loss, control)
+
+    def evaluate(self, vector: np.ndarray) -> dict[str, float]:
+        return {n: float(np.sum((t - vector) ** 2)) for n, t in self.targets.items()}
+
+
+def federation(
+    strategy: str = "fedavg", rounds: int = 3, dp: DpSettings | None = None
+) -> tuple[Federation, TargetTrainer]:
+    trainer = TargetTrainer()
+    config = FederationConfig(
+        NAMES, rounds, SecAggSettings(clip=0.2), strategy=strategy, dp=dp, seed=3
+    )
+    fed = Federation(
+        config, trainer, trainer.evaluate, np.zeros(DIM, np.float32), max(trainer.samples.values())
+    )
+    return fed, trainer
+
+
+def test_each_round_matches_plaintext_fedavg_within_the_stated_bound() -> None:
+    fed, trainer = federation()
+    g = np.zeros(DIM)
+    for r in range(3):
+        outcome = fed.run_round(r)
+        m = outcome.metrics
+        w = np.array([trainer.samples[n] for n in NAMES], dtype=np.float64)
+        deltas = np.stack([0.5 * (trainer.targets[n] - g) for n in NAMES])
+        expected = g + (w[:, None] * deltas).sum(0) / w.sum()
+        assert 0 < m.quantization_bound < 1e-6
+        assert m.secure_vs_plain_max_abs_diff <= m.quantization_bound
+        # The global step is the secure mean, so it inherits the bound (plus float32 storage).
+        err = np.max(np.abs(outcome.global_vector - expected))
+        assert err <= m.quantization_bound + 1e-7
+        assert m.contributors == m.cohort == NAMES
+        assert m.upload_bytes["total"] == pytest.approx(4 * m.upload_bytes["per_client_mean"])
+        assert m.upload_bytes["per_client_mean"] > 4 * DIM  # the masked vector at least
+        g = outcome.global_vector.astype(np.float64)
+    # Moving towards the weighted mean of the targets lowers the mean eval loss.
+    assert m.eval_loss_mean < sum(trainer.evaluate(np.zeros(DIM, np.float32)).values()) / 4
+
+
+def test_sessions_are_fresh_and_clients_sign_the_global_model() -> None:
+    fed, _ = federation(rounds=2)
+    first, second = fed.run_round(0), fed.run_round(1)
+    assert first.metrics.session_id != second.metrics.session_id
+    assert first.transcript.session_id.hex() == first.metrics.session_id
+    assert first.transcript.threshold == first.metrics.threshold == 3
+    assert first.transcript.neighbours is None  # small cohort: complete graph
+
+
+def test_clipping_is_reported_and_the_check_uses_the_clipped_vectors() -> None:
+    trainer = TargetTrainer()
+    trainer.targets["alpha"] = np.full(DIM, 5.0, dtype=np.float32)  # delta 2.5 > clip 0.2
+    config = FederationConfig(NAMES, 1, SecAggSettings(clip=0.2))
+    fed = Federation(config, trainer, trainer.evaluate, np.zeros(DIM, np.float32), 40)
+    m = fed.run_round(0).metrics
+    assert m.clip_fraction >= 0.25
+    assert m.secure_vs_plain_max_abs_diff <= m.quantization_bound
+
+
+def test_scaffold_sums_update_and_control_variate_securely() -> None:
+    fed, trainer = federation("scaffold", rounds=2)
+    fed.run_round(0)
+    # Every client sent -delta as control delta, so c = (4/4) * mean(-delta) after round 0.
+    options = fed.strategy.client_options()
+    assert options.server_control is not None
+    assert np.all(np.abs(options.server_control) > 0)
+    fed.run_round(1)
+    round1 = [o for _, r, o in trainer.seen if r == 1]
+    assert all(o.server_control is not None for o in round1)
+
+
+def test_dp_round_records_what_the_accountant_needs() -> None:
+    fed, _ = federation(rounds=2, dp=DpSettings(epsilon=8.0, delta=1e-5, clip=0.1))
+    m = fed.run_round(0).metrics
+    record = m.to_json()
+    assert record["mechanism"] == "skellam"
+    assert record["sampling_rate"] == 1.0 and record["delta"] == 1e-5
+    assert record["noise_multiplier"] > 0 and record["variance"] > 0
+    # Secure aggregation adds the noised ring vectors exactly.
+    assert m.secure_vs_plain_max_abs_diff == 0.0 and m.quantization_bound == 0.0
+
+
+def test_run_directory_passes_fedsec_audit(tmp_path: Path) -> None:
+    for label, dp in (("plain", None), ("dp", DpSettings(epsilon=4.0, clip=0.1))):
+        fed, trainer = federation(rounds=2, dp=dp)
+        out = tmp_path / label
+        writer = RunWriter(out, fed.describe())
+        names = sorted(f"m.layers.0.q_proj.lora_{ab}.weight" for ab in "AB")
+        config = AdapterConfig(r=4, lora_alpha=8, target_modules=("q_proj",))
+
+        def on_round(outcome, writer=writer, names=names, config=config):  # type: ignore[no-untyped-def]
+            half = outcome.global_vector.reshape(2, DIM // 2)
+            writer.record_round(outcome, dict(zip(names, half, strict=True)), config)
+
+        initial = trainer.evaluate(fed.global_vector)
+        fed.run(on_round)
+        writer.finish(initial, wall_s=1.0)
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["round"] for line in lines] == [0, 1]
+        assert (out / "loss.png").stat().st_size > 1000
+        assert "within the bound" in (out / "report.md").read_text()
+        tensors, _ = load_adapter(out / "adapters" / "round_0001")
+        assert set(tensors) == set(names)
+        assert main(["audit", str(out)]) == 0
+        privacy = json.loads((out / "privacy.json").read_text())
+        assert privacy["passed"]
+        if dp is None:
+            assert privacy["differential_privacy"]["epsilon_unbounded"]
+        else:
+            assert 0 < privacy["differential_privacy"]["epsilon_total"] <= 4.0
+        with pytest.raises(RunDirectoryError, match="already holds a run"):
+            RunWriter(out, {})
+
+
+def test_large_cohorts_use_secaggplus_neighbourhoods() -> None:
+    settings = SecAggSettings(clip=1.0)
+    assert choose_graph(4, settings).neighbours is None
+    large = choose_graph(100, settings)
+    assert large.neighbours == 12 and large.threshold == 6  # DESIGN.md's reference point
+    names = tuple(f"inst-{i:02d}" for i in range(SECAGGPLUS_MIN_COHORT + 4))
+    trainer = TargetTrainer(names)
+    config = FederationConfig(names, 1, settings)
+    fed = Federation(config, trainer, trainer.evaluate, np.zeros(DIM, np.float32), 200)
+    outcome = fed.run_round(0)
+    assert outcome.transcript.neighbours is not None
+    assert outcome.transcript.neighbours < len(names) - 1
+    assert len(outcome.metrics.contributors) == len(names)
+    assert outcome.metrics.secure_vs_plain_max_abs_diff <= outcome.metrics.quantization_bound
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"clients": ("a", "b")}, "below the 3 clients"),
+        ({"clients": ("a", "a", "b")}, "unique"),
+        ({"rounds": 0}, "rounds must be"),
+        ({"cohort_size": 5}, "from only 4"),
+    ],
+)
+def test_bad_configurations_are_refused(kwargs: dict[str, object], match: str) -> None:
+    base: dict[str, object] = {"clients": NAMES, "rounds": 1, "secagg": SecAggSettings(clip=1.0)}
+    base.update(kwargs)
+    with pytest.raises(FederationConfigError, match=match):
+        FederationConfig(**base)  # type: ignore[arg-type]
+
+
+def test_unreachable_dp_target_is_a_configuration_error() -> None:
+    with pytest.raises(FederationConfigError, match="DP"):
+        federation(dp=DpSettings(epsilon=1e-4, clip=0.1, ring_bits=16))
