@@ -429,7 +429,7 @@ def _cryptography(transcripts: Iterable[Transcript]) -> dict[str, Any]:
         "key_agreement": f"X25519, {keys.PUBLIC_KEY_BYTES}-byte public keys",
         "signatures": f"Ed25519, {keys.SIGNATURE_BYTES}-byte signatures",
         "share_encryption": f"AES-GCM, {aead.KEY_BYTES * 8}-bit keys",
-        "mask_prg": f"AES-CTR, {prg.KEY_BYTES * 8}-bit keys",
+        "mask_expansion": f"AES-CTR, {prg.KEY_BYTES * 8}-bit keys",
         "secret_sharing": (
             f"Shamir over GF(2^256 + 297), {shamir.SECRET_BYTES}-byte secrets, "
             f"{shamir.SHARE_BYTES}-byte shares"
