@@ -18,6 +18,13 @@ from clients.transport import ClientTransport
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="client TOML config")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
+    parser.add_argument(
+        "--init-adapter",
+        type=Path,
+        metavar="DIR",
+        help="write the initial LoRA adapter (PEFT format) of this config's model to DIR and "
+        "exit; the coordinator starts train rounds from it (task.initial_adapter)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +34,12 @@ def run(args: argparse.Namespace) -> int:
         format=f"%(asctime)s %(levelname)s client-{config.client_id}: %(message)s",
         stream=sys.stderr,
     )
+    if args.init_adapter is not None:
+        from clients.train_task import LocalTrainer
+
+        LocalTrainer(config).write_initial_adapter(args.init_adapter)
+        print(f"wrote the initial adapter to {args.init_adapter}")
+        return 0
     transport = ClientTransport(config)
     code = transport.run()
     print(transport.stats.as_json(config.client_id), flush=True)

@@ -32,6 +32,28 @@ class ClientPolicyConfig:
 
 
 @dataclass(frozen=True)
+class TrainOptions:
+    """How this institution builds its model for ``train`` rounds (``[train]``).
+
+    ``base = "embedded"`` builds the seeded tiny Llama of :mod:`clients.model_factory` with a
+    tokenizer trained on the embedded synthetic federation (``institutions``, ``records``,
+    ``federation_seed``), so every party builds the same base; otherwise ``base`` is a local
+    transformers model directory. The LoRA settings must match the coordinator's adapter (the
+    layout fingerprint in every round config is checked).
+    """
+
+    base: str
+    institutions: int
+    records: int
+    federation_seed: int
+    lora_rank: int
+    lora_alpha: int
+    lora_mode: str
+    max_length: int
+    threads: int
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     client_id: int
     server: str
@@ -57,6 +79,8 @@ class ClientConfig:
     stall_before: str | None
     #: Stall only in this round (None: in every round).
     stall_round: int | None
+    #: Model settings for ``train`` rounds; None: this client only takes ``random`` rounds.
+    train: TrainOptions | None
 
 
 def load_client_config(path: Path) -> ClientConfig:
@@ -92,6 +116,23 @@ def load_client_config(path: Path) -> ClientConfig:
     data.done()
     if synthetic is not None and jsonl is not None:
         raise ConfigError(f"{path}: data.synthetic and data.jsonl are alternatives; set one")
+    train: TrainOptions | None = None
+    if top.has("train"):
+        t = top.table("train")
+        train = TrainOptions(
+            base=t.string("base", default="embedded"),
+            institutions=t.integer("institutions", default=4, minimum=1),
+            records=t.integer("records", default=160, minimum=1),
+            federation_seed=t.integer("federation_seed", default=0, minimum=0),
+            lora_rank=t.integer("lora_rank", default=8, minimum=1),
+            lora_alpha=t.integer("lora_alpha", default=16, minimum=1),
+            lora_mode=t.string("lora_mode", default="plain", choices=("plain", "ffa")),
+            max_length=t.integer("max_length", default=256, minimum=8),
+            threads=t.integer("threads", default=1, minimum=1),
+        )
+        t.done()
+        if synthetic is None and jsonl is None:
+            raise ConfigError(f"{path}: [train] needs data.synthetic or data.jsonl")
     testing = top.table("testing", required=False)
     stall_before = (
         testing.string("stall_before", choices=STALLABLE_STAGES)
@@ -117,4 +158,5 @@ def load_client_config(path: Path) -> ClientConfig:
         roster,
         stall_before,
         stall_round,
+        train,
     )

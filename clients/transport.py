@@ -31,12 +31,13 @@ import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
 from clients.client_config import ClientConfig
+from fl_core.errors import FLError
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire import fedsec_pb2_grpc as pb_grpc
 from fl_core.wire.convert import (
@@ -47,6 +48,7 @@ from fl_core.wire.convert import (
     params_from_config,
 )
 from fl_core.wire.framing import client_frames, grpc_options, read_item
+from fl_core.wire.toml_config import ConfigError
 from secagg.encoding import QuantizationParams
 from secagg.errors import ProtocolAbort, SecAggError
 from secagg.messages import (
@@ -60,6 +62,9 @@ from secagg.messages import (
 )
 from secagg.protocol import ClientPolicy, ClientSession
 from secagg.ring import Ring, RingArray
+
+if TYPE_CHECKING:
+    from clients.train_task import LocalTrainer
 
 log = logging.getLogger("fedsec.client")
 
@@ -123,6 +128,7 @@ class ClientTransport:
         self._token = b""
         self._seq = 0
         self._round: _Round | None = None
+        self._trainer: LocalTrainer | None = None
         self.stats = TransportStats()
 
     # --- connection -------------------------------------------------------------------------
@@ -259,16 +265,17 @@ class ClientTransport:
         config: pb.RoundConfig = pb.RoundConfig.FromString(config_bytes)
         try:
             params = params_from_config(config)
+            self._policy.check(params)  # refuse before spending time on training
             session = ClientSession(
                 self._config.client_id,
                 self._config.identity,
                 self._config.roster,
                 params,
-                random_input(config, self._config.client_id),
+                self._input(config, model),
                 context=config_bytes + model,
                 policy=self._policy,
             )
-        except SecAggError as exc:
+        except (SecAggError, FLError, ConfigError) as exc:
             log.error("round %d refused: %s", config.round_number, exc)
             self.stats.rounds_aborted += 1
             return
@@ -280,6 +287,19 @@ class ClientTransport:
         )
         self._round = _Round(config, session)
         self._submit(session.start())
+
+    def _input(self, config: pb.RoundConfig, model: bytes) -> RingArray:
+        task = config.WhichOneof("task")
+        if task == "random":
+            return random_input(config, self._config.client_id)
+        if task != "train":
+            raise ConfigError(f"round {config.round_number} has no task this client knows")
+        if self._trainer is None:
+            # Imported here: torch and transformers load only on clients that train.
+            from clients.train_task import LocalTrainer
+
+            self._trainer = LocalTrainer(self._config)
+        return self._trainer.encoded_update(config, model)
 
     def _on_secagg(self, session_id: bytes, payload: bytes) -> None:
         current = self._round

@@ -32,7 +32,8 @@ class CheckpointError(Exception):
 class Checkpoint:
     round_number: int
     global_vector: FloatVector
-    strategy_state: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+    #: float32 or float64 arrays (server optimiser moments are kept in float64).
+    strategy_state: dict[str, npt.NDArray[np.floating]] = field(default_factory=dict)
 
 
 def _digest(vector: FloatVector) -> str:
@@ -47,9 +48,11 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     vector = np.ascontiguousarray(checkpoint.global_vector, dtype=np.float32)
     if vector.ndim != 1:
         raise CheckpointError(f"the global vector must be 1-D, got shape {vector.shape}")
-    tensors = {_GLOBAL: vector}
+    tensors: dict[str, npt.NDArray[np.floating]] = {_GLOBAL: vector}
     for name, value in checkpoint.strategy_state.items():
-        tensors[_STRATEGY + name] = np.ascontiguousarray(value, dtype=np.float32)
+        if value.dtype not in (np.float32, np.float64):
+            raise CheckpointError(f"strategy state {name!r} has dtype {value.dtype}")
+        tensors[_STRATEGY + name] = np.ascontiguousarray(value)
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, checkpoint.round_number)
     temporary = final.with_suffix(".tmp")
@@ -84,7 +87,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if _digest(vector) != metadata.get("global_sha256"):
         raise CheckpointError(f"{path}: global vector does not match its recorded SHA-256")
     state = {
-        name[len(_STRATEGY) :]: value.astype(np.float32, copy=False)
+        name[len(_STRATEGY) :]: value
         for name, value in tensors.items()
         if name.startswith(_STRATEGY)
     }

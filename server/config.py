@@ -7,12 +7,17 @@ roster) are checked here, before the server listens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fl_core.wire.credentials import load_roster
 from fl_core.wire.toml_config import ConfigError, load_toml
 from secagg.keys import Roster
+
+#: Strategies whose whole state lives on the server. FedProx and SCAFFOLD also need per-round
+#: client options (a proximal term, control variates) that this wire protocol does not carry.
+SERVER_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
 @dataclass(frozen=True)
@@ -39,10 +44,24 @@ class RoundConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    #: ``random``: clients submit pseudo-random pre-quantized updates (load tests, drills).
+    """What clients compute each round.
+
+    ``random``: a pseudo-random pre-quantized update of ``dim`` coordinates (load tests,
+    drills; no model). ``train``: local LoRA training from the global adapter, starting from
+    the PEFT adapter ``initial_adapter``; the server applies ``strategy`` to the released sum.
+    """
+
     kind: str
     dim: int
     clip: float
+    initial_adapter: Path | None = None
+    lora_mode: str = "plain"
+    strategy: str = "fedavg"
+    strategy_params: Mapping[str, object] = field(default_factory=dict)
+    local_steps: int = 2
+    learning_rate: float = 3e-3
+    batch_size: int = 8
+    max_weight: int = 1000
 
 
 @dataclass(frozen=True)
@@ -87,11 +106,27 @@ def load_server_config(path: Path) -> ServerConfig:
     rounds_table.done()
 
     task_table = top.table("task")
-    task = TaskConfig(
-        kind=task_table.string("kind", choices=("random",)),
-        dim=task_table.integer("dim", minimum=1, maximum=1 << 28),
-        clip=task_table.number("clip", default=1.0, positive=True),
-    )
+    kind = task_table.string("kind", choices=("random", "train"))
+    clip = task_table.number("clip", default=1.0, positive=True)
+    if kind == "random":
+        task = TaskConfig(kind, task_table.integer("dim", minimum=1, maximum=1 << 28), clip)
+    else:
+        params = task_table.table("strategy_params", required=False)
+        strategy_params = {key: params.number(key) for key in list(params.keys())}
+        params.done()
+        task = TaskConfig(
+            kind,
+            0,  # from the adapter's layout
+            clip,
+            initial_adapter=task_table.path("initial_adapter"),
+            lora_mode=task_table.string("lora_mode", default="plain", choices=("plain", "ffa")),
+            strategy=task_table.string("strategy", default="fedavg", choices=SERVER_STRATEGIES),
+            strategy_params=strategy_params,
+            local_steps=task_table.integer("local_steps", default=2, minimum=1),
+            learning_rate=task_table.number("learning_rate", default=3e-3, positive=True),
+            batch_size=task_table.integer("batch_size", default=8, minimum=1),
+            max_weight=task_table.integer("max_weight", default=1000, minimum=1),
+        )
     task_table.done()
     top.done()
 

@@ -13,7 +13,7 @@ in the aborted attempt can be combined with anything later; the aborted session'
 lived only in memory and is gone. The global vector is reloaded from the last completed
 checkpoint. Any failed attempt releases nothing (``ServerSession`` wipes its sum) and is rerun.
 
-Update rule: FedAvg with server learning rate 1 (global += mean of the decoded updates).
+What a round computes and how the released sum updates the model: :mod:`server.global_model`.
 """
 
 from __future__ import annotations
@@ -26,17 +26,15 @@ import time
 from typing import cast
 
 import grpc
-import numpy as np
 
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire.convert import KIND_OF, params_from_config, upload_limit
-from secagg.encoding import QuantizationParams, decode_sum
 from secagg.errors import MessageFormatError, ProtocolAbort, SecAggError, SessionMismatch
 from secagg.messages import ClientMessage, decode_message, encode_message
 from secagg.protocol import PROTOCOL_STAGES, ServerSession, Stage
 from server.admission import Refusal
-from server.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from server.config import ServerConfig
+from server.global_model import GlobalModel
 from server.outbox import Mailboxes
 from server.store import Store
 
@@ -55,7 +53,7 @@ class RoundRunner:
         self._session: ServerSession | None = None
         self._stop = threading.Event()
         self.checkpoint_dir = config.state_dir / "checkpoints"
-        self.global_vector = np.zeros(config.task.dim, dtype=np.float32)
+        self.model = GlobalModel(config)
         self.next_round = 0
 
     def stop(self) -> None:
@@ -129,8 +127,7 @@ class RoundRunner:
             )
         last = self._store.last_completed()
         if last is not None and last.checkpoint is not None:
-            checkpoint = load_checkpoint(self.checkpoint_dir / last.checkpoint)
-            self.global_vector = checkpoint.global_vector.copy()
+            self.model.restore(self.checkpoint_dir / last.checkpoint)
             self.next_round = last.round_number + 1
             log.info("resuming after completed round %d (%s)", last.round_number, last.checkpoint)
 
@@ -161,32 +158,26 @@ class RoundRunner:
             self._stop.wait(0.1)
         return None
 
-    def _round_config(self, round_number: int, cohort: list[int]) -> pb.RoundConfig:
-        rounds, task = self._config.rounds, self._config.task
-        quant = QuantizationParams.fit(rounds.ring_bits, task.clip, max_clients=len(cohort))
+    def _round_config(self, round_number: int, cohort: list[int]) -> tuple[pb.RoundConfig, bytes]:
+        rounds = self._config.rounds
         config = pb.RoundConfig(
             round_number=round_number,
             session_id=os.urandom(32),
             ring_bits=rounds.ring_bits,
-            dim=task.dim,
             threshold=rounds.threshold,
             cohort=sorted(cohort),
             neighbours=rounds.neighbours,
             graph_seed=os.urandom(32),
-            model_dim=0,
-            clip=task.clip,
-            scale=quant.scale,
-            weighted=False,
         )
-        config.random.seed = rounds.seed
-        return config
+        payload = self.model.fill_round(config)
+        return config, payload
 
     def _run_attempt(self, round_number: int, rng: random.Random) -> bool:
         online = self._wait_for_clients()
         if online is None:
             return False
         cohort = sorted(rng.sample(online, min(len(online), self._config.rounds.cohort_size)))
-        config = self._round_config(round_number, cohort)
+        config, model_payload = self._round_config(round_number, cohort)
         params = params_from_config(config)
         session = ServerSession(params, self._config.roster)
         attempt = self._store.begin_round(round_number, params.session_id, params.cohort)
@@ -203,7 +194,7 @@ class RoundRunner:
         for client_id in params.cohort:
             item = pb.ServerItem()
             item.CopyFrom(start)
-            self._mailboxes.of(client_id).push(item)
+            self._mailboxes.of(client_id).push(item, model_payload)
         try:
             for stage in PROTOCOL_STAGES:
                 timeout = (
@@ -221,12 +212,8 @@ class RoundRunner:
                 self._session = None
         if self._stop.is_set():
             return False
-        quant = QuantizationParams(
-            config.ring_bits, config.clip, config.scale, max_clients=len(params.cohort)
-        )
-        update = decode_sum(result.sum, quant, len(result.contributors)).average()
-        self.global_vector = (self.global_vector + update).astype(np.float32)
-        path = save_checkpoint(self.checkpoint_dir, Checkpoint(round_number, self.global_vector))
+        self.model.apply(config, result)
+        path = self.model.save(self.checkpoint_dir, round_number)
         self._store.complete_round(attempt, result.contributors, path.name)
         log.info(
             "round %d completed: %d contributors %s, checkpoint %s",

@@ -103,16 +103,20 @@ class RandomTask(_message.Message):
     def __init__(self, seed: _Optional[int] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("seed", "local_steps", "learning_rate", "batch_size")
+    __slots__ = ("seed", "local_steps", "learning_rate", "batch_size", "max_weight", "layout_fingerprint")
     SEED_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     seed: int
     local_steps: int
     learning_rate: float
     batch_size: int
-    def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    max_weight: int
+    layout_fingerprint: str
+    def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_weight: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RoundStart(_message.Message):
     __slots__ = ("config",)

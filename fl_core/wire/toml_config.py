@@ -60,6 +60,9 @@ class Table:
     def has(self, key: str) -> bool:
         return key in self._data
 
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self._data)
+
     def table(self, key: str, required: bool = True) -> Table:
         value = self._get(key, _MISSING if required else {})
         if not isinstance(value, dict):

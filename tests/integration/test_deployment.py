@@ -13,6 +13,7 @@ import pytest
 from conftest import Deployment, round_config
 
 from clients.transport import random_input
+from fl_core.strategies import AggregateInput, FedAvg
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire import fedsec_pb2_grpc as pb_grpc
 from fl_core.wire.convert import admission_signed_bytes
@@ -32,7 +33,7 @@ SEED = 7
 def expected_global(rounds: list[list[int]], dim: int = DIM) -> np.ndarray:
     """What the in-process simulation computes for the same seeds and data: each round's
     contributors' inputs through a real (simulated) secure-aggregation session, decoded and
-    applied with the server's rule (global += mean)."""
+    applied with the server's strategy (FedAvg: global += mean)."""
     vector = np.zeros(dim, np.float32)
     for number, contributors in enumerate(rounds):
         cohort = sorted(contributors)
@@ -41,8 +42,9 @@ def expected_global(rounds: list[list[int]], dim: int = DIM) -> np.ndarray:
         params = RoundParams(os.urandom(32), 32, dim, 3, tuple(cohort))
         simulated = simulate_round(params, inputs)
         quant = QuantizationParams(32, 1.0, config.scale, max_clients=len(cohort))
-        update = decode_sum(simulated.result.sum, quant, len(cohort)).average()
-        vector = (vector + update).astype(np.float32)
+        decoded = decode_sum(simulated.result.sum, quant, len(cohort))
+        released = AggregateInput(decoded.total.astype(np.float64), decoded.weight, len(cohort))
+        vector = FedAvg(dim).aggregate(vector, released).astype(np.float32)
     return vector
 
 

@@ -86,7 +86,7 @@ def _edit(bundle: Path, tmp_path: Path, old: str, new: str) -> Path:
         ("cohort_size = 4", "cohort_size = 9", r"exceeds the 4 institutions"),
         ("ring_bits = 32", "ring_bits = 65", r"rounds.ring_bits must be <= 64"),
         ("count = 2", 'count = "2"', r"rounds.count must be an integer"),
-        ('kind = "random"', 'kind = "magic"', r"task.kind must be one of random"),
+        ('kind = "random"', 'kind = "magic"', r"task.kind must be one of random, train"),
         ('roster = "roster.toml"', 'roster = "nope.toml"', r"server.roster: .* does not exist"),
         ("[task]", "[task", r"not valid TOML"),
     ],

@@ -1,0 +1,128 @@
+"""The ``train`` task on the client: build the model once, train each round, encode the update.
+
+Per round: load the global trainable LoRA vector the server sent, train locally
+(:func:`clients.trainer.train_local`), and encode ``delta`` with weight ``n`` (the local sample
+count) for the secure sum, so the server can form the sample-weighted FedAvg mean without
+learning any single ``n``. The training seed is (round seed, round number, client id): a run
+can be reproduced exactly in one process, which the integration test does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from clients.client_config import ClientConfig, TrainOptions
+from clients.data import Example, alpaca_example, load_jsonl, tokenize
+from clients.model_factory import build_default_base, load_causal_lm
+from clients.synthetic import make_federation
+from clients.trainer import (
+    LocalResult,
+    LoraMode,
+    LoraModel,
+    LoraSettings,
+    TrainSettings,
+    train_local,
+)
+from fl_core.adapter_io import save_adapter
+from fl_core.wire import fedsec_pb2 as pb
+from fl_core.wire.toml_config import ConfigError
+from secagg.encoding import QuantizationParams, encode
+from secagg.errors import ConfigurationError
+from secagg.ring import RingArray
+
+
+def _examples(config: ClientConfig, options: TrainOptions) -> list[Example]:
+    if config.jsonl is not None:
+        return load_jsonl(config.jsonl)
+    federation = make_federation(
+        options.institutions, options.records, seed=options.federation_seed
+    )
+    names = [i.name for i in federation.institutions]
+    if config.synthetic not in names:
+        raise ConfigError(
+            f"data.synthetic = {config.synthetic!r} is not an embedded institution; "
+            f"known: {', '.join(names)}"
+        )
+    institution = federation.institutions[names.index(config.synthetic)]
+    return [alpaca_example(r) for r in institution.records]
+
+
+def training_seed(config: pb.RoundConfig, client_id: int) -> int:
+    return (config.train.seed * 1_000_003 + config.round_number) * 65_537 + client_id
+
+
+class LocalTrainer:
+    def __init__(self, config: ClientConfig) -> None:
+        if config.train is None:
+            raise ConfigError("this client has no [train] table; it cannot take train rounds")
+        options = config.train
+        torch.set_num_threads(options.threads)
+        base: PreTrainedModel
+        tokenizer: PreTrainedTokenizerBase
+        if options.base == "embedded":
+            federation = make_federation(
+                options.institutions, options.records, seed=options.federation_seed
+            )
+            base, tokenizer = build_default_base(federation.corpus())
+        else:
+            base, tokenizer = load_causal_lm(Path(options.base))
+        self.lm = LoraModel(
+            base,
+            LoraSettings(
+                rank=options.lora_rank,
+                alpha=options.lora_alpha,
+                mode=cast(LoraMode, options.lora_mode),
+            ),
+        )
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.data = tokenize(
+            _examples(config, options), tokenizer, options.max_length, "local data"
+        )
+        self._client_id = config.client_id
+        self._threads = options.threads
+
+    def write_initial_adapter(self, directory: Path) -> None:
+        save_adapter(directory, self.lm.tensors(), self.lm.adapter_config())
+
+    def train(self, config: pb.RoundConfig, global_vector: np.ndarray) -> LocalResult:
+        """This round's local training from ``global_vector`` (reproducible from the config)."""
+        task = config.train
+        if task.layout_fingerprint != self.lm.layout.fingerprint():
+            raise ConfigurationError(
+                "the server's adapter layout differs from this client's LoRA settings "
+                "(check [train] lora_rank / lora_mode against the coordinator's adapter)"
+            )
+        settings = TrainSettings(
+            local_steps=task.local_steps,
+            batch_size=task.batch_size,
+            lr=task.learning_rate,
+            seed=training_seed(config, self._client_id),
+            num_threads=self._threads,
+        )
+        return train_local(self.lm, global_vector, self.data, settings, self.pad_id)
+
+    def encoded_update(self, config: pb.RoundConfig, model: bytes) -> RingArray:
+        task = config.train
+        if len(model) != 4 * self.lm.layout.size:
+            raise ConfigurationError(
+                f"global model of {len(model)} bytes for {self.lm.layout.size} coordinates"
+            )
+        if len(self.data) > task.max_weight:
+            raise ConfigurationError(
+                f"{len(self.data)} local samples exceed the round's max_weight {task.max_weight}"
+            )
+        result = self.train(config, np.frombuffer(model, dtype="<f4").astype(np.float32))
+        quant = QuantizationParams(
+            config.ring_bits,
+            config.clip,
+            config.scale,
+            len(config.cohort),
+            max_weight=task.max_weight,
+            weighted=True,
+        )
+        return encode(result.delta, quant, weight=result.num_samples).vector

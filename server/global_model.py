@@ -1,0 +1,131 @@
+"""The server's global model and what turns a released secure sum into the next one.
+
+The server never trains and never sees an individual update. For the ``train`` task it holds
+the trainable LoRA coordinates as one float32 vector (layout from the initial PEFT adapter:
+all A and B tensors, or only B in FFA-LoRA mode, where A stays at the shared initialisation),
+sends it with every round, and applies the configured strategy to what the secure sum
+releases: sum of w*delta, sum of w (clients add their sample count w as one more coordinate,
+so the server learns only the cohort's total) and the number of contributors. Each completed
+round is checkpointed as safetensors (vector + strategy state) and as a PEFT adapter directory
+any ``peft`` user can load. The ``random`` task has no model: the "global" vector is the running
+sum of the decoded mean updates, which is what the load test and the drills check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fl_core.adapter_io import AdapterConfig, load_adapter, save_adapter
+from fl_core.strategies import AggregateInput, Strategy, build_strategy
+from fl_core.updates import LoraLayout
+from fl_core.wire import fedsec_pb2 as pb
+from fl_core.wire.toml_config import ConfigError
+from secagg.encoding import QuantizationParams, decode_sum
+from secagg.protocol import AggregateResult
+from server.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from server.config import ServerConfig
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    tensors: dict[str, np.ndarray]  # the initial adapter: the frozen tensors come from here
+    config: AdapterConfig
+    layout: LoraLayout  # the trainable part, in the global vector's order
+
+
+class GlobalModel:
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        task = config.task
+        self._adapter: _Adapter | None = None
+        if task.kind == "train":
+            if task.initial_adapter is None:
+                raise ConfigError('task.initial_adapter is required for kind = "train"')
+            tensors, adapter_config = load_adapter(task.initial_adapter)
+            full = LoraLayout.from_tensors(tensors)
+            layout = (
+                full.select(lambda name: ".lora_B." in name) if task.lora_mode == "ffa" else full
+            )
+            self._adapter = _Adapter(tensors, adapter_config, layout)
+            self.vector = layout.flatten({k: tensors[k] for k in layout.names})
+        else:
+            self.vector = np.zeros(task.dim, dtype=np.float32)
+        self.strategy: Strategy = build_strategy(
+            task.strategy, self.vector.size, dict(task.strategy_params)
+        )
+        options = self.strategy.client_options()
+        if options.prox_mu or options.server_control is not None:
+            raise ConfigError(f"strategy {task.strategy} needs client options; not supported")
+
+    # --- rounds -----------------------------------------------------------------------------
+
+    def quantization(self, cohort_size: int) -> QuantizationParams:
+        rounds, task = self._config.rounds, self._config.task
+        if task.kind == "train":
+            return QuantizationParams.fit(
+                rounds.ring_bits, task.clip, cohort_size, task.max_weight, weighted=True
+            )
+        return QuantizationParams.fit(rounds.ring_bits, task.clip, max_clients=cohort_size)
+
+    def fill_round(self, config: pb.RoundConfig) -> bytes:
+        """Set the task fields of ``config``; returns the payload that follows RoundStart."""
+        task, rounds = self._config.task, self._config.rounds
+        quant = self.quantization(len(config.cohort))
+        config.clip = task.clip
+        config.scale = quant.scale
+        if self._adapter is None:
+            config.dim = self.vector.size
+            config.model_dim = 0
+            config.random.seed = rounds.seed
+            return b""
+        config.weighted = True
+        config.dim = quant.encoded_dim(self.vector.size)
+        config.model_dim = self.vector.size
+        config.train.seed = rounds.seed
+        config.train.local_steps = task.local_steps
+        config.train.learning_rate = task.learning_rate
+        config.train.batch_size = task.batch_size
+        config.train.max_weight = task.max_weight
+        config.train.layout_fingerprint = self._adapter.layout.fingerprint()
+        return self.vector.astype("<f4").tobytes()
+
+    def apply(self, config: pb.RoundConfig, result: AggregateResult) -> None:
+        quant = QuantizationParams(
+            config.ring_bits,
+            config.clip,
+            config.scale,
+            max_clients=len(config.cohort),
+            max_weight=config.train.max_weight if config.weighted else 1,
+            weighted=config.weighted,
+        )
+        decoded = decode_sum(result.sum, quant, len(result.contributors))
+        released = AggregateInput(
+            decoded.total.astype(np.float64), decoded.weight, len(result.contributors)
+        )
+        self.vector = self.strategy.aggregate(self.vector, released).astype(np.float32)
+
+    # --- persistence ------------------------------------------------------------------------
+
+    def save(self, directory: Path, round_number: int) -> Path:
+        """Checkpoint (and, for LoRA, a PEFT adapter directory beside it); returns the file."""
+        state = self.strategy.state_dict()
+        path = save_checkpoint(directory, Checkpoint(round_number, self.vector, state))
+        if self._adapter is not None:
+            tensors = dict(self._adapter.tensors)
+            tensors.update(self._adapter.layout.unflatten(self.vector))
+            save_adapter(directory / f"adapter-{round_number:06d}", tensors, self._adapter.config)
+        return path
+
+    def restore(self, path: Path) -> None:
+        checkpoint = load_checkpoint(path)
+        if checkpoint.global_vector.size != self.vector.size:
+            raise ConfigError(
+                f"{path}: checkpoint has {checkpoint.global_vector.size} coordinates, the "
+                f"configured model has {self.vector.size}"
+            )
+        self.vector = checkpoint.global_vector.copy()
+        if checkpoint.strategy_state:
+            self.strategy.load_state_dict(checkpoint.strategy_state)
