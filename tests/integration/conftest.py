@@ -85,6 +85,7 @@ class Deployment:
             "join_timeout_s": 10.0,
             "dim": 1000,
             "seed": 7,
+            "client_ca": False,
         }
         self.settings.update(rounds)
         self.port = 0
@@ -97,6 +98,7 @@ class Deployment:
 listen = "127.0.0.1:{self.port}"
 tls_cert = "pki/server.pem"
 tls_key = "pki/server.key"
+{'client_ca = "pki/ca.pem"' if s["client_ca"] else ""}
 roster = "roster.toml"
 state_dir = "state"
 

@@ -226,3 +226,30 @@ def test_refusals_get_a_status_and_a_log_line_and_the_round_goes_on(
     for p in honest:
         assert p.wait_exit(30) == 0
     np.testing.assert_array_equal(d.checkpoint(0), expected_global([[1, 2, 3, 4]]))
+
+
+def test_mutual_tls_refuses_a_client_certificate_from_another_ca(
+    deploy: Callable[..., Deployment],
+) -> None:
+    d = deploy(4, count=1, client_ca=True, min_clients=3, threshold=2, join_timeout_s=4.0)
+    other = deploy(3)
+    server = d.start_server()
+    own = {
+        c: f'tls_cert = "../pki/client-{c}.pem"\ntls_key = "../pki/client-{c}.key"\n'
+        for c in (1, 2, 3)
+    }
+    honest = [d.start_client(c, own[c]) for c in (1, 2, 3)]
+    foreign = other.root / "pki"
+    wrong = d.client_config(
+        4, f'tls_cert = "{foreign}/client-1.pem"\ntls_key = "{foreign}/client-1.key"\n'
+    )
+    wrong.write_text(wrong.read_text().replace("give_up_after_s = 60.0", "give_up_after_s = 2.0"))
+    refused = d.start_client_from(wrong)
+    assert refused.wait_exit(60) == 1
+    assert "server unreachable (UNAVAILABLE" in refused.text()
+    server.wait_for("Handshake failed .*certificate signature failure")
+    # join_timeout passes with 3 of 4 online; the round runs with the three certified clients.
+    assert server.wait_exit(60) == 0
+    for proc in honest:
+        assert proc.wait_exit(30) == 0
+    np.testing.assert_array_equal(d.checkpoint(0), expected_global([[1, 2, 3]]))
