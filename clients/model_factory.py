@@ -44,7 +44,9 @@ class TinyLlamaSpec:
     num_heads: int = 4
     intermediate_size: int = 172
     max_positions: int = 256
-    initializer_range: float = 0.02
+    # 0.2, not Llama's 0.02: LoRA on a random base learns far faster from larger random features
+    # (plaintext FedAvg, 4 institutions x 8 rounds x 10 steps: mean eval loss 3.82 vs 4.85).
+    initializer_range: float = 0.2
     seed: int = 0
 
 
