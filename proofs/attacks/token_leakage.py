@@ -22,7 +22,14 @@ from proofs.attacks.model_access import Array, Update
 from proofs.attacks.result import Reconstruction
 
 #: Names of the tensors whose rows are indexed by token id.
-VOCAB_TENSOR_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight")
+VOCAB_TENSOR_SUFFIXES = (
+    "embed_tokens.weight",
+    "lm_head.weight",
+    "wte.weight",
+    # LoRA on the LM head: ∂L/∂B = s·Σ_t (p_t − y_t)(A h_t)ᵀ has one row per token too.
+    "lm_head.lora_B.weight",
+    "lm_head.lora_B.default.weight",
+)
 #: Robust z-score above which a row counts as an outlier (far in the tail of any noise).
 Z_THRESHOLD = 8.0
 #: MAD's consistency constant for normally distributed norms.
