@@ -223,6 +223,7 @@ class RoundMetrics:
     train_s: float
     aggregation_s: float
     stage_s: dict[str, float]
+    client_mask_s: float  # mean per client: building its masked input (all PRG expansions)
     upload_bytes: dict[str, float]
     secure_vs_plain_max_abs_diff: float
     quantization_bound: float
@@ -255,6 +256,7 @@ class _Aggregate:
     contributors: tuple[int, ...]
     transcript: Transcript
     stage_s: dict[str, float]
+    mask_s: float
     upload: dict[int, int]
     diff: float
     bound: float
@@ -418,6 +420,7 @@ class Federation:
             train_s=trained - begin,
             aggregation_s=aggregated - trained,
             stage_s=aggregate.stage_s,
+            client_mask_s=aggregate.mask_s,
             upload_bytes={
                 "per_client_mean": float(np.mean(uploads)),
                 "total": float(sum(aggregate.upload.values())),
@@ -518,6 +521,7 @@ class Federation:
             contributors=contributors,
             transcript=sim.transcript,
             stage_s=sim.stage_seconds,
+            mask_s=float(np.mean(list(sim.client_mask_seconds.values()))),
             upload=sim.upload_bytes,
             diff=diff,
             bound=bound,

@@ -83,6 +83,7 @@ def test_each_round_matches_plaintext_fedavg_within_the_stated_bound() -> None:
         err = np.max(np.abs(outcome.global_vector - expected))
         assert err <= m.quantization_bound + 1e-7
         assert m.contributors == m.cohort == NAMES
+        assert 0 < m.client_mask_s < m.aggregation_s
         assert m.upload_bytes["total"] == pytest.approx(4 * m.upload_bytes["per_client_mean"])
         assert m.upload_bytes["per_client_mean"] > 4 * DIM  # the masked vector at least
         g = outcome.global_vector.astype(np.float64)
