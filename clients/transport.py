@@ -50,7 +50,7 @@ from fl_core.wire.convert import (
 from fl_core.wire.framing import client_frames, grpc_options, read_item
 from fl_core.wire.toml_config import ConfigError
 from secagg.encoding import QuantizationParams
-from secagg.errors import ProtocolAbort, SecAggError
+from secagg.errors import MessageFormatError, ProtocolAbort, SecAggError
 from secagg.messages import (
     ClientMessage,
     ConsistencyRequest,
@@ -214,6 +214,12 @@ class ClientTransport:
                     need_auth = True
             except (OSError, ssl.SSLError) as exc:
                 log.warning("cannot reach the server: %s", exc)
+            except MessageFormatError as exc:
+                # An item we cannot read (e.g. larger than we accept): leave any round in
+                # flight and start again from the end of our queue after re-admission.
+                log.error("unreadable item from the server, skipping our queue: %s", exc)
+                self._drop_round(aborted=True)
+                need_auth = True
             if time.monotonic() - last_progress > self._config.give_up_after_s:
                 log.error("no progress for %.0f s; giving up", self._config.give_up_after_s)
                 return 1

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from fl_core.wire.credentials import load_roster
 from fl_core.wire.toml_config import ConfigError, load_toml
+from secagg.encoding import QuantizationParams
+from secagg.errors import ConfigurationError
 from secagg.keys import Roster
 
 #: Strategies whose whole state lives on the server. FedProx and SCAFFOLD also need per-round
@@ -143,6 +145,16 @@ def load_server_config(path: Path) -> ServerConfig:
             f"{path}: rounds.cohort_size ({rounds.cohort_size}) exceeds the {len(roster)} "
             f"institutions in {roster_path}"
         )
+    try:
+        QuantizationParams.fit(
+            rounds.ring_bits,
+            task.clip,
+            rounds.cohort_size,
+            task.max_weight if task.kind == "train" else 1,
+            weighted=task.kind == "train",
+        )
+    except ConfigurationError as exc:
+        raise ConfigError(f"{path}: rounds.ring_bits: {exc}") from None
     if rounds.neighbours and rounds.neighbours < rounds.threshold:
         raise ConfigError(f"{path}: rounds.neighbours must be 0 (complete) or >= threshold")
     return ServerConfig(listen, tls, roster_path, roster, names, state_dir, rounds, task)

@@ -134,8 +134,9 @@ class RoundRunner:
     def run(self) -> None:
         self.recover()
         while self.next_round < self._config.rounds.rounds and not self._stop.is_set():
-            attempt_seed = (self._config.rounds.seed, self.next_round, time.time_ns())
-            if self._run_attempt(self.next_round, random.Random(str(attempt_seed))):
+            # Cohorts are drawn from the OS CSPRNG: who takes part in a round should not be
+            # predictable (or steerable) from the public config.
+            if self._run_attempt(self.next_round, random.SystemRandom()):
                 self.next_round += 1
         if not self._stop.is_set():
             log.info("all %d rounds completed", self._config.rounds.rounds)

@@ -82,7 +82,9 @@ class Deployment:
             "min_clients": clients - 1,
             "threshold": 3,
             "stage_timeout_s": 5.0,
-            "join_timeout_s": 10.0,
+            # Rounds start as soon as the whole cohort is online; the join timeout only matters
+            # when someone is missing, and must outlast process start-up on a loaded machine.
+            "join_timeout_s": 30.0,
             "dim": 1000,
             "seed": 7,
             "client_ca": False,
