@@ -66,6 +66,7 @@ class MatrixConfig:
     lora_steps: int = 3
     lora_lr: float = 0.05
     optimisation_steps: int = 150
+    optimisation_lr: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -263,12 +264,17 @@ def _attack(
         if lora_model is None:
             raise AttackInputError("the LoRA span attack needs the global LoRA model")
         return span_attack(update, lora_model.model, lora=True, max_length=2 * config.length)
+    # The search is restricted to the tokens the token-set attack names on the same view (the
+    # whole vocabulary when it names none, as on masked or DP views).
+    candidates = token_leakage_attack(update, scenario.vocab_size).tokens
     return optimisation_attack(
         update,
         scenario.model,
         batch=batch,
         length=config.length,
         steps=config.optimisation_steps,
+        learning_rate=config.optimisation_lr,
+        candidates=candidates,
         seed=config.seed,
     )
 

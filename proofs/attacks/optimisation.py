@@ -18,6 +18,8 @@ optimiser (Adam) make the match approximate and the attack weaker.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -38,9 +40,14 @@ def optimisation_attack(
     length: int,
     steps: int = 300,
     learning_rate: float = 0.1,
+    candidates: Collection[int] | None = None,
     seed: int = 0,
 ) -> Reconstruction:
-    """Reconstruct ``batch`` sequences of ``length`` tokens whose gradient matches ``update``."""
+    """Reconstruct ``batch`` sequences of ``length`` tokens whose gradient matches ``update``.
+
+    ``candidates`` restricts the search to those token ids (for example the tokens the
+    token-set attack names); ``None`` or an empty set searches the whole vocabulary.
+    """
     if batch < 1 or length < 2:
         raise AttackInputError(f"need batch >= 1 and length >= 2, got {batch} and {length}")
     if steps < 1:
@@ -62,11 +69,14 @@ def optimisation_attack(
     targets = [-torch.as_tensor(update[n], dtype=torch.float32) for n in names]
     target_norms = [t.norm().clamp_min(1e-30) for t in targets]
     weights = [params[n] for n in names]
-    embedding = input_embedding_matrix(model)
-    vocab = embedding.shape[0]
+    vocab = input_embedding_matrix(model).shape[0]
+    allowed = sorted(candidates) if candidates else list(range(vocab))
+    if allowed[0] < 0 or allowed[-1] >= vocab:
+        raise AttackInputError(f"candidate token ids must lie in [0, {vocab})")
+    index = torch.tensor(allowed, dtype=torch.long)
 
     generator = torch.Generator().manual_seed(seed)
-    logits = (0.1 * torch.randn(batch, length, vocab, generator=generator)).requires_grad_()
+    logits = (0.1 * torch.randn(batch, length, len(allowed), generator=generator)).requires_grad_()
     optimiser = torch.optim.Adam([logits], lr=learning_rate)
     was_training = model.training
     model.eval()
@@ -75,14 +85,14 @@ def optimisation_attack(
         with sdpa_kernel(SDPBackend.MATH):
             for _ in range(steps):
                 optimiser.zero_grad(set_to_none=True)
-                loss = _matching_loss(model, logits, weights, targets, target_norms)
+                loss = _matching_loss(model, logits, index, weights, targets, target_norms)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimiser.step()
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     with torch.no_grad():
-        guessed = logits.argmax(-1)
+        guessed = index[logits.argmax(-1)]
     sequences = tuple(tuple(int(t) for t in row) for row in guessed)
     tokens = frozenset(t for row in sequences for t in row)
     return Reconstruction(tokens, sequences, f"{steps} Adam steps on {batch}×{length} soft tokens")
@@ -91,15 +101,17 @@ def optimisation_attack(
 def _matching_loss(
     model: nn.Module,
     logits: torch.Tensor,
+    index: torch.Tensor,
     weights: list[nn.Parameter],
     targets: list[torch.Tensor],
     target_norms: list[torch.Tensor],
 ) -> torch.Tensor:
-    soft = torch.softmax(logits, dim=-1)
-    embeds = soft @ model.get_input_embeddings().weight  # type: ignore[operator]
+    soft = torch.softmax(logits, dim=-1)  # over the allowed tokens only
+    table = model.get_input_embeddings().weight  # type: ignore[operator]
+    embeds = soft @ table[index]
     out = model(inputs_embeds=embeds, use_cache=False).logits
     # Causal-LM loss with soft labels: position t predicts the distribution at t + 1.
-    log_probs = torch.log_softmax(out[:, :-1, :], dim=-1)
+    log_probs = torch.log_softmax(out[:, :-1, :], dim=-1)[..., index]
     train_loss = -(soft[:, 1:, :] * log_probs).sum(-1).mean()
     grads = torch.autograd.grad(train_loss, weights, create_graph=True)
     total = logits.new_zeros(())

@@ -45,19 +45,22 @@ def flatten(update: Update) -> tuple[Array, tuple[tuple[str, tuple[int, ...]], .
 
 
 def unflatten(vector: Array, layout: Sequence[tuple[str, tuple[int, ...]]]) -> dict[str, Array]:
+    need = sum(int(np.prod(shape)) for _, shape in layout)
+    if vector.ndim != 1 or vector.size != need:
+        raise AttackInputError(f"vector has shape {vector.shape}, the layout needs ({need},)")
     out: dict[str, Array] = {}
     offset = 0
     for name, shape in layout:
         size = int(np.prod(shape))
         out[name] = vector[offset : offset + size].reshape(shape).copy()
         offset += size
-    if offset != vector.size:
-        raise AttackInputError(f"vector has {vector.size} entries, the layout needs {offset}")
     return out
 
 
 def plaintext_view(update: Update) -> dict[str, Array]:
     """View (a): the update itself."""
+    if not update:
+        raise AttackInputError("the update is empty")
     return {name: np.array(value, dtype=np.float64) for name, value in update.items()}
 
 

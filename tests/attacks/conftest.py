@@ -1,0 +1,38 @@
+"""One small scenario shared by the attack tests: the embedded tiny Llama and two institutions.
+
+Torch runs single-threaded here: the model is tiny, and with the suite's other processes on
+the same two cores, multi-threaded BLAS spends most of its time spinning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from proofs.attacks.matrix import MatrixConfig, MatrixRow, Scenario, default_scenario, run_matrix
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def scenario() -> Scenario:
+    return default_scenario(n_clients=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def batch_one_rows(scenario: Scenario) -> dict[tuple[str, str], MatrixRow]:
+    """Every fast attack on every view, batch of one text, two clients (victim = client 0)."""
+    config = MatrixConfig(
+        batches=(1,),
+        clients=(2,),
+        attacks=("token_leakage", "token_leakage_lora", "span", "span_lora"),
+    )
+    return {(r.attack, r.view): r for r in run_matrix(scenario, config)}
