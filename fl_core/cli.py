@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("server.status_cli", "rounds, participants and last checkpoint of a server"),
     "audit": ("proofs.audit_cli", "privacy report of a run: epsilon spent, transcript checks"),
     "privacy-budget": ("proofs.budget_cli", "epsilon of T rounds of sampled DP, one JSON line"),
+    "attack": ("proofs.attack_cli", "gradient-inversion attacks on each view of an update"),
 }
 
 
