@@ -70,4 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Re-import so that subcommands raise the same UsageError class this entry point catches
+    # (under ``python -m`` this file is ``__main__``, a second copy of the module).
+    from fl_core.cli import main as package_main
+
+    raise SystemExit(package_main())

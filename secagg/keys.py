@@ -98,10 +98,7 @@ class Roster(Mapping[int, bytes]):
         self._entries = checked
 
     def __getitem__(self, client_id: int) -> bytes:
-        try:
-            return self._entries[client_id]
-        except KeyError:
-            raise UnknownClient(f"client {client_id} is not in the roster") from None
+        return self._entries[client_id]  # KeyError, so ``id in roster`` works as for any Mapping
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._entries)
@@ -110,7 +107,10 @@ class Roster(Mapping[int, bytes]):
         return len(self._entries)
 
     def verify(self, client_id: int, signature: bytes, message: bytes, what: str) -> None:
-        verify_signature(self[client_id], signature, message, f"{what} from client {client_id}")
+        key = self._entries.get(client_id)
+        if key is None:
+            raise UnknownClient(f"{what} from client {client_id}, who is not in the roster")
+        verify_signature(key, signature, message, f"{what} from client {client_id}")
 
 
 # --- X25519 ephemeral keys -------------------------------------------------------------------

@@ -60,3 +60,17 @@ def test_roster_verifies_signatures_and_rejects_unknown_ids() -> None:
     with pytest.raises(ConfigurationError):
         Roster({1: alice.public_bytes, 2: alice.public_bytes})
     assert Identity.from_private_bytes(alice.private_bytes()).public_bytes == alice.public_bytes
+
+
+def test_roster_membership_and_unknown_signer() -> None:
+    import pytest
+
+    from secagg.errors import UnknownClient
+    from secagg.keys import Identity, Roster
+
+    identity = Identity.generate()
+    roster = Roster({5: identity.public_bytes})
+    assert 5 in roster and 6 not in roster
+    with pytest.raises(UnknownClient):
+        roster.verify(6, identity.sign(b"m"), b"m", "test message")
+    roster.verify(5, identity.sign(b"m"), b"m", "test message")
