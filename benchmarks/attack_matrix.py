@@ -30,7 +30,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1, 2 clients only")
     parser.add_argument("--epsilon", type=float, default=8.0)
-    parser.add_argument("--optimisation-steps", type=int, default=150)
+    parser.add_argument("--optimisation-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilon", type=float, default=8.0, help="DP view: one round's ε")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--length", type=int, default=32, help="tokens per training text")
-    parser.add_argument("--optimisation-steps", type=int, default=150)
+    parser.add_argument("--optimisation-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 

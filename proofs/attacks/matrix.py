@@ -10,6 +10,10 @@ training texts of ``length`` tokens and produces two kinds of update from the sa
   are non-zero as in any round after the first; the LoRA token-set attack reads the LM head's
   LoRA B, the LoRA span attack reads block 0's LoRA A matrices.
 
+The optimisation attack searches among the tokens the token-set attack names on the same view
+(the whole vocabulary when it names none) and runs for batches up to
+``optimisation_max_batch`` only, because its cost grows with steps × batch.
+
 Clients train on the whole text (prompt and response). Each row scores one attack on one view
 against the victim's batch; ``union_recall`` (aggregate views only) scores it against the union
 of all clients' tokens, which is what a sum can still reveal without saying who wrote what.
@@ -65,8 +69,11 @@ class MatrixConfig:
     lora_rank: int = 16
     lora_steps: int = 3
     lora_lr: float = 0.05
-    optimisation_steps: int = 150
-    optimisation_lr: float = 0.1
+    optimisation_steps: int = 300
+    optimisation_lr: float = 0.5
+    #: The optimisation attack costs steps × batch forward-and-double-backward passes; larger
+    #: batches are left out of the matrix (no row) rather than run with too few steps.
+    optimisation_max_batch: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -153,7 +160,12 @@ def run_matrix(
             truth = set(cohort[0].ids.flatten().tolist())
             union = set(torch.cat([u.ids.flatten() for u in cohort]).tolist())
             for kind in ("fedsgd", "lora"):
-                attacks = [a for a in config.attacks if (a in _LORA_ATTACKS) == (kind == "lora")]
+                attacks = [
+                    a
+                    for a in config.attacks
+                    if (a in _LORA_ATTACKS) == (kind == "lora")
+                    and not (a == "optimisation" and batch > config.optimisation_max_batch)
+                ]
                 if not attacks:
                     continue
                 per_client = [u.fedsgd if kind == "fedsgd" else u.lora for u in cohort]
