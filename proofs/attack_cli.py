@@ -93,7 +93,7 @@ def _scenario(args: argparse.Namespace, n_clients: int) -> Scenario:
             f"{run_file}: the attack matrix rebuilds runs on the embedded model and data only "
             f"(this run used model={model!r}, data={data!r})"
         )
-    institutions = len(run.get("samples", {}))
+    institutions = len(run.get("institutions", []))
     if institutions < n_clients:
         raise UsageError(
             f"{run_file}: the run has {institutions} institutions, --clients asks for {n_clients}"

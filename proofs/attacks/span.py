@@ -116,7 +116,7 @@ def span_attack(
         if ordered is not None:
             sequences, note = ordered
             return Reconstruction(frozenset(tokens), sequences, f"{detail}; {note}")
-        detail += "; no order (block-1 span unavailable or full)"
+        detail += "; no order (block-1 span missing or full, or no prefix fits it)"
     return Reconstruction(frozenset(tokens), (tokens,), detail)
 
 

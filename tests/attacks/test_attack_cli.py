@@ -41,6 +41,25 @@ def test_fedsec_attack_refuses_a_directory_that_is_not_a_run(
     assert "run.json" in capsys.readouterr().err
 
 
+def test_fedsec_attack_rebuilds_an_embedded_run(tmp_path: Path) -> None:
+    # The fields fedsec simulate writes to run.json that the attack reads.
+    run = {
+        "institutions": ["cardiology-1", "paediatrics-1"],
+        "seed": 0,
+        "model": "embedded tiny Llama",
+        "data": "embedded synthetic institutions",
+    }
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    args = ["attack", str(tmp_path), "--batches", "1", "--clients", "2"]
+    assert main([*args, "--attacks", "token_leakage", "--views", "plaintext"]) == 0
+    (row,) = json.loads((tmp_path / "attacks.json").read_text())["results"]
+    assert row["token_recall"] >= 0.8
+    assert main([*args, "--clients", "3"]) == 2  # the run has only two institutions
+    run["model"] = "/models/llama-7b"
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert main(args) == 2
+
+
 def test_fedsec_attack_rejects_an_unknown_attack() -> None:
     with pytest.raises(SystemExit):
         main(["attack", "--attacks", "telepathy"])
