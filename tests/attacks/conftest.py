@@ -1,7 +1,8 @@
 """One small scenario shared by the attack tests: the embedded tiny Llama and two institutions.
 
-Torch runs single-threaded here: the model is tiny, and with the suite's other processes on
-the same two cores, multi-threaded BLAS spends most of its time spinning.
+Torch runs single-threaded in these modules (restored after each): the model is tiny, and with
+the suite's other processes on the same two cores, multi-threaded BLAS spends most of its time
+spinning (a 30x slowdown measured under load).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from proofs.attacks.matrix import MatrixConfig, MatrixRow, Scenario, default_scenario, run_matrix
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _single_thread() -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
