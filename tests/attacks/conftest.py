@@ -8,6 +8,7 @@ spinning (a 30x slowdown measured under load).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,17 +16,26 @@ import torch
 from proofs.attacks.matrix import MatrixConfig, MatrixRow, Scenario, default_scenario, run_matrix
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
+@contextmanager
+def one_thread() -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread() -> Iterator[None]:
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
 def scenario() -> Scenario:
-    return default_scenario(n_clients=2, seed=0)
+    with one_thread():
+        return default_scenario(n_clients=2, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -36,4 +46,5 @@ def batch_one_rows(scenario: Scenario) -> dict[tuple[str, str], MatrixRow]:
         clients=(2,),
         attacks=("token_leakage", "token_leakage_lora", "span", "span_lora"),
     )
-    return {(r.attack, r.view): r for r in run_matrix(scenario, config)}
+    with one_thread():
+        return {(r.attack, r.view): r for r in run_matrix(scenario, config)}
