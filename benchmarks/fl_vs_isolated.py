@@ -30,6 +30,7 @@ from clients import defaults
 from clients.data import TokenizedDataset
 from clients.simulate_cli import SimulationSpec, TorchTrainer, prepare
 from clients.trainer import TrainSettings, evaluate, train_local
+from fl_core.strategies import STRATEGIES
 
 
 def union(sets: dict[str, TokenizedDataset]) -> TokenizedDataset:
@@ -62,10 +63,13 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=defaults.LOCAL_STEPS)
     parser.add_argument("--lr", type=float, default=defaults.LR)
     parser.add_argument("--seed", type=int, default=defaults.SEED)
+    parser.add_argument("--strategy", default=defaults.STRATEGY, choices=sorted(STRATEGIES))
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3 steps (a smoke run)")
     args = parser.parse_args()
     rounds, steps = (2, 3) if args.quick else (args.rounds, args.local_steps)
-    spec = SimulationSpec(args.institutions, rounds, steps, lr=args.lr, seed=args.seed)
+    spec = SimulationSpec(
+        args.institutions, rounds, steps, strategy=args.strategy, lr=args.lr, seed=args.seed
+    )
     fed, trainer = prepare(spec)
     work = trainer.work
     test = {"union": union(work.test_sets)}
