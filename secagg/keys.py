@@ -24,6 +24,18 @@ from secagg.ids import check_client_id, check_session_id, id_bytes
 PUBLIC_KEY_BYTES = 32
 PRIVATE_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
+
+
+def _raw_private(key: Ed25519PrivateKey | X25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def _raw_public(key: Ed25519PrivateKey | X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 _KDF_DOMAIN = b"fedsec/secagg/v1/pair-key"
 
 
@@ -54,17 +66,11 @@ class Identity:
         return cls(Ed25519PrivateKey.from_private_bytes(raw))
 
     def private_bytes(self) -> bytes:
-        return self.private_key.private_bytes(
-            serialization.Encoding.Raw,
-            serialization.PrivateFormat.Raw,
-            serialization.NoEncryption(),
-        )
+        return _raw_private(self.private_key)
 
     @property
     def public_bytes(self) -> bytes:
-        return self.private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        return _raw_public(self.private_key)
 
     def sign(self, message: bytes) -> bytes:
         return self.private_key.sign(message)
@@ -133,17 +139,11 @@ class AgreementKeyPair:
         return cls(X25519PrivateKey.from_private_bytes(raw))
 
     def private_bytes(self) -> bytes:
-        return self.private_key.private_bytes(
-            serialization.Encoding.Raw,
-            serialization.PrivateFormat.Raw,
-            serialization.NoEncryption(),
-        )
+        return _raw_private(self.private_key)
 
     @property
     def public_bytes(self) -> bytes:
-        return self.private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        return _raw_public(self.private_key)
 
     def exchange(self, peer_public: bytes) -> bytes:
         if len(peer_public) != PUBLIC_KEY_BYTES:

@@ -104,6 +104,7 @@ class ServerSession:
         self._expected: frozenset[int] = frozenset(params.cohort)
         self._got: set[int] = set()  # senders accepted in the current stage
         self._adverts: dict[int, AdvertiseKeys] = {}
+        self._key_owner: dict[bytes, int] = {}  # advertised public key -> client (O(1) reuse check)
         self._shares: dict[int, ShareKeys] = {}
         self._masked: list[int] = []
         self._sum: RingArray | None = params.ring.zeros(params.dim)
@@ -234,14 +235,14 @@ class ServerSession:
             msg.context_digest,
         )
         self._roster.verify(msg.sender, msg.signature, signed, "AdvertiseKeys")
-        for other in self._adverts.values():
-            if {other.masking_public, other.encryption_public} & {
-                msg.masking_public,
-                msg.encryption_public,
-            }:
-                raise DuplicateClient(
-                    f"client {msg.sender} advertised a public key already used by {other.sender}"
-                )
+        keys = {msg.masking_public, msg.encryption_public}
+        reused = [self._key_owner[k] for k in keys if k in self._key_owner]
+        if len(keys) != 2 or reused:
+            raise DuplicateClient(
+                f"client {msg.sender} advertised a public key already used by "
+                f"{reused[0] if reused else 'itself'}"
+            )
+        self._key_owner.update(dict.fromkeys(keys, msg.sender))
         self._adverts[msg.sender] = msg
 
     def _on_share(self, msg: ShareKeys) -> None:
