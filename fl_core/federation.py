@@ -6,15 +6,24 @@ One round (:meth:`Federation.run_round`):
 2. each cohort member trains from the current global vector (a :class:`ClientTrainer`, which
    is where torch lives -- this module is numpy-only) and turns its update into the strategy's
    contribution;
-3. each contribution is encoded (:mod:`secagg.encoding`, or :mod:`secagg.dp.encoder` with
-   distributed DP) and the cohort runs a full Bonawitz/SecAgg+ session
-   (:class:`secagg.simulate.Simulation`) with a fresh ``os.urandom(32)`` session id and graph
-   seed; the graph is a SecAgg+ Harary graph (:func:`~secagg.params.secaggplus_params`) when the
-   cohort is large enough for one, the complete graph with :func:`~secagg.params.classic_threshold`
-   otherwise. Each client signs a digest of the global vector it was given, so the session
-   aborts if clients were served different models;
-4. the released sum is decoded and checked against the plaintext sum of the *same* client
-   vectors (:func:`~fl_core.strategies.reference_sum`), see :func:`quantization_bound`;
+3. the aggregation backend chosen by ``FederationConfig.backend`` (:mod:`fl_core.aggregation`)
+   turns the contributions into one released sum, with a fresh ``os.urandom(32)`` session id:
+
+   - ``masking`` (default): each contribution is encoded (:mod:`secagg.encoding`, or
+     :mod:`secagg.dp.encoder` with distributed DP) and the cohort runs a full Bonawitz/SecAgg+
+     session (:class:`secagg.simulate.Simulation`) with a fresh graph seed; the graph is a
+     SecAgg+ Harary graph (:func:`~secagg.params.secaggplus_params`) when the cohort is large
+     enough for one, the complete graph with :func:`~secagg.params.classic_threshold`
+     otherwise. Each client signs a digest of the global vector it was given, so the session
+     aborts if clients were served different models;
+   - ``ckks``: every cohort member encrypts under the federation's CKKS key (dealt once per
+     :class:`Federation`), the server adds under the public context, the lowest surviving
+     institution decrypts. Weaker trust model and no DP
+     (:data:`~fl_core.aggregation.CKKS_TRUST_MODEL`); its release threshold is the same ``t``
+     the masking backend would use;
+4. the released sum is checked against the plaintext sum of the *same* client vectors
+   (:func:`~fl_core.strategies.reference_sum`), see :func:`~fl_core.aggregation.quantization_bound`
+   and :func:`~fl_core.aggregation.ckks_bound`;
 5. the strategy turns the released aggregate into the next global vector, which is evaluated.
 
 Weights travel inside the secure sum (weighted encoding: the weight is the last coordinate), so
@@ -34,46 +43,42 @@ import math
 import os
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from fl_core.aggregation import (
+    BACKENDS,
+    AggregationBackend,
+    CkksBackend,
+    CkksRoundRecord,
+    MaskingBackend,
+    RoundContext,
+    ckks_params,
+)
+from fl_core.aggregation import SecureAggregateMismatch as SecureAggregateMismatch
+from fl_core.aggregation import quantization_bound as quantization_bound
 from fl_core.errors import FLError
 from fl_core.sampling import ClientSampler
-from fl_core.strategies import (
-    AggregateInput,
-    ClientOptions,
-    Strategy,
-    build_strategy,
-    reference_sum,
-)
+from fl_core.strategies import ClientOptions, Strategy, build_strategy
 from fl_core.updates import check_finite
 from secagg.dp.calibration import Calibration, accounting_record, calibrate
-from secagg.dp.encoder import DpEncoder
 from secagg.dp.noise import Mechanism
-from secagg.encoding import QuantizationParams, decode_sum, encode
+from secagg.encoding import QuantizationParams
 from secagg.errors import ConfigurationError
 from secagg.params import classic_threshold, secaggplus_params
-from secagg.protocol import ClientPolicy, RoundParams
-from secagg.ring import RingArray
-from secagg.simulate import Simulation
+from secagg.protocol import ClientPolicy
 from secagg.transcript import Transcript
 
 #: Below this cohort size the complete graph is used: a Harary graph would need nearly every
 #: client as a neighbour anyway, and the SecAgg+ parameter search has no solution.
 SECAGGPLUS_MIN_COHORT = 16
-#: Relative error of rounding a float64 to float32 (round to nearest): |fl(x) - x| <= 2^-24 |x|.
-_FLOAT32_REL = 2.0**-24
 
 
 class FederationConfigError(FLError, ValueError):
     """Federation settings that cannot run (too few institutions, bad DP target, ...)."""
-
-
-class SecureAggregateMismatch(FLError, RuntimeError):
-    """The secure aggregate differs from the plaintext sum by more than the encoding allows."""
 
 
 @dataclass(frozen=True)
@@ -145,8 +150,10 @@ class FederationConfig:
     cohort_size: int | None = None  # None: every institution, every round
     dp: DpSettings | None = None
     seed: int = 0
+    backend: str = "masking"  # one of fl_core.aggregation.BACKENDS
 
     def __post_init__(self) -> None:
+        check_backend(self.backend, self.dp)
         minimum = ClientPolicy().min_cohort
         if len(set(self.clients)) != len(self.clients):
             raise FederationConfigError("institution names must be unique")
@@ -171,6 +178,20 @@ class FederationConfig:
         return self.cohort / len(self.clients)
 
 
+def check_backend(backend: str, dp: DpSettings | None) -> None:
+    """Refuse an unknown backend, and DP with CKKS (the DP encoder is integer/ring-based)."""
+    if backend not in BACKENDS:
+        raise FederationConfigError(
+            f"unknown aggregation backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+        )
+    if backend == "ckks" and dp is not None:
+        raise FederationConfigError(
+            "distributed DP needs the masking backend: its noise is integer (Skellam or discrete "
+            "Gaussian) and must be summed exactly in the ring Z_2^b, which CKKS's approximate "
+            "arithmetic does not do; turn DP off or use the masking backend"
+        )
+
+
 @dataclass(frozen=True)
 class GraphChoice:
     threshold: int
@@ -192,28 +213,12 @@ def choose_graph(cohort: int, settings: SecAggSettings) -> GraphChoice:
     return GraphChoice(threshold, None)
 
 
-def quantization_bound(
-    params: QuantizationParams, contributors: int, weight_sum: float, decoded_max_abs: float
-) -> float:
-    """Largest possible |secure mean - plaintext mean| on any coordinate, no DP.
-
-    Each client encodes ``q = round_stochastic(scale * w * clip(x))``; stochastic rounding moves
-    each coordinate by less than one unit, i.e. by less than ``step = 1/scale`` in units of
-    ``w * x``. The ring sum of ``contributors`` such vectors is exact (secure aggregation adds
-    nothing and the encoding is sized never to wrap), so the decoded sum of ``w * clip(x)``
-    differs from the plaintext one by less than ``contributors * step`` per coordinate, and the
-    weighted mean (the weights travel exactly, as integers) by less than
-    ``contributors * step / weight_sum``. :func:`secagg.encoding.decode_sum` returns the sum as
-    float32, which adds at most ``2^-24 * |sum|`` per coordinate; that term is included.
-    """
-    return (contributors * params.step + _FLOAT32_REL * decoded_max_abs) / weight_sum
-
-
 @dataclass(frozen=True)
 class RoundMetrics:
     """One line of ``metrics.jsonl``."""
 
     round: int
+    backend: str  # which aggregation backend released this round's sum
     cohort: tuple[str, ...]
     contributors: tuple[str, ...]
     train_loss: float
@@ -223,12 +228,14 @@ class RoundMetrics:
     train_s: float
     aggregation_s: float
     stage_s: dict[str, float]
-    client_mask_s: float  # mean per client: building its masked input (all PRG expansions)
+    # Mean per uploading client: building its masked input (all PRG expansions) under masking,
+    # encrypting its update under CKKS.
+    client_mask_s: float
     upload_bytes: dict[str, float]
     secure_vs_plain_max_abs_diff: float
-    quantization_bound: float
+    quantization_bound: float  # the backend's bound on that difference (CKKS: ckks_bound)
     clip_fraction: float
-    threshold: int
+    threshold: int  # fewest contributors a release may have (CKKS: min_contributors)
     neighbours: int | None
     session_id: str
     dp: dict[str, Any] | None = None  # accountant fields; merged into the record
@@ -247,20 +254,9 @@ class RoundMetrics:
 class RoundOutcome:
     metrics: RoundMetrics
     global_vector: np.ndarray
-    transcript: Transcript
-
-
-@dataclass(frozen=True)
-class _Aggregate:
-    agg: AggregateInput
-    contributors: tuple[int, ...]
-    transcript: Transcript
-    stage_s: dict[str, float]
-    mask_s: float
-    upload: dict[int, int]
-    diff: float
-    bound: float
-    clip_fraction: float
+    #: The server's record of the round: the masking protocol's transcript, or what the CKKS
+    #: server received and added.
+    transcript: Transcript | CkksRoundRecord
 
 
 class Federation:
@@ -294,8 +290,19 @@ class Federation:
         size = self.strategy.contribution_size()
         weighted = config.dp is None
         max_weight = max_samples if weighted and self._sample_weighted() else 1
+        self.calibration: Calibration | None = None
+        self.backend: AggregationBackend
+        if config.backend == "ckks":
+            try:
+                params = ckks_params(
+                    config.secagg.clip, config.cohort, max_weight, self.graph.threshold
+                )
+            except ConfigurationError as exc:
+                raise FederationConfigError(f"CKKS parameters: {exc}") from exc
+            self.backend = CkksBackend(sorted(self.ids.values()), params, size)
+            return
         try:
-            self.quant = QuantizationParams.fit(
+            quant = QuantizationParams.fit(
                 config.secagg.ring_bits,
                 config.secagg.clip,
                 config.cohort,
@@ -304,7 +311,6 @@ class Federation:
             )
         except ConfigurationError as exc:
             raise FederationConfigError(f"secure-aggregation encoding: {exc}") from exc
-        self.calibration: Calibration | None = None
         if config.dp is not None:
             dp = config.dp
             try:
@@ -324,13 +330,21 @@ class Federation:
                 )
             except ConfigurationError as exc:
                 raise FederationConfigError(f"DP calibration: {exc}") from exc
+        self.backend = MaskingBackend(
+            quant,
+            self.calibration,
+            self.graph.threshold,
+            self.graph.neighbours,
+            size,
+            config.secagg.corrupt_fraction,
+            config.secagg.dropout_fraction,
+        )
 
     def _sample_weighted(self) -> bool:
         return self.strategy.client_weight(2) != self.strategy.client_weight(1)
 
     def describe(self) -> dict[str, Any]:
         """The public parameters of the run, for ``run.json``."""
-        q = self.quant
         out: dict[str, Any] = {
             "institutions": list(self.config.clients),
             "rounds": self.config.rounds,
@@ -341,38 +355,21 @@ class Federation:
             "seed": self.config.seed,
             "dim": self.dim,
             "contribution_size": self.strategy.contribution_size(),
-            "secagg": {
-                "protocol": "SecAgg+" if self.graph.neighbours is not None else "SecAgg",
-                "ring_bits": q.ring_bits
-                if self.calibration is None
-                else self.calibration.params.ring_bits,
-                "threshold": self.graph.threshold,
-                "neighbours": self.graph.neighbours,
-                "corrupt_fraction": self.config.secagg.corrupt_fraction,
-                "dropout_fraction": self.config.secagg.dropout_fraction,
-                "key_agreement": "X25519 (32-byte public keys)",
-                "signatures": "Ed25519 (64-byte signatures)",
-                "share_encryption": "AES-256-GCM",
-                "mask_prg": "AES-128-CTR",
-                "secret_sharing": "Shamir over GF(2^256 + 297)",
-                "session_id": "fresh os.urandom(32) per round",
-            },
+            **self.backend.describe(),
         }
         if self.calibration is None:
-            out["secagg"]["encoding"] = {
-                "clip_per_coordinate": q.clip,
-                "scale": q.scale,
-                "step": q.step,
-                "max_weight": q.max_weight,
-                "weighted": True,
-            }
             out["dp"] = None
         else:
             out["dp"] = self.calibration.summary()
             out["dp"]["clip_l2"] = self.calibration.params.clip
         return out
 
-    def run_round(self, round_index: int) -> RoundOutcome:
+    def run_round(self, round_index: int, dropouts: Collection[str] = ()) -> RoundOutcome:
+        """One round. ``dropouts`` (institution names) train but never upload: the round goes
+        on with the others, or releases nothing when fewer than the threshold remain."""
+        unknown = set(dropouts) - set(self.ids)
+        if unknown:
+            raise FederationConfigError(f"unknown institutions in dropouts: {sorted(unknown)}")
         begin = time.perf_counter()
         cohort = self.sampler.sample(round_index, self.config.clients)
         options = self.strategy.client_options()
@@ -386,12 +383,17 @@ class Federation:
             )
             weight = self.strategy.client_weight(update.num_samples)
             uid = self.ids[name]
-            # The encoder takes the unweighted vector and multiplies by the integer weight.
+            # Every backend takes the unweighted vector and multiplies by the integer weight.
             units[uid] = contribution.astype(np.float64) / weight
             weights[uid] = 1 if self.calibration is not None else int(weight)
             losses.append(update.train_loss)
         trained = time.perf_counter()
-        aggregate = self._secure_aggregate(round_index, units, weights)
+        context = RoundContext(
+            round_index,
+            self._context(round_index),
+            frozenset(self.ids[name] for name in dropouts if name in cohort),
+        )
+        aggregate = self.backend.aggregate(units, weights, context)
         aggregated = time.perf_counter()
         self.global_vector = self.strategy.aggregate(self.global_vector, aggregate.agg)
         eval_loss = {k: float(v) for k, v in self.evaluator(self.global_vector).items()}
@@ -411,6 +413,7 @@ class Federation:
             }
         metrics = RoundMetrics(
             round=round_index,
+            backend=self.backend.name,
             cohort=cohort,
             contributors=tuple(names[u] for u in aggregate.contributors),
             train_loss=float(np.mean(losses)),
@@ -420,7 +423,7 @@ class Federation:
             train_s=trained - begin,
             aggregation_s=aggregated - trained,
             stage_s=aggregate.stage_s,
-            client_mask_s=aggregate.mask_s,
+            client_mask_s=aggregate.client_s,
             upload_bytes={
                 "per_client_mean": float(np.mean(uploads)),
                 "total": float(sum(aggregate.upload.values())),
@@ -429,104 +432,16 @@ class Federation:
             quantization_bound=aggregate.bound,
             clip_fraction=aggregate.clip_fraction,
             threshold=self.graph.threshold,
-            neighbours=self.graph.neighbours,
-            session_id=aggregate.transcript.session_id.hex(),
+            neighbours=self.graph.neighbours if self.config.backend == "masking" else None,
+            session_id=aggregate.session_id.hex(),
             dp=dp_fields,
         )
-        return RoundOutcome(metrics, self.global_vector.copy(), aggregate.transcript)
+        return RoundOutcome(metrics, self.global_vector.copy(), aggregate.record)
 
     def _context(self, round_index: int) -> bytes:
         """What every client signs: the global model it trained from and the round number."""
         digest = hashlib.sha256(self.global_vector.tobytes()).digest()
         return digest + struct.pack(">Q", round_index)
-
-    def _secure_aggregate(
-        self, round_index: int, units: Mapping[int, np.ndarray], weights: Mapping[int, int]
-    ) -> _Aggregate:
-        cohort = tuple(sorted(units))
-        encoder: DpEncoder | None = None
-        clipped = 0.0
-        inputs: dict[int, RingArray] = {}
-        if self.calibration is not None:
-            # A fresh public rotation seed per round, drawn before and independent of updates.
-            encoder = DpEncoder(dataclasses.replace(self.calibration.params, seed=os.urandom(32)))
-            for u in cohort:
-                inputs[u] = encoder.encode(units[u])
-                stats = encoder.last_stats
-                clipped += 1.0 if stats is not None and stats.clipped else 0.0
-            clip_fraction = clipped / len(cohort)
-            ring_bits, dim = encoder.params.ring_bits, encoder.params.encoded_dim
-        else:
-            for u in cohort:
-                encoded = encode(units[u], self.quant, weights[u])
-                inputs[u] = encoded.vector
-                clipped += encoded.clipped
-            clip_fraction = clipped / (len(cohort) * self.strategy.contribution_size())
-            ring_bits, dim = (
-                self.quant.ring_bits,
-                self.quant.encoded_dim(self.strategy.contribution_size()),
-            )
-        params = RoundParams(
-            session_id=os.urandom(32),
-            ring_bits=ring_bits,
-            dim=dim,
-            threshold=self.graph.threshold,
-            cohort=cohort,
-            neighbours=self.graph.neighbours,
-            graph_seed=os.urandom(32),
-        )
-        context = self._context(round_index)
-        sim = Simulation(params, inputs, contexts=dict.fromkeys(cohort, context)).run()
-        contributors = sim.result.contributors
-        if encoder is not None:
-            total = encoder.decode_sum(sim.result.sum, len(contributors))
-            agg = AggregateInput(total, float(len(contributors)), len(contributors))
-            # The noise is part of the mechanism; what secure aggregation must reproduce
-            # exactly is the plaintext ring sum of the same noised vectors.
-            ring = params.ring
-            plain_ring = ring.zeros(dim)
-            for u in contributors:
-                plain_ring = ring.reduce(plain_ring + inputs[u])
-            plain = encoder.decode_sum(plain_ring, len(contributors))
-            diff = float(np.max(np.abs(total.astype(np.float64) - plain)))
-            bound = 0.0
-        else:
-            decoded = decode_sum(sim.result.sum, self.quant, len(contributors))
-            clip = self.quant.clip
-            reference = reference_sum(
-                [weights[u] * np.clip(units[u], -clip, clip) for u in contributors],
-                [float(weights[u]) for u in contributors],
-            )
-            if decoded.weight != reference.weight_sum:
-                raise SecureAggregateMismatch(
-                    f"secure weight sum {decoded.weight} != plaintext {reference.weight_sum}"
-                )
-            agg = AggregateInput(decoded.total, decoded.weight, len(contributors))
-            secure_mean = decoded.total.astype(np.float64) / decoded.weight
-            plain_mean = reference.contribution_sum / reference.weight_sum
-            diff = float(np.max(np.abs(secure_mean - plain_mean)))
-            bound = quantization_bound(
-                self.quant,
-                len(contributors),
-                reference.weight_sum,
-                float(np.max(np.abs(decoded.total))),
-            )
-        if diff > bound:
-            raise SecureAggregateMismatch(
-                f"round {round_index}: secure and plaintext aggregates differ by {diff:.3g}, "
-                f"more than the encoding's bound {bound:.3g}"
-            )
-        return _Aggregate(
-            agg=agg,
-            contributors=contributors,
-            transcript=sim.transcript,
-            stage_s=sim.stage_seconds,
-            mask_s=float(np.mean(list(sim.client_mask_seconds.values()))),
-            upload=sim.upload_bytes,
-            diff=diff,
-            bound=bound,
-            clip_fraction=clip_fraction,
-        )
 
     def run(self, on_round: Callable[[RoundOutcome], None] | None = None) -> list[RoundOutcome]:
         """All rounds in order; ``on_round`` sees each outcome as soon as it exists."""
