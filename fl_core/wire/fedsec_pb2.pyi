@@ -7,6 +7,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BACKEND_MASKING: _ClassVar[Backend]
+    BACKEND_CKKS: _ClassVar[Backend]
+
 class MessageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MESSAGE_KIND_UNSPECIFIED: _ClassVar[MessageKind]
@@ -15,12 +20,18 @@ class MessageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MASKED_INPUT: _ClassVar[MessageKind]
     CONSISTENCY_SIGNATURE: _ClassVar[MessageKind]
     UNMASK_RESPONSE: _ClassVar[MessageKind]
+    HE_UPDATE: _ClassVar[MessageKind]
+    HE_DECRYPTED_SUM: _ClassVar[MessageKind]
+BACKEND_MASKING: Backend
+BACKEND_CKKS: Backend
 MESSAGE_KIND_UNSPECIFIED: MessageKind
 ADVERTISE_KEYS: MessageKind
 SHARE_KEYS: MessageKind
 MASKED_INPUT: MessageKind
 CONSISTENCY_SIGNATURE: MessageKind
 UNMASK_RESPONSE: MessageKind
+HE_UPDATE: MessageKind
+HE_DECRYPTED_SUM: MessageKind
 
 class ChallengeRequest(_message.Message):
     __slots__ = ("client_id",)
@@ -65,7 +76,7 @@ class PollRequest(_message.Message):
     def __init__(self, token: _Optional[bytes] = ..., seq: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("round_number", "session_id", "ring_bits", "dim", "threshold", "cohort", "neighbours", "graph_seed", "model_dim", "random", "train", "clip", "scale", "weighted")
+    __slots__ = ("round_number", "session_id", "ring_bits", "dim", "threshold", "cohort", "neighbours", "graph_seed", "model_dim", "random", "train", "clip", "scale", "weighted", "backend", "ckks")
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RING_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +91,8 @@ class RoundConfig(_message.Message):
     CLIP_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CKKS_FIELD_NUMBER: _ClassVar[int]
     round_number: int
     session_id: bytes
     ring_bits: int
@@ -94,7 +107,23 @@ class RoundConfig(_message.Message):
     clip: float
     scale: float
     weighted: bool
-    def __init__(self, round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ..., ring_bits: _Optional[int] = ..., dim: _Optional[int] = ..., threshold: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., neighbours: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., model_dim: _Optional[int] = ..., random: _Optional[_Union[RandomTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., weighted: _Optional[bool] = ...) -> None: ...
+    backend: Backend
+    ckks: CkksRound
+    def __init__(self, round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ..., ring_bits: _Optional[int] = ..., dim: _Optional[int] = ..., threshold: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., neighbours: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., model_dim: _Optional[int] = ..., random: _Optional[_Union[RandomTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., weighted: _Optional[bool] = ..., backend: _Optional[_Union[Backend, str]] = ..., ckks: _Optional[_Union[CkksRound, _Mapping]] = ...) -> None: ...
+
+class CkksRound(_message.Message):
+    __slots__ = ("poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits", "min_contributors", "fingerprint")
+    POLY_MODULUS_DEGREE_FIELD_NUMBER: _ClassVar[int]
+    COEFF_MOD_BIT_SIZES_FIELD_NUMBER: _ClassVar[int]
+    SCALE_BITS_FIELD_NUMBER: _ClassVar[int]
+    MIN_CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: _containers.RepeatedScalarFieldContainer[int]
+    scale_bits: int
+    min_contributors: int
+    fingerprint: bytes
+    def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_mod_bit_sizes: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., min_contributors: _Optional[int] = ..., fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class RandomTask(_message.Message):
     __slots__ = ("seed",)
@@ -130,6 +159,12 @@ class SecAggItem(_message.Message):
     session_id: bytes
     def __init__(self, session_id: _Optional[bytes] = ...) -> None: ...
 
+class HeAggregate(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    def __init__(self, session_id: _Optional[bytes] = ...) -> None: ...
+
 class RoundEnd(_message.Message):
     __slots__ = ("round_number", "completed", "reason", "final")
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
@@ -147,20 +182,22 @@ class Idle(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerItem(_message.Message):
-    __slots__ = ("seq", "idle", "round_start", "secagg", "round_end", "payload_size")
+    __slots__ = ("seq", "idle", "round_start", "secagg", "round_end", "he_aggregate", "payload_size")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     IDLE_FIELD_NUMBER: _ClassVar[int]
     ROUND_START_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     ROUND_END_FIELD_NUMBER: _ClassVar[int]
+    HE_AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     idle: Idle
     round_start: RoundStart
     secagg: SecAggItem
     round_end: RoundEnd
+    he_aggregate: HeAggregate
     payload_size: int
-    def __init__(self, seq: _Optional[int] = ..., idle: _Optional[_Union[Idle, _Mapping]] = ..., round_start: _Optional[_Union[RoundStart, _Mapping]] = ..., secagg: _Optional[_Union[SecAggItem, _Mapping]] = ..., round_end: _Optional[_Union[RoundEnd, _Mapping]] = ..., payload_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., idle: _Optional[_Union[Idle, _Mapping]] = ..., round_start: _Optional[_Union[RoundStart, _Mapping]] = ..., secagg: _Optional[_Union[SecAggItem, _Mapping]] = ..., round_end: _Optional[_Union[RoundEnd, _Mapping]] = ..., he_aggregate: _Optional[_Union[HeAggregate, _Mapping]] = ..., payload_size: _Optional[int] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
     __slots__ = ("item", "chunk")

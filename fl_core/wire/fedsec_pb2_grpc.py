@@ -83,7 +83,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Submit(self, request_iterator, context):
-        """Upload one secure-aggregation message: a SubmitHeader, then its bytes in chunks.
+        """Upload one secure-aggregation message (or a CKKS upload): a SubmitHeader, then its bytes
+        in chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

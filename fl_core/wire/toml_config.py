@@ -100,6 +100,28 @@ class Table:
             raise ConfigError(f"{self._where(key)} must be <= {maximum}, got {value}")
         return value
 
+    def integers(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> tuple[int, ...]:
+        """A non-empty array of integers, each range-checked."""
+        value = self._get(key, default)
+        if (
+            not isinstance(value, list | tuple)
+            or not value
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
+        ):
+            raise ConfigError(f"{self._where(key)} must be a non-empty array of integers")
+        for v in value:
+            if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+                raise ConfigError(
+                    f"{self._where(key)} values must be in [{minimum}, {maximum}], got {v}"
+                )
+        return tuple(value)
+
     def number(self, key: str, default: Any = _MISSING, positive: bool = False) -> float:
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
