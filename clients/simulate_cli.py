@@ -4,8 +4,10 @@ Without flags it runs the embedded default (:mod:`clients.defaults`): the synthe
 institutions of :mod:`clients.synthetic` on the tiny seeded Llama of
 :mod:`clients.model_factory`. ``--model DIR`` swaps in any local causal LM (its own tokenizer),
 ``--data DIR`` the institutions' own JSONL files (one file per institution, see
-:func:`load_data_dir`). The federation itself is :class:`fl_core.federation.Federation`; this
-module supplies what needs torch (local training, evaluation) and writes the run directory.
+:func:`load_data_dir`); ``--backend ckks`` aggregates with CKKS homomorphic encryption instead
+of pairwise masking (:mod:`fl_core.aggregation`; no DP with it). The federation itself is
+:class:`fl_core.federation.Federation`; this module supplies what needs torch (local training,
+evaluation) and writes the run directory.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from clients.trainer import (
     evaluate,
     train_local,
 )
+from fl_core.aggregation import BACKENDS
 from fl_core.cli import UsageError
 from fl_core.errors import FLError
 from fl_core.federation import (
@@ -43,9 +46,11 @@ from fl_core.federation import (
     DpSettings,
     Federation,
     FederationConfig,
+    FederationConfigError,
     RoundMetrics,
     RoundOutcome,
     SecAggSettings,
+    check_backend,
 )
 from fl_core.run_dir import RunWriter
 from fl_core.strategies import STRATEGIES, ClientOptions
@@ -258,6 +263,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.DP_CLIP,
         help=f"L2 clip of a client's update under DP (default {d.DP_CLIP:g})",
     )
+    parser.add_argument(
+        "--backend",
+        default="masking",
+        choices=BACKENDS,
+        help="how the server sums the updates: pairwise masking (SecAgg/SecAgg+) or CKKS "
+        "homomorphic encryption (weaker trust model, no DP) (default masking)",
+    )
     parser.add_argument("--lr", type=float, default=d.LR, help=f"client lr (default {d.LR:g})")
     parser.add_argument(
         "--out", type=Path, default=None, help="run directory (default runs/<timestamp>)"
@@ -301,6 +313,11 @@ def _check_args(args: argparse.Namespace) -> int:
         raise UsageError(f"--dp-delta must be in (0, 1), got {args.dp_delta}")
     if not (math.isfinite(args.dp_clip) and args.dp_clip > 0):
         raise UsageError(f"--dp-clip must be a positive number, got {args.dp_clip}")
+    try:
+        # Refused here, before the workload is built, rather than after minutes of set-up.
+        check_backend(args.backend, dp_enabled=args.dp_epsilon is not None)
+    except FederationConfigError as exc:
+        raise UsageError(f"--backend {args.backend}: {exc}") from exc
     if args.model is not None and not args.model.is_dir():
         raise UsageError(f"--model {args.model}: not a directory")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
@@ -331,6 +348,7 @@ class SimulationSpec:
     seed: int = defaults.SEED
     model_dir: Path | None = None
     data_dir: Path | None = None
+    backend: str = "masking"
 
 
 def prepare(spec: SimulationSpec) -> tuple[Federation, TorchTrainer]:
@@ -356,6 +374,7 @@ def prepare(spec: SimulationSpec) -> tuple[Federation, TorchTrainer]:
         strategy=spec.strategy,
         dp=spec.dp,
         seed=spec.seed,
+        backend=spec.backend,
     )
     initial = work.lm.get_vector()
     max_samples = max(len(d) for d in work.train_sets.values())
@@ -397,6 +416,7 @@ def run(args: argparse.Namespace) -> int:
         args.seed,
         args.model,
         args.data,
+        args.backend,
     )
     out: Path = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     try:
@@ -408,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
         initial = trainer.evaluate(fed.global_vector)
         print(
             f"fedsec simulate: {institutions} institutions, {spec.rounds} rounds, "
-            f"{fed.describe()['secagg']['protocol']} t={fed.graph.threshold}, "
+            f"{fed.backend.summary()}, "
             f"DP {'off' if dp is None else f'eps={dp.epsilon:g}'}; initial eval mean "
             f"{float(np.mean(list(initial.values()))):.3f}; writing {out}",
             flush=True,

@@ -153,7 +153,7 @@ class FederationConfig:
     backend: str = "masking"  # one of fl_core.aggregation.BACKENDS
 
     def __post_init__(self) -> None:
-        check_backend(self.backend, self.dp)
+        check_backend(self.backend, dp_enabled=self.dp is not None)
         minimum = ClientPolicy().min_cohort
         if len(set(self.clients)) != len(self.clients):
             raise FederationConfigError("institution names must be unique")
@@ -178,13 +178,13 @@ class FederationConfig:
         return self.cohort / len(self.clients)
 
 
-def check_backend(backend: str, dp: DpSettings | None) -> None:
+def check_backend(backend: str, *, dp_enabled: bool) -> None:
     """Refuse an unknown backend, and DP with CKKS (the DP encoder is integer/ring-based)."""
     if backend not in BACKENDS:
         raise FederationConfigError(
             f"unknown aggregation backend {backend!r}; choose one of {', '.join(BACKENDS)}"
         )
-    if backend == "ckks" and dp is not None:
+    if backend == "ckks" and dp_enabled:
         raise FederationConfigError(
             "distributed DP needs the masking backend: its noise is integer (Skellam or discrete "
             "Gaussian) and must be summed exactly in the ring Z_2^b, which CKKS's approximate "

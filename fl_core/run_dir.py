@@ -4,7 +4,9 @@
 
     RUN_DIR/run.json                     configuration and public secure-aggregation/DP parameters
     RUN_DIR/metrics.jsonl                one JSON object per round (RoundMetrics.to_json)
-    RUN_DIR/transcripts/round_NNNN.json  the server's transcript of the round's session
+    RUN_DIR/transcripts/round_NNNN.json  the server's record of the round: the masking session's
+                                         transcript, or the CKKS server's record (``"backend":
+                                         "ckks"``: uploads received, contributors, decryptor)
     RUN_DIR/adapters/round_NNNN/         the global adapter after the round, in PEFT format
     RUN_DIR/loss.png                     eval loss per domain over rounds
     RUN_DIR/report.md                    what ran, final losses, the secure-vs-plain check
@@ -112,6 +114,30 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else str(value)
 
 
+def _backend_line(config: Mapping[str, Any]) -> str:
+    """The report's line on how sums were computed, from ``run.json``."""
+    if config.get("backend", "masking") == "ckks":
+        ckks = config.get("ckks", {})
+        return (
+            f"- Homomorphic encryption: CKKS with N = {ckks.get('poly_modulus_degree')}, "
+            f"moduli {ckks.get('coeff_mod_bit_sizes')} bits, scale 2^{ckks.get('scale_bits')}, "
+            f"{ckks.get('security_bits')}-bit security; at least {ckks.get('min_contributors')} "
+            "contributors per released sum, a fresh session id per round. Trust model: "
+            f"{ckks.get('trust_model')}"
+        )
+    secagg = config.get("secagg", {})
+    return (
+        f"- Secure aggregation: {secagg.get('protocol')} over a {secagg.get('ring_bits')}-bit "
+        f"ring, threshold {secagg.get('threshold')}, "
+        + (
+            "complete graph"
+            if secagg.get("neighbours") is None
+            else f"{secagg.get('neighbours')} neighbours"
+        )
+        + ", a fresh session id per round."
+    )
+
+
 def render_report(
     directory: Path,
     config: Mapping[str, Any],
@@ -120,8 +146,8 @@ def render_report(
     wall_s: float,
 ) -> str:
     last = records[-1]
-    secagg = config.get("secagg", {})
     dp = config.get("dp")
+    backend = config.get("backend", "masking")
     worst_ratio = max(
         (r["secure_vs_plain_max_abs_diff"] / r["quantization_bound"])
         if r["quantization_bound"] > 0
@@ -137,14 +163,8 @@ def render_report(
         f"of {config.get('cohort_size')} per round, strategy `{config.get('strategy')}`, "
         f"LoRA mode `{config.get('lora_mode', '?')}`, {config.get('dim')} trainable "
         "coordinates.",
-        f"- Secure aggregation: {secagg.get('protocol')} over a {secagg.get('ring_bits')}-bit "
-        f"ring, threshold {secagg.get('threshold')}, "
-        + (
-            "complete graph"
-            if secagg.get("neighbours") is None
-            else f"{secagg.get('neighbours')} neighbours"
-        )
-        + ", a fresh session id per round.",
+        f"- Aggregation backend: `{backend}`.",
+        _backend_line(config),
         "- Differential privacy: "
         + (
             "off (epsilon unbounded)."
@@ -182,14 +202,24 @@ def render_report(
         f"{r['quantization_bound']:.3g} |"
         for r in records
     ]
-    check = (
-        "The noise is part of the DP mechanism, so the check compares the secure sum with the "
-        "plaintext ring sum of the same noised client vectors: they must be identical (bound 0)."
-        if dp is not None
-        else "Each round compares the securely aggregated mean update with the plaintext FedAvg "
-        "of the same clipped client vectors; the bound is contributors x quantization step / "
-        "weight sum, plus float32 rounding of the decoded sum."
-    )
+    if dp is not None:
+        check = (
+            "The noise is part of the DP mechanism, so the check compares the secure sum with the "
+            "plaintext ring sum of the same noised client vectors: they must be identical "
+            "(bound 0)."
+        )
+    elif backend == "ckks":
+        check = (
+            "Each round compares the decrypted CKKS mean update with the plaintext FedAvg of the "
+            "same clipped client vectors; the bound is (the CKKS error bound of the sum + half "
+            "the release grid step + float32 rounding of the sum) / weight sum."
+        )
+    else:
+        check = (
+            "Each round compares the securely aggregated mean update with the plaintext FedAvg "
+            "of the same clipped client vectors; the bound is contributors x quantization step / "
+            "weight sum, plus float32 rounding of the decoded sum."
+        )
     lines += [
         "",
         "## Secure vs plaintext aggregation",
@@ -202,7 +232,7 @@ def render_report(
         "",
         f"- `{directory / RUN_FILE}`: configuration and public parameters",
         f"- `{directory / METRICS_FILE}`: one JSON object per round",
-        f"- `{directory / TRANSCRIPT_DIR}/round_NNNN.json`: server transcripts "
+        f"- `{directory / TRANSCRIPT_DIR}/round_NNNN.json`: the server's record of each round "
         f"(`fedsec audit {directory}` checks them)",
         f"- `{directory / ADAPTER_DIR}/round_NNNN/`: global LoRA adapter per round (PEFT format)",
         f"- `{directory / LOSS_PLOT}`: eval loss per domain over rounds",

@@ -11,6 +11,12 @@ transcripts. The exit status is 1 when any check failed, 0 otherwise.
 
 The transcripts, not the metrics, are the authority for who contributed to what: the metrics
 are what the training loop believed, the transcripts are what the server actually released.
+
+A run of the CKKS backend (``"backend": "ckks"`` in ``run.json``) has CKKS server records instead
+of masking transcripts (:class:`fl_core.aggregation.CkksRoundRecord`). Its report states the
+backend and its trust model, applies the checks that still mean something (release threshold
+against ``min_contributors``, session isolation, metrics against records) and marks the
+masking-specific checks "not applicable". A masking run's report is exactly as before.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fl_core.aggregation import BACKENDS, CkksRoundRecord
 from fl_core.cli import UsageError
 from proofs.accountant import (
     AccountingError,
@@ -37,6 +44,7 @@ from proofs.accountant import (
 from proofs.transcript_audit import (
     DEFAULT_FAMILY_ALPHA,
     AuditReport,
+    audit_ckks_records,
     audit_transcripts,
 )
 from secagg import aead, keys, prg, shamir
@@ -71,7 +79,12 @@ class RunRecord:
     directory: Path
     config: dict[str, Any]
     metrics: tuple[dict[str, Any], ...]
-    transcripts: dict[int, Transcript]  # round -> transcript
+    transcripts: dict[int, Transcript]  # round -> masking transcript
+    ckks_records: dict[int, CkksRoundRecord] = field(default_factory=dict)  # round -> record
+
+    @property
+    def backend(self) -> str:
+        return str(self.config.get("backend", "masking"))
 
 
 def load_run(directory: Path) -> RunRecord:
@@ -87,6 +100,11 @@ def load_run(directory: Path) -> RunRecord:
     config = _read_json(run_file)
     if not isinstance(config, dict):
         raise UsageError(f"{run_file}: expected a JSON object")
+    if config.get("backend", "masking") not in BACKENDS:
+        raise UsageError(
+            f"{run_file}: unknown aggregation backend {config.get('backend')!r} "
+            f"(known: {', '.join(BACKENDS)})"
+        )
     metrics_file = directory / METRICS_FILE
     if not metrics_file.is_file():
         raise UsageError(f"{directory} is not a complete run directory: no {METRICS_FILE}")
@@ -104,6 +122,7 @@ def load_run(directory: Path) -> RunRecord:
             raise UsageError(f"{metrics_file}:{number}: round {record['round']} recorded twice")
         metrics.append(record)
     transcripts: dict[int, Transcript] = {}
+    ckks_records: dict[int, CkksRoundRecord] = {}
     transcript_dir = directory / TRANSCRIPT_DIR
     if transcript_dir.is_dir():
         for path in sorted(transcript_dir.iterdir()):
@@ -112,14 +131,17 @@ def load_run(directory: Path) -> RunRecord:
                 continue
             data = _read_json(path)
             try:
-                transcripts[int(match.group(1))] = Transcript.from_dict(data)
+                if isinstance(data, dict) and data.get("backend") == "ckks":
+                    ckks_records[int(match.group(1))] = CkksRoundRecord.from_dict(data)
+                else:
+                    transcripts[int(match.group(1))] = Transcript.from_dict(data)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise UsageError(
                     f"{path}: not a transcript ({type(exc).__name__}: {exc})"
                 ) from None
-    if not metrics and not transcripts:
+    if not metrics and not transcripts and not ckks_records:
         raise UsageError(f"{directory}: the run recorded no rounds")
-    return RunRecord(directory, config, tuple(metrics), transcripts)
+    return RunRecord(directory, config, tuple(metrics), transcripts, ckks_records)
 
 
 def _read_json(path: Path) -> Any:
@@ -277,7 +299,7 @@ def account(metrics: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[float, flo
 class ReportCheck:
     name: str
     description: str
-    status: str  # "passed" | "failed" | "not tested"
+    status: str  # "passed" | "failed" | "not tested" | "not applicable"
     reasons: tuple[str, ...]
     note: str = ""
 
@@ -292,6 +314,9 @@ class PrivacyReport:
     #: Messages the server refused (replays, wrong stage, bad signatures...), for the record:
     #: a refusal is the protocol working, not a failed check.
     refused: tuple[str, ...] = ()
+    #: The aggregation backend; a non-masking run's report states it and its trust model.
+    backend: str = "masking"
+    backend_statement: str = ""
 
     @property
     def passed(self) -> bool:
@@ -312,6 +337,8 @@ def _count(value: Any) -> int | None:
 
 
 def build_report(run: RunRecord, *, family_alpha: float = DEFAULT_FAMILY_ALPHA) -> PrivacyReport:
+    if run.backend == "ckks":
+        return _build_ckks_report(run)
     metrics = sorted(run.metrics, key=lambda r: int(r["round"]))
     per_round, dp = account(metrics)
     by_round = {int(r["round"]): r for r in metrics}
@@ -399,6 +426,125 @@ def build_report(run: RunRecord, *, family_alpha: float = DEFAULT_FAMILY_ALPHA) 
     )
 
 
+def _build_ckks_report(run: RunRecord) -> PrivacyReport:
+    """The report of a CKKS run, from its metrics and the CKKS server's records."""
+    metrics = sorted(run.metrics, key=lambda r: int(r["round"]))
+    per_round, dp = account(metrics)
+    by_round = {int(r["round"]): r for r in metrics}
+    eps = dict(zip(by_round, per_round, strict=True))
+    records = run.ckks_records
+    consistency = [
+        f"round {rnd}: a masking transcript in a CKKS run" for rnd in sorted(run.transcripts)
+    ]
+    rows = []
+    for rnd in sorted(set(by_round) | set(records)):
+        metric = by_round.get(rnd, {})
+        record = records.get(rnd)
+        if rnd not in by_round:
+            consistency.append(f"round {rnd}: CKKS record without a metrics record")
+        if record is None:
+            consistency.append(
+                f"round {rnd}: no CKKS record ({TRANSCRIPT_DIR}/round_{rnd:04d}.json)"
+            )
+        contributors = len(set(record.contributors)) if record is not None else None
+        reported = _count(metric.get("contributors"))
+        if record is not None and reported is not None and reported != contributors:
+            consistency.append(
+                f"round {rnd}: metrics report {reported} contributors, the CKKS record has "
+                f"{contributors}"
+            )
+        session = record.session_id.hex() if record is not None else None
+        if record is not None and metric and metric.get("session_id") != session:
+            consistency.append(f"round {rnd}: metrics and CKKS record name different sessions")
+        clip = metric.get("clip_fraction")
+        alone, cumulative = eps.get(rnd, (math.inf, math.inf))
+        rows.append(
+            RoundPrivacy(
+                round=rnd,
+                session_id=session,
+                cohort_size=len(record.cohort) if record else _count(metric.get("cohort")),
+                contributors=contributors,
+                clip_fraction=float(clip) if isinstance(clip, int | float) else None,
+                mechanism=None,
+                epsilon_round=alone,
+                epsilon_cumulative=cumulative,
+            )
+        )
+    ckks = run.config.get("ckks") or {}
+    minimum = ckks.get("min_contributors")
+    checks: list[ReportCheck] = []
+    if records:
+        ordered = sorted(records)
+        audit = audit_ckks_records(
+            [records[r] for r in ordered],
+            min_contributors=minimum if isinstance(minimum, int) else None,
+        )
+        checks += _transcript_checks(audit, ordered)
+    else:
+        checks.append(
+            ReportCheck(
+                "transcripts",
+                "the server recorded every CKKS aggregation",
+                "failed",
+                (f"no {TRANSCRIPT_DIR}/round_NNNN.json files: nothing to audit",),
+            )
+        )
+    checks.append(
+        ReportCheck(
+            "run_consistency",
+            "every round has a metrics record and a CKKS server record, and they agree",
+            "failed" if consistency else "passed",
+            tuple(consistency),
+        )
+    )
+    checks.append(
+        ReportCheck(
+            "dp_accounting",
+            "the privacy budget of every noised round could be accounted",
+            "failed" if dp.problems else ("passed" if dp.events else "not tested"),
+            dp.problems,
+            "" if dp.events or dp.problems else "DP was off: nothing to account",
+        )
+    )
+    statement = (
+        "Aggregation backend: **ckks** (CKKS homomorphic encryption, TenSEAL). "
+        + str(ckks.get("trust_model", ""))
+        + " The masking-specific checks (share_separation, record_integrity, "
+        "masked_input_uniformity) are **not applicable**: a CKKS round has no pairwise masks, "
+        "Shamir shares or masked inputs. release_threshold (against min_contributors) and "
+        "session_isolation are checked on the CKKS server's records."
+    )
+    return PrivacyReport(
+        str(run.directory),
+        tuple(rows),
+        dp,
+        _ckks_cryptography(ckks, records.values()),
+        tuple(checks),
+        (),
+        "ckks",
+        statement,
+    )
+
+
+def _ckks_cryptography(
+    ckks: Mapping[str, Any], records: Iterable[CkksRoundRecord]
+) -> dict[str, Any]:
+    rs = list(records)
+    return {
+        "backend": "ckks",
+        "scheme": ckks.get("scheme", "CKKS"),
+        "poly_modulus_degree": ckks.get("poly_modulus_degree"),
+        "coefficient_modulus_bits": ckks.get("coeff_mod_bit_sizes"),
+        "scale_bits": ckks.get("scale_bits"),
+        "security_bits": ckks.get("security_bits"),
+        "min_contributors": sorted({r.threshold for r in rs}),
+        "cohort_size": sorted({len(r.cohort) for r in rs}),
+        "key_fingerprint": sorted({r.fingerprint.hex() for r in rs}),
+        "encryption": ckks.get("encryption"),
+        "key_distribution": ckks.get("key_distribution"),
+    }
+
+
 def _transcript_checks(audit: AuditReport, rounds: Sequence[int]) -> list[ReportCheck]:
     return [
         ReportCheck(
@@ -459,6 +605,10 @@ def render_markdown(report: PrivacyReport) -> str:
         "",
         f"**Verdict: {verdict}.**",
         "",
+    ]
+    if report.backend != "masking":
+        lines += ["## Aggregation backend", "", report.backend_statement, ""]
+    lines += [
         "## Differential privacy",
         "",
         report.dp.statement,
@@ -504,10 +654,17 @@ def render_markdown(report: PrivacyReport) -> str:
 
 
 def report_to_json(report: PrivacyReport) -> dict[str, Any]:
-    """JSON form; an unbounded epsilon is ``null`` (JSON has no infinity) with the statement."""
+    """JSON form; an unbounded epsilon is ``null`` (JSON has no infinity) with the statement.
+    ``backend`` is present for non-masking runs only (a masking run's report is unchanged)."""
+    backend = (
+        {"backend": report.backend, "backend_statement": report.backend_statement}
+        if report.backend != "masking"
+        else {}
+    )
     return {
         "run_dir": report.run_dir,
         "passed": report.passed,
+        **backend,
         "differential_privacy": {
             "enabled": report.dp.enabled,
             "delta": report.dp.delta,
@@ -573,7 +730,9 @@ def run(args: argparse.Namespace) -> int:
     (out / "privacy.json").write_text(json.dumps(report_to_json(report), indent=2) + "\n")
     failed = [c.name for c in report.checks if c.status == "failed"]
     print(
-        f"wrote {out / 'privacy.md'} and {out / 'privacy.json'}: total epsilon "
+        f"wrote {out / 'privacy.md'} and {out / 'privacy.json'}: "
+        + (f"backend {report.backend}, " if report.backend != "masking" else "")
+        + "total epsilon "
         f"{_eps(report.dp.epsilon_total)}, "
         + ("all checks passed" if not failed else f"FAILED: {', '.join(failed)}")
     )

@@ -24,6 +24,11 @@ guarantees of secure aggregation:
 
 A failed check lists one named finding per violation; a check that could not be run (no masked
 inputs recorded) says so rather than passing silently.
+
+A CKKS run (:mod:`fl_core.aggregation`) has no masks, shares or masked inputs: its server records
+(:class:`~fl_core.aggregation.CkksRoundRecord`) are audited by :func:`audit_ckks_records`, which
+applies ``release_threshold`` and ``session_isolation`` and marks the three masking-specific
+checks "not applicable" -- never "passed".
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Literal
 import numpy as np
 from scipy.stats import chi2
 
+from fl_core.aggregation import CkksRoundRecord
 from secagg.errors import ConfigurationError, MessageFormatError
 from secagg.messages import MaskedInput, encode_message
 from secagg.packing import packed_size, unpack
@@ -56,7 +62,7 @@ CheckName = Literal[
     "record_integrity",
     "masked_input_uniformity",
 ]
-Status = Literal["passed", "failed", "not tested"]
+Status = Literal["passed", "failed", "not tested", "not applicable"]
 
 CHECK_DESCRIPTIONS: dict[CheckName, str] = {
     "share_separation": "no client had both its self-mask share and its key share requested",
@@ -64,6 +70,16 @@ CHECK_DESCRIPTIONS: dict[CheckName, str] = {
     "session_isolation": "every record carries its session's id and no session id is reused",
     "record_integrity": "every recorded masked input matches a received message's digest",
     "masked_input_uniformity": "masked inputs pass a chi-square uniformity test",
+}
+
+
+#: Why each masking-specific check means nothing for a CKKS round.
+CKKS_NOT_APPLICABLE: dict[CheckName, str] = {
+    "share_separation": "not applicable to CKKS: a CKKS round has no Shamir shares to request",
+    "record_integrity": "not applicable to CKKS: the server keeps no individual ciphertexts to "
+    "re-check (any key holder could read them)",
+    "masked_input_uniformity": "not applicable to CKKS: there are no masked inputs; an upload's "
+    "confidentiality rests on RLWE, which no statistical test of the record can show",
 }
 
 
@@ -329,3 +345,52 @@ def _check_uniformity(
     if too_short:
         note += f"; {too_short} vectors too short to test"
     return findings, len(tests), note
+
+
+def audit_ckks_records(
+    records: Sequence[CkksRoundRecord], *, min_contributors: int | None = None
+) -> AuditReport:
+    """Audit the server records of a CKKS run: ``release_threshold`` (each released aggregate
+    has at least its threshold of distinct contributors, all cohort members that uploaded, and
+    the threshold is the run's ``min_contributors`` when given) and ``session_isolation``;
+    the masking-specific checks are reported "not applicable"."""
+    if not records:
+        raise ConfigurationError("no CKKS records to audit")
+    found: dict[CheckName, list[Finding]] = {name: [] for name in CHECK_DESCRIPTIONS}
+    first_seen: dict[bytes, int] = {}
+    for index, record in enumerate(records):
+        sid = record.session_id.hex()
+        if record.session_id in first_seen:
+            detail = f"session id already used by record {first_seen[record.session_id]}"
+            found["session_isolation"].append(Finding("session_isolation", index, sid, detail))
+        else:
+            first_seen[record.session_id] = index
+        distinct = set(record.contributors)
+        uploaders = {u.sender for u in record.uploads}
+        problems = []
+        if len(distinct) < record.threshold:
+            problems.append(
+                f"{len(distinct)} distinct contributors, threshold t = {record.threshold}"
+            )
+        if len(distinct) != len(record.contributors):
+            problems.append("contributors listed more than once")
+        if min_contributors is not None and record.threshold != min_contributors:
+            problems.append(
+                f"released under threshold {record.threshold}, the run's min_contributors is "
+                f"{min_contributors}"
+            )
+        if not distinct <= set(record.cohort):
+            problems.append(f"contributors {sorted(distinct - set(record.cohort))} not in cohort")
+        if not distinct <= uploaders:
+            problems.append(f"contributors {sorted(distinct - uploaders)} uploaded nothing")
+        if problems:
+            found["release_threshold"].append(
+                Finding("release_threshold", index, sid, "release: " + "; ".join(problems))
+            )
+    checks = []
+    for name, findings in found.items():
+        if name in CKKS_NOT_APPLICABLE:
+            checks.append(CheckResult(name, "not applicable", (), CKKS_NOT_APPLICABLE[name]))
+        else:
+            checks.append(CheckResult(name, "failed" if findings else "passed", tuple(findings)))
+    return AuditReport(len(records), tuple(checks), DEFAULT_FAMILY_ALPHA, 0)
