@@ -4,9 +4,12 @@ Randomness: every bit comes from AES-128-CTR keyed with a fresh ``os.urandom(16)
 :class:`CsprngWords` (the OS CSPRNG stretched by a vetted PRF); numpy's RNG is never used.
 
 Sampler: Walker/Vose alias method over the truncated support [-K, K], padded to m = 2^L
-buckets. A sample takes the bucket from the top L bits of one 32-bit word and the
-primary-or-alias decision from a 64-bit word compared with the bucket's integer threshold;
-both steps are whole-array numpy operations. The table is built once per distribution (cached)
+buckets. A sample is one 32-bit word: its top L bits pick the bucket, its other 32 - L bits
+are the top of a 64-bit primary-or-alias coin, compared with the top of the bucket's 64-bit
+threshold; only on equality (probability 2^-(32-L) per sample) are 64 - (32 - L) more coin
+bits drawn and compared with the rest of the threshold. That is the same decision as a full
+64-bit coin, so the implemented distribution is exactly the table's; all steps are whole-array
+numpy operations on cache-sized chunks. The table is built once per distribution (cached)
 in *exact integer arithmetic*: the float64 PMF values are converted to exact rationals,
 normalised exactly and floored to units of 2^-64/m, so the implemented distribution is known
 exactly and is ``W_k / (m 2^64)``.
@@ -59,8 +62,11 @@ FAR_TAIL_RELATIVE_ERROR = 2.0**-30
 PMF_RELATIVE_ERROR = 2 * CORE_RELATIVE_ERROR
 #: Largest per-client standard deviation the alias table is built for (2^17 buckets, ~2 MB).
 MAX_STDDEV = 4096.0
-#: Elements per sampling chunk: its scratch buffers (~1.6 MB) stay in L2.
-_CHUNK = 1 << 16
+#: Elements per sampling chunk: its scratch buffers (~0.8 MB) stay in L2.
+_CHUNK = 1 << 15
+#: Keystream is produced by encrypting zeros, at most this many bytes per cipher call.
+_ZERO_BLOCK = 1 << 18
+_ZEROS = memoryview(bytes(_ZERO_BLOCK))
 
 IntArray = npt.NDArray[np.int64]
 
@@ -72,12 +78,14 @@ class CsprngWords:
         self._encryptor = Cipher(algorithms.AES(os.urandom(16)), modes.CTR(bytes(16))).encryptor()
 
     def fill(self, out: npt.NDArray[np.unsignedinteger]) -> None:
+        """Overwrite ``out`` with keystream (encrypting a shared zero block: no memset pass)."""
         raw = out.view(np.uint8)
         if not raw.flags.c_contiguous:
             raise ConfigurationError("random words need a contiguous buffer")
-        raw[:] = 0
-        view = memoryview(raw)  # type: ignore[arg-type]
-        self._encryptor.update_into(view, view)
+        target = memoryview(raw)  # type: ignore[arg-type]
+        for begin in range(0, raw.nbytes, _ZERO_BLOCK):
+            piece = target[begin : begin + _ZERO_BLOCK]
+            self._encryptor.update_into(_ZEROS[: len(piece)], piece)
 
     def uint64(self, size: int) -> npt.NDArray[np.uint64]:
         out = np.empty(size, dtype=np.uint64)
@@ -215,6 +223,16 @@ class AliasSampler:
         self._bits = bits
         self._threshold = np.array(threshold, dtype=np.uint64)
         self._alias = np.array(alias, dtype=np.int32) - np.int32(k_max)
+        # The 64-bit threshold split for 32-bit words: the top coin_bits go, under the bucket
+        # number, into one uint32 compared with the whole word; the rest breaks ties.
+        self.coin_bits = 32 - bits
+        rest_bits = np.uint64(64 - self.coin_bits)
+        self._cut = (
+            (np.arange(buckets, dtype=np.uint64) << np.uint64(self.coin_bits))
+            | (self._threshold >> rest_bits)
+        ).astype(np.uint32)
+        self._cut_rest = self._threshold & ((np.uint64(1) << rest_bits) - np.uint64(1))
+        self._alias_value = self._alias.astype(np.int64)
         self.deviation = SamplerDeviation(
             tail=2 * tail_bound(spec, k_max + 1),
             tv_additive=DEVIATION_BOUND.tv_additive,
@@ -241,37 +259,56 @@ class AliasSampler:
     def add_into(self, acc: IntArray, words: CsprngWords | None = None) -> IntArray:
         """``acc += noise`` in place, one independent sample per element; returns ``acc``.
 
-        Works chunk by chunk with reused scratch buffers that stay in cache: a fresh 8 MB
-        temporary per step would cost more in page faults than the sampling itself.
+        One 32-bit word per sample: its top ``bits`` pick the bucket, its low ``coin_bits``
+        are the top of the bucket's 64-bit coin, compared with the top of the threshold in the
+        same unsigned comparison (``_cut``). Only when they are equal (a tie, probability
+        2^-coin_bits) does the rest of the coin matter; those few samples draw 64 more bits and
+        are decided against the rest of the threshold (:meth:`_break_ties`), so the outcome is
+        exactly that of a full 64-bit coin. Works chunk by chunk with reused scratch buffers
+        that stay in cache.
         """
         if acc.ndim != 1 or acc.dtype != np.int64 or not acc.flags.c_contiguous:
             raise ConfigurationError("noise accumulator must be a contiguous 1-D int64 array")
         rng = CsprngWords() if words is None else words
         chunk = min(_CHUNK, acc.size)
-        bucket = np.empty(chunk, dtype=np.uint32)
-        index = np.empty(chunk, dtype=np.intp)
-        coin = np.empty(chunk, dtype=np.uint64)
-        limit = np.empty(chunk, dtype=np.uint64)
-        primary = np.empty(chunk, dtype=np.bool_)
-        value = np.empty(chunk, dtype=np.int32)
-        shift = np.uint32(32 - self._bits)
+        word = np.empty(chunk, dtype=np.uint32)
+        bucket = np.empty(chunk, dtype=np.intp)
+        cut = np.empty(chunk, dtype=np.uint32)
+        alias = np.empty(chunk, dtype=np.int64)
+        high = np.empty(chunk, dtype=np.bool_)
+        tie = np.empty(chunk, dtype=np.bool_)
+        shift = np.uint32(self.coin_bits)
         for start in range(0, acc.size, chunk):
             n = min(chunk, acc.size - start)
-            b, i, c, lim, pr, v = bucket[:n], index[:n], coin[:n], limit[:n], primary[:n], value[:n]
-            rng.fill(b)
-            rng.fill(c)
-            np.right_shift(b, shift, out=b)
-            i[:] = b
+            w, b, k, a, hi, t = word[:n], bucket[:n], cut[:n], alias[:n], high[:n], tie[:n]
+            rng.fill(w)
+            np.right_shift(w, shift, out=b, casting="unsafe")
             # Bucket indices are < 2^bits = table length by construction; mode="clip" skips
-            # numpy's bounds-error pass (a third of the gather's cost) without changing results.
-            np.take(self._threshold, i, out=lim, mode="clip")
-            np.less(c, lim, out=pr)
-            np.take(self._alias, i, out=v, mode="clip")
+            # numpy's bounds-error pass without changing results.
+            np.take(self._cut, b, out=k, mode="clip")
+            np.greater_equal(w, k, out=hi)  # coin at or above the threshold's top: alias...
+            np.equal(w, k, out=t)  # ...unless a tie, where the coin's low bits decide
+            if t.any():
+                self._break_ties(b, hi, np.flatnonzero(t), rng)
+            np.take(self._alias_value, b, out=a, mode="clip")
             # Primary value of bucket j is j - K; the alias table already holds values.
-            np.copyto(v, b.view(np.int32) - np.int32(self.support), where=pr)
+            np.subtract(b, self.support, out=b)
+            np.copyto(b, a, where=hi)
             window = acc[start : start + n]
-            np.add(window, v, out=window)
+            np.add(window, b, out=window)
         return acc
+
+    def _break_ties(
+        self,
+        bucket: npt.NDArray[np.intp],
+        high: npt.NDArray[np.bool_],
+        ties: npt.NDArray[np.intp],
+        rng: CsprngWords,
+    ) -> None:
+        """Decide tied samples with the coin's remaining ``64 - coin_bits`` bits: alias iff
+        they are at or above the threshold's remaining bits."""
+        rest = rng.uint64(ties.size) >> np.uint64(self.coin_bits)
+        high[ties] = rest >= self._cut_rest[bucket[ties]]
 
     def sample(self, size: int, words: CsprngWords | None = None) -> IntArray:
         """``size`` independent samples as int64."""

@@ -6,7 +6,9 @@ import math
 
 import mpmath  # type: ignore[import-untyped]  # present with torch (via sympy)
 import numpy as np
+import numpy.typing as npt
 import pytest
+from scipy import stats
 
 from secagg.dp.noise import (
     CORE_RELATIVE_ERROR,
@@ -134,6 +136,85 @@ def test_empirical_law_matches_the_pmf(spec: NoiseSpec) -> None:
     central = p > 1e-4
     err = np.abs(counts[central] - p[central]) / np.sqrt(p[central] * (1 - p[central]) / n)
     assert err.max() < 5.5
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_word_split_reassembles_the_64_bit_thresholds(spec: NoiseSpec) -> None:
+    # The 32-bit word path must decide with exactly the table's 64-bit thresholds.
+    sampler = sampler_for(spec)
+    coin_bits = sampler.coin_bits
+    rest_bits = 64 - coin_bits
+    cut = sampler._cut.astype(object)
+    rest = sampler._cut_rest.astype(object)
+    buckets = np.arange(cut.size)
+    assert np.array_equal(cut >> coin_bits, buckets)
+    rebuilt = ((cut & ((1 << coin_bits) - 1)) << rest_bits) | rest
+    assert np.array_equal(rebuilt, sampler._threshold.astype(object))
+    assert all(0 <= int(r) < 1 << rest_bits for r in rest)
+
+
+class ScriptedWords(CsprngWords):
+    """Hands out given arrays in order (each ``fill`` takes the next one): drives ties."""
+
+    def __init__(self, *arrays: npt.NDArray[np.unsignedinteger]) -> None:
+        super().__init__()
+        self._queue = list(arrays)
+
+    def fill(self, out: npt.NDArray[np.unsignedinteger]) -> None:
+        nxt = self._queue.pop(0)
+        assert nxt.dtype == out.dtype and nxt.size == out.size
+        out[:] = nxt
+
+
+def test_ties_are_decided_by_the_remaining_coin_bits() -> None:
+    sampler = sampler_for(NoiseSpec("skellam", 3.0))
+    k, coin_bits = sampler.support, sampler.coin_bits
+    # A bucket that splits its mass with a different value, with room on both sides of its
+    # cut (same bucket) and of its rest (same bit width).
+    low_mask, rest_top = (1 << coin_bits) - 1, (1 << (64 - coin_bits)) - 1
+    j = next(
+        b
+        for b in range(sampler._cut.size)
+        if sampler._alias[b] != b - k
+        and 0 < int(sampler._cut[b]) & low_mask < low_mask
+        and 0 < int(sampler._cut_rest[b]) < rest_top
+    )
+    primary, alias = j - k, int(sampler._alias[j])
+    cut, rest = int(sampler._cut[j]), int(sampler._cut_rest[j])
+    words = np.array([cut - 1, cut, cut, cut + 1, cut, cut], dtype=np.uint32)
+    # Remaining coin bits for the four ties, in order: below, at, above and far below the rest.
+    extra = np.array([rest - 1, rest, rest + 1, 0], dtype=np.uint64) << np.uint64(coin_bits)
+    out = sampler.sample(words.size, ScriptedWords(words, extra))
+    assert out.tolist() == [primary, primary, alias, alias, alias, primary]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [NoiseSpec("skellam", 3.0), NoiseSpec("discrete_gaussian", 50.0), NoiseSpec("skellam", 3686.4)],
+    ids=str,
+)
+def test_chi_square_against_the_implemented_pmf(spec: NoiseSpec) -> None:
+    # 3686.4 is the per-client stddev the calibration picks for the embedded federation.
+    n = 1_000_000
+    x = sample_noise(spec, n)
+    values, weights, capacity = sampler_for(spec).implemented
+    p = np.array([w / capacity for w in weights])
+    counts = np.bincount(x - values[0], minlength=values.size)
+    # Cells of consecutive atoms holding >= 20 expected samples each (greedy; the remainder
+    # at the far tail joins the last full cell).
+    cell = np.empty(values.size, dtype=np.int64)
+    index, filled = 0, 0.0
+    for atom, mass in enumerate((p * n).tolist()):
+        cell[atom] = index
+        filled += mass
+        if filled >= 20:
+            index, filled = index + 1, 0.0
+    cell = np.minimum(cell, index - 1)
+    expected = np.bincount(cell, weights=p * n)
+    observed = np.bincount(cell, weights=counts)
+    assert expected.min() >= 20
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert stats.chi2.sf(chi2, expected.size - 1) > 1e-4
 
 
 def test_noise_is_not_reproducible_from_numpy_state() -> None:
