@@ -3,6 +3,13 @@
 Every refusal names the file and the key (see :mod:`fl_core.wire.toml_config`). Cross-field
 rules that would otherwise surface mid-round (a threshold above the cohort, a cohort above the
 roster) are checked here, before the server listens.
+
+``[rounds] backend`` selects how the sum is computed: ``"masking"`` (default; pairwise masks,
+``threshold``/``ring_bits``/``neighbours`` apply) or ``"ckks"`` (homomorphic encryption; a
+``[ckks]`` table names the public context file made by the key dealer and the parameters it
+must have). Keys of the other backend are refused as unknown, not silently ignored. The public
+context is loaded and checked here (dealer's signature against the roster, fingerprint, no
+secret key), so a server that was handed a secret context refuses to start.
 """
 
 from __future__ import annotations
@@ -10,16 +17,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fl_core.wire.credentials import load_roster
-from fl_core.wire.toml_config import ConfigError, load_toml
+from fl_core.wire.toml_config import ConfigError, Table, load_toml
 from secagg.encoding import QuantizationParams
 from secagg.errors import ConfigurationError
 from secagg.keys import Roster
 
+if TYPE_CHECKING:
+    from secagg.he import PublicContext
+
 #: Strategies whose whole state lives on the server. FedProx and SCAFFOLD also need per-round
 #: client options (a proximal term, control variates) that this wire protocol does not carry.
 SERVER_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+BACKENDS = ("masking", "ckks")
 
 
 @dataclass(frozen=True)
@@ -35,13 +47,30 @@ class RoundConfig:
     rounds: int
     cohort_size: int
     min_clients: int
+    #: Masking only (0 under ckks): Shamir threshold.
     threshold: int
+    #: Masking only (0 under ckks): bits of the ring Z_{2^b}.
     ring_bits: int
     #: 0: complete graph (classic SecAgg); k > 0: SecAgg+ neighbourhoods of size k.
     neighbours: int
     stage_timeout_s: float
+    #: Also the upload deadline of a ckks round: clients train before they upload.
     join_timeout_s: float
     seed: int
+    backend: str = "masking"
+
+
+@dataclass(frozen=True)
+class CkksConfig:
+    """``[ckks]``: the federation's public context and the parameters it must have.
+
+    ``min_contributors`` is the smallest sum released: fewer uploads abort the round, and a
+    decryptor refuses to open an aggregate that claims fewer.
+    """
+
+    public_context_path: Path
+    public: PublicContext
+    min_contributors: int
 
 
 @dataclass(frozen=True)
@@ -76,6 +105,42 @@ class ServerConfig:
     state_dir: Path
     rounds: RoundConfig
     task: TaskConfig
+    ckks: CkksConfig | None = None
+
+
+def _load_ckks(
+    path: Path, table: Table, rounds: RoundConfig, task: TaskConfig, roster: Roster
+) -> CkksConfig:
+    # Imported here: tenseal loads only on a server configured for ckks.
+    from fl_core.wire.he_files import load_public_context
+    from secagg.he import CKKSParams
+
+    public_path = table.path("public_context")
+    min_contributors = table.integer("min_contributors", default=2, minimum=2)
+    try:
+        params = CKKSParams(
+            clip=task.clip,
+            max_clients=rounds.cohort_size,
+            max_weight=task.max_weight if task.kind == "train" else 1,
+            weighted=task.kind == "train",
+            min_contributors=min_contributors,
+            poly_modulus_degree=table.integer("poly_modulus_degree", default=8192, minimum=1),
+            coeff_mod_bit_sizes=table.integers(
+                "coeff_mod_bit_sizes", default=[60, 60], minimum=1, maximum=60
+            ),
+            scale_bits=table.integer("scale_bits", default=40, minimum=1),
+        )
+    except ConfigurationError as exc:
+        raise ConfigError(f"{path}: [ckks]: {exc}") from None
+    table.done()
+    if min_contributors > rounds.min_clients:
+        raise ConfigError(
+            f"{path}: ckks.min_contributors ({min_contributors}) must be <= rounds.min_clients "
+            f"({rounds.min_clients}): a round may start with only min_clients clients"
+        )
+    return CkksConfig(
+        public_path, load_public_context(public_path, params, roster), min_contributors
+    )
 
 
 def load_server_config(path: Path) -> ServerConfig:
@@ -94,16 +159,21 @@ def load_server_config(path: Path) -> ServerConfig:
     server.done()
 
     rounds_table = top.table("rounds")
+    backend = rounds_table.string("backend", default="masking", choices=BACKENDS)
+    masking = backend == "masking"
     rounds = RoundConfig(
         rounds=rounds_table.integer("count", minimum=1),
         cohort_size=rounds_table.integer("cohort_size", minimum=2),
         min_clients=rounds_table.integer("min_clients", minimum=2),
-        threshold=rounds_table.integer("threshold", minimum=2),
-        ring_bits=rounds_table.integer("ring_bits", default=32, minimum=8, maximum=64),
-        neighbours=rounds_table.integer("neighbours", default=0, minimum=0),
+        threshold=rounds_table.integer("threshold", minimum=2) if masking else 0,
+        ring_bits=(
+            rounds_table.integer("ring_bits", default=32, minimum=8, maximum=64) if masking else 0
+        ),
+        neighbours=rounds_table.integer("neighbours", default=0, minimum=0) if masking else 0,
         stage_timeout_s=rounds_table.number("stage_timeout_s", default=30.0, positive=True),
         join_timeout_s=rounds_table.number("join_timeout_s", default=60.0, positive=True),
         seed=rounds_table.integer("seed", default=0, minimum=0, maximum=2**63 - 1),
+        backend=backend,
     )
     rounds_table.done()
 
@@ -130,20 +200,24 @@ def load_server_config(path: Path) -> ServerConfig:
             max_weight=task_table.integer("max_weight", default=1000, minimum=1),
         )
     task_table.done()
+    ckks_table = None if masking else top.table("ckks")
     top.done()
 
     roster, names = load_roster(roster_path)
-    if rounds.threshold >= rounds.min_clients:
-        raise ConfigError(
-            f"{path}: rounds.threshold ({rounds.threshold}) must be < rounds.min_clients "
-            f"({rounds.min_clients}): shares go to the other clients, so t <= n - 1"
-        )
     if rounds.min_clients > rounds.cohort_size:
         raise ConfigError(f"{path}: rounds.min_clients must be <= rounds.cohort_size")
     if rounds.cohort_size > len(roster):
         raise ConfigError(
             f"{path}: rounds.cohort_size ({rounds.cohort_size}) exceeds the {len(roster)} "
             f"institutions in {roster_path}"
+        )
+    if ckks_table is not None:
+        ckks = _load_ckks(path, ckks_table, rounds, task, roster)
+        return ServerConfig(listen, tls, roster_path, roster, names, state_dir, rounds, task, ckks)
+    if rounds.threshold >= rounds.min_clients:
+        raise ConfigError(
+            f"{path}: rounds.threshold ({rounds.threshold}) must be < rounds.min_clients "
+            f"({rounds.min_clients}): shares go to the other clients, so t <= n - 1"
         )
     try:
         QuantizationParams.fit(

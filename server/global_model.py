@@ -9,6 +9,9 @@ so the server learns only the cohort's total) and the number of contributors. Ea
 round is checkpointed as safetensors (vector + strategy state) and as a PEFT adapter directory
 any ``peft`` user can load. The ``random`` task has no model: the "global" vector is the running
 sum of the decoded mean updates, which is what the load test and the drills check.
+
+Under the ckks backend the server never decodes anything: a client decrypts the sum and the
+server applies it through :meth:`GlobalModel.apply_sum`, the same step the masking path ends in.
 """
 
 from __future__ import annotations
@@ -71,18 +74,26 @@ class GlobalModel:
         return QuantizationParams.fit(rounds.ring_bits, task.clip, max_clients=cohort_size)
 
     def fill_round(self, config: pb.RoundConfig) -> bytes:
-        """Set the task fields of ``config``; returns the payload that follows RoundStart."""
+        """Set the task fields of ``config``; returns the payload that follows RoundStart.
+
+        Under masking, ``dim`` is the length of the ring vector (plus the weight coordinate in
+        weighted mode) and ``scale`` the fixed-point scale; under ckks, ``dim`` is the model
+        vector's length (the CKKS envelope adds the weight slot itself) and there is no scale.
+        """
         task, rounds = self._config.task, self._config.rounds
-        quant = self.quantization(len(config.cohort))
+        quant = (
+            self.quantization(len(config.cohort)) if config.backend == pb.BACKEND_MASKING else None
+        )
         config.clip = task.clip
-        config.scale = quant.scale
+        if quant is not None:
+            config.scale = quant.scale
         if self._adapter is None:
             config.dim = self.vector.size
             config.model_dim = 0
             config.random.seed = rounds.seed
             return b""
         config.weighted = True
-        config.dim = quant.encoded_dim(self.vector.size)
+        config.dim = self.vector.size if quant is None else quant.encoded_dim(self.vector.size)
         config.model_dim = self.vector.size
         config.train.seed = rounds.seed
         config.train.local_steps = task.local_steps
@@ -92,7 +103,8 @@ class GlobalModel:
         config.train.layout_fingerprint = self._adapter.layout.fingerprint()
         return self.vector.astype("<f4").tobytes()
 
-    def apply(self, config: pb.RoundConfig, result: AggregateResult) -> None:
+    def decode(self, config: pb.RoundConfig, result: AggregateResult) -> AggregateInput:
+        """A masking round's released ring sum as floats, ready for :meth:`apply_sum`."""
         quant = QuantizationParams(
             config.ring_bits,
             config.clip,
@@ -102,9 +114,17 @@ class GlobalModel:
             weighted=config.weighted,
         )
         decoded = decode_sum(result.sum, quant, len(result.contributors))
-        released = AggregateInput(
+        return AggregateInput(
             decoded.total.astype(np.float64), decoded.weight, len(result.contributors)
         )
+
+    def apply_sum(self, released: AggregateInput) -> None:
+        """Apply the strategy to an already decoded sum (a ckks round's decrypted release)."""
+        if released.contribution_sum.shape != self.vector.shape:
+            raise ConfigError(
+                f"released sum has {released.contribution_sum.size} coordinates, the global "
+                f"model has {self.vector.size}"
+            )
         self.vector = self.strategy.aggregate(self.vector, released).astype(np.float32)
 
     # --- persistence ------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """``fedsec status --config server.toml``: rounds, participants and the last checkpoint.
 
 Reads the server's SQLite state read-only (WAL mode lets it run beside a live server).
-``--json`` prints one JSON object instead of the table, for scripts.
+``--json`` prints one JSON object instead of the table, for scripts. Both show the configured
+backend and the backend each attempt ran under.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
                             else list(r.contributors),
                             "reason": r.reason,
                             "checkpoint": r.checkpoint,
+                            "backend": r.backend,
                         }
                         for r in rounds
                     ],
@@ -59,10 +61,12 @@ def run(args: argparse.Namespace) -> int:
                         for p in participants
                     ],
                     "last_checkpoint": None if last is None else last.checkpoint,
+                    "backend": config.rounds.backend,
                 }
             )
         )
         return 0
+    print(f"backend: {config.rounds.backend}")
     print(f"rounds ({len(rounds)} attempts):")
     for r in rounds:
         detail = (
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(
             f"  round {r.round_number:>4} attempt {r.attempt:>4}  {r.status.value:<9} "
-            f"started {_when(r.started_at)}  cohort {len(r.cohort)}  {detail}"
+            f"{r.backend:<7} started {_when(r.started_at)}  cohort {len(r.cohort)}  {detail}"
         )
     print(f"participants ({len(participants)}):")
     for p in participants:

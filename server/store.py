@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+#: Version 1 -> 2: each attempt records its aggregation backend (masking before there was a
+#: choice). ALTER TABLE appends the column, so the column order matches a fresh database.
+_MIGRATIONS = {1: "ALTER TABLE rounds ADD COLUMN backend TEXT NOT NULL DEFAULT 'masking'"}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
     attempt       INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -36,7 +39,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     reason        TEXT,
     checkpoint    TEXT,
     started_at    REAL    NOT NULL,
-    ended_at      REAL
+    ended_at      REAL,
+    backend       TEXT    NOT NULL DEFAULT 'masking'
 );
 CREATE TABLE IF NOT EXISTS participants (
     client_id     INTEGER PRIMARY KEY,
@@ -79,6 +83,7 @@ class RoundRecord:
     checkpoint: str | None
     started_at: float
     ended_at: float | None
+    backend: str = "masking"
 
 
 @dataclass(frozen=True)
@@ -131,10 +136,12 @@ class Store:
 
     def _migrate(self, path: Path) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, _SCHEMA_VERSION):
+        if version not in (0, _SCHEMA_VERSION, *_MIGRATIONS):
             raise StoreError(
                 f"{path}: schema version {version}, this server knows {_SCHEMA_VERSION}"
             )
+        if version in _MIGRATIONS:
+            self._db.execute(_MIGRATIONS[version])
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
@@ -158,7 +165,13 @@ class Store:
             )
         return [self.attempt(row[0]) for row in rows]
 
-    def begin_round(self, round_number: int, session_id: bytes, cohort: tuple[int, ...]) -> int:
+    def begin_round(
+        self,
+        round_number: int,
+        session_id: bytes,
+        cohort: tuple[int, ...],
+        backend: str = "masking",
+    ) -> int:
         with self._lock:
             running = self._db.execute(
                 "SELECT attempt FROM rounds WHERE status = 'running'"
@@ -167,9 +180,9 @@ class Store:
                 raise StoreError(f"attempt {running[0]} is still running")
             try:
                 cursor = self._db.execute(
-                    "INSERT INTO rounds (round_number, session_id, status, cohort, started_at) "
-                    "VALUES (?, ?, 'running', ?, ?)",
-                    (round_number, session_id.hex(), _ids_text(cohort), time.time()),
+                    "INSERT INTO rounds (round_number, session_id, status, cohort, started_at, "
+                    "backend) VALUES (?, ?, 'running', ?, ?, ?)",
+                    (round_number, session_id.hex(), _ids_text(cohort), time.time(), backend),
                 )
             except sqlite3.IntegrityError:
                 raise StoreError("session id already used by an earlier attempt") from None
@@ -232,7 +245,12 @@ class Store:
     # --- queries -------------------------------------------------------------------------
 
     def _record(self, row: tuple[object, ...]) -> RoundRecord:
-        (attempt, number, session, status, cohort, contributors, reason, ckpt, start, end) = row
+        (attempt, number, session, status, cohort, contributors, reason, ckpt, start, end) = row[
+            :10
+        ]
+        # A version-1 database opened read-only (by ``fedsec status`` before the server
+        # migrated it) has no backend column: every attempt there was masking.
+        backend = str(row[10]) if len(row) > 10 else "masking"
         return RoundRecord(
             attempt=int(str(attempt)),
             round_number=int(str(number)),
@@ -244,6 +262,7 @@ class Store:
             checkpoint=None if ckpt is None else str(ckpt),
             started_at=float(str(start)),
             ended_at=None if end is None else float(str(end)),
+            backend=backend,
         )
 
     def attempt(self, attempt: int) -> RoundRecord:

@@ -53,7 +53,7 @@ def test_released_sum_updates_the_adapter_and_survives_a_restart(config_path: Pa
     weights = {1: 30, 2: 10}
     total = sum(encode(deltas[c], quant, weights[c]).vector.astype(np.uint64) for c in deltas)
     ring_sum = (np.asarray(total) % (1 << 32)).astype(np.uint32)
-    model.apply(round_config, AggregateResult(ring_sum, (1, 2)))
+    model.apply_sum(model.decode(round_config, AggregateResult(ring_sum, (1, 2))))
     mean = (30 * 0.01 + 10 * -0.02) / 40  # weighted FedAvg mean; FedAvgM's first step equals it
     np.testing.assert_allclose(model.vector, mean, atol=1e-6)
 
