@@ -3,16 +3,25 @@
 The policy table is the institution's own floor under what a coordinator may ask of it: a
 round below ``min_threshold``, ``min_cohort`` or ``min_ring_bits`` is refused by the client's
 protocol session, whatever the server says.
+
+``[client] backend`` (``"masking"`` by default, or ``"ckks"``) is the one aggregation backend
+this institution takes part in; a round of the other backend is refused before anything is
+computed or uploaded. Under ckks, ``[ckks] secret_context`` is the federation's secret context
+this institution opened (``fedsec he-keys open``), kept in its own directory with mode 0600.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fl_core.wire.credentials import load_identity, load_roster
 from fl_core.wire.toml_config import ConfigError, load_toml
 from secagg.keys import Identity, Roster
+
+if TYPE_CHECKING:
+    from fl_core.wire.he_files import HeldSecret
 
 #: Messages a client can be told to withhold (``[testing] stall_before``).
 STALLABLE_STAGES = (
@@ -21,7 +30,10 @@ STALLABLE_STAGES = (
     "masked_input",
     "consistency_check",
     "unmask",
+    "he_upload",
+    "he_decrypt",
 )
+BACKENDS = ("masking", "ckks")
 
 
 @dataclass(frozen=True)
@@ -81,9 +93,17 @@ class ClientConfig:
     stall_round: int | None
     #: Model settings for ``train`` rounds; None: this client only takes ``random`` rounds.
     train: TrainOptions | None
+    #: The aggregation backend this institution takes part in.
+    backend: str = "masking"
+    #: Under ckks: where the secret context is (or, before ``he-keys open``, will be) stored.
+    ckks_secret_path: Path | None = None
+    #: Under ckks: the loaded secret context (None when loaded with ``load_secret=False``).
+    ckks_secret: HeldSecret | None = None
 
 
-def load_client_config(path: Path) -> ClientConfig:
+def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
+    """Read and check ``path``. ``load_secret=False`` is for ``fedsec he-keys``, which runs
+    before the secret context exists (it writes it)."""
     top = load_toml(path)
     client = top.table("client")
     client_id = client.integer("id", minimum=1, maximum=2**32 - 1)
@@ -100,6 +120,7 @@ def load_client_config(path: Path) -> ClientConfig:
     roster, _ = load_roster(client.path("roster"))
     reconnect_max_s = client.number("reconnect_max_s", default=10.0, positive=True)
     give_up_after_s = client.number("give_up_after_s", default=600.0, positive=True)
+    backend = client.string("backend", default="masking", choices=BACKENDS)
     client.done()
 
     policy_table = top.table("policy", required=False)
@@ -141,6 +162,17 @@ def load_client_config(path: Path) -> ClientConfig:
     )
     stall_round = testing.integer("stall_round", minimum=0) if testing.has("stall_round") else None
     testing.done()
+    secret_path: Path | None = None
+    secret: HeldSecret | None = None
+    if backend == "ckks":
+        ckks = top.table("ckks")
+        secret_path = ckks.path("secret_context", must_exist=load_secret)
+        ckks.done()
+        if load_secret:
+            # Imported here: tenseal loads only on an institution configured for ckks.
+            from fl_core.wire.he_files import load_secret_context
+
+            secret = load_secret_context(secret_path)
     top.done()
     return ClientConfig(
         client_id,
@@ -159,4 +191,7 @@ def load_client_config(path: Path) -> ClientConfig:
         stall_before,
         stall_round,
         train,
+        backend,
+        secret_path,
+        secret,
     )

@@ -3,8 +3,10 @@
 Per round: load the global trainable LoRA vector the server sent, train locally
 (:func:`clients.trainer.train_local`), and encode ``delta`` with weight ``n`` (the local sample
 count) for the secure sum, so the server can form the sample-weighted FedAvg mean without
-learning any single ``n``. The training seed is (round seed, round number, client id): a run
-can be reproduced exactly in one process, which the integration test does.
+learning any single ``n``. Under the ckks backend the transport encrypts the same ``delta`` and
+``n`` (:meth:`LocalTrainer.local_update`) instead of quantizing them. The training seed is
+(round seed, round number, client id): a run can be reproduced exactly in one process, which the
+integration test does.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ class LocalTrainer:
         )
         return train_local(self.lm, global_vector, self.data, settings, self.pad_id)
 
-    def encoded_update(self, config: pb.RoundConfig, model: bytes) -> RingArray:
+    def local_update(self, config: pb.RoundConfig, model: bytes) -> LocalResult:
+        """Check the round against this client, train, and return ``delta`` and the weight."""
         task = config.train
         if len(model) != 4 * self.lm.layout.size:
             raise ConfigurationError(
@@ -116,13 +119,17 @@ class LocalTrainer:
             raise ConfigurationError(
                 f"{len(self.data)} local samples exceed the round's max_weight {task.max_weight}"
             )
-        result = self.train(config, np.frombuffer(model, dtype="<f4").astype(np.float32))
+        return self.train(config, np.frombuffer(model, dtype="<f4").astype(np.float32))
+
+    def encoded_update(self, config: pb.RoundConfig, model: bytes) -> RingArray:
+        """The masking backend's input: ``weight * delta`` and the weight, quantized."""
+        result = self.local_update(config, model)
         quant = QuantizationParams(
             config.ring_bits,
             config.clip,
             config.scale,
             len(config.cohort),
-            max_weight=task.max_weight,
+            max_weight=config.train.max_weight,
             weighted=True,
         )
         return encode(result.delta, quant, weight=result.num_samples).vector

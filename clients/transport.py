@@ -8,6 +8,12 @@ consistency check. Every later item is a canonical secure-aggregation message, a
 session. Any :class:`ProtocolAbort` ends this client's part in the round (fail closed); the
 client then waits for the next round.
 
+Backends: a round's config names its backend and the client refuses one it is not configured
+for (``[client] backend``) before computing or uploading anything. Under ckks the client
+encrypts its update with the federation's secret context (``HE_UPDATE``), and if the server
+names it decryptor (an ``HeAggregate`` item) it decrypts the sum, which refuses an aggregate of
+fewer than the round's ``min_contributors``, and uploads the release (``HE_DECRYPTED_SUM``).
+
 Failure handling: ``UNAVAILABLE``/``DEADLINE_EXCEEDED`` -> reconnect with capped exponential
 backoff and jitter, keeping the token and poll position (a network blip loses nothing);
 ``UNAUTHENTICATED`` (the server restarted, or the token was superseded) -> authenticate again,
@@ -50,9 +56,8 @@ from fl_core.wire.convert import (
 from fl_core.wire.framing import client_frames, grpc_options, read_item
 from fl_core.wire.toml_config import ConfigError
 from secagg.encoding import QuantizationParams
-from secagg.errors import MessageFormatError, ProtocolAbort, SecAggError
+from secagg.errors import MessageFormatError, PolicyViolation, ProtocolAbort, SecAggError
 from secagg.messages import (
-    ClientMessage,
     ConsistencyRequest,
     KeysBroadcast,
     SharesDelivery,
@@ -65,6 +70,7 @@ from secagg.ring import Ring, RingArray
 
 if TYPE_CHECKING:
     from clients.train_task import LocalTrainer
+    from secagg.he import HEClient
 
 log = logging.getLogger("fedsec.client")
 
@@ -77,7 +83,10 @@ _STAGE_OF_KIND: dict[int, str] = {
     pb.MASKED_INPUT: "masked_input",
     pb.CONSISTENCY_SIGNATURE: "consistency_check",
     pb.UNMASK_RESPONSE: "unmask",
+    pb.HE_UPDATE: "he_upload",
+    pb.HE_DECRYPTED_SUM: "he_decrypt",
 }
+_BACKEND_NAMES = {pb.BACKEND_MASKING: "masking", pb.BACKEND_CKKS: "ckks"}
 _RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -98,10 +107,20 @@ def random_input(config: pb.RoundConfig, client_id: int) -> RingArray:
     return Ring(config.ring_bits).from_signed(values)
 
 
+def random_update(config: pb.RoundConfig, client_id: int) -> np.ndarray:
+    """The ``random`` task's update under ckks: floats uniform in [-clip, clip] drawn from
+    (seed, round, client id); public test data, reproducible so tests know the exact sum."""
+    rng = np.random.default_rng([config.random.seed, config.round_number, client_id])
+    return rng.uniform(-config.clip, config.clip, size=config.dim).astype(np.float32)
+
+
 @dataclass
 class _Round:
     config: pb.RoundConfig
-    session: ClientSession
+    #: The masking protocol session (masking rounds only).
+    session: ClientSession | None = None
+    #: The CKKS client (ckks rounds only).
+    he: HEClient | None = None
 
 
 @dataclass
@@ -237,6 +256,10 @@ class ClientTransport:
             return 4 * config.model_dim
         if kind == "secagg" and self._round is not None:
             return download_limit(len(self._round.config.cohort))
+        if kind == "he_aggregate" and self._round is not None and self._round.he is not None:
+            from fl_core.wire.he_round import aggregate_download_limit
+
+            return aggregate_download_limit(self._round.he.params, self._round.config.dim)
         return 0
 
     def _poll_once(self) -> bool:
@@ -254,6 +277,8 @@ class ClientTransport:
             self._start_round(item.round_start.config, payload)
         elif kind == "secagg":
             self._on_secagg(item.secagg.session_id, payload)
+        elif kind == "he_aggregate":
+            self._on_he_aggregate(item.he_aggregate.session_id, payload)
         elif kind == "round_end":
             return self._on_round_end(item.round_end)
         return False
@@ -269,30 +294,104 @@ class ClientTransport:
         if self._round is not None:
             self._drop_round(aborted=True)
         config: pb.RoundConfig = pb.RoundConfig.FromString(config_bytes)
-        try:
-            params = params_from_config(config)
-            self._policy.check(params)  # refuse before spending time on training
-            session = ClientSession(
-                self._config.client_id,
-                self._config.identity,
-                self._config.roster,
-                params,
-                self._input(config, model),
-                context=config_bytes + model,
-                policy=self._policy,
+        backend = _BACKEND_NAMES.get(config.backend, f"unknown ({config.backend})")
+        if backend != self._config.backend:
+            log.error(
+                "round %d refused: it uses the %s backend, this client is configured for %s",
+                config.round_number,
+                backend,
+                self._config.backend,
             )
-        except (SecAggError, FLError, ConfigError) as exc:
-            log.error("round %d refused: %s", config.round_number, exc)
             self.stats.rounds_aborted += 1
             return
+        try:
+            if config.backend == pb.BACKEND_CKKS:
+                self._start_ckks_round(config, model)
+            else:
+                self._start_masking_round(config, config_bytes, model)
+        except (SecAggError, FLError, ConfigError) as exc:
+            log.error("round %d refused: %s", config.round_number, exc)
+            self._round = None
+            self.stats.rounds_aborted += 1
+
+    def _start_masking_round(
+        self, config: pb.RoundConfig, config_bytes: bytes, model: bytes
+    ) -> None:
+        params = params_from_config(config)
+        self._policy.check(params)  # refuse before spending time on training
+        session = ClientSession(
+            self._config.client_id,
+            self._config.identity,
+            self._config.roster,
+            params,
+            self._input(config, model),
+            context=config_bytes + model,
+            policy=self._policy,
+        )
+        self._log_round(config)
+        self._round = _Round(config, session=session)
+        start = session.start()
+        self._send(kind_of(start), encode_message(start))
+
+    def _start_ckks_round(self, config: pb.RoundConfig, model: bytes) -> None:
+        from fl_core.wire.he_round import ckks_params_from_config
+        from secagg.he import ContextMismatch, HEClient
+
+        held = self._config.ckks_secret
+        if held is None:
+            raise ConfigError("this client has no [ckks] secret_context loaded")
+        params = ckks_params_from_config(config)
+        policy = self._config.policy
+        # The institution's floor applies to either backend: the smallest sum it lets be
+        # released, and the smallest cohort it joins.
+        if params.min_contributors < policy.min_threshold:
+            raise PolicyViolation(
+                f"round releases sums of {params.min_contributors} contributors, below this "
+                f"client's min_threshold {policy.min_threshold}"
+            )
+        if len(config.cohort) < policy.min_cohort:
+            raise PolicyViolation(
+                f"cohort of {len(config.cohort)} is below this client's min_cohort "
+                f"{policy.min_cohort}"
+            )
+        if self._config.client_id not in config.cohort:
+            raise PolicyViolation("this client is not in the round's cohort")
+        if config.ckks.fingerprint != held.fingerprint:
+            raise ContextMismatch(
+                "the round names another federation key than this client's secret context"
+            )
+        he = HEClient(held.for_round(params), config.session_id, config.dim)
+        update, weight = self._float_update(config, model)
+        self._log_round(config)
+        self._round = _Round(config, he=he)
+        self._send(pb.HE_UPDATE, he.encrypt_update(update, weight))
+
+    def _log_round(self, config: pb.RoundConfig) -> None:
         log.info(
-            "round %d: session %s, cohort of %d",
+            "round %d (%s): session %s, cohort of %d",
             config.round_number,
+            _BACKEND_NAMES[config.backend],
             config.session_id[:8].hex(),
             len(config.cohort),
         )
-        self._round = _Round(config, session)
-        self._submit(session.start())
+
+    def _float_update(self, config: pb.RoundConfig, model: bytes) -> tuple[np.ndarray, int]:
+        """The ckks backend's input: the float update and its weight (1 for ``random``)."""
+        task = config.WhichOneof("task")
+        if task == "random":
+            return random_update(config, self._config.client_id), 1
+        if task != "train":
+            raise ConfigError(f"round {config.round_number} has no task this client knows")
+        result = self._local_trainer().local_update(config, model)
+        return result.delta, result.num_samples
+
+    def _local_trainer(self) -> LocalTrainer:
+        if self._trainer is None:
+            # Imported here: torch and transformers load only on clients that train.
+            from clients.train_task import LocalTrainer
+
+            self._trainer = LocalTrainer(self._config)
+        return self._trainer
 
     def _input(self, config: pb.RoundConfig, model: bytes) -> RingArray:
         task = config.WhichOneof("task")
@@ -300,12 +399,7 @@ class ClientTransport:
             return random_input(config, self._config.client_id)
         if task != "train":
             raise ConfigError(f"round {config.round_number} has no task this client knows")
-        if self._trainer is None:
-            # Imported here: torch and transformers load only on clients that train.
-            from clients.train_task import LocalTrainer
-
-            self._trainer = LocalTrainer(self._config)
-        return self._trainer.encoded_update(config, model)
+        return self._local_trainer().encoded_update(config, model)
 
     def _on_secagg(self, session_id: bytes, payload: bytes) -> None:
         current = self._round
@@ -313,6 +407,8 @@ class ClientTransport:
             log.info("ignoring a message for session %s (not ours now)", session_id[:8].hex())
             return
         try:
+            if current.session is None:
+                raise ProtocolAbort("the server sent a masking message in a ckks round")
             message = decode_message(payload)
             if not isinstance(
                 message, KeysBroadcast | SharesDelivery | ConsistencyRequest | UnmaskRequest
@@ -323,7 +419,29 @@ class ClientTransport:
             log.error("round %d: leaving the session: %s", current.config.round_number, exc)
             self._drop_round(aborted=True)
             return
-        self._submit(reply)
+        self._send(kind_of(reply), encode_message(reply))
+
+    def _on_he_aggregate(self, session_id: bytes, payload: bytes) -> None:
+        from fl_core.wire.he_round import encode_release
+
+        current = self._round
+        if current is None or session_id != current.config.session_id:
+            log.info("ignoring an aggregate for session %s (not ours now)", session_id[:8].hex())
+            return
+        try:
+            if current.he is None:
+                raise ProtocolAbort("the server sent a ckks aggregate in a masking round")
+            released = current.he.decrypt_sum(payload)
+        except SecAggError as exc:
+            log.error("round %d: refusing to decrypt: %s", current.config.round_number, exc)
+            self._drop_round(aborted=True)
+            return
+        log.info(
+            "round %d: decrypted the sum of %d contributors",
+            current.config.round_number,
+            released.contributors,
+        )
+        self._send(pb.HE_DECRYPTED_SUM, encode_release(session_id, released))
 
     def _on_round_end(self, end: pb.RoundEnd) -> bool:
         if end.completed:
@@ -343,11 +461,10 @@ class ClientTransport:
             self.stats.rounds_completed += 1
         self._round = None
 
-    def _submit(self, message: ClientMessage) -> None:
+    def _send(self, kind: pb.MessageKind, payload: bytes) -> None:
         current = self._round
         if current is None:
             return
-        kind = kind_of(message)
         stall_round = self._config.stall_round
         if self._config.stall_before == _STAGE_OF_KIND[kind] and (
             stall_round is None or stall_round == current.config.round_number
@@ -361,7 +478,7 @@ class ClientTransport:
             session_id=current.config.session_id,
             kind=kind,
         )
-        frames = list(client_frames(header, encode_message(message)))
+        frames = list(client_frames(header, payload))
         self.stats.bytes_up += sum(f.ByteSize() for f in frames)
         try:
             self._stub.Submit(iter(frames), timeout=RPC_SLACK_S)
@@ -370,5 +487,5 @@ class ClientTransport:
                 raise
             # Late for the stage, or refused: the server goes on without us this round.
             log.warning(
-                "%s refused: %s: %s", type(message).__name__, exc.code().name, exc.details()
+                "%s refused: %s: %s", pb.MessageKind.Name(kind), exc.code().name, exc.details()
             )

@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "keygen": ("server.keygen_cli", "identities, a roster and development TLS certificates"),
     "server": ("server.server_cli", "run the aggregation server (gRPC over TLS)"),
     "client": ("clients.client_cli", "take part in a federation as one institution"),
+    "he-keys": ("clients.he_keys_cli", "make and share the federation's CKKS keys (institutions)"),
     "status": ("server.status_cli", "rounds, participants and last checkpoint of a server"),
     "audit": ("proofs.audit_cli", "privacy report of a run: epsilon spent, transcript checks"),
     "privacy-budget": ("proofs.budget_cli", "epsilon of T rounds of sampled DP, one JSON line"),

@@ -1,0 +1,151 @@
+"""The CKKS backend end to end: keys made by `fedsec keygen --backend ckks`, real `fedsec
+server` and `fedsec client` processes on loopback, a client lost before its upload and a
+decryptor that never answers; the server must never hold a secret context."""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tenseal as ts
+from conftest import ENTRY, Proc
+
+from clients.transport import random_update
+from fl_core.cli import main as fedsec
+from fl_core.wire import fedsec_pb2 as pb
+from secagg.he import CKKSParams
+from server.checkpoints import load_checkpoint
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+DIM = 1000
+SEED = 7
+CLIENTS = (1, 2, 3, 4)
+
+
+def _server_toml(root: Path, port: int) -> None:
+    text = (root / "server.toml").read_text()
+    text = re.sub(r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{port}"', text)
+    text = text.replace("count = 2", "count = 1")
+    # The upload deadline is the join timeout (clients train before they upload); the decrypt
+    # deadline is the stage timeout. Short, so a missing client costs seconds.
+    text = text.replace("stage_timeout_s = 30.0", "stage_timeout_s = 4.0")
+    text = text.replace("join_timeout_s = 60.0", f"join_timeout_s = 10.0\nseed = {SEED}")
+    (root / "server.toml").write_text(text)
+
+
+def _client_toml(root: Path, client_id: int, port: int, testing: str = "") -> Path:
+    path = root / f"client-{client_id}" / "client.toml"
+    text = path.read_text().replace(
+        "[client]\n", "[client]\nreconnect_max_s = 1.0\ngive_up_after_s = 60.0\n"
+    )
+    text = re.sub(r'server = "[^"]+"', f'server = "127.0.0.1:{port}"', text)
+    path.write_text(text + testing)
+    return path
+
+
+def _files(*roots: Path) -> list[Path]:
+    return [
+        p for root in roots for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()
+    ]
+
+
+def test_ckks_round_survives_a_lost_client_and_a_silent_decryptor(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    assert (
+        fedsec(["keygen", "--out", str(root), "--clients", "4", "--backend", "ckks", "--port", "0"])
+        == 0
+    )
+    _server_toml(root, 0)
+    procs: list[Proc] = []
+    try:
+        server = Proc(["server", "--config", "server.toml"], root / "server.log", root)
+        procs.append(server)
+        port = int(server.wait_for(r"listening on 127\.0\.0\.1:(\d+)", 30).group(1))
+        stall = {
+            4: '\n[testing]\nstall_before = "he_upload"\n',  # lost before its upload
+            1: '\n[testing]\nstall_before = "he_decrypt"\n',  # uploads, never decrypts
+        }
+        clients = {
+            c: Proc(
+                ["client", "--config", str(_client_toml(root, c, port, stall.get(c, "")))],
+                root / f"client-{c}.log",
+                root,
+            )
+            for c in CLIENTS
+        }
+        procs.extend(clients.values())
+        clients[4].wait_for("stalling before he_upload")
+        clients[4].kill()
+        clients[1].wait_for("stalling before he_decrypt", 60)
+        clients[1].kill()
+        assert server.wait_exit(60) == 0
+        for c in (2, 3):
+            assert clients[c].wait_exit(30) == 0
+    finally:
+        for proc in procs:
+            proc.kill()
+
+    log = server.text()
+    assert "stage he_upload closed at its deadline without [4]" in log
+    assert "asking client 1 to decrypt" in log and "decryptor 1 missed its deadline" in log
+    assert "decrypted sum released by client 2" in log
+
+    # FedAvg from zero: the checkpoint is the mean of the three survivors' updates, within the
+    # CKKS error bound (release grid of the sum, then float32 rounding, divided by 3).
+    config = pb.RoundConfig(round_number=0, dim=DIM, clip=1.0)
+    config.random.seed = SEED
+    survivors = [random_update(config, c).astype(np.float64) for c in (1, 2, 3)]
+    expected = np.sum(survivors, axis=0) / 3
+    params = CKKSParams(clip=1.0, max_clients=4, min_contributors=3)
+    bound = (params.release_step(3) + 4 * np.finfo(np.float32).eps) / 3 + 1e-7
+    path = root / "state" / "checkpoints" / "round-000000.safetensors"
+    vector = load_checkpoint(path).global_vector
+    assert np.abs(vector - expected).max() <= bound
+    assert np.abs(expected).max() > 0.3  # the bound is small against the values
+
+    status = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", ENTRY, "status", "--config", "server.toml", "--json"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    )
+    assert status["backend"] == "ckks"
+    assert [(r["status"], r["backend"], r["contributors"]) for r in status["rounds"]] == [
+        ("completed", "ckks", [1, 2, 3])
+    ]
+
+    # The server side (its config, roster, TLS, public context and state) holds no secret
+    # context: nothing there is a stored secret context, and every file that parses as a
+    # TenSEAL context is public. Each secret context lives in its institution's directory only.
+    server_side = _files(
+        root / "server.toml", root / "roster.toml", root / "pki", root / "he", root / "state"
+    )
+    assert root / "he" / "public-context.bin" in server_side
+    parsed = 0
+    for file in server_side:
+        data = file.read_bytes()
+        assert not data.startswith(b"FSHK"), file
+        for offset in (0, 169):  # a bare context, or after the public file's header
+            try:
+                context = ts.context_from(data[offset:])
+            except (ValueError, RuntimeError, TypeError):  # not a TenSEAL context
+                continue
+            parsed += 1
+            assert not context.is_private(), file
+    assert parsed >= 1  # the public context itself was checked
+    secrets_found = sorted(p.relative_to(root) for p in root.rglob("he-secret.ctx"))
+    assert secrets_found == [Path(f"client-{c}/he-secret.ctx") for c in CLIENTS]
+    for c in CLIENTS:
+        mode = stat.S_IMODE((root / f"client-{c}" / "he-secret.ctx").stat().st_mode)
+        assert mode == 0o600
