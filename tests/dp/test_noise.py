@@ -151,6 +151,10 @@ def test_word_split_reassembles_the_64_bit_thresholds(spec: NoiseSpec) -> None:
     rebuilt = ((cut & ((1 << coin_bits) - 1)) << rest_bits) | rest
     assert np.array_equal(rebuilt, sampler._threshold.astype(object))
     assert all(0 <= int(r) < 1 << rest_bits for r in rest)
+    # The value gathered at 2j + [alias] is bucket j's primary value or its alias.
+    pairs = sampler._values.reshape(-1, 2)
+    assert np.array_equal(pairs[:, 0], buckets - sampler.support)
+    assert np.array_equal(pairs[:, 1], sampler._alias)
 
 
 class ScriptedWords(CsprngWords):
