@@ -25,6 +25,7 @@ What a round computes and how the released sum updates the model: :mod:`server.g
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -77,9 +78,7 @@ class RoundRunner:
 
     # --- called from gRPC handler threads -------------------------------------------------
 
-    def _check_session(self, current: bytes | None, session_id: bytes) -> None:
-        if current is None:
-            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "no round is in progress")
+    def _check_session(self, current: bytes, session_id: bytes) -> None:
         if session_id != current:
             raise Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -89,24 +88,26 @@ class RoundRunner:
 
     def _current(self, session_id: bytes) -> ServerSession:
         session = self._session
-        if session is None and self._ckks is not None:
+        if session is None:
             raise Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "a masking message in a ckks round (client and server disagree on the backend)",
+                "a masking message in a ckks round (client and server disagree on the backend)"
+                if self._ckks is not None
+                else "no round is in progress",
             )
-        self._check_session(None if session is None else session.params.session_id, session_id)
-        assert session is not None  # _check_session refused None
+        self._check_session(session.params.session_id, session_id)
         return session
 
     def _current_ckks(self, session_id: bytes) -> CkksRound:
         ckks = self._ckks
-        if ckks is None and self._session is not None:
+        if ckks is None:
             raise Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "a ckks upload in a masking round (client and server disagree on the backend)",
+                "a ckks upload in a masking round (client and server disagree on the backend)"
+                if self._session is not None
+                else "no round is in progress",
             )
-        self._check_session(None if ckks is None else ckks.session_id, session_id)
-        assert ckks is not None  # _check_session refused None
+        self._check_session(ckks.session_id, session_id)
         return ckks
 
     def upload_limit(self, client_id: int, header: pb.SubmitHeader) -> int:
@@ -251,6 +252,12 @@ class RoundRunner:
             return False
         cohort = sorted(rng.sample(online, min(len(online), self._config.rounds.cohort_size)))
         config, model_payload = self._round_config(round_number, cohort)
+        # The backend's round state is built (and its parameters checked) before the attempt is
+        # recorded, and installed before RoundStart goes out: a client may answer at once.
+        drive: Callable[[], tuple[AggregateInput, tuple[int, ...]]]
+        ckks_config = self._config.ckks
+        ckks = None if ckks_config is None else CkksRound(ckks_config.public, config)
+        session = None if ckks else ServerSession(params_from_config(config), self._config.roster)
         attempt = self._store.begin_round(
             round_number, config.session_id, tuple(config.cohort), self._config.rounds.backend
         )
@@ -262,16 +269,12 @@ class RoundRunner:
             config.session_id[:8].hex(),
             list(config.cohort),
         )
-        # The round's state is installed before RoundStart goes out: a client may answer at once.
-        drive: Callable[[], tuple[AggregateInput, tuple[int, ...]]]
-        if config.backend == pb.BACKEND_CKKS:
-            ckks = self._open_ckks(config)
-            drive = lambda: self._drive_ckks(attempt, ckks)  # noqa: E731
-        else:
-            session = ServerSession(params_from_config(config), self._config.roster)
-            with self._cond:
-                self._session = session
-            drive = lambda: self._drive_masking(attempt, config, session)  # noqa: E731
+        with self._cond:
+            self._session, self._ckks = session, ckks
+        if ckks is not None:
+            drive = functools.partial(self._drive_ckks, attempt, ckks)
+        elif session is not None:
+            drive = functools.partial(self._drive_masking, attempt, config, session)
         start = pb.ServerItem(round_start=pb.RoundStart(config=config.SerializeToString()))
         for client_id in config.cohort:
             item = pb.ServerItem()
@@ -347,15 +350,6 @@ class RoundRunner:
             )
 
     # --- ckks -------------------------------------------------------------------------------
-
-    def _open_ckks(self, config: pb.RoundConfig) -> CkksRound:
-        ckks_config = self._config.ckks
-        if ckks_config is None:
-            raise RuntimeError("a ckks round on a server loaded without a [ckks] table")
-        ckks = CkksRound(ckks_config.public, config)
-        with self._cond:
-            self._ckks = ckks
-        return ckks
 
     def _drive_ckks(self, attempt: int, ckks: CkksRound) -> tuple[AggregateInput, tuple[int, ...]]:
         rounds = self._config.rounds

@@ -17,6 +17,7 @@ import pytest
 
 from clients.client_config import load_client_config
 from clients.transport import ClientTransport, random_update
+from fl_core.adapter_io import AdapterConfig, save_adapter
 from fl_core.cli import main as fedsec
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire.credentials import load_identity
@@ -27,7 +28,7 @@ from fl_core.wire.he_files import (
     load_public_context,
     load_secret_context,
 )
-from fl_core.wire.he_round import encode_release, he_upload_limit
+from fl_core.wire.he_round import ckks_params_from_config, encode_release, he_upload_limit
 from fl_core.wire.toml_config import ConfigError
 from secagg.errors import TooFewSurvivors, UnexpectedMessage
 from secagg.he import (
@@ -64,7 +65,8 @@ def runner(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> RoundRunne
 
 def _round(runner: RoundRunner, cohort: list[int]) -> CkksRound:
     config, _ = runner._round_config(0, cohort)
-    return runner._open_ckks(config)
+    assert runner._config.ckks is not None
+    return CkksRound(runner._config.ckks.public, config)
 
 
 def _client(bundle: Path, client_id: int, ckks: CkksRound) -> HEClient:
@@ -227,6 +229,7 @@ def test_runner_refuses_uploads_of_the_other_backend_or_from_outside_the_cohort(
     runner: RoundRunner,
 ) -> None:
     ckks = _round(runner, [1, 2, 3])
+    runner._ckks = ckks  # as the round loop installs it
     try:
         header = pb.SubmitHeader(session_id=ckks.session_id, kind=pb.MASKED_INPUT)
         with pytest.raises(Refusal, match="disagree on the backend"):
@@ -240,6 +243,34 @@ def test_runner_refuses_uploads_of_the_other_backend_or_from_outside_the_cohort(
             runner.deliver(1, header, b"garbage")
     finally:
         runner._ckks = None
+
+
+def test_train_rounds_under_ckks_send_the_model_vector_and_the_weight_bound(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """Under ckks the round's dim is the model's (the envelope adds the weight slot itself),
+    there is no fixed-point scale, and the client derives the weighted parameters from it."""
+    tensors = {
+        "base_model.model.layers.0.q_proj.lora_A.weight": np.ones((2, 8), np.float32),
+        "base_model.model.layers.0.q_proj.lora_B.weight": np.zeros((8, 2), np.float32),
+    }
+    save_adapter(tmp_path / "adapter", tensors, AdapterConfig(2, 4, ("q_proj",)))
+    text = (bundle / "server.toml").read_text()
+    path = bundle / f"train-{tmp_path.name}.toml"
+    path.write_text(
+        text.replace(
+            'kind = "random"\ndim = 1000',
+            f'kind = "train"\ninitial_adapter = "{tmp_path / "adapter"}"\nlora_mode = "ffa"\n'
+            "max_weight = 50",
+        )
+    )
+    trainer = RoundRunner(load_server_config(path), Store(tmp_path / "s.db"), Mailboxes())
+    config, payload = trainer._round_config(0, [1, 2, 3])
+    assert config.dim == config.model_dim == 16 and len(payload) == 4 * 16
+    assert config.weighted and config.scale == 0 and config.ring_bits == 0
+    params = ckks_params_from_config(config)
+    assert (params.weighted, params.max_weight, params.max_clients) == (True, 50, 3)
+    assert params.encoded_dim(config.dim) == 17
 
 
 # --- the client -----------------------------------------------------------------------------
