@@ -8,8 +8,9 @@ guarantees of secure aggregation:
   session, counted over *all* share requests (a server could list a client as a survivor in
   one request and as dropped in another; the union catches that). Holding both lets the server
   strip every mask from that client's masked input (see :mod:`proofs.toy_enumeration`).
-* ``release_threshold`` -- every released sum has at least t distinct contributors, all in the
-  cohort and all senders of a masked input, under the session's own threshold.
+* ``release_threshold`` -- every released sum has at least max(t, min_survivors) distinct
+  contributors (the Shamir threshold, or the DP survivor floor when the session set one), all
+  in the cohort and all senders of a masked input, and was released under that floor.
 * ``session_isolation`` -- every record carries the session id of its transcript, and no two
   transcripts of a run share a session id (a reused id would let messages of one aggregation
   be replayed into another).
@@ -66,7 +67,9 @@ Status = Literal["passed", "failed", "not tested", "not applicable"]
 
 CHECK_DESCRIPTIONS: dict[CheckName, str] = {
     "share_separation": "no client had both its self-mask share and its key share requested",
-    "release_threshold": "every released sum had at least t contributors from the cohort",
+    "release_threshold": (
+        "every released sum had at least max(t, DP survivor floor) contributors from the cohort"
+    ),
     "session_isolation": "every record carries its session's id and no session id is reused",
     "record_integrity": "every recorded masked input matches a received message's digest",
     "masked_input_uniformity": "masked inputs pass a chi-square uniformity test",
@@ -247,17 +250,21 @@ def _check_one(t: Transcript) -> list[tuple[CheckName, str]]:
 
     # release_threshold
     senders = {m.sender for m in t.messages if m.kind == MaskedInput.__name__}
+    floor = t.min_release
+    floor_text = (
+        f"threshold t = {floor}"
+        if floor == t.threshold
+        else f"release floor {floor} (DP survivor floor; threshold t = {t.threshold})"
+    )
     for r in t.releases:
         distinct = set(r.contributors)
         problems = []
-        if len(distinct) < t.threshold:
-            problems.append(f"{len(distinct)} distinct contributors, threshold t = {t.threshold}")
+        if len(distinct) < floor:
+            problems.append(f"{len(distinct)} distinct contributors, {floor_text}")
         if len(distinct) != len(r.contributors):
             problems.append("contributors listed more than once")
-        if r.threshold != t.threshold:
-            problems.append(
-                f"released under threshold {r.threshold}, session threshold is {t.threshold}"
-            )
+        if r.threshold != floor:
+            problems.append(f"released under floor {r.threshold}, the session's is {floor_text}")
         if not distinct <= cohort:
             problems.append(f"contributors {sorted(distinct - cohort)} are not in the cohort")
         if not distinct <= senders:

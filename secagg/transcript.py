@@ -35,7 +35,7 @@ class ShareRequestRecord:
 class ReleaseRecord:
     session_id: bytes
     contributors: tuple[int, ...]
-    threshold: int
+    threshold: int  # the floor the server enforced: max(t, min_survivors)
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,12 @@ class Transcript:
     releases: list[ReleaseRecord] = field(default_factory=list)
     rejections: list[RejectionRecord] = field(default_factory=list)
     masked_inputs: dict[int, bytes] = field(default_factory=dict)
+    min_survivors: int = 0  # RoundParams.min_survivors; 0 in transcripts written before it
+
+    @property
+    def min_release(self) -> int:
+        """The fewest contributors the session's release may have."""
+        return max(self.threshold, self.min_survivors)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (bytes as hex)."""
@@ -69,6 +75,7 @@ class Transcript:
             "threshold": self.threshold,
             "neighbours": self.neighbours,
             "cohort": list(self.cohort),
+            "min_survivors": self.min_survivors,
             "messages": [
                 {
                     "stage": m.stage,
@@ -114,6 +121,7 @@ class Transcript:
             threshold=int(data["threshold"]),
             neighbours=None if data["neighbours"] is None else int(data["neighbours"]),
             cohort=tuple(int(x) for x in data["cohort"]),
+            min_survivors=int(data.get("min_survivors", 0)),
             messages=[
                 MessageRecord(
                     m["stage"],

@@ -323,10 +323,14 @@ class ClientSession:
         outside = [v for v in survivors if v not in cohort]
         if outside:
             raise UnknownClient(f"survivor set names clients outside the cohort: {outside}")
-        if len(survivors) < self.params.threshold:
-            raise TooFewSurvivors(
-                f"{len(survivors)} survivors, fewer than the threshold {self.params.threshold}"
+        floor = self.params.min_release
+        if len(survivors) < floor:
+            why = (
+                f"the DP floor {floor} the noise was calibrated for"
+                if floor > self.params.threshold
+                else f"the threshold {floor}"
             )
+            raise TooFewSurvivors(f"{len(survivors)} survivors, fewer than {why}")
 
     def _seed_share_of(self, v: int) -> bytes:
         return self._own_seed_share if v == self.client_id else self._peers[v].seed_share

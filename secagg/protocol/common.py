@@ -21,6 +21,9 @@ from secagg.ids import check_client_id, check_session_id, id_bytes
 from secagg.ring import Ring
 
 _PARAMS_DOMAIN = b"fedsec/secagg/v1/round-params"
+# Parameters with a survivor floor are encoded under a label of the same length that differs
+# from v1's, so no v1 encoding equals a v2 one; v1 stays as it was for rounds without a floor.
+_PARAMS_FLOOR_DOMAIN = b"fedsec/secagg/v2/round-params"
 _CONTEXT_DOMAIN = b"fedsec/secagg/v1/context"
 _ADVERT_DOMAIN = b"fedsec/secagg/v1/advertise-keys"
 _CONSISTENCY_DOMAIN = b"fedsec/secagg/v1/consistency"
@@ -51,7 +54,13 @@ PROTOCOL_STAGES = (
 
 @dataclass(frozen=True)
 class RoundParams:
-    """Public parameters of one aggregation session (identical at every party)."""
+    """Public parameters of one aggregation session (identical at every party).
+
+    ``min_survivors`` is a floor on the contributors of the released sum beyond the Shamir
+    threshold (0: none). Distributed DP needs it: the clients' noise is sized for a sum of at
+    least that many contributors, and under SecAgg+ the per-neighbourhood threshold is far
+    smaller. Server and clients both refuse to go on below :attr:`min_release`.
+    """
 
     session_id: bytes
     ring_bits: int
@@ -60,6 +69,7 @@ class RoundParams:
     cohort: tuple[int, ...]
     neighbours: int | None = None  # None: complete graph (classic SecAgg); k: SecAgg+ Harary
     graph_seed: bytes = bytes(32)
+    min_survivors: int = 0
 
     def __post_init__(self) -> None:
         check_session_id(self.session_id)
@@ -79,6 +89,18 @@ class RoundParams:
                 f"threshold {self.threshold} must be in [2, {self.graph.degree + 1}] "
                 "(shares go to a client's neighbours and itself; 1 would hand out secrets)"
             )
+        if self.min_survivors != 0 and not (
+            self.threshold <= self.min_survivors <= len(self.cohort)
+        ):
+            raise ConfigurationError(
+                f"min_survivors {self.min_survivors} must be 0 (no floor) or in "
+                f"[threshold {self.threshold}, cohort size {len(self.cohort)}]"
+            )
+
+    @property
+    def min_release(self) -> int:
+        """The fewest contributors a released sum may have."""
+        return max(self.threshold, self.min_survivors)
 
     @property
     def ring(self) -> Ring:
@@ -91,10 +113,17 @@ class RoundParams:
         return harary_graph(self.cohort, self.neighbours, self.graph_seed)
 
     def canonical_bytes(self) -> bytes:
+        """What every party binds (inside :func:`context_digest`). Without a survivor floor
+        this is the v1 encoding unchanged, so deployments that never set one (the gRPC path)
+        and their recorded digests are unaffected; with one, the v2 label and the floor."""
         k = 0 if self.neighbours is None else self.neighbours
         cohort = b"".join(id_bytes(u) for u in self.cohort)
-        head = struct.pack(">IIII", self.ring_bits, self.dim, self.threshold, k)
-        return _PARAMS_DOMAIN + self.session_id + head + self.graph_seed + cohort
+        fields = (self.ring_bits, self.dim, self.threshold, k)
+        if self.min_survivors == 0:
+            head = struct.pack(">IIII", *fields)
+            return _PARAMS_DOMAIN + self.session_id + head + self.graph_seed + cohort
+        head = struct.pack(">IIIII", *fields, self.min_survivors)
+        return _PARAMS_FLOOR_DOMAIN + self.session_id + head + self.graph_seed + cohort
 
 
 @dataclass(frozen=True)

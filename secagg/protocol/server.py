@@ -4,7 +4,8 @@ The transport feeds every client message to :meth:`ServerSession.receive` (bytes
 message) and calls :meth:`ServerSession.close_stage` when all expected senders have answered or
 the stage deadline has passed; ``close_stage`` returns the messages to send for the next stage.
 A bad message from one client raises a specific error and is discarded (the round goes on with
-the others); too few survivors at any stage aborts the session, and an aborted session releases
+the others); too few survivors at any stage (below t, or up to the masked inputs below the
+release floor ``RoundParams.min_release``) aborts the session, and an aborted session releases
 nothing — the running sum is wiped.
 
 Masked inputs are summed as they arrive, so the server never holds more than one vector
@@ -121,6 +122,7 @@ class ServerSession:
             params.threshold,
             params.neighbours,
             params.cohort,
+            min_survivors=params.min_survivors,
         )
 
     # --- public API ---------------------------------------------------------------------------
@@ -290,18 +292,32 @@ class ServerSession:
 
     # --- closing stages -----------------------------------------------------------------------
 
-    def _advance(self, survivors: tuple[int, ...], what: str, next_stage: Stage) -> None:
-        if len(survivors) < self.params.threshold:
+    def _advance(
+        self, survivors: tuple[int, ...], what: str, next_stage: Stage, floor: int
+    ) -> None:
+        if len(survivors) < floor:
             raise TooFewSurvivors(
-                f"only {len(survivors)} clients {what}; the threshold is {self.params.threshold}"
+                f"only {len(survivors)} clients {what}; {self._floor_text(floor)}"
             )
         self._expected = frozenset(survivors)
         self._got = set()
         self.stage = next_stage
 
+    def _floor_text(self, floor: int) -> str:
+        if floor > self.params.threshold:
+            return (
+                f"the release floor is {floor} (the DP noise is calibrated for at least that "
+                f"many contributors; Shamir threshold {self.params.threshold})"
+            )
+        return f"the threshold is {floor}"
+
+    # U1 >= U2 >= U3 and U3 are the contributors of the released sum: the release floor applies
+    # from the first stage (a smaller U1 can never reach it) and is final once U3 is fixed.
+    # Signers and unmask responders only need to hold t shares.
+
     def _close_advertise(self) -> list[ServerMessage]:
         u1 = tuple(sorted(self._adverts))
-        self._advance(u1, "advertised keys", Stage.SHARE_KEYS)
+        self._advance(u1, "advertised keys", Stage.SHARE_KEYS, self.params.min_release)
         out: list[ServerMessage] = []
         for u in u1:
             adverts = tuple(
@@ -320,7 +336,7 @@ class ServerSession:
 
     def _close_share(self) -> list[ServerMessage]:
         u2 = tuple(sorted(self._shares))
-        self._advance(u2, "shared their keys", Stage.MASKED_INPUT)
+        self._advance(u2, "shared their keys", Stage.MASKED_INPUT, self.params.min_release)
         inbox: dict[int, list[tuple[int, bytes]]] = {u: [] for u in u2}
         for v in u2:
             for u, ciphertext in self._shares[v].ciphertexts:
@@ -330,12 +346,14 @@ class ServerSession:
 
     def _close_masked(self) -> list[ServerMessage]:
         self._u3 = tuple(sorted(self._masked))
-        self._advance(self._u3, "sent a masked input", Stage.CONSISTENCY_CHECK)
+        self._advance(
+            self._u3, "sent a masked input", Stage.CONSISTENCY_CHECK, self.params.min_release
+        )
         return [ConsistencyRequest(self.params.session_id, u, self._u3) for u in self._u3]
 
     def _close_consistency(self) -> list[ServerMessage]:
         u4 = tuple(sorted(self._signatures))
-        self._advance(u4, "signed the survivor set", Stage.UNMASK)
+        self._advance(u4, "signed the survivor set", Stage.UNMASK, self.params.threshold)
         u2, u3 = set(self._shares), set(self._u3)
         out: list[ServerMessage] = []
         for u in u4:
@@ -404,7 +422,7 @@ class ServerSession:
         accumulate_masks(total, ring, add_keys, subtract_keys)
         self._result = AggregateResult(total, self._u3)
         self._sum = None
-        self.transcript.releases.append(ReleaseRecord(sid, self._u3, self.params.threshold))
+        self.transcript.releases.append(ReleaseRecord(sid, self._u3, self.params.min_release))
         self.stage = Stage.DONE
         self._expected = frozenset()
         return []

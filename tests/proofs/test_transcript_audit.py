@@ -130,6 +130,29 @@ def test_release_under_a_lowered_threshold_is_flagged() -> None:
     assert failed(audit_transcript(t)) == {"release_threshold"}
 
 
+def test_release_below_the_dp_survivor_floor_is_flagged_even_above_t() -> None:
+    # The session promised at least 5 contributors (its DP noise is sized for 5); 4 >= t = 3.
+    t = honest_transcript(n=6, threshold=3, dropped=(5, 6))
+    t.min_survivors = 5
+    t.releases = [dataclasses.replace(t.releases[0], threshold=5)]
+    (finding,) = audit_transcript(t).check("release_threshold").findings
+    assert "4 distinct contributors, release floor 5" in finding.detail
+    # Released under t instead of the session's floor: flagged even with enough contributors.
+    ok = honest_transcript(n=6, threshold=3, dropped=(6,))
+    ok.min_survivors = 5
+    assert failed(audit_transcript(ok)) == {"release_threshold"}
+    ok.releases = [dataclasses.replace(ok.releases[0], threshold=5)]
+    assert audit_transcript(Transcript.from_dict(ok.to_dict())).passed
+
+
+def test_transcript_recorded_before_the_floor_existed_loads_without_one() -> None:
+    data = honest_transcript().to_dict()
+    del data["min_survivors"]
+    t = Transcript.from_dict(data)
+    assert t.min_survivors == 0 and t.min_release == t.threshold
+    assert audit_transcript(t).passed
+
+
 def test_mixed_session_ids_are_flagged() -> None:
     t = honest_transcript()
     other = os.urandom(32)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from secagg.errors import (
+    ConfigurationError,
     ConsistencyError,
     DecryptionError,
     DuplicateClient,
@@ -41,7 +42,14 @@ from secagg.messages import (
     encode_message,
 )
 from secagg.packing import pack, unpack
-from secagg.protocol import PROTOCOL_STAGES, ClientPolicy, ClientSession, RoundParams, Stage
+from secagg.protocol import (
+    PROTOCOL_STAGES,
+    ClientPolicy,
+    ClientSession,
+    RoundParams,
+    Stage,
+    context_digest,
+)
 from secagg.ring import Ring, RingArray
 from secagg.simulate import Simulation, make_identities, simulate_round
 
@@ -142,6 +150,64 @@ def test_too_few_unmask_answers_aborts() -> None:
     with pytest.raises(TooFewSurvivors):
         sim.run()
     assert not sim.server.transcript.releases
+
+
+# --- the DP survivor floor --------------------------------------------------------------------
+
+
+def _floored(n: int = 6, t: int = 3, floor: int = 5) -> RoundParams:
+    return dataclasses.replace(_params(n=n, t=t), min_survivors=floor)
+
+
+def test_survivor_floor_above_t_aborts_at_the_server_when_too_many_drop() -> None:
+    params = _floored()
+    # 4 of 6 masked inputs would meet t = 3, but the noise is sized for at least 5.
+    sim = Simulation(params, _inputs(params), dropouts={Stage.MASKED_INPUT: {1, 2}})
+    with pytest.raises(TooFewSurvivors, match="release floor is 5"):
+        sim.run()
+    assert sim.server.stage is Stage.ABORTED
+    assert not sim.server.transcript.releases
+    assert not sim.server.transcript.share_requests
+
+
+def test_survivor_floor_is_met_and_recorded_as_the_release_threshold() -> None:
+    params = _floored()
+    inputs = _inputs(params)
+    outcome = simulate_round(params, inputs, dropouts={Stage.MASKED_INPUT: {6}})
+    assert outcome.result.contributors == (1, 2, 3, 4, 5)
+    assert np.array_equal(outcome.result.sum, _exact_sum(inputs, (1, 2, 3, 4, 5), params.ring))
+    (release,) = outcome.transcript.releases
+    assert release.threshold == 5 and outcome.transcript.min_release == 5
+
+
+def test_client_refuses_a_survivor_set_below_the_floor_even_if_the_server_sends_one() -> None:
+    params = _floored()
+    sim, inbox = _drive_to(Stage.CONSISTENCY_CHECK, params)
+    msg = decode_message(inbox[1])
+    assert isinstance(msg, ConsistencyRequest)
+    # A server that lets 4 >= t contributors through: client 1 must not sign (or unmask).
+    with pytest.raises(TooFewSurvivors, match="DP floor 5"):
+        sim.clients[1].handle(dataclasses.replace(msg, survivors=(1, 2, 3, 4)))
+    assert sim.clients[1].aborted
+
+
+@pytest.mark.parametrize("floor", [2, 7, -1])
+def test_survivor_floor_outside_threshold_and_cohort_is_refused(floor: int) -> None:
+    with pytest.raises(ConfigurationError, match="min_survivors"):
+        _floored(n=6, t=3, floor=floor)
+
+
+def test_the_floor_is_bound_into_what_clients_sign() -> None:
+    plain = _params(n=6, t=3)
+    floored = dataclasses.replace(plain, min_survivors=5)
+    assert plain.min_release == 3 and floored.min_release == 5
+    # No floor: the v1 encoding, unchanged for deployments and records that never set one.
+    assert plain.canonical_bytes().startswith(b"fedsec/secagg/v1/round-params" + plain.session_id)
+    # A server cannot hand some clients a lower floor: their signed digests would differ.
+    assert context_digest(plain, b"model") != context_digest(floored, b"model")
+    assert context_digest(floored, b"model") != context_digest(
+        dataclasses.replace(floored, min_survivors=6), b"model"
+    )
 
 
 # --- what the server sees -------------------------------------------------------------------
