@@ -257,18 +257,27 @@ class MaskingBackend:
         contribution_size: int,
         corrupt_fraction: float,
         dropout_fraction: float,
+        min_survivors: int = 0,
     ) -> None:
         self.quant = quant
         self.calibration = calibration
         self.threshold = threshold
+        # With DP: the contributor count the noise is calibrated for, enforced by every session.
+        self.min_survivors = min_survivors
         self.neighbours = neighbours
         self.contribution_size = contribution_size
         self.corrupt_fraction = corrupt_fraction
         self.dropout_fraction = dropout_fraction
 
+    @property
+    def min_release(self) -> int:
+        """The fewest contributors a round may release (``RoundParams.min_release``)."""
+        return max(self.threshold, self.min_survivors)
+
     def summary(self) -> str:
         protocol = "SecAgg+" if self.neighbours is not None else "SecAgg"
-        return f"masking ({protocol} t={self.threshold})"
+        floor = f", release floor {self.min_release}" if self.min_survivors else ""
+        return f"masking ({protocol} t={self.threshold}{floor})"
 
     def describe(self) -> dict[str, Any]:
         q = self.quant
@@ -278,6 +287,7 @@ class MaskingBackend:
             if self.calibration is None
             else self.calibration.params.ring_bits,
             "threshold": self.threshold,
+            "min_release": self.min_release,
             "neighbours": self.neighbours,
             "corrupt_fraction": self.corrupt_fraction,
             "dropout_fraction": self.dropout_fraction,
@@ -335,6 +345,7 @@ class MaskingBackend:
             cohort=cohort,
             neighbours=self.neighbours,
             graph_seed=os.urandom(32),
+            min_survivors=self.min_survivors,
         )
         # A dropout advertised its keys and shared them, then never sent its masked input: the
         # survivors' unmask step has to reconstruct its pairwise masks.

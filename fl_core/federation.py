@@ -30,7 +30,11 @@ Weights travel inside the secure sum (weighted encoding: the weight is the last 
 the server learns only sums. With DP on, every client has weight 1 (a sample count is private
 and unbounded, so it cannot scale a clipped contribution), the contribution is clipped in L2 and
 noised by the client (:mod:`secagg.dp`), and the noise is calibrated for the fewest
-contributors a round can release (the Shamir threshold). Cohorts are drawn uniformly with a
+contributors a round may release: the cohort less the dropouts tolerated
+(``SecAggSettings.dropout_fraction``, at least the Shamir threshold,
+:func:`~secagg.params.release_floor`). That floor is not assumed but enforced: every DP session
+carries it as ``RoundParams.min_survivors``, and server and clients abort a round with fewer
+contributors, so no release carries less noise than calibrated. Cohorts are drawn uniformly with a
 fixed size; the accountant's Poisson-sampling rate is the cohort's share of the population,
 exact when every institution takes part in every round (the embedded default).
 """
@@ -68,7 +72,7 @@ from secagg.dp.calibration import Calibration, accounting_record, calibrate
 from secagg.dp.noise import Mechanism
 from secagg.encoding import QuantizationParams
 from secagg.errors import ConfigurationError
-from secagg.params import classic_threshold, secaggplus_params
+from secagg.params import classic_threshold, release_floor, secaggplus_params
 from secagg.protocol import ClientPolicy
 from secagg.transcript import Transcript
 
@@ -235,7 +239,8 @@ class RoundMetrics:
     secure_vs_plain_max_abs_diff: float
     quantization_bound: float  # the backend's bound on that difference (CKKS: ckks_bound)
     clip_fraction: float
-    threshold: int  # fewest contributors a release may have (CKKS: min_contributors)
+    threshold: int  # the Shamir threshold t (CKKS: min_contributors)
+    min_release: int  # fewest contributors the release could have had: max(t, DP floor)
     neighbours: int | None
     session_id: str
     dp: dict[str, Any] | None = None  # accountant fields; merged into the record
@@ -291,6 +296,8 @@ class Federation:
         weighted = config.dp is None
         max_weight = max_samples if weighted and self._sample_weighted() else 1
         self.calibration: Calibration | None = None
+        #: The fewest contributors a round may release; raised above t by DP.
+        self.min_release = self.graph.threshold
         self.backend: AggregationBackend
         if config.backend == "ckks":
             try:
@@ -313,6 +320,9 @@ class Federation:
             raise FederationConfigError(f"secure-aggregation encoding: {exc}") from exc
         if config.dp is not None:
             dp = config.dp
+            self.min_release = release_floor(
+                config.cohort, self.graph.threshold, config.secagg.dropout_fraction
+            )
             try:
                 self.calibration = calibrate(
                     mechanism=dp.mechanism,
@@ -321,8 +331,8 @@ class Federation:
                     rounds=config.rounds,
                     sampling_rate=config.sampling_rate,
                     expected_cohort=config.cohort,
-                    # Sized for the fewest contributors a round can release.
-                    dropouts=config.cohort - self.graph.threshold,
+                    # Sized for the fewest contributors a round may release (enforced below).
+                    dropouts=config.cohort - self.min_release,
                     ring_bits=dp.ring_bits,
                     clip=dp.clip,
                     dim=size,
@@ -338,6 +348,7 @@ class Federation:
             size,
             config.secagg.corrupt_fraction,
             config.secagg.dropout_fraction,
+            min_survivors=0 if self.calibration is None else self.min_release,
         )
 
     def _sample_weighted(self) -> bool:
@@ -366,7 +377,9 @@ class Federation:
 
     def run_round(self, round_index: int, dropouts: Collection[str] = ()) -> RoundOutcome:
         """One round. ``dropouts`` (institution names) train but never upload: the round goes
-        on with the others, or releases nothing when fewer than the threshold remain."""
+        on with the others, or raises :class:`~secagg.errors.TooFewSurvivors` and releases
+        nothing when fewer than :attr:`min_release` remain (the threshold, or with DP the
+        contributor count the noise was calibrated for)."""
         unknown = set(dropouts) - set(self.ids)
         if unknown:
             raise FederationConfigError(f"unknown institutions in dropouts: {sorted(unknown)}")
@@ -432,6 +445,7 @@ class Federation:
             quantization_bound=aggregate.bound,
             clip_fraction=aggregate.clip_fraction,
             threshold=self.graph.threshold,
+            min_release=self.min_release,
             neighbours=self.graph.neighbours if self.config.backend == "masking" else None,
             session_id=aggregate.session_id.hex(),
             dp=dp_fields,

@@ -130,6 +130,11 @@ def _backend_line(config: Mapping[str, Any]) -> str:
         f"- Secure aggregation: {secagg.get('protocol')} over a {secagg.get('ring_bits')}-bit "
         f"ring, threshold {secagg.get('threshold')}, "
         + (
+            f"at least {secagg['min_release']} contributors per released sum (the DP floor), "
+            if secagg.get("min_release", secagg.get("threshold")) != secagg.get("threshold")
+            else ""
+        )
+        + (
             "complete graph"
             if secagg.get("neighbours") is None
             else f"{secagg.get('neighbours')} neighbours"

@@ -7,7 +7,9 @@ next to them: the differential-privacy budget spent per round and in total (from
 :mod:`proofs.accountant`; stated as unbounded when DP is off), clip fractions, cohort sizes, the
 fewest contributors in any released aggregate, the cryptographic parameters, and the verdict of
 every check of :mod:`proofs.transcript_audit` plus a cross-check of the metrics against the
-transcripts. The exit status is 1 when any check failed, 0 otherwise.
+transcripts and of the DP calibration's contributor count (``min_contributors`` in ``run.json``)
+against the release floor each session enforced. The exit status is 1 when any check failed,
+0 otherwise.
 
 The transcripts, not the metrics, are the authority for who contributed to what: the metrics
 are what the training loop believed, the transcripts are what the server actually released.
@@ -345,9 +347,20 @@ def build_report(run: RunRecord, *, family_alpha: float = DEFAULT_FAMILY_ALPHA) 
     consistency: list[str] = []
     rows = []
     eps = dict(zip(by_round, per_round, strict=True))
+    calibrated = (run.config.get("dp") or {}).get("min_contributors")
     for rnd in sorted(set(by_round) | set(run.transcripts)):
         record = by_round.get(rnd, {})
         transcript = run.transcripts.get(rnd)
+        # The noise is sized for `calibrated` contributors: the session must have enforced it.
+        if (
+            transcript is not None
+            and calibrated is not None
+            and transcript.min_release != calibrated
+        ):
+            consistency.append(
+                f"round {rnd}: the DP noise is calibrated for at least {calibrated} "
+                f"contributors, the session enforced a release floor of {transcript.min_release}"
+            )
         released = [len(set(r.contributors)) for r in transcript.releases] if transcript else []
         contributors = min(released) if released else None
         if rnd not in by_round:
@@ -568,6 +581,7 @@ def _cryptography(transcripts: Iterable[Transcript]) -> dict[str, Any]:
         "ring_bits": distinct(t.ring_bits for t in ts),
         "vector_length": distinct(t.dim for t in ts),
         "threshold": distinct(t.threshold for t in ts),
+        "release_floor": distinct(t.min_release for t in ts),
         "neighbourhood_degree": [
             "complete graph" if k is None else k for k in distinct(t.neighbours for t in ts)
         ],

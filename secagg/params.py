@@ -278,3 +278,19 @@ def classic_threshold(
             f"(corrupt={corrupt}, dropouts={dropouts})"
         )
     return threshold
+
+
+def release_floor(n: int, threshold: int, dropout_fraction: float) -> int:
+    """The fewest contributors a release of n clients may have when ``dropout_fraction`` of
+    them may drop: max(t, n - ceil(dropout_fraction * n)).
+
+    Distributed DP sizes each client's noise for this many contributors, so a release below it
+    would carry less noise than promised; the session enforces it (``RoundParams.min_survivors``).
+    The dropouts tolerated are rounded *up*, so at least the configured fraction is tolerated
+    (4 clients at 5% tolerate one, as their classic threshold of 3 does); the noise is
+    calibrated for the same floor, so the rounding costs utility, never privacy.
+    """
+    _check_n(n)
+    _check_fraction("dropout_fraction", dropout_fraction)
+    tolerated = math.ceil((dropout_fraction - _TOLERANCE) * n)
+    return max(threshold, n - tolerated)

@@ -7,7 +7,12 @@ import math
 import pytest
 
 from secagg.errors import ConfigurationError
-from secagg.params import NeighbourhoodParams, classic_threshold, secaggplus_params
+from secagg.params import (
+    NeighbourhoodParams,
+    classic_threshold,
+    release_floor,
+    secaggplus_params,
+)
 
 
 @pytest.mark.parametrize(
@@ -140,3 +145,17 @@ def test_classic_threshold_refuses_crossing_bounds() -> None:
         classic_threshold(100, 0.2, 0.45)
     with pytest.raises(ConfigurationError, match="correctness needs"):
         classic_threshold(100, 0.6, 0.45, active_server=False)
+
+
+@pytest.mark.parametrize(
+    ("n", "t", "fraction", "floor"),
+    [
+        (4, 3, 0.05, 3),  # one dropout tolerated, as the classic threshold allows
+        (128, 7, 0.05, 121),  # SecAgg+: far above the neighbourhood threshold
+        (100, 6, 0.07, 93),  # 0.07 * 100 is a hair above 7 in floating point: still 7
+        (10, 3, 0.0, 10),  # no dropout tolerated: everyone must contribute
+        (10, 8, 0.5, 8),  # never below the Shamir threshold
+    ],
+)
+def test_release_floor(n: int, t: int, fraction: float, floor: int) -> None:
+    assert release_floor(n, t, fraction) == floor

@@ -26,6 +26,7 @@ from fl_core.federation import (
 )
 from fl_core.run_dir import RunDirectoryError, RunWriter
 from fl_core.strategies import ClientOptions
+from secagg.errors import TooFewSurvivors
 
 DIM = 64
 NAMES = ("alpha", "bravo", "charlie", "delta")
@@ -56,12 +57,14 @@ class TargetTrainer:
 
 
 def federation(
-    strategy: str = "fedavg", rounds: int = 3, dp: DpSettings | None = None
+    strategy: str = "fedavg",
+    rounds: int = 3,
+    dp: DpSettings | None = None,
+    secagg: SecAggSettings | None = None,
 ) -> tuple[Federation, TargetTrainer]:
     trainer = TargetTrainer()
-    config = FederationConfig(
-        NAMES, rounds, SecAggSettings(clip=0.2), strategy=strategy, dp=dp, seed=3
-    )
+    settings = SecAggSettings(clip=0.2) if secagg is None else secagg
+    config = FederationConfig(NAMES, rounds, settings, strategy=strategy, dp=dp, seed=3)
     fed = Federation(
         config, trainer, trainer.evaluate, np.zeros(DIM, np.float32), max(trainer.samples.values())
     )
@@ -123,7 +126,7 @@ def test_scaffold_sums_update_and_control_variate_securely() -> None:
 
 
 def test_dp_round_records_what_the_accountant_needs() -> None:
-    fed, _ = federation(rounds=2, dp=DpSettings(epsilon=8.0, delta=1e-5, clip=0.1))
+    fed, _ = federation(rounds=2, dp=DP)
     m = fed.run_round(0).metrics
     record = m.to_json()
     assert record["mechanism"] == "skellam"
@@ -131,6 +134,82 @@ def test_dp_round_records_what_the_accountant_needs() -> None:
     assert record["noise_multiplier"] > 0 and record["variance"] > 0
     # Secure aggregation adds the noised ring vectors exactly.
     assert m.secure_vs_plain_max_abs_diff == 0.0 and m.quantization_bound == 0.0
+
+
+DP = DpSettings(epsilon=8.0, delta=1e-5, clip=0.1)
+
+
+def test_dp_noise_is_calibrated_for_the_enforced_floor_not_the_secaggplus_threshold() -> None:
+    names = tuple(f"inst-{i:03d}" for i in range(128))
+    trainer = TargetTrainer(names)
+
+    def build(dp: DpSettings | None) -> Federation:
+        config = FederationConfig(names, 1, SecAggSettings(clip=0.2), dp=dp)
+        return Federation(config, trainer, trainer.evaluate, np.zeros(DIM, np.float32), 1)
+
+    plain, noised = build(None), build(DP)
+    assert plain.graph.threshold == noised.graph.threshold == 7  # SecAgg+ neighbourhoods
+    assert plain.min_release == 7 and plain.describe()["secagg"]["min_release"] == 7
+    # 5% of 128 drop at most (7 rounded up): the noise is sized for 121 contributors, and that
+    # is the floor every session enforces and what run.json reports.
+    assert noised.calibration is not None
+    assert noised.min_release == noised.calibration.min_contributors == 121
+    run = noised.describe()
+    assert run["dp"]["min_contributors"] == run["secagg"]["min_release"] == 121
+
+
+def test_dp_round_tolerates_the_configured_dropouts_and_no_more() -> None:
+    fed, _ = federation(rounds=2, dp=DP)
+    assert fed.min_release == 3  # 4 institutions, 5% dropouts: one tolerated, as without DP
+    m = fed.run_round(0, dropouts=("alpha",)).metrics
+    assert m.contributors == ("bravo", "charlie", "delta") and m.min_release == 3
+    before = fed.global_vector.copy()
+    with pytest.raises(TooFewSurvivors):
+        fed.run_round(1, dropouts=("alpha", "bravo"))
+    np.testing.assert_array_equal(fed.global_vector, before)
+
+
+def test_dp_round_below_its_calibrated_floor_aborts_where_plain_secagg_goes_on() -> None:
+    none_tolerated = SecAggSettings(clip=0.2, dropout_fraction=0.0)
+    plain, _ = federation(rounds=1, secagg=none_tolerated)
+    assert plain.run_round(0, dropouts=("alpha",)).metrics.threshold == 3
+    fed, _ = federation(rounds=1, dp=DP, secagg=none_tolerated)
+    assert fed.calibration is not None and fed.calibration.min_contributors == 4
+    before = fed.global_vector.copy()
+    # 3 contributors meet t = 3 but not the 4 the noise was sized for: nothing is released.
+    with pytest.raises(TooFewSurvivors, match="release floor is 4"):
+        fed.run_round(0, dropouts=("alpha",))
+    np.testing.assert_array_equal(fed.global_vector, before)
+
+
+def test_audit_checks_the_dp_floor_against_what_each_session_enforced(tmp_path: Path) -> None:
+    fed, trainer = federation(
+        rounds=1, dp=DP, secagg=SecAggSettings(clip=0.2, dropout_fraction=0.0)
+    )
+    writer = RunWriter(tmp_path, fed.describe())
+    names = sorted(f"m.layers.0.q_proj.lora_{ab}.weight" for ab in "AB")
+    config = AdapterConfig(r=4, lora_alpha=8, target_modules=("q_proj",))
+    outcome = fed.run_round(0)
+    assert outcome.metrics.min_release == outcome.transcript.releases[0].threshold == 4
+    writer.record_round(
+        outcome, dict(zip(names, outcome.global_vector.reshape(2, -1), strict=True)), config
+    )
+    writer.finish(trainer.evaluate(np.zeros(DIM, np.float32)), wall_s=1.0)
+    assert "at least 4 contributors per released sum" in (tmp_path / "report.md").read_text()
+    assert main(["audit", str(tmp_path)]) == 0
+    privacy = json.loads((tmp_path / "privacy.json").read_text())
+    assert privacy["cryptography"]["release_floor"] == [4]
+    # A server that enforced only t = 3 in a run whose noise assumes 4 fails the audit.
+    path = tmp_path / "transcripts" / "round_0000.json"
+    record = json.loads(path.read_text())
+    record["min_survivors"] = 0
+    record["releases"][0]["threshold"] = 3
+    path.write_text(json.dumps(record))
+    assert main(["audit", str(tmp_path)]) == 1
+    privacy = json.loads((tmp_path / "privacy.json").read_text())
+    failed = {c["name"]: c["reasons"] for c in privacy["checks"] if c["status"] == "failed"}
+    assert set(failed) == {"run_consistency"}
+    assert "calibrated for at least 4 contributors" in failed["run_consistency"][0]
 
 
 def test_run_directory_passes_fedsec_audit(tmp_path: Path) -> None:
