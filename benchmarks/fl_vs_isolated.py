@@ -8,7 +8,7 @@ optimiser steps of B examples each, B = the simulate batch size):
   under secure aggregation. Default: FedAdam (Reddi et al., ICLR'21) over R=80 rounds of K=1
   plain-SGD step (client lr 1.0, so the update is the clipped gradient; server tau 1e-6, so the
   server's Adam sees it unscaled): the server's Adam state persists across rounds, whereas the
-  clients' AdamW in FedAvg restarts every round (see the FedAvg figures below).
+  clients' AdamW in FedAvg restarts every round (compare the ``federated_fedavg`` arm below).
 * ``federated_fedavg``: ``fedsec simulate``'s own recipe (FedAvg, AdamW clients,
   ``--fedavg-local-steps`` local steps, R*K/that rounds), reported so nothing is hidden.
 * ``isolated``: each institution alone, R*K steps of batch B.
@@ -24,8 +24,12 @@ Learning rate: every arm is trained at each rate of ``--lrs`` (the Adam step siz
 for the AdamW arms, the server's eta for an adaptive server strategy, the client lr for
 FedAvg-family strategies); the union of the domains' held-out test sets is split per domain into
 a validation half, on which each arm's rate is chosen, and a test half, on which the reported
-losses are measured (mean per-token loss on the response tokens). Every (arm, rate) figure is in
-the JSON under ``grid``.
+losses are measured (mean per-token loss on the response tokens). Every figure is the mean over
+``--seeds`` training seeds (data order, LoRA dropout and, for the federated arms, the secure
+randomness of stochastic rounding and masks; the model, the data and the split stay fixed): near
+its best rate the federated arm trains at the edge of stability, and one run's validation loss
+can differ from another's by 0.1, enough to pick the wrong rate. Every (arm, rate) mean and its
+per-seed runs are in the JSON under ``grid``.
 
 Targets: federated better than every isolated model, within 5% of centralized, and secure
 aggregation at most 10% of a round (``secagg_overhead_fraction``: encoding, the full protocol for
@@ -33,7 +37,8 @@ every client and the server, and decoding, over training plus aggregation time o
 clients; the simulation runs the clients one after another, so both are sums over clients; the
 benchmark's own evaluation is not part of a round).
 
-    .venv/bin/python benchmarks/fl_vs_isolated.py [--lrs 0.01,0.02,0.03] [--quick]
+    .venv/bin/python benchmarks/fl_vs_isolated.py [--lrs 0.01,0.015,0.02,0.025,0.03,0.04]
+        [--seeds 3] [--quick]
 """
 
 from __future__ import annotations
@@ -45,7 +50,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -150,8 +154,21 @@ def split_eval(sets: Mapping[str, TokenizedDataset]) -> tuple[TokenizedDataset, 
 
 @dataclass(frozen=True)
 class Scored:
+    """Validation and test loss; a mean over seeds keeps the per-seed (val, test) in ``runs``."""
+
     val: float
     test: float
+    runs: tuple[tuple[float, float], ...] = ()
+
+
+def mean_scored(scores: Sequence[Scored]) -> Scored:
+    if not scores:
+        raise BudgetError("no runs to average")
+    return Scored(
+        float(np.mean([s.val for s in scores])),
+        float(np.mean([s.test for s in scores])),
+        tuple((s.val, s.test) for s in scores),
+    )
 
 
 @dataclass(frozen=True)
@@ -228,10 +245,13 @@ def train_federated(
 
 
 def tune(
-    lrs: Sequence[float], run: Callable[[float], np.ndarray], score: Callable[[np.ndarray], Scored]
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    run: Callable[[float, int], np.ndarray],
+    score: Callable[[np.ndarray], Scored],
 ) -> tuple[float, dict[float, Scored]]:
-    """Train at every rate; the best rate is the one with the lowest validation loss."""
-    grid = {lr: score(run(lr)) for lr in lrs}
+    """Train at every rate with every seed; the best rate has the lowest mean validation loss."""
+    grid = {lr: mean_scored([score(run(lr, seed)) for seed in seeds]) for lr in lrs}
     return min(grid, key=lambda lr: grid[lr].val), grid
 
 
@@ -254,7 +274,9 @@ def main() -> None:
     parser.add_argument("--institutions", type=int, default=defaults.INSTITUTIONS)
     parser.add_argument("--rounds", type=int, default=80)
     parser.add_argument("--local-steps", type=int, default=1)
-    parser.add_argument("--lrs", default="0.01,0.02,0.03", help="the learning-rate grid")
+    parser.add_argument(
+        "--lrs", default="0.01,0.015,0.02,0.025,0.03,0.04", help="the learning-rate grid"
+    )
     parser.add_argument("--strategy", default="fedadam", choices=sorted(STRATEGIES))
     parser.add_argument("--client-optimizer", default="sgd", choices=("adamw", "sgd"))
     parser.add_argument(
@@ -270,7 +292,10 @@ def main() -> None:
         default=defaults.LOCAL_STEPS,
         help="local steps of the federated_fedavg arm (it runs rounds*local-steps/this rounds)",
     )
-    parser.add_argument("--seed", type=int, default=defaults.SEED)
+    parser.add_argument("--seed", type=int, default=defaults.SEED, help="model and data seed")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="training seeds per (arm, rate); figures are means"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -285,6 +310,7 @@ def main() -> None:
         lrs = parse_lrs(args.lrs)
         if args.quick:
             args.rounds, args.local_steps, args.fedavg_local_steps, lrs = 4, 1, 2, lrs[:1]
+            args.seeds = 1
         budget = Budget(
             args.institutions,
             args.rounds,
@@ -292,8 +318,8 @@ def main() -> None:
             defaults.BATCH_SIZE,
             args.fedavg_local_steps,
         )
-        if not (args.client_lr > 0 and args.tau > 0 and args.threads >= 1):
-            raise BudgetError("--client-lr and --tau must be > 0, --threads >= 1")
+        if not (args.client_lr > 0 and args.tau > 0 and args.threads >= 1 and args.seeds >= 1):
+            raise BudgetError("--client-lr and --tau must be > 0, --threads and --seeds >= 1")
     except BudgetError as exc:
         parser.error(str(exc))
     torch.set_num_threads(args.threads)
@@ -321,51 +347,52 @@ def main() -> None:
 
     initial = score(start)
     progress(f"initial loss val {initial.val:.3f} test {initial.test:.3f}; lrs {lrs}")
-    fed_runs: dict[float, FederatedRun] = {}
+    # Training seeds: far apart so the isolated arms' per-institution offsets never collide.
+    seeds = [args.seed + 7919 * repeat for repeat in range(args.seeds)]
+    fed_runs: dict[float, list[FederatedRun]] = {}
 
-    def federated(lr: float) -> np.ndarray:
-        run = train_federated(work, start, recipe, lr, budget.batch_size, args.seed, args.threads)
-        fed_runs[lr] = run
+    def federated(lr: float, seed: int) -> np.ndarray:
+        run = train_federated(work, start, recipe, lr, budget.batch_size, seed, args.threads)
+        fed_runs.setdefault(lr, []).append(run)
         return run.vector
 
-    def timed(name: str, run: Callable[[float], np.ndarray]) -> Callable[[float], np.ndarray]:
-        def wrapped(lr: float) -> np.ndarray:
+    def timed(
+        name: str, run: Callable[[float, int], np.ndarray]
+    ) -> Callable[[float, int], np.ndarray]:
+        def wrapped(lr: float, seed: int) -> np.ndarray:
             t = time.perf_counter()
-            vector = run(lr)
-            progress(f"{name} lr {lr:g}: {time.perf_counter() - t:.1f} s")
+            vector = run(lr, seed)
+            progress(f"{name} lr {lr:g} seed {seed}: {time.perf_counter() - t:.1f} s")
             return vector
 
         return wrapped
 
     pooled = union(work.train_sets)
-    arms: dict[str, Callable[[float], np.ndarray]] = {
+    arms: dict[str, Callable[[float, int], np.ndarray]] = {
         "federated": federated,
-        "federated_fedavg": lambda lr: (
-            train_federated(
-                work, start, fedavg, lr, budget.batch_size, args.seed, args.threads
-            ).vector
+        "federated_fedavg": lambda lr, seed: (
+            train_federated(work, start, fedavg, lr, budget.batch_size, seed, args.threads).vector
         ),
-        "centralized": lambda lr: train_alone(
-            work, start, pooled, budget.centralized, lr, args.seed, args.threads
+        "centralized": lambda lr, seed: train_alone(
+            work, start, pooled, budget.centralized, lr, seed, args.threads
         ),
-        "centralized_sequential": lambda lr: train_alone(
-            work, start, pooled, budget.centralized_sequential, lr, args.seed, args.threads
+        "centralized_sequential": lambda lr, seed: train_alone(
+            work, start, pooled, budget.centralized_sequential, lr, seed, args.threads
         ),
     }
-    for index, (name, data) in enumerate(sorted(work.train_sets.items())):
-        arms[f"isolated:{name}"] = partial(
-            train_alone,
-            work,
-            start,
-            data,
-            budget.isolated,
-            seed=args.seed + index,
-            threads=args.threads,
+
+    def alone(data: TokenizedDataset, offset: int) -> Callable[[float, int], np.ndarray]:
+        """Institution ``offset`` on its own data, with its own seeds."""
+        return lambda lr, seed: train_alone(
+            work, start, data, budget.isolated, lr, seed + offset, args.threads
         )
+
+    for index, (name, data) in enumerate(sorted(work.train_sets.items())):
+        arms[f"isolated:{name}"] = alone(data, index)
     best: dict[str, float] = {}
     grids: dict[str, dict[float, Scored]] = {}
     for name, run in arms.items():
-        best[name], grids[name] = tune(lrs, timed(name, run), score)
+        best[name], grids[name] = tune(lrs, seeds, timed(name, run), score)
         chosen = grids[name][best[name]]
         progress(f"{name}: lr {best[name]:g} val {chosen.val:.3f} test {chosen.test:.3f}")
 
@@ -374,7 +401,7 @@ def main() -> None:
 
     isolated = {n.split(":", 1)[1]: test(n) for n in arms if n.startswith("isolated:")}
     fed, central = test("federated"), test("centralized")
-    outcomes = fed_runs[best["federated"]].outcomes
+    outcomes = [o for run in fed_runs[best["federated"]] for o in run.outcomes]
     train_s = sum(o.metrics.train_s for o in outcomes)
     agg_s = sum(o.metrics.aggregation_s for o in outcomes)
     print(
@@ -412,6 +439,7 @@ def main() -> None:
                 "target_judged_on": "federated vs centralized (pooled, batch N*B, R*K steps)",
                 "lr_selection": "per arm, lowest loss on the validation half of the eval sets",
                 "lrs": lrs,
+                "seeds": seeds,
                 "threads": args.threads,
                 "best_lr": best,
                 "initial": initial.test,
@@ -435,7 +463,10 @@ def main() -> None:
                     o.metrics.secure_vs_plain_max_abs_diff for o in outcomes
                 ),
                 "grid": {
-                    name: {f"{lr:g}": {"val": s.val, "test": s.test} for lr, s in g.items()}
+                    name: {
+                        f"{lr:g}": {"val": s.val, "test": s.test, "runs": s.runs}
+                        for lr, s in g.items()
+                    }
                     for name, g in grids.items()
                 },
                 "wall_s": time.perf_counter() - began,

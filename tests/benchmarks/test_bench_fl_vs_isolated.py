@@ -74,12 +74,30 @@ def test_tune_selects_on_validation_not_test() -> None:
     # lr 0.01 looks best on test, lr 0.02 on validation: the validation choice must win.
     scores = {0.01: bench.Scored(val=3.0, test=1.0), 0.02: bench.Scored(val=2.0, test=2.5)}
 
-    def run(lr: float) -> np.ndarray:
+    def run(lr: float, seed: int) -> np.ndarray:
         return np.array([lr])
 
-    best, grid = bench.tune([0.01, 0.02], run, lambda v: scores[float(v[0])])
+    best, grid = bench.tune([0.01, 0.02], [0], run, lambda v: scores[float(v[0])])
     assert best == 0.02
-    assert grid == scores
+    assert {lr: (s.val, s.test) for lr, s in grid.items()} == {0.01: (3.0, 1.0), 0.02: (2.0, 2.5)}
+
+
+def test_tune_selects_on_the_mean_over_seeds() -> None:
+    # Seed 1 alone would pick 0.02 (a lucky run); the mean over both seeds picks 0.01.
+    val = {(0.01, 1): 2.9, (0.01, 2): 2.8, (0.02, 1): 2.85, (0.02, 2): 3.1}
+
+    def run(lr: float, seed: int) -> np.ndarray:
+        return np.array([lr, seed])
+
+    def score(v: np.ndarray) -> bench.Scored:
+        return bench.Scored(val=val[(float(v[0]), int(v[1]))], test=float(v[1]))
+
+    best, grid = bench.tune([0.01, 0.02], [1, 2], run, score)
+    assert best == 0.01
+    assert grid[0.01].val == pytest.approx(2.85) and grid[0.01].test == pytest.approx(1.5)
+    assert grid[0.01].runs == ((2.9, 1.0), (2.8, 2.0))
+    with pytest.raises(bench.BudgetError, match="no runs"):
+        bench.mean_scored([])
 
 
 def test_parse_lrs_refuses_bad_grids() -> None:
