@@ -243,6 +243,26 @@ def _clipped_reference(
     )
 
 
+def _secure_vs_plain(
+    total: np.ndarray,
+    weight: float,
+    units: Mapping[int, np.ndarray],
+    weights: Mapping[int, int],
+    contributors: Sequence[int],
+    clip: float,
+) -> float:
+    """Largest |secure mean - plaintext mean| over the coordinates, after checking that the
+    released weight sum is exactly the plaintext one (it is an integer sum, so it must be)."""
+    reference = _clipped_reference(units, weights, contributors, clip)
+    if weight != reference.weight_sum:
+        raise SecureAggregateMismatch(
+            f"secure weight sum {weight} != plaintext {reference.weight_sum}"
+        )
+    secure_mean = total.astype(np.float64) / weight
+    plain_mean = reference.contribution_sum / reference.weight_sum
+    return float(np.max(np.abs(secure_mean - plain_mean)))
+
+
 class MaskingBackend:
     """Pairwise masking: a full Bonawitz/SecAgg+ session per round (:mod:`secagg.simulate`)."""
 
@@ -371,19 +391,14 @@ class MaskingBackend:
             bound = 0.0
         else:
             decoded = decode_sum(sim.result.sum, self.quant, len(contributors))
-            reference = _clipped_reference(units, weights, contributors, self.quant.clip)
-            if decoded.weight != reference.weight_sum:
-                raise SecureAggregateMismatch(
-                    f"secure weight sum {decoded.weight} != plaintext {reference.weight_sum}"
-                )
             agg = AggregateInput(decoded.total, decoded.weight, len(contributors))
-            secure_mean = decoded.total.astype(np.float64) / decoded.weight
-            plain_mean = reference.contribution_sum / reference.weight_sum
-            diff = float(np.max(np.abs(secure_mean - plain_mean)))
+            diff = _secure_vs_plain(
+                decoded.total, decoded.weight, units, weights, contributors, self.quant.clip
+            )
             bound = quantization_bound(
                 self.quant,
                 len(contributors),
-                reference.weight_sum,
+                decoded.weight,
                 float(np.max(np.abs(decoded.total))),
             )
         _check(context.index, diff, bound)
@@ -540,18 +555,11 @@ class CkksBackend:
         result = HEClient(self._secrets[decryptor], session, dim).decrypt_sum(aggregate)
         decrypted = time.perf_counter()
 
-        reference = _clipped_reference(units, weights, contributors, clip)
-        if result.weight != reference.weight_sum:
-            raise SecureAggregateMismatch(
-                f"secure weight sum {result.weight} != plaintext {reference.weight_sum}"
-            )
-        secure_mean = result.total.astype(np.float64) / result.weight
-        plain_mean = reference.contribution_sum / reference.weight_sum
-        diff = float(np.max(np.abs(secure_mean - plain_mean)))
+        diff = _secure_vs_plain(result.total, result.weight, units, weights, contributors, clip)
         bound = ckks_bound(
             self.params,
             len(contributors),
-            reference.weight_sum,
+            result.weight,
             float(np.max(np.abs(result.total))),
         )
         _check(context.index, diff, bound)

@@ -416,15 +416,7 @@ def build_report(run: RunRecord, *, family_alpha: float = DEFAULT_FAMILY_ALPHA) 
             tuple(consistency),
         )
     )
-    checks.append(
-        ReportCheck(
-            "dp_accounting",
-            "the privacy budget of every noised round could be accounted",
-            "failed" if dp.problems else ("passed" if dp.events else "not tested"),
-            dp.problems,
-            "" if dp.events or dp.problems else "DP was off: nothing to account",
-        )
-    )
+    checks.append(_dp_accounting_check(dp))
     return PrivacyReport(
         str(run.directory),
         tuple(rows),
@@ -510,15 +502,7 @@ def _build_ckks_report(run: RunRecord) -> PrivacyReport:
             tuple(consistency),
         )
     )
-    checks.append(
-        ReportCheck(
-            "dp_accounting",
-            "the privacy budget of every noised round could be accounted",
-            "failed" if dp.problems else ("passed" if dp.events else "not tested"),
-            dp.problems,
-            "" if dp.events or dp.problems else "DP was off: nothing to account",
-        )
-    )
+    checks.append(_dp_accounting_check(dp))
     statement = (
         "Aggregation backend: **ckks** (CKKS homomorphic encryption, TenSEAL). "
         + str(ckks.get("trust_model", ""))
@@ -556,6 +540,16 @@ def _ckks_cryptography(
         "encryption": ckks.get("encryption"),
         "key_distribution": ckks.get("key_distribution"),
     }
+
+
+def _dp_accounting_check(dp: DpSummary) -> ReportCheck:
+    return ReportCheck(
+        "dp_accounting",
+        "the privacy budget of every noised round could be accounted",
+        "failed" if dp.problems else ("passed" if dp.events else "not tested"),
+        dp.problems,
+        "" if dp.events or dp.problems else "DP was off: nothing to account",
+    )
 
 
 def _transcript_checks(audit: AuditReport, rounds: Sequence[int]) -> list[ReportCheck]:
