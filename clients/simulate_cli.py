@@ -165,6 +165,7 @@ class TorchTrainer:
     settings: TrainSettings
     seed: int
     controls: dict[str, np.ndarray] = field(default_factory=dict)  # SCAFFOLD c_i per client
+    batches_drawn: dict[str, int] = field(default_factory=dict)  # per client, all rounds so far
 
     def train(
         self, client: str, round_index: int, global_vector: np.ndarray, options: ClientOptions
@@ -176,8 +177,10 @@ class TorchTrainer:
             batch_size=self.settings.batch_size,
             lr=options.lr if options.lr is not None else self.settings.lr,
             optimizer="sgd" if options.server_control is not None else self.settings.optimizer,
-            # Distinct data orders per client and round, reproducible from the run seed.
-            seed=self.seed * 1_000_003 + round_index * 1_009 + index,
+            # One data order per client, reproducible from the run seed, continued across
+            # rounds (see TrainSettings): each example once per epoch of the client's data.
+            seed=self.seed * 1_000_003 + index,
+            data_offset=self.batches_drawn.get(client, 0),
             prox_mu=options.prox_mu,
             max_grad_norm=self.settings.max_grad_norm,
             num_threads=self.settings.num_threads,
@@ -194,6 +197,7 @@ class TorchTrainer:
             self.work.pad_id,
             scaffold,
         )
+        self.batches_drawn[client] = self.batches_drawn.get(client, 0) + result.steps
         if result.new_client_control is not None:
             self.controls[client] = result.new_client_control
         return ClientUpdate(

@@ -55,7 +55,8 @@ def _examples(config: ClientConfig, options: TrainOptions) -> list[Example]:
 
 
 def training_seed(config: pb.RoundConfig, client_id: int) -> int:
-    return (config.train.seed * 1_000_003 + config.round_number) * 65_537 + client_id
+    """This client's data-order seed: the same every round, so the order continues."""
+    return config.train.seed * 65_537 + client_id
 
 
 class LocalTrainer:
@@ -87,12 +88,16 @@ class LocalTrainer:
         )
         self._client_id = config.client_id
         self._threads = options.threads
+        # Batches drawn in earlier rounds of this process: the data order continues from there
+        # (a restarted client starts its order again; it is data order only, nothing secret).
+        self._batches_drawn = 0
 
     def write_initial_adapter(self, directory: Path) -> None:
         save_adapter(directory, self.lm.tensors(), self.lm.adapter_config())
 
     def train(self, config: pb.RoundConfig, global_vector: np.ndarray) -> LocalResult:
-        """This round's local training from ``global_vector`` (reproducible from the config)."""
+        """This round's local training from ``global_vector`` (reproducible from the config
+        and the batches this process drew in earlier rounds)."""
         task = config.train
         if task.layout_fingerprint != self.lm.layout.fingerprint():
             raise ConfigurationError(
@@ -105,8 +110,11 @@ class LocalTrainer:
             lr=task.learning_rate,
             seed=training_seed(config, self._client_id),
             num_threads=self._threads,
+            data_offset=self._batches_drawn,
         )
-        return train_local(self.lm, global_vector, self.data, settings, self.pad_id)
+        result = train_local(self.lm, global_vector, self.data, settings, self.pad_id)
+        self._batches_drawn += result.steps
+        return result
 
     def local_update(self, config: pb.RoundConfig, model: bytes) -> LocalResult:
         """Check the round against this client, train, and return ``delta`` and the weight."""

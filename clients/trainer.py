@@ -60,7 +60,15 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Exactly one of ``local_steps`` / ``local_epochs`` sets how long a client trains."""
+    """Exactly one of ``local_steps`` / ``local_epochs`` sets how long a client trains.
+
+    ``seed`` keys the client's data order (and LoRA dropout); ``data_offset`` is the number of
+    batches it already drew from that order in earlier rounds. A client that keeps its seed and
+    passes its running batch count walks its data epoch by epoch across rounds, each example
+    once per epoch, as pooled training does; a fresh seed every round instead draws the first
+    batches of a new permutation each time, which with few local steps revisits some examples
+    and skips others.
+    """
 
     local_steps: int | None = 20
     local_epochs: int | None = None
@@ -71,6 +79,7 @@ class TrainSettings:
     prox_mu: float = 0.0
     max_grad_norm: float = 1.0
     num_threads: int | None = 2
+    data_offset: int = 0
 
     def __post_init__(self) -> None:
         if (self.local_steps is None) == (self.local_epochs is None):
@@ -79,6 +88,8 @@ class TrainSettings:
             raise TrainingConfigError("local_steps / local_epochs must be >= 1")
         if self.batch_size < 1 or not self.lr > 0 or self.prox_mu < 0:
             raise TrainingConfigError("need batch_size >= 1, lr > 0 and prox_mu >= 0")
+        if self.data_offset < 0:
+            raise TrainingConfigError(f"data_offset must be >= 0, got {self.data_offset}")
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,23 @@ class LoraModel:
         return [self._params[k] for k in self.layout.names]
 
 
+def batch_indices(
+    size: int, batch_size: int, seed: int, first: int, count: int
+) -> list[np.ndarray]:
+    """Example indices of batches ``first .. first + count - 1`` of a data order in which epoch e
+    is a permutation seeded by (seed, e), cut into ceil(size / batch_size) batches (the last
+    may be short). Data order only: nothing secret comes from this generator."""
+    per_epoch = math.ceil(size / batch_size)
+    out: list[np.ndarray] = []
+    epoch, order = -1, np.empty(0, dtype=np.int64)
+    for position in range(first, first + count):
+        at_epoch, within = divmod(position, per_epoch)
+        if at_epoch != epoch:
+            epoch, order = at_epoch, np.random.default_rng([seed, at_epoch]).permutation(size)
+        out.append(order[within * batch_size : (within + 1) * batch_size])
+    return out
+
+
 def _batches(data: TokenizedDataset, order: np.ndarray, pad_id: int) -> tuple[torch.Tensor, ...]:
     width = max(len(data.input_ids[i]) for i in order)
     ids = np.full((len(order), width), pad_id, dtype=np.int64)
@@ -222,17 +250,15 @@ def train_local(
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
     total = settings.local_steps or (settings.local_epochs or 0) * steps_per_epoch
-    rng = np.random.default_rng(settings.seed)  # data order only, nothing secret
-    order = rng.permutation(len(data))
+    batches = batch_indices(
+        len(data), settings.batch_size, settings.seed, settings.data_offset, total
+    )
     losses: list[float] = []
     lm.model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)  # LoRA dropout
-        for step in range(total):
-            at = (step % steps_per_epoch) * settings.batch_size
-            if step > 0 and at == 0:
-                order = rng.permutation(len(data))
-            ids, labels, mask = _batches(data, order[at : at + settings.batch_size], pad_id)
+        for batch in batches:
+            ids, labels, mask = _batches(data, batch, pad_id)
             loss_sum, count = _token_losses(lm.model, ids, labels, mask)
             loss = loss_sum / max(count, 1)
             objective = loss

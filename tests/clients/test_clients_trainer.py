@@ -20,6 +20,7 @@ from clients.trainer import (
     ScaffoldControls,
     TrainingConfigError,
     TrainSettings,
+    batch_indices,
     evaluate,
     train_local,
 )
@@ -156,3 +157,39 @@ def test_saved_global_adapter_loads_in_peft(
     plain = build_tiny_llama(len(tokenizer), small_spec)
     with torch.no_grad():
         assert not torch.allclose(plain(input_ids=ids).logits, ours)
+
+
+def test_data_order_visits_every_example_once_per_epoch_and_continues_across_calls() -> None:
+    size, batch = 37, 8  # 5 batches per epoch, the last one short
+    batches = batch_indices(size, batch, seed=3, first=0, count=10)
+    for epoch in (batches[:5], batches[5:]):
+        assert sorted(np.concatenate(epoch).tolist()) == list(range(size))
+    assert [len(b) for b in batches[:5]] == [8, 8, 8, 8, 5]
+    assert not np.array_equal(np.concatenate(batches[:5]), np.concatenate(batches[5:]))
+    # Rounds of 3 local steps, each starting where the previous one stopped, see exactly the
+    # batches one long run would: no example is revisited before the epoch is through.
+    rounds = [batch_indices(size, batch, 3, first, 3) for first in (0, 3, 6)]
+    flat = [b for r in rounds for b in r]
+    long_run = batch_indices(size, batch, 3, 0, 9)
+    assert all(np.array_equal(a, b) for a, b in zip(flat, long_run, strict=True))
+    assert batch_indices(size, batch, 4, 0, 5)[0].tolist() != batches[0].tolist()
+
+
+def test_train_local_starts_at_its_data_offset(
+    base: LlamaForCausalLM, cardio: TokenizedDataset
+) -> None:
+    lm = LoraModel(base, LoraSettings(rank=4))
+    g = lm.get_vector()
+    one_step = TrainSettings(local_steps=1, batch_size=8, lr=1e-2, seed=5, optimizer="sgd")
+    at_two = train_local(lm, g, cardio, TrainSettings(**{**one_step.__dict__, "data_offset": 2}), 0)
+    # The same single batch, handed over as a one-batch data set, gives the same update.
+    index = batch_indices(len(cardio), 8, 5, 2, 1)[0]
+    only = TokenizedDataset(
+        tuple(cardio.input_ids[i] for i in index), tuple(cardio.labels[i] for i in index), 0
+    )
+    alone = train_local(lm, g, only, TrainSettings(**{**one_step.__dict__, "seed": 0}), 0)
+    np.testing.assert_allclose(at_two.delta, alone.delta, rtol=1e-5, atol=1e-7)
+    at_zero = train_local(lm, g, cardio, one_step, 0)
+    assert not np.allclose(at_zero.delta, at_two.delta)
+    with pytest.raises(TrainingConfigError, match="data_offset"):
+        TrainSettings(data_offset=-1)

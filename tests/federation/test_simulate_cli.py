@@ -10,6 +10,7 @@ import pytest
 import clients.defaults as defaults
 from clients.data import AlpacaRecord, write_alpaca_jsonl
 from clients.model_factory import TinyLlamaSpec, build_tiny_llama, build_tokenizer, save_base
+from clients.simulate_cli import SimulationSpec, prepare
 from fl_core.adapter_io import load_adapter
 from fl_core.cli import main
 
@@ -119,3 +120,12 @@ def test_a_data_folder_with_one_institution_is_refused(
     argv = ["simulate", "--institutions", "3", "--data", str(tmp_path)]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2
     assert "need one <institution>.jsonl per institution" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("tiny_defaults")
+def test_each_institution_walks_its_data_across_rounds() -> None:
+    # 24 records in batches of 8: 3 batches per epoch. Two rounds of 2 local steps continue one
+    # order (batches 0, 1 then 2, 3), so the first epoch is complete after round 2.
+    fed, trainer = prepare(SimulationSpec(3, 2, 2))
+    fed.run()
+    assert trainer.batches_drawn == {name: 4 for name in fed.ids}
