@@ -256,7 +256,11 @@ def train_local(
     losses: list[float] = []
     lm.model.train()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)  # LoRA dropout
+        # LoRA dropout: keyed by the seed and the offset too, so a client that keeps its seed
+        # across rounds does not replay the same masks every round.
+        torch.manual_seed(
+            int(np.random.SeedSequence([settings.seed, settings.data_offset]).generate_state(1)[0])
+        )
         for batch in batches:
             ids, labels, mask = _batches(data, batch, pad_id)
             loss_sum, count = _token_losses(lm.model, ids, labels, mask)

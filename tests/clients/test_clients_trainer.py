@@ -193,3 +193,18 @@ def test_train_local_starts_at_its_data_offset(
     assert not np.allclose(at_zero.delta, at_two.delta)
     with pytest.raises(TrainingConfigError, match="data_offset"):
         TrainSettings(data_offset=-1)
+
+
+def test_lora_dropout_masks_change_with_the_data_offset(
+    base: LlamaForCausalLM, cardio: TokenizedDataset
+) -> None:
+    # One example, so every step sees the same batch and only the dropout masks can differ.
+    only = TokenizedDataset(cardio.input_ids[:1], cardio.labels[:1], 0)
+    lm = LoraModel(base, LoraSettings(rank=4, dropout=0.5))
+    g = lm.get_vector()
+    settings = TrainSettings(local_steps=2, batch_size=1, lr=1e-2, seed=5)
+    first = train_local(lm, g, only, settings, 0)
+    again = train_local(lm, g, only, settings, 0)
+    later = train_local(lm, g, only, TrainSettings(**{**settings.__dict__, "data_offset": 2}), 0)
+    np.testing.assert_array_equal(first.delta, again.delta)
+    assert not np.allclose(first.delta, later.delta)
