@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from secagg.encoding import QuantizationParams, decode_sum, encode
 from secagg.he import CKKSParams, HEAggregator, HEClient, PublicContext, generate_federation_keys
+from secagg.params import session_shape
 from secagg.protocol import RoundParams, ServerSession
 from secagg.simulate import Simulation
 
@@ -79,7 +80,10 @@ def bench_masking(n: int, dim: int) -> dict[str, object]:
         begin = time.perf_counter()
         inputs[u] = encode(update, quant).vector
         encode_seconds += time.perf_counter() - begin
-    params = RoundParams(os.urandom(32), RING_BITS, dim, threshold=n // 2 + 1, cohort=cohort)
+    shape = session_shape(n)
+    params = RoundParams(
+        os.urandom(32), RING_BITS, dim, shape.threshold, cohort, quorum=shape.quorum
+    )
     sim = Simulation(params, inputs, record_masked_inputs=False)
     clients = {u: _Timed(c, ("start", "handle")) for u, c in sim.clients.items()}
     server = _Timed(sim.server, ("receive", "close_stage"))

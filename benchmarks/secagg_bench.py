@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ import time
 import numpy as np
 
 from secagg.packing import packed_size
-from secagg.params import classic_threshold, secaggplus_params
+from secagg.params import session_shape
 from secagg.prg import raw_keystream_seconds
 from secagg.protocol import RoundParams, Stage
 from secagg.simulate import Simulation
@@ -51,15 +50,22 @@ def _round_params(args: argparse.Namespace) -> RoundParams:
     n = args.clients
     cohort = tuple(range(1, n + 1))
     fraction = max(args.dropout, 0.05)
+    # What every client accepts against an active server colluding with 5 % of the cohort.
     if args.neighbors == "complete":
-        k, t = None, classic_threshold(n, 0.05, fraction)
+        shape = session_shape(n, 0.05, fraction)
     elif args.neighbors == "auto":
-        found = secaggplus_params(n, 0.05, fraction)
-        k, t = found.k, found.t
+        shape = session_shape(n, 0.05, fraction, sparse=True)
     else:
-        k = int(args.neighbors)
-        t = max(2, math.ceil(k / 2) + 1)
-    return RoundParams(os.urandom(32), args.bits, args.dim, t, cohort, k, os.urandom(32))
+        shape = session_shape(n, 0.05, fraction, neighbours=int(args.neighbors))
+    return RoundParams(
+        os.urandom(32),
+        args.bits,
+        args.dim,
+        shape.threshold,
+        cohort,
+        shape.neighbours,
+        quorum=shape.quorum,
+    )
 
 
 def main() -> int:
@@ -111,7 +117,8 @@ def main() -> int:
                 "clients": args.clients,
                 "dim": args.dim,
                 "bits": args.bits,
-                "neighbors": params.graph.degree,
+                "neighbors": params.degree,
+                "quorum": params.signature_quorum,
                 "threshold": params.threshold,
                 "dropout": args.dropout,
                 "contributors": len(outcome.result.contributors),

@@ -1,8 +1,11 @@
 """``fedsec client --config client.toml``: an institution's settings, validated on load.
 
-The policy table is the institution's own floor under what a coordinator may ask of it: a
-round below ``min_threshold``, ``min_cohort`` or ``min_ring_bits`` is refused by the client's
-protocol session, whatever the server says.
+The policy table is the institution's own floor under what a coordinator may ask of it
+(:class:`secagg.protocol.ClientPolicy`): a round below ``min_threshold``, ``min_cohort`` or
+``min_ring_bits``, or below the threshold, neighbourhood degree and survivor-set quorum the
+client derives itself from the cohort size and its own ``corrupt_fraction`` (how many of the
+cohort it assumes may collude with the coordinator; default 0.05) and ``dropout_fraction``, is
+refused by the client's protocol session before it trains, whatever the server says.
 
 ``[client] backend`` (``"masking"`` by default, or ``"ckks"``) is the one aggregation backend
 this institution takes part in; a round of the other backend is refused before anything is
@@ -18,7 +21,9 @@ from typing import TYPE_CHECKING
 
 from fl_core.wire.credentials import load_identity, load_roster
 from fl_core.wire.toml_config import ConfigError, load_toml
+from secagg.errors import ConfigurationError
 from secagg.keys import Identity, Roster
+from secagg.protocol import ClientPolicy
 
 if TYPE_CHECKING:
     from fl_core.wire.he_files import HeldSecret
@@ -34,13 +39,6 @@ STALLABLE_STAGES = (
     "he_decrypt",
 )
 BACKENDS = ("masking", "ckks")
-
-
-@dataclass(frozen=True)
-class ClientPolicyConfig:
-    min_threshold: int
-    min_cohort: int
-    min_ring_bits: int
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ class ClientConfig:
     tls_key: Path | None
     reconnect_max_s: float
     give_up_after_s: float
-    policy: ClientPolicyConfig
+    policy: ClientPolicy
     #: Name of an embedded synthetic institution (``clients.synthetic``), or None.
     synthetic: str | None
     #: Local JSONL training data, or None.
@@ -124,11 +122,17 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
     client.done()
 
     policy_table = top.table("policy", required=False)
-    policy = ClientPolicyConfig(
-        min_threshold=policy_table.integer("min_threshold", default=2, minimum=1),
-        min_cohort=policy_table.integer("min_cohort", default=2, minimum=1),
-        min_ring_bits=policy_table.integer("min_ring_bits", default=16, minimum=1, maximum=64),
-    )
+    try:
+        policy = ClientPolicy(
+            min_threshold=policy_table.integer("min_threshold", default=2, minimum=1),
+            min_cohort=policy_table.integer("min_cohort", default=2, minimum=1),
+            min_ring_bits=policy_table.integer("min_ring_bits", default=16, minimum=1, maximum=64),
+            corrupt_fraction=policy_table.fraction("corrupt_fraction", default=0.05),
+            dropout_fraction=policy_table.fraction("dropout_fraction", default=0.05),
+            security_bits=policy_table.integer("security_bits", default=40, minimum=1, maximum=256),
+        )
+    except ConfigurationError as exc:
+        raise ConfigError(f"{path}: [policy] {exc}") from None
     policy_table.done()
 
     data = top.table("data", required=False)

@@ -57,15 +57,8 @@ from fl_core.wire.framing import client_frames, grpc_options, read_item
 from fl_core.wire.toml_config import ConfigError
 from secagg.encoding import QuantizationParams
 from secagg.errors import MessageFormatError, PolicyViolation, ProtocolAbort, SecAggError
-from secagg.messages import (
-    ConsistencyRequest,
-    KeysBroadcast,
-    SharesDelivery,
-    UnmaskRequest,
-    decode_message,
-    encode_message,
-)
-from secagg.protocol import ClientPolicy, ClientSession
+from secagg.messages import SERVER_MESSAGE_TYPES, decode_message, encode_message
+from secagg.protocol import ClientSession
 from secagg.ring import Ring, RingArray
 
 if TYPE_CHECKING:
@@ -137,11 +130,7 @@ class TransportStats:
 class ClientTransport:
     def __init__(self, config: ClientConfig) -> None:
         self._config = config
-        self._policy = ClientPolicy(
-            min_threshold=config.policy.min_threshold,
-            min_cohort=config.policy.min_cohort,
-            min_ring_bits=config.policy.min_ring_bits,
-        )
+        self._policy = config.policy
         self._channel: Any = None
         self._stub: Any = None
         self._token = b""
@@ -410,9 +399,7 @@ class ClientTransport:
             if current.session is None:
                 raise ProtocolAbort("the server sent a masking message in a ckks round")
             message = decode_message(payload)
-            if not isinstance(
-                message, KeysBroadcast | SharesDelivery | ConsistencyRequest | UnmaskRequest
-            ):
+            if not isinstance(message, SERVER_MESSAGE_TYPES):
                 raise ProtocolAbort(f"the server sent a {type(message).__name__}")
             reply = current.session.handle(message)
         except SecAggError as exc:

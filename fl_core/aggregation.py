@@ -47,7 +47,7 @@ from secagg.he import (
     seal_secret_context,
 )
 from secagg.keys import AgreementKeyPair
-from secagg.protocol import RoundParams, Stage
+from secagg.protocol import ClientPolicy, RoundParams, Stage
 from secagg.ring import RingArray
 from secagg.simulate import Simulation, make_identities
 from secagg.transcript import Transcript
@@ -278,10 +278,13 @@ class MaskingBackend:
         corrupt_fraction: float,
         dropout_fraction: float,
         min_survivors: int = 0,
+        quorum: int = 0,
     ) -> None:
         self.quant = quant
         self.calibration = calibration
         self.threshold = threshold
+        #: Survivor-set signatures every client needs (0: RoundParams' default).
+        self.quorum = quorum
         # With DP: the contributor count the noise is calibrated for, enforced by every session.
         self.min_survivors = min_survivors
         self.neighbours = neighbours
@@ -292,7 +295,7 @@ class MaskingBackend:
     @property
     def min_release(self) -> int:
         """The fewest contributors a round may release (``RoundParams.min_release``)."""
-        return max(self.threshold, self.min_survivors)
+        return max(self.threshold, self.quorum, self.min_survivors)
 
     def summary(self) -> str:
         protocol = "SecAgg+" if self.neighbours is not None else "SecAgg"
@@ -307,8 +310,12 @@ class MaskingBackend:
             if self.calibration is None
             else self.calibration.params.ring_bits,
             "threshold": self.threshold,
+            "quorum": self.quorum,
             "min_release": self.min_release,
             "neighbours": self.neighbours,
+            "graph_seed": "committed and revealed by every cohort client (SecAgg+)"
+            if self.neighbours is not None
+            else "none (complete graph)",
             "corrupt_fraction": self.corrupt_fraction,
             "dropout_fraction": self.dropout_fraction,
             "key_agreement": "X25519 (32-byte public keys)",
@@ -364,17 +371,22 @@ class MaskingBackend:
             threshold=self.threshold,
             cohort=cohort,
             neighbours=self.neighbours,
-            graph_seed=os.urandom(32),
+            quorum=self.quorum,
             min_survivors=self.min_survivors,
         )
         # A dropout advertised its keys and shared them, then never sent its masked input: the
         # survivors' unmask step has to reconstruct its pairwise masks.
         dropouts = {Stage.MASKED_INPUT: context.dropouts} if context.dropouts else None
+        # The institutions' own policy: the same threat model the federation's (k, t) are for.
+        policy = ClientPolicy(
+            corrupt_fraction=self.corrupt_fraction, dropout_fraction=self.dropout_fraction
+        )
         sim = Simulation(
             params,
             inputs,
             contexts=dict.fromkeys(cohort, context.signed_context),
             dropouts=dropouts,
+            policy=policy,
         ).run()
         contributors = sim.result.contributors
         if encoder is not None:

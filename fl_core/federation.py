@@ -11,11 +11,14 @@ One round (:meth:`Federation.run_round`):
 
    - ``masking`` (default): each contribution is encoded (:mod:`secagg.encoding`, or
      :mod:`secagg.dp.encoder` with distributed DP) and the cohort runs a full Bonawitz/SecAgg+
-     session (:class:`secagg.simulate.Simulation`) with a fresh graph seed; the graph is a
-     SecAgg+ Harary graph (:func:`~secagg.params.secaggplus_params`) when the cohort is large
-     enough for one, the complete graph with :func:`~secagg.params.classic_threshold`
-     otherwise. Each client signs a digest of the global vector it was given, so the session
-     aborts if clients were served different models;
+     session (:class:`secagg.simulate.Simulation`); the graph is a SecAgg+ Harary graph
+     sized for an *active* server (:func:`~secagg.params.secaggplus_params` with
+     ``semi_malicious_server=True``; its labels come from a seed the clients commit to and
+     reveal in the session) when the cohort is large enough for one, the complete graph with
+     the active-server :func:`~secagg.params.classic_threshold` otherwise, and every client
+     checks both against its own policy (:class:`~secagg.protocol.ClientPolicy` with the
+     federation's corrupt and dropout fractions). Each client signs a digest of the global
+     vector it was given, so the session aborts if clients were served different models;
    - ``ckks``: every cohort member encrypts under the federation's CKKS key (dealt once per
      :class:`Federation`), the server adds under the public context, the lowest surviving
      institution decrypts. Weaker trust model and no DP
@@ -72,13 +75,9 @@ from secagg.dp.calibration import Calibration, accounting_record, calibrate
 from secagg.dp.noise import Mechanism
 from secagg.encoding import QuantizationParams
 from secagg.errors import ConfigurationError
-from secagg.params import classic_threshold, release_floor, secaggplus_params
+from secagg.params import SessionShape, release_floor, session_shape
 from secagg.protocol import ClientPolicy
 from secagg.transcript import Transcript
-
-#: Below this cohort size the complete graph is used: a Harary graph would need nearly every
-#: client as a neighbour anyway, and the SecAgg+ parameter search has no solution.
-SECAGGPLUS_MIN_COHORT = 16
 
 
 class FederationConfigError(FLError, ValueError):
@@ -196,25 +195,15 @@ def check_backend(backend: str, *, dp_enabled: bool) -> None:
         )
 
 
-@dataclass(frozen=True)
-class GraphChoice:
-    threshold: int
-    neighbours: int | None  # None: complete graph
-
-
-def choose_graph(cohort: int, settings: SecAggSettings) -> GraphChoice:
-    """SecAgg+ (k, t) for a large cohort, else the complete graph and the classic threshold."""
-    if cohort >= SECAGGPLUS_MIN_COHORT:
-        try:
-            plus = secaggplus_params(cohort, settings.corrupt_fraction, settings.dropout_fraction)
-            return GraphChoice(plus.t, plus.k)
-        except ConfigurationError:
-            pass  # no sparse graph is secure here: the complete graph always is
+def choose_graph(cohort: int, settings: SecAggSettings) -> SessionShape:
+    """SecAgg+ (k, t) against an active server for a large cohort, else the complete graph and
+    the active-server threshold floor((n + c)/2) + 1 (:func:`secagg.params.session_shape`)."""
     try:
-        threshold = classic_threshold(cohort, settings.corrupt_fraction, settings.dropout_fraction)
+        return session_shape(
+            cohort, settings.corrupt_fraction, settings.dropout_fraction, sparse=True
+        )
     except ConfigurationError as exc:
         raise FederationConfigError(str(exc)) from exc
-    return GraphChoice(threshold, None)
 
 
 @dataclass(frozen=True)
@@ -296,8 +285,9 @@ class Federation:
         weighted = config.dp is None
         max_weight = max_samples if weighted and self._sample_weighted() else 1
         self.calibration: Calibration | None = None
-        #: The fewest contributors a round may release; raised above t by DP.
-        self.min_release = self.graph.threshold
+        #: The fewest contributors a round may release: t, the signature quorum, and with DP the
+        #: floor the noise is calibrated for.
+        self.min_release = self.graph.min_release
         self.backend: AggregationBackend
         if config.backend == "ckks":
             try:
@@ -321,7 +311,7 @@ class Federation:
         if config.dp is not None:
             dp = config.dp
             self.min_release = release_floor(
-                config.cohort, self.graph.threshold, config.secagg.dropout_fraction
+                config.cohort, self.graph.min_release, config.secagg.dropout_fraction
             )
             try:
                 self.calibration = calibrate(
@@ -349,6 +339,7 @@ class Federation:
             config.secagg.corrupt_fraction,
             config.secagg.dropout_fraction,
             min_survivors=0 if self.calibration is None else self.min_release,
+            quorum=self.graph.quorum,
         )
 
     def _sample_weighted(self) -> bool:

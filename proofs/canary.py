@@ -55,6 +55,7 @@ from secagg.dp.calibration import accounting_record, calibrate
 from secagg.dp.encoder import DpEncoder
 from secagg.encoding import QuantizationParams, decode_sum, encode
 from secagg.errors import ConfigurationError
+from secagg.params import session_shape
 from secagg.protocol import RoundParams
 from secagg.ring import RingArray
 from secagg.simulate import simulate_round
@@ -349,8 +350,9 @@ class _Federation:
 
 def _secure_sum(encoded: Sequence[RingArray], ring_bits: int, dim: int) -> tuple[RingArray, int]:
     cohort = tuple(range(1, len(encoded) + 1))
-    threshold = max(2, len(cohort) // 2 + 1)
-    params = RoundParams(os.urandom(32), ring_bits, dim, threshold, cohort)
+    params = RoundParams(
+        os.urandom(32), ring_bits, dim, session_shape(len(cohort)).threshold, cohort
+    )
     result = simulate_round(params, dict(zip(cohort, encoded, strict=True))).result
     return result.sum, len(result.contributors)
 

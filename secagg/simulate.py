@@ -20,7 +20,6 @@ from secagg.errors import ConfigurationError, ProtocolAbort, SecAggError, Unexpe
 from secagg.keys import Identity, Roster
 from secagg.messages import ClientMessage, ServerMessage, decode_message, encode_message
 from secagg.protocol import (
-    PROTOCOL_STAGES,
     AggregateResult,
     ClientPolicy,
     ClientSession,
@@ -91,14 +90,15 @@ class Simulation:
         server_close_seconds: dict[str, float] = {}
         dropped: set[int] = set()
         inbox: dict[int, bytes] = {}
-        for stage in PROTOCOL_STAGES:
+        stages = self.params.stages
+        for stage in stages:
             begin = time.perf_counter()
             dropped |= self.dropouts.get(stage, frozenset())
             for u, client in self.clients.items():
                 if u in dropped or client.aborted:
                     continue
                 reply: ClientMessage
-                if stage is Stage.ADVERTISE_KEYS:
+                if stage is stages[0]:
                     reply = client.start()
                 elif u in inbox:
                     try:

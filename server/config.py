@@ -5,7 +5,8 @@ rules that would otherwise surface mid-round (a threshold above the cohort, a co
 roster) are checked here, before the server listens.
 
 ``[rounds] backend`` selects how the sum is computed: ``"masking"`` (default; pairwise masks,
-``threshold``/``ring_bits``/``neighbours`` apply) or ``"ckks"`` (homomorphic encryption; a
+``ring_bits``/``neighbours``/``threshold``/``corrupt_fraction``/``dropout_fraction`` apply) or
+``"ckks"`` (homomorphic encryption; a
 ``[ckks]`` table names the public context file made by the key dealer and the parameters it
 must have). Keys of the other backend are refused as unknown, not silently ignored. The public
 context is loaded and checked here (dealer's signature against the roster, fingerprint, no
@@ -24,6 +25,7 @@ from fl_core.wire.toml_config import ConfigError, Table, load_toml
 from secagg.encoding import QuantizationParams
 from secagg.errors import ConfigurationError
 from secagg.keys import Roster
+from secagg.params import SessionShape, session_shape
 
 if TYPE_CHECKING:
     from secagg.he import PublicContext
@@ -47,17 +49,34 @@ class RoundConfig:
     rounds: int
     cohort_size: int
     min_clients: int
-    #: Masking only (0 under ckks): Shamir threshold.
+    #: Masking only (0 under ckks): a floor on the Shamir threshold. Each round uses the
+    #: larger of it and the active-server threshold for the round's cohort (it can raise the
+    #: threshold, never lower it); 0: that threshold.
     threshold: int
     #: Masking only (0 under ckks): bits of the ring Z_{2^b}.
     ring_bits: int
-    #: 0: complete graph (classic SecAgg); k > 0: SecAgg+ neighbourhoods of size k.
+    #: 0: complete graph (classic SecAgg); k > 0: SecAgg+ neighbourhoods of at least k (raised
+    #: to the degree an active server cannot exploit for the round's cohort).
     neighbours: int
     stage_timeout_s: float
     #: Also the upload deadline of a ckks round: clients train before they upload.
     join_timeout_s: float
     seed: int
     backend: str = "masking"
+    #: The fraction of a cohort assumed to collude with the server, and the dropouts a round is
+    #: sized for: they set t, k and the survivor-set quorum (clients check against their own).
+    corrupt_fraction: float = 0.05
+    dropout_fraction: float = 0.05
+
+    def session_shape(self, cohort: int) -> SessionShape:
+        """The threshold, graph and quorum of a round over ``cohort`` clients."""
+        return session_shape(
+            cohort,
+            self.corrupt_fraction,
+            self.dropout_fraction,
+            neighbours=self.neighbours or None,
+            min_threshold=self.threshold,
+        )
 
 
 @dataclass(frozen=True)
@@ -165,7 +184,7 @@ def load_server_config(path: Path) -> ServerConfig:
         rounds=rounds_table.integer("count", minimum=1),
         cohort_size=rounds_table.integer("cohort_size", minimum=2),
         min_clients=rounds_table.integer("min_clients", minimum=2),
-        threshold=rounds_table.integer("threshold", minimum=2) if masking else 0,
+        threshold=rounds_table.integer("threshold", default=0, minimum=0) if masking else 0,
         ring_bits=(
             rounds_table.integer("ring_bits", default=32, minimum=8, maximum=64) if masking else 0
         ),
@@ -174,6 +193,12 @@ def load_server_config(path: Path) -> ServerConfig:
         join_timeout_s=rounds_table.number("join_timeout_s", default=60.0, positive=True),
         seed=rounds_table.integer("seed", default=0, minimum=0, maximum=2**63 - 1),
         backend=backend,
+        corrupt_fraction=(
+            rounds_table.fraction("corrupt_fraction", default=0.05) if masking else 0.05
+        ),
+        dropout_fraction=(
+            rounds_table.fraction("dropout_fraction", default=0.05) if masking else 0.05
+        ),
     )
     rounds_table.done()
 
@@ -214,11 +239,17 @@ def load_server_config(path: Path) -> ServerConfig:
     if ckks_table is not None:
         ckks = _load_ckks(path, ckks_table, rounds, task, roster)
         return ServerConfig(listen, tls, roster_path, roster, names, state_dir, rounds, task, ckks)
-    if rounds.threshold >= rounds.min_clients:
-        raise ConfigError(
-            f"{path}: rounds.threshold ({rounds.threshold}) must be < rounds.min_clients "
-            f"({rounds.min_clients}): shares go to the other clients, so t <= n - 1"
-        )
+    for size in (rounds.min_clients, rounds.cohort_size):
+        try:
+            shape = rounds.session_shape(size)
+        except ConfigurationError as exc:
+            raise ConfigError(f"{path}: [rounds] for a cohort of {size}: {exc}") from None
+        if shape.min_release > size:
+            raise ConfigError(
+                f"{path}: [rounds] a cohort of {size} cannot release a sum: it needs "
+                f"{shape.min_release} contributors (threshold {shape.threshold}, quorum "
+                f"{shape.quorum}); lower rounds.threshold or raise rounds.min_clients"
+            )
     try:
         QuantizationParams.fit(
             rounds.ring_bits,
@@ -229,6 +260,4 @@ def load_server_config(path: Path) -> ServerConfig:
         )
     except ConfigurationError as exc:
         raise ConfigError(f"{path}: rounds.ring_bits: {exc}") from None
-    if rounds.neighbours and rounds.neighbours < rounds.threshold:
-        raise ConfigError(f"{path}: rounds.neighbours must be 0 (complete) or >= threshold")
     return ServerConfig(listen, tls, roster_path, roster, names, state_dir, rounds, task)

@@ -8,7 +8,8 @@ refused as late; the loop wakes as soon as the last expected message of a stage 
 the stage deadline, and continues with whoever answered (clients that died are simply missing).
 
 Crash safety: at start the store marks any attempt left ``running`` as aborted, and the round is
-rerun under a fresh random session id and fresh neighbour-graph seed, so nothing a client sent
+rerun under a fresh random session id (and, under SecAgg+, a fresh graph seed the clients fix
+inside the session), so nothing a client sent
 in the aborted attempt can be combined with anything later; the aborted session's running sum
 lived only in memory and is gone. The global vector is reloaded from the last completed
 checkpoint. Any failed attempt releases nothing (``ServerSession`` wipes its sum) and is rerun.
@@ -42,7 +43,7 @@ from fl_core.wire.convert import KIND_OF, params_from_config, upload_limit
 from fl_core.wire.he_round import he_upload_limit
 from secagg.errors import MessageFormatError, ProtocolAbort, SecAggError, SessionMismatch
 from secagg.messages import ClientMessage, decode_message, encode_message
-from secagg.protocol import PROTOCOL_STAGES, ServerSession, Stage
+from secagg.protocol import ServerSession, Stage
 from server.admission import Refusal
 from server.ckks_round import CkksRound, CkksStage
 from server.config import ServerConfig
@@ -230,11 +231,12 @@ class RoundRunner:
         config.cohort.extend(sorted(cohort))
         ckks = self._config.ckks
         if ckks is None:
+            shape = rounds.session_shape(len(cohort))
             config.backend = pb.BACKEND_MASKING
             config.ring_bits = rounds.ring_bits
-            config.threshold = rounds.threshold
-            config.neighbours = rounds.neighbours
-            config.graph_seed = os.urandom(32)
+            config.threshold = shape.threshold
+            config.neighbours = shape.neighbours or 0
+            config.quorum = shape.quorum
         else:
             params = ckks.public.params
             config.backend = pb.BACKEND_CKKS
@@ -312,10 +314,12 @@ class RoundRunner:
     def _drive_masking(
         self, attempt: int, config: pb.RoundConfig, session: ServerSession
     ) -> tuple[AggregateInput, tuple[int, ...]]:
-        for stage in PROTOCOL_STAGES:
+        stages = session.params.stages
+        for stage in stages:
+            # Clients train before their first message: the first stage waits for that.
             timeout = (
                 self._config.rounds.join_timeout_s
-                if stage is Stage.ADVERTISE_KEYS
+                if stage is stages[0]
                 else self._config.rounds.stage_timeout_s
             )
             self._run_stage(attempt, session, stage, timeout)

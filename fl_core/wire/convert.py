@@ -19,6 +19,7 @@ from secagg.messages import (
     ClientMessage,
     ConsistencySignature,
     MaskedInput,
+    SeedCommit,
     ShareKeys,
     UnmaskResponse,
 )
@@ -35,6 +36,7 @@ PER_PEER_BYTES = 512
 MAX_MODEL_DIM = 1 << 28
 
 KIND_OF: dict[type, pb.MessageKind] = {
+    SeedCommit: pb.SEED_COMMIT,
     AdvertiseKeys: pb.ADVERTISE_KEYS,
     ShareKeys: pb.SHARE_KEYS,
     MaskedInput: pb.MASKED_INPUT,
@@ -74,5 +76,5 @@ def params_from_config(config: pb.RoundConfig) -> RoundParams:
         threshold=config.threshold,
         cohort=tuple(config.cohort),
         neighbours=config.neighbours or None,
-        graph_seed=config.graph_seed,
+        quorum=config.quorum,
     )

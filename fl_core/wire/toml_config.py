@@ -130,6 +130,13 @@ class Table:
             raise ConfigError(f"{self._where(key)} must be > 0, got {value}")
         return float(value)
 
+    def fraction(self, key: str, default: Any = _MISSING) -> float:
+        """A number in [0, 1) (a share of a cohort)."""
+        value = self.number(key, default)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{self._where(key)} must be in [0, 1), got {value}")
+        return value
+
     def boolean(self, key: str, default: Any = _MISSING) -> bool:
         value = self._get(key, default)
         if not isinstance(value, bool):

@@ -3,6 +3,9 @@
 The transport feeds every client message to :meth:`ServerSession.receive` (bytes or a decoded
 message) and calls :meth:`ServerSession.close_stage` when all expected senders have answered or
 the stage deadline has passed; ``close_stage`` returns the messages to send for the next stage.
+The stages are ``params.stages``: SecAgg+ sessions start with the graph-seed commitment, and
+the neighbour graph is fixed only when every committed client has revealed (a missing reveal
+aborts: letting the server choose which reveals count would let it grind the graph).
 A bad message from one client raises a specific error and is discarded (the round goes on with
 the others); too few survivors at any stage (below t, or up to the masked inputs below the
 release floor ``RoundParams.min_release``) aborts the session, and an aborted session releases
@@ -26,6 +29,7 @@ import numpy as np
 from secagg import shamir
 from secagg.errors import (
     DuplicateClient,
+    GraphSeedError,
     InconsistentSharesError,
     MessageFormatError,
     ProtocolAbort,
@@ -35,9 +39,17 @@ from secagg.errors import (
     UnexpectedMessage,
     UnknownClient,
 )
-from secagg.keys import AgreementKeyPair, KeyPurpose, Roster, derive_pair_key
+from secagg.graph import NeighbourGraph
+from secagg.keys import (
+    AgreementKeyPair,
+    KeyPurpose,
+    Roster,
+    check_agreement_public_key,
+    derive_pair_key,
+)
 from secagg.messages import (
     SERVER,
+    SERVER_MESSAGE_TYPES,
     AdvertiseKeys,
     ClientMessage,
     ConsistencyRequest,
@@ -45,6 +57,8 @@ from secagg.messages import (
     KeysBroadcast,
     MaskedInput,
     PeerAdvert,
+    SeedCommit,
+    SeedCommitments,
     ServerMessage,
     ShareKeys,
     SharesDelivery,
@@ -60,6 +74,8 @@ from secagg.protocol.common import (
     Stage,
     advert_signed_bytes,
     consistency_signed_bytes,
+    graph_seed,
+    seed_commitment,
     self_mask_commitment,
     self_mask_key,
 )
@@ -73,6 +89,7 @@ from secagg.transcript import (
 )
 
 _EXPECTED_KIND: dict[Stage, type] = {
+    Stage.SEED_COMMIT: SeedCommit,
     Stage.ADVERTISE_KEYS: AdvertiseKeys,
     Stage.SHARE_KEYS: ShareKeys,
     Stage.MASKED_INPUT: MaskedInput,
@@ -98,12 +115,15 @@ class ServerSession:
             raise UnknownClient(f"cohort members missing from the roster: {missing[:10]}")
         self.params = params
         self._roster = roster
-        self._graph = params.graph
+        self._cohort = frozenset(params.cohort)
+        # SecAgg+: fixed once every committed client revealed (see _close_advertise).
+        self._graph: NeighbourGraph | None = params.graph(None) if params.is_complete else None
         self._record_masked = record_masked_inputs
-        self.stage = Stage.ADVERTISE_KEYS
+        self.stage = params.stages[0]
         self.abort_reason: str | None = None
         self._expected: frozenset[int] = frozenset(params.cohort)
         self._got: set[int] = set()  # senders accepted in the current stage
+        self._seed_commitments: dict[int, bytes] = {}
         self._adverts: dict[int, AdvertiseKeys] = {}
         self._key_owner: dict[bytes, int] = {}  # advertised public key -> client (O(1) reuse check)
         self._shares: dict[int, ShareKeys] = {}
@@ -123,6 +143,7 @@ class ServerSession:
             params.neighbours,
             params.cohort,
             min_survivors=params.min_survivors,
+            quorum=params.signature_quorum,
         )
 
     # --- public API ---------------------------------------------------------------------------
@@ -152,10 +173,8 @@ class ServerSession:
             else:
                 decoded = data
                 raw = encode_message(data)
-            if isinstance(decoded, KeysBroadcast | SharesDelivery | ConsistencyRequest):
+            if isinstance(decoded, SERVER_MESSAGE_TYPES):
                 raise UnexpectedMessage(f"{type(decoded).__name__} is a server message")
-            if isinstance(decoded, UnmaskRequest):
-                raise UnexpectedMessage("UnmaskRequest is a server message")
             msg: ClientMessage = decoded
             self._check_envelope(msg)
             self._HANDLERS[type(msg)](self, msg)
@@ -181,6 +200,7 @@ class ServerSession:
     def close_stage(self) -> list[ServerMessage]:
         """End the current stage with whoever answered; returns the next stage's messages."""
         closers: dict[Stage, Callable[[], list[ServerMessage]]] = {
+            Stage.SEED_COMMIT: self._close_seed_commit,
             Stage.ADVERTISE_KEYS: self._close_advertise,
             Stage.SHARE_KEYS: self._close_share,
             Stage.MASKED_INPUT: self._close_masked,
@@ -212,7 +232,7 @@ class ServerSession:
             )
         if msg.recipient != SERVER:
             raise UnexpectedMessage(f"message from {msg.sender} is addressed to {msg.recipient}")
-        if msg.sender not in self._graph:
+        if msg.sender not in self._cohort:
             raise UnknownClient(f"client {msg.sender} is not in this session's cohort")
         expected = _EXPECTED_KIND[self.stage]
         if not isinstance(msg, expected):
@@ -228,6 +248,9 @@ class ServerSession:
                 f"client {msg.sender} did not complete the previous stage of this session"
             )
 
+    def _on_seed_commit(self, msg: SeedCommit) -> None:
+        self._seed_commitments[msg.sender] = msg.commitment
+
     def _on_advertise(self, msg: AdvertiseKeys) -> None:
         signed = advert_signed_bytes(
             msg.session_id,
@@ -235,8 +258,21 @@ class ServerSession:
             msg.encryption_public,
             msg.masking_public,
             msg.context_digest,
+            msg.seed_reveal,
         )
         self._roster.verify(msg.sender, msg.signature, signed, "AdvertiseKeys")
+        if self.params.is_complete:
+            if msg.seed_reveal:
+                raise MessageFormatError("a graph-seed reveal in a complete-graph session")
+        elif (
+            seed_commitment(msg.session_id, msg.sender, msg.seed_reveal)
+            != (self._seed_commitments[msg.sender])
+        ):
+            raise GraphSeedError(
+                f"client {msg.sender}'s graph-seed reveal does not open its commitment"
+            )
+        check_agreement_public_key(msg.encryption_public, f"client {msg.sender}'s encryption key")
+        check_agreement_public_key(msg.masking_public, f"client {msg.sender}'s masking key")
         keys = {msg.masking_public, msg.encryption_public}
         reused = [self._key_owner[k] for k in keys if k in self._key_owner]
         if len(keys) != 2 or reused:
@@ -248,7 +284,7 @@ class ServerSession:
         self._adverts[msg.sender] = msg
 
     def _on_share(self, msg: ShareKeys) -> None:
-        expected = set(self._graph.neighbours(msg.sender)) & self._expected
+        expected = set(self._fixed_graph().neighbours(msg.sender)) & self._expected
         recipients = {v for v, _ in msg.ciphertexts}
         if recipients != expected:
             raise MessageFormatError(
@@ -283,6 +319,7 @@ class ServerSession:
         self._responses[msg.sender] = msg
 
     _HANDLERS: ClassVar[dict[type, Callable[[ServerSession, ClientMessage], None]]] = {
+        SeedCommit: _on_seed_commit,  # type: ignore[dict-item]
         AdvertiseKeys: _on_advertise,  # type: ignore[dict-item]
         ShareKeys: _on_share,  # type: ignore[dict-item]
         MaskedInput: _on_masked,  # type: ignore[dict-item]
@@ -315,9 +352,38 @@ class ServerSession:
     # from the first stage (a smaller U1 can never reach it) and is final once U3 is fixed.
     # Signers and unmask responders only need to hold t shares.
 
+    def _fixed_graph(self) -> NeighbourGraph:
+        if self._graph is None:
+            raise UnexpectedMessage("the SecAgg+ graph seed is not fixed yet")
+        return self._graph
+
+    def _close_seed_commit(self) -> list[ServerMessage]:
+        u0 = tuple(sorted(self._seed_commitments))
+        self._advance(
+            u0, "committed to the graph seed", Stage.ADVERTISE_KEYS, self.params.min_release
+        )
+        commitments = tuple((u, self._seed_commitments[u]) for u in u0)
+        self.transcript.seed_commitments = commitments
+        return [SeedCommitments(self.params.session_id, u, commitments) for u in u0]
+
     def _close_advertise(self) -> list[ServerMessage]:
         u1 = tuple(sorted(self._adverts))
+        reveals: tuple[tuple[int, bytes], ...] = ()
+        if not self.params.is_complete:
+            silent = sorted(set(self._seed_commitments) - set(u1))
+            if silent:
+                raise GraphSeedError(
+                    f"clients {silent[:10]} committed to the graph seed but did not reveal; the "
+                    "seed needs every committed reveal (choosing among them would let the server "
+                    "grind the graph), so this session ends and is rerun under a new one"
+                )
+            reveals = tuple((u, self._adverts[u].seed_reveal) for u in u1)
+            seed = graph_seed(self.params.session_id, reveals)
+            self._graph = self.params.graph(seed)
+            self.transcript.graph_seed = seed
+            self.transcript.seed_reveals = reveals
         self._advance(u1, "advertised keys", Stage.SHARE_KEYS, self.params.min_release)
+        graph = self._fixed_graph()
         out: list[ServerMessage] = []
         for u in u1:
             adverts = tuple(
@@ -328,10 +394,10 @@ class ServerSession:
                     self._adverts[v].context_digest,
                     self._adverts[v].signature,
                 )
-                for v in self._graph.neighbours(u)
+                for v in graph.neighbours(u)
                 if v in self._adverts
             )
-            out.append(KeysBroadcast(self.params.session_id, u, adverts))
+            out.append(KeysBroadcast(self.params.session_id, u, adverts, reveals))
         return out
 
     def _close_share(self) -> list[ServerMessage]:
@@ -353,17 +419,21 @@ class ServerSession:
 
     def _close_consistency(self) -> list[ServerMessage]:
         u4 = tuple(sorted(self._signatures))
-        self._advance(u4, "signed the survivor set", Stage.UNMASK, self.params.threshold)
+        quorum = self.params.signature_quorum
+        self._advance(u4, "signed the survivor set", Stage.UNMASK, quorum)
+        # Every client checks the same quorum of signatures over (session digest, U3): the
+        # first `quorum` signers by id, wherever they sit in the graph.
+        attestation = tuple((v, self._signatures[v]) for v in u4[:quorum])
         u2, u3 = set(self._shares), set(self._u3)
+        graph = self._fixed_graph()
         out: list[ServerMessage] = []
         for u in u4:
-            neighbours = self._graph.neighbours(u)
-            signers = sorted({u, *neighbours} & set(u4))
+            neighbours = graph.neighbours(u)
             request = UnmaskRequest(
                 self.params.session_id,
                 u,
                 self._u3,
-                tuple((v, self._signatures[v]) for v in signers),
+                attestation,
                 tuple(sorted({u, *neighbours} & u3)),
                 tuple(v for v in neighbours if v in u2 and v not in u3),
             )
@@ -399,6 +469,7 @@ class ServerSession:
             subtract_keys.append(self_mask_key(sid, u, seed))
         add_keys: list[bytes] = []
         u3 = set(self._u3)
+        graph = self._fixed_graph()
         for v in sorted(set(self._shares) - u3):
             secret = shamir.reconstruct(
                 shares_by_owner["key"].get(v, {}), self.params.threshold, f"masking key of {v}"
@@ -408,7 +479,7 @@ class ServerSession:
                 raise InconsistentSharesError(
                     f"reconstructed masking key of dropped client {v} does not match its advert"
                 )
-            for u in self._graph.neighbours(v):
+            for u in graph.neighbours(v):
                 if u not in u3:
                     continue
                 shared = pair.exchange(self._adverts[u].masking_public)

@@ -15,7 +15,6 @@ import pytest
 from fl_core.adapter_io import AdapterConfig, load_adapter
 from fl_core.cli import main
 from fl_core.federation import (
-    SECAGGPLUS_MIN_COHORT,
     ClientUpdate,
     DpSettings,
     Federation,
@@ -27,6 +26,7 @@ from fl_core.federation import (
 from fl_core.run_dir import RunDirectoryError, RunWriter
 from fl_core.strategies import ClientOptions
 from secagg.errors import TooFewSurvivors
+from secagg.params import SECAGGPLUS_MIN_COHORT, SessionShape
 
 DIM = 64
 NAMES = ("alpha", "bravo", "charlie", "delta")
@@ -148,8 +148,10 @@ def test_dp_noise_is_calibrated_for_the_enforced_floor_not_the_secaggplus_thresh
         return Federation(config, trainer, trainer.evaluate, np.zeros(DIM, np.float32), 1)
 
     plain, noised = build(None), build(DP)
-    assert plain.graph.threshold == noised.graph.threshold == 7  # SecAgg+ neighbourhoods
-    assert plain.min_release == 7 and plain.describe()["secagg"]["min_release"] == 7
+    # SecAgg+ against an active server: (k, t) = (20, 14) per neighbourhood, and a survivor set
+    # must be signed by floor((128 + 6)/2) + 1 = 68 clients, so no release has fewer.
+    assert plain.graph == noised.graph == SessionShape(14, 20, 68)
+    assert plain.min_release == 68 and plain.describe()["secagg"]["min_release"] == 68
     # 5% of 128 drop at most (7 rounded up): the noise is sized for 121 contributors, and that
     # is the floor every session enforces and what run.json reports.
     assert noised.calibration is not None
@@ -248,7 +250,9 @@ def test_large_cohorts_use_secaggplus_neighbourhoods() -> None:
     settings = SecAggSettings(clip=1.0)
     assert choose_graph(4, settings).neighbours is None
     large = choose_graph(100, settings)
-    assert large.neighbours == 12 and large.threshold == 6  # DESIGN.md's reference point
+    # DESIGN.md's semi-honest reference point is (12, 6); against an active server every
+    # client demands the semi-malicious finder's degree and 2t > k + t1 + 1.
+    assert (large.neighbours, large.threshold, large.quorum) == (18, 13, 53)
     names = tuple(f"inst-{i:02d}" for i in range(SECAGGPLUS_MIN_COHORT + 4))
     trainer = TargetTrainer(names)
     config = FederationConfig(names, 1, settings)
