@@ -4,6 +4,12 @@ TLS authenticates the server to the client. The client authenticates with a chal
 on top: the server hands out a fresh 32-byte nonce per request (single use, short-lived), the
 client signs :func:`fl_core.wire.convert.admission_signed_bytes` (domain, nonce, SHA-256 of this
 server's certificate, client id) and gets an opaque random token that names it on later calls.
+
+Nonces are stateless: 8 random bytes, the expiry, and an HMAC-SHA256 tag under a per-process key
+over (client id, random, expiry). Anyone who reaches the port may ask for challenges for any id
+(the request is unauthenticated), but a challenge no longer replaces an earlier one, so nobody
+can keep an institution out by asking for its challenges in a loop; a nonce is single use (the
+server remembers those presented until they expire).
 Binding the certificate hash means a signature a client gave to another server (one with a
 different certificate) is useless here. Tokens live in memory only: after a server restart every
 client re-authenticates, which is also how clients learn that their in-flight round is gone.
@@ -11,18 +17,23 @@ client re-authenticates, which is also how clients learn that their in-flight ro
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 
 from fl_core.wire.convert import NONCE_BYTES, admission_signed_bytes
 from secagg.errors import InvalidSignatureError
+from secagg.ids import id_bytes
 from secagg.keys import Roster
 
 TOKEN_BYTES = 32
+_NONCE_DOMAIN = b"fedsec/server/v1/admission-nonce"
+_RANDOM_BYTES, _EXPIRY_BYTES = 8, 8
+_TAG_BYTES = NONCE_BYTES - _RANDOM_BYTES - _EXPIRY_BYTES
 
 
 class Refusal(Exception):
@@ -33,12 +44,6 @@ class Refusal(Exception):
         self.code = code
 
 
-@dataclass(frozen=True)
-class _Nonce:
-    value: bytes
-    expires: float
-
-
 class Admission:
     def __init__(self, roster: Roster, server_cert_sha256: bytes, nonce_ttl_s: float = 30.0):
         self._roster = roster
@@ -46,9 +51,10 @@ class Admission:
         # so the Mapping ``in`` operator would raise instead of answering False.
         self._ids = frozenset(roster)
         self._cert_sha256 = server_cert_sha256
-        self._nonce_ttl_s = nonce_ttl_s
+        self._nonce_ttl_ns = int(nonce_ttl_s * 1e9)
+        self._nonce_key = secrets.token_bytes(32)
         self._lock = threading.Lock()
-        self._nonces: dict[int, _Nonce] = {}
+        self._presented: dict[bytes, int] = {}  # nonce -> expiry (ns): each is used once
         self._tokens: dict[bytes, int] = {}
 
     def _known(self, client_id: int) -> None:
@@ -57,26 +63,37 @@ class Admission:
                 grpc.StatusCode.PERMISSION_DENIED, f"client {client_id} is not in the roster"
             )
 
+    def _tag(self, client_id: int, body: bytes) -> bytes:
+        mac = hmac.new(self._nonce_key, _NONCE_DOMAIN + id_bytes(client_id) + body, hashlib.sha256)
+        return mac.digest()[:_TAG_BYTES]
+
     def challenge(self, client_id: int) -> bytes:
         self._known(client_id)
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        with self._lock:
-            # One outstanding nonce per id: a new challenge invalidates the previous one.
-            self._nonces[client_id] = _Nonce(nonce, time.monotonic() + self._nonce_ttl_s)
-        return nonce
+        expires = time.monotonic_ns() + self._nonce_ttl_ns
+        body = secrets.token_bytes(_RANDOM_BYTES) + expires.to_bytes(_EXPIRY_BYTES, "big")
+        return body + self._tag(client_id, body)
 
     def authenticate(
         self, client_id: int, nonce: bytes, server_cert_sha256: bytes, signature: bytes
     ) -> bytes:
         self._known(client_id)
-        with self._lock:
-            issued = self._nonces.pop(client_id, None)  # single use, even when it fails
-        if issued is None or not secrets.compare_digest(issued.value, nonce):
+        body, tag = nonce[: NONCE_BYTES - _TAG_BYTES], nonce[NONCE_BYTES - _TAG_BYTES :]
+        if len(nonce) != NONCE_BYTES or not hmac.compare_digest(tag, self._tag(client_id, body)):
             raise Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"client {client_id}: nonce was not issued to it or was already used",
+                grpc.StatusCode.UNAUTHENTICATED, f"client {client_id}: nonce was not issued to it"
             )
-        if time.monotonic() > issued.expires:
+        expires = int.from_bytes(body[_RANDOM_BYTES:], "big")
+        now = time.monotonic_ns()
+        with self._lock:
+            for old in [n for n, until in self._presented.items() if until < now]:
+                del self._presented[old]
+            used = nonce in self._presented
+            self._presented[nonce] = expires  # single use, even when the attempt fails
+        if used:
+            raise Refusal(
+                grpc.StatusCode.UNAUTHENTICATED, f"client {client_id}: nonce was already used"
+            )
+        if now > expires:
             raise Refusal(grpc.StatusCode.UNAUTHENTICATED, f"client {client_id}: nonce expired")
         if not secrets.compare_digest(server_cert_sha256, self._cert_sha256):
             raise Refusal(

@@ -134,3 +134,23 @@ def test_upload_limits_follow_the_round_parameters() -> None:
     assert upload_limit(pb.SHARE_KEYS, 32, 10**6, 5) < 4096  # small messages stay small
     with pytest.raises(WireFormatError):
         upload_limit(pb.MESSAGE_KIND_UNSPECIFIED, 32, 1000, 5)
+
+
+def test_an_outsider_asking_for_challenges_cannot_keep_a_client_out(
+    setup: tuple[Admission, Identity],
+) -> None:
+    """Anyone who reaches the port may request challenges for any id; before, each request
+    replaced the institution's pending nonce, so a loop of them locked it out."""
+    admission, identity = setup
+    nonce = admission.challenge(1)
+    for _ in range(50):
+        admission.challenge(1)  # the outsider, between the client's two calls
+    token = admission.authenticate(1, nonce, CERT, _sign(identity, nonce))
+    assert admission.client_of(token) == 1
+    # Outstanding nonces stay single use and bound to their id.
+    replay = _refusal(lambda: admission.authenticate(1, nonce, CERT, _sign(identity, nonce)))
+    assert "already used" in str(replay)
+    forged = bytes(32)
+    assert "not issued" in str(
+        _refusal(lambda: admission.authenticate(1, forged, CERT, _sign(identity, forged)))
+    )
