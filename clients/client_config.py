@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 #: Messages a client can be told to withhold (``[testing] stall_before``).
 STALLABLE_STAGES = (
+    "seed_commit",
     "advertise_keys",
     "share_keys",
     "masked_input",

@@ -71,6 +71,7 @@ POLL_WAIT_MS = 5_000
 #: Deadline of one RPC beyond the server's long-poll wait (covers a large download).
 RPC_SLACK_S = 60.0
 _STAGE_OF_KIND: dict[int, str] = {
+    pb.SEED_COMMIT: "seed_commit",
     pb.ADVERTISE_KEYS: "advertise_keys",
     pb.SHARE_KEYS: "share_keys",
     pb.MASKED_INPUT: "masked_input",

@@ -342,9 +342,10 @@ class ServerSession:
 
     def _floor_text(self, floor: int) -> str:
         if floor > self.params.threshold:
+            p = self.params
             return (
-                f"the release floor is {floor} (the DP noise is calibrated for at least that "
-                f"many contributors; Shamir threshold {self.params.threshold})"
+                f"the release floor is {floor} (Shamir threshold {p.threshold}, survivor-set "
+                f"quorum {p.signature_quorum}, DP floor {p.min_survivors or 'none'})"
             )
         return f"the threshold is {floor}"
 

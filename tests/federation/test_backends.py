@@ -198,6 +198,8 @@ def test_audit_of_a_ckks_run_applies_what_still_makes_sense(tmp_path: Path) -> N
         "release_threshold": "passed",
         "session_isolation": "passed",
         "record_integrity": "not applicable",
+        "graph_seed": "not applicable",
+        "active_server_parameters": "not applicable",
         "masked_input_uniformity": "not applicable",
         "run_consistency": "passed",
         "dp_accounting": "not tested",

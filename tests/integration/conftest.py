@@ -81,6 +81,7 @@ class Deployment:
             "cohort_size": clients,
             "min_clients": clients - 1,
             "threshold": 3,
+            "neighbours": 0,
             "stage_timeout_s": 5.0,
             # Rounds start as soon as the whole cohort is online; the join timeout only matters
             # when someone is missing, and must outlast process start-up on a loaded machine.
@@ -109,6 +110,7 @@ count = {s["count"]}
 cohort_size = {s["cohort_size"]}
 min_clients = {s["min_clients"]}
 threshold = {s["threshold"]}
+neighbours = {s["neighbours"]}
 ring_bits = 32
 stage_timeout_s = {s["stage_timeout_s"]}
 join_timeout_s = {s["join_timeout_s"]}

@@ -67,6 +67,25 @@ def test_five_clients_two_rounds_equal_the_in_process_simulation(
     np.testing.assert_array_equal(d.checkpoint(1), expected_global([[1, 2, 3, 4, 5]] * 2))
 
 
+def test_secaggplus_round_fixes_its_graph_seed_over_the_wire(
+    deploy: Callable[..., Deployment],
+) -> None:
+    """SecAgg+ (a 5-cycle, t = 2, quorum 3): the extra seed-commitment stage runs over gRPC and
+    the sum equals the in-process one."""
+    d = deploy(5, count=1, threshold=0, neighbours=2, min_clients=5)
+    server = d.start_server()
+    clients = [d.start_client(c) for c in range(1, 6)]
+    assert server.wait_exit(90) == 0
+    for proc in clients:
+        assert proc.wait_exit(30) == 0
+    assert "stage seed_commit complete" in server.text()
+    status = d.status()
+    assert [(r["status"], r["contributors"]) for r in status["rounds"]] == [
+        ("completed", [1, 2, 3, 4, 5])
+    ]
+    np.testing.assert_array_equal(d.checkpoint(0), expected_global([[1, 2, 3, 4, 5]]))
+
+
 def test_clients_killed_during_masked_input_and_unmask(deploy: Callable[..., Deployment]) -> None:
     d = deploy(5, count=1, stage_timeout_s=8.0)
     server = d.start_server()

@@ -96,6 +96,8 @@ def test_dp_run_reports_epsilon_per_round_and_in_total(tmp_path: Path) -> None:
         "release_threshold": "passed",
         "session_isolation": "passed",
         "record_integrity": "passed",
+        "graph_seed": "not applicable",
+        "active_server_parameters": "passed",
         "masked_input_uniformity": "passed",
         "run_consistency": "passed",
         "dp_accounting": "passed",
