@@ -98,7 +98,7 @@ def run_deployment(root: Path, clients: int, dim: int, threshold: int) -> dict[s
     with open(os.devnull, "w") as quiet:
         sys.stdout, saved = quiet, sys.stdout
         try:
-            fedsec(["keygen", "--out", str(root), "--clients", str(clients), "--port", "0"])
+            fedsec(["keygen", "--out", str(root), "--clients", str(clients), "--port", "1"])
         finally:
             sys.stdout = saved
     (root / "server.toml").write_text(_server_toml(clients, dim, threshold))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fl_core.wire.credentials import load_identity, load_roster
+from fl_core.wire.credentials import check_key_pair, load_certificates, load_identity, load_roster
 from fl_core.wire.toml_config import ConfigError, load_toml
 from secagg.errors import ConfigurationError
 from secagg.keys import Identity, Roster
@@ -106,19 +106,22 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
     top = load_toml(path)
     client = top.table("client")
     client_id = client.integer("id", minimum=1, maximum=2**32 - 1)
-    server = client.string("server")
-    if ":" not in server:
-        raise ConfigError(f"{path}: client.server must be host:port, got {server!r}")
+    server = client.address("server")
     server_name = client.string("server_name") if client.has("server_name") else None
     ca_cert = client.path("ca_cert")
+    load_certificates(ca_cert, "CA certificate")
     identity = load_identity(client.path("identity"))
     tls_cert = client.path("tls_cert") if client.has("tls_cert") else None
     tls_key = client.path("tls_key") if client.has("tls_key") else None
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError(f"{path}: client.tls_cert and client.tls_key go together")
+    if tls_cert is not None and tls_key is not None:
+        check_key_pair(tls_cert, tls_key)
     roster, _ = load_roster(client.path("roster"))
-    reconnect_max_s = client.number("reconnect_max_s", default=10.0, positive=True)
-    give_up_after_s = client.number("give_up_after_s", default=600.0, positive=True)
+    reconnect_max_s = client.number("reconnect_max_s", default=10.0, positive=True, maximum=3600)
+    give_up_after_s = client.number(
+        "give_up_after_s", default=600.0, positive=True, maximum=30 * 86_400
+    )
     backend = client.string("backend", default="masking", choices=BACKENDS)
     client.done()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Protocol, cast
 
@@ -68,6 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fedsec {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``fedsec status | head``): stop quietly, and keep Python's own
+        # flush at exit from failing on the closed pipe too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
+        if os.environ.get("FEDSEC_DEBUG"):
+            raise
+        print(
+            f"fedsec {name}: internal error: {type(exc).__name__}: {exc} "
+            "(set FEDSEC_DEBUG=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -19,13 +19,16 @@ import numpy.typing as npt
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from fl_core.cli import UsageError
+
 FloatVector = npt.NDArray[np.float32]
 _GLOBAL = "global"
 _STRATEGY = "strategy/"
 
 
-class CheckpointError(Exception):
-    """A checkpoint file that is missing, unreadable or fails its integrity check."""
+class CheckpointError(UsageError):
+    """A checkpoint file that is missing, unreadable or fails its integrity check (the CLIs
+    print it as one line)."""
 
 
 @dataclass(frozen=True)

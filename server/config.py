@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fl_core.wire.credentials import load_roster
+from fl_core.wire.credentials import check_key_pair, load_certificates, load_roster
 from fl_core.wire.toml_config import ConfigError, Table, load_toml
 from secagg.encoding import QuantizationParams
 from secagg.errors import ConfigurationError
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 #: client options (a proximal term, control variates) that this wire protocol does not carry.
 SERVER_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 BACKENDS = ("masking", "ckks")
+#: The longest stage or join deadline accepted (one day): longer is a typo, and values near
+#: float's range overflow the clock arithmetic.
+MAX_TIMEOUT_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -165,16 +168,19 @@ def _load_ckks(
 def load_server_config(path: Path) -> ServerConfig:
     top = load_toml(path)
     server = top.table("server")
-    listen = server.string("listen", default="127.0.0.1:50051")
-    if ":" not in listen:
-        raise ConfigError(f"{path}: server.listen must be host:port, got {listen!r}")
+    listen = server.address("listen", default="127.0.0.1:50051", allow_port_zero=True)
     tls = TlsConfig(
         cert=server.path("tls_cert"),
         key=server.path("tls_key"),
         client_ca=server.path("client_ca") if server.has("client_ca") else None,
     )
+    check_key_pair(tls.cert, tls.key)
+    if tls.client_ca is not None:
+        load_certificates(tls.client_ca, "client CA")
     roster_path = server.path("roster")
     state_dir = server.path("state_dir", default="state", must_exist=False)
+    if state_dir.exists() and not state_dir.is_dir():
+        raise ConfigError(f"{path}: server.state_dir: {state_dir} exists and is not a directory")
     server.done()
 
     rounds_table = top.table("rounds")
@@ -189,8 +195,12 @@ def load_server_config(path: Path) -> ServerConfig:
             rounds_table.integer("ring_bits", default=32, minimum=8, maximum=64) if masking else 0
         ),
         neighbours=rounds_table.integer("neighbours", default=0, minimum=0) if masking else 0,
-        stage_timeout_s=rounds_table.number("stage_timeout_s", default=30.0, positive=True),
-        join_timeout_s=rounds_table.number("join_timeout_s", default=60.0, positive=True),
+        stage_timeout_s=rounds_table.number(
+            "stage_timeout_s", default=30.0, positive=True, maximum=MAX_TIMEOUT_S
+        ),
+        join_timeout_s=rounds_table.number(
+            "join_timeout_s", default=60.0, positive=True, maximum=MAX_TIMEOUT_S
+        ),
         seed=rounds_table.integer("seed", default=0, minimum=0, maximum=2**63 - 1),
         backend=backend,
         corrupt_fraction=(

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from fl_core.cli import UsageError
 from fl_core.wire.credentials import RosterEntry, make_dev_pki, save_identity, write_roster
+from fl_core.wire.toml_config import check_host
 from secagg.keys import Identity, Roster
 from secagg.params import session_shape
 
@@ -195,8 +196,14 @@ def _dev_bundle(args: argparse.Namespace) -> int:
     out: Path = args.out
     if not 3 <= args.clients <= 10_000:
         raise UsageError(f"--clients must be in [3, 10000], got {args.clients}")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if not 1 <= args.port <= 65535:
+        raise UsageError(
+            f"--port must be in [1, 65535] (the port clients connect to), got {args.port}"
+        )
+    for host in args.host or ():
+        problem = check_host(host)
+        if problem is not None:
+            raise UsageError(f"--host: {problem}")
     if (out / "roster.toml").exists() or (out / "pki").exists():
         raise UsageError(f"{out} already holds a deployment; refusing to overwrite its keys")
     hosts = args.host or ["localhost", "127.0.0.1"]

@@ -198,7 +198,7 @@ class RoundRunner:
             log.info("resuming after completed round %d (%s)", last.round_number, last.checkpoint)
 
     def run(self) -> None:
-        self.recover()
+        """The round loop (call :meth:`recover` first)."""
         while self.next_round < self._config.rounds.rounds and not self._stop.is_set():
             # Cohorts are drawn from the OS CSPRNG: who takes part in a round should not be
             # predictable (or steerable) from the public config.

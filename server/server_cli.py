@@ -18,7 +18,7 @@ from types import FrameType
 
 from server.config import load_server_config
 from server.service import build_server
-from server.store import Store
+from server.store import StateDirLock, Store, check_history
 
 #: After the last round, keep serving this long so polling clients fetch the final RoundEnd.
 FINAL_GRACE_S = 2.0
@@ -36,8 +36,16 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     config = load_server_config(args.config)
+    lock = StateDirLock(config.state_dir)
     store = Store(config.state_dir / "state.db")
+    check_history(config.state_dir, store)
     server, runner, port = build_server(config, store)
+    try:
+        # Before anyone is told we listen: a damaged checkpoint is an error now, not mid-round.
+        runner.recover()
+    except BaseException:
+        server.stop(grace=None)
+        raise
     host = config.listen.rsplit(":", 1)[0]
     print(f"fedsec server listening on {host}:{port}", flush=True)
 
@@ -53,4 +61,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.stop(grace=1.0).wait()
         store.close()
+        lock.release()
     return 0

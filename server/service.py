@@ -9,12 +9,14 @@ larger arrives in chunks whose total was declared and checked first.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
 
+from fl_core.cli import UsageError
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire import fedsec_pb2_grpc as pb_grpc
 from fl_core.wire.credentials import cert_sha256
@@ -32,6 +34,11 @@ from server.rounds import RoundRunner
 from server.store import Store
 
 log = logging.getLogger("fedsec.server")
+
+
+class ListenError(UsageError):
+    """The configured address cannot be bound (printed as one line by the CLI)."""
+
 
 #: Longest a Poll may wait for an item before returning Idle.
 MAX_POLL_WAIT_MS = 10_000
@@ -117,6 +124,28 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         raise failure
 
 
+def _check_bindable(listen: str) -> None:
+    """Bind the address once ourselves, so a port in use or a foreign address is reported with
+    the operating system's reason instead of gRPC's opaque "Failed to bind"."""
+    host, port = listen.rsplit(":", 1)
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {listen}: {exc.strerror} (server.listen)") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As gRPC does: a port whose old connections linger in TIME_WAIT (a restarted server)
+        # is free; one another process listens on is not (no SO_REUSEPORT on either side).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {listen}: {exc.strerror} (server.listen)"
+            ) from None
+
+
 def build_server(config: ServerConfig, store: Store) -> tuple[Any, RoundRunner, int]:
     """A started gRPC server (TLS), its round runner (not yet running) and the bound port."""
     cert_pem = config.tls.cert.read_bytes()
@@ -130,11 +159,18 @@ def build_server(config: ServerConfig, store: Store) -> tuple[Any, RoundRunner, 
     admission = Admission(config.roster, cert_sha256(cert_pem))
     # Long polls hold a worker each: one per institution plus room for concurrent uploads.
     workers = 2 * len(config.roster) + 16
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=grpc_options())
+    # No SO_REUSEPORT: a second server on a port another one holds must fail, not silently
+    # share it (institutions would split between the two and both wait forever).
+    options = [*grpc_options(), ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
     register: Any = pb_grpc.add_CoordinatorServicer_to_server  # generated, untyped
     register(CoordinatorService(config, admission, mailboxes, runner, store), server)
-    port = server.add_secure_port(config.listen, credentials)
+    _check_bindable(config.listen)
+    try:
+        port = server.add_secure_port(config.listen, credentials)
+    except RuntimeError:
+        port = 0  # grpcio raises "Failed to bind" where older versions returned 0
     if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+        raise ListenError(f"cannot listen on {config.listen} (server.listen)")
     server.start()
     return server, runner, port

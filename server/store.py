@@ -17,12 +17,16 @@ round loop records stages.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+from fl_core.cli import UsageError
 
 _SCHEMA_VERSION = 2
 #: Version 1 -> 2: each attempt records its aggregation backend (masking before there was a
@@ -61,14 +65,58 @@ CREATE TABLE IF NOT EXISTS stages (
 """
 
 
+class StateDirLock:
+    """An exclusive lock on a state directory, held for the server's lifetime.
+
+    Two servers on one state directory would interleave rounds in one database and overwrite
+    each other's checkpoints; the second is refused with the first one's pid. The lock is an
+    ``flock`` on ``server.lock``, released by the kernel when the process dies, so a crash never
+    leaves a stale lock behind.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._path = state_dir / "server.lock"
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise StoreError(
+                f"{state_dir}: another fedsec server (pid {holder}) is using this state "
+                "directory; stop it first, or give this server its own state_dir"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self._fd)
+
+
+def check_history(state_dir: Path, store: Store) -> None:
+    """Refuse to start a federation afresh over checkpoints of an earlier one: an empty or
+    missing state database next to existing checkpoints would restart at round 0 and overwrite
+    them."""
+    checkpoints = sorted((state_dir / "checkpoints").glob("round-*.safetensors"))
+    if checkpoints and store.last_completed() is None:
+        raise StoreError(
+            f"{state_dir / 'state.db'} records no completed round, but {state_dir / 'checkpoints'}"
+            f" holds {len(checkpoints)} checkpoint(s) up to {checkpoints[-1].name}: the history "
+            "of an earlier federation would be overwritten. Restore its state.db, or to start "
+            "afresh deliberately move the checkpoints directory away first"
+        )
+
+
 class RoundStatus(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     ABORTED = "aborted"
 
 
-class StoreError(Exception):
-    """A state database that cannot be opened, or a transition the record does not allow."""
+class StoreError(UsageError):
+    """A state database that cannot be opened, or a transition the record does not allow
+    (a :class:`~fl_core.cli.UsageError`: the CLIs print it as one line)."""
 
 
 @dataclass(frozen=True)
@@ -124,15 +172,25 @@ class Store:
                 self._db = sqlite3.connect(
                     f"file:{path}?mode=ro", uri=True, check_same_thread=False
                 )
+                self._check_integrity(path)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = FULL")
                 self._db.execute("PRAGMA foreign_keys = ON")
+                self._check_integrity(path)
                 self._migrate(path)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{path}: cannot open the state database: {exc}") from None
+            raise StoreError(
+                f"{path}: cannot open the state database ({exc}); restore it from a backup "
+                "(see docs/operations.md)"
+            ) from None
+
+    def _check_integrity(self, path: Path) -> None:
+        verdict = self._db.execute("PRAGMA quick_check").fetchone()[0]
+        if verdict != "ok":
+            raise StoreError(f"{path}: the state database is damaged ({verdict})")
 
     def _migrate(self, path: Path) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]

@@ -75,7 +75,7 @@ class Deployment:
     def __init__(self, root: Path, clients: int, **rounds: object) -> None:
         self.root = root
         self.procs: list[Proc] = []
-        assert fedsec(["keygen", "--out", str(root), "--clients", str(clients), "--port", "0"]) == 0
+        assert fedsec(["keygen", "--out", str(root), "--clients", str(clients), "--port", "1"]) == 0
         self.settings: dict[str, object] = {
             "count": 2,
             "cohort_size": clients,
@@ -138,7 +138,7 @@ dim = {s["dim"]}
         path.write_text(
             f"""[client]
 id = {client_id}
-server = "127.0.0.1:{self.port}"
+server = "127.0.0.1:{self.port or 1}"
 ca_cert = "../pki/ca.pem"
 identity = "identity.key"
 roster = "../roster.toml"

@@ -59,7 +59,7 @@ def _files(*roots: Path) -> list[Path]:
 def test_ckks_round_survives_a_lost_client_and_a_silent_decryptor(tmp_path: Path) -> None:
     root = tmp_path / "d"
     assert (
-        fedsec(["keygen", "--out", str(root), "--clients", "4", "--backend", "ckks", "--port", "0"])
+        fedsec(["keygen", "--out", str(root), "--clients", "4", "--backend", "ckks", "--port", "1"])
         == 0
     )
     _server_toml(root, 0)
