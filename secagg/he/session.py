@@ -306,7 +306,7 @@ class HeClientSession:
         tolerance = params.tag_tolerance(n)
         mask = data_mask(params, spec.dim)
         tags = np.where(mask, 0.0, np.abs(residual)).max(axis=1)
-        if tags.max() > tolerance:
+        if not tags.max() <= tolerance:  # NaN-safe: a NaN fails too
             worst = int(np.argmax(tags))
             raise AggregateIntegrityError(
                 f"the aggregate is not the sum of this session's uploads of clients "
@@ -317,7 +317,7 @@ class HeClientSession:
         values = from_slots(residual, params, spec.dim)
         limit = n * params.client_bound + tolerance
         peak = float(np.max(np.abs(values)))
-        if peak > limit:
+        if not peak <= limit:
             raise AggregateIntegrityError(
                 f"a data slot holds {peak:.3g}, beyond the ±{limit:.3g} a sum of {n} clipped "
                 "updates can reach; nothing released"

@@ -340,7 +340,8 @@ def test_a_data_slot_beyond_what_an_honest_sum_reaches(keys: FederationKeys) -> 
     rnd, server = Round(keys), Server(keys)
     c = {u: server.chunks(rnd, u) for u in (1, 2, 3)}
     shift = np.zeros(PARAMS.slots)
-    shift[7] = 3 * PARAMS.client_bound + 1.0  # a data slot of ciphertext 0 only
+    # A data slot of ciphertext 0 only; the honest sum there is within ±3V, so it lands beyond.
+    shift[7] = 2 * 3 * PARAMS.client_bound + 1.0
     first = c[1][0] + shift.tolist()
     honest_shifted = [[(1, first), (1, c[2][0]), (1, c[3][0])], [(1, c[u][1]) for u in (1, 2, 3)]]
     with pytest.raises(AggregateIntegrityError, match="beyond the"):
