@@ -9,10 +9,14 @@ session. Any :class:`ProtocolAbort` ends this client's part in the round (fail c
 client then waits for the next round.
 
 Backends: a round's config names its backend and the client refuses one it is not configured
-for (``[client] backend``) before computing or uploading anything. Under ckks the client
-encrypts its update with the federation's secret context (``HE_UPDATE``), and if the server
-names it decryptor (an ``HeAggregate`` item) it decrypts the sum, which refuses an aggregate of
-fewer than the round's ``min_contributors``, and uploads the release (``HE_DECRYPTED_SUM``).
+for (``[client] backend``) before computing or uploading anything. Under ckks the round is a
+:class:`secagg.he.HeClientSession` built from the config at the edge, with the same
+:class:`ClientPolicy` (min cohort, release floor) and, as its view, the exact config and model
+bytes received: it encrypts the update (``HE_UPDATE``) and, if this client is the round's
+decryptor and an ``HeAggregate`` item arrives, opens the aggregate only if it is the sum of the
+claimed contributors' fresh uploads of this session (otherwise nothing is released and the
+client leaves the round) and uploads the release (``HE_DECRYPTED_SUM``). A client takes part in
+a ckks session id once.
 
 Failure handling: ``UNAVAILABLE``/``DEADLINE_EXCEEDED`` -> reconnect with capped exponential
 backoff and jitter, keeping the token and poll position (a network blip loses nothing);
@@ -63,7 +67,7 @@ from secagg.ring import Ring, RingArray
 
 if TYPE_CHECKING:
     from clients.train_task import LocalTrainer
-    from secagg.he import HEClient
+    from secagg.he import HeClientSession
 
 log = logging.getLogger("fedsec.client")
 
@@ -113,8 +117,8 @@ class _Round:
     config: pb.RoundConfig
     #: The masking protocol session (masking rounds only).
     session: ClientSession | None = None
-    #: The CKKS client (ckks rounds only).
-    he: HEClient | None = None
+    #: The CKKS client session (ckks rounds only).
+    he: HeClientSession | None = None
 
 
 @dataclass
@@ -138,6 +142,8 @@ class ClientTransport:
         self._seq = 0
         self._round: _Round | None = None
         self._trainer: LocalTrainer | None = None
+        #: CKKS session ids this client took part in: a replayed RoundStart is refused.
+        self._ckks_sessions: set[bytes] = set()
         self.stats = TransportStats()
 
     # --- connection -------------------------------------------------------------------------
@@ -296,7 +302,7 @@ class ClientTransport:
             return
         try:
             if config.backend == pb.BACKEND_CKKS:
-                self._start_ckks_round(config, model)
+                self._start_ckks_round(config, config_bytes, model)
             else:
                 self._start_masking_round(config, config_bytes, model)
         except (SecAggError, FLError, ConfigError) as exc:
@@ -323,38 +329,33 @@ class ClientTransport:
         start = session.start()
         self._send(kind_of(start), encode_message(start))
 
-    def _start_ckks_round(self, config: pb.RoundConfig, model: bytes) -> None:
-        from fl_core.wire.he_round import ckks_params_from_config
-        from secagg.he import ContextMismatch, HEClient
+    def _start_ckks_round(self, config: pb.RoundConfig, config_bytes: bytes, model: bytes) -> None:
+        from fl_core.wire.he_round import ckks_spec_from_config
+        from secagg.he import HeClientSession
 
         held = self._config.ckks_secret
         if held is None:
             raise ConfigError("this client has no [ckks] secret_context loaded")
-        params = ckks_params_from_config(config)
-        policy = self._config.policy
-        # The institution's floor applies to either backend: the smallest sum it lets be
-        # released, and the smallest cohort it joins.
-        if params.min_contributors < policy.min_threshold:
+        if config.session_id in self._ckks_sessions:
             raise PolicyViolation(
-                f"round releases sums of {params.min_contributors} contributors, below this "
-                f"client's min_threshold {policy.min_threshold}"
+                f"session {config.session_id[:8].hex()} was already run: a client takes part in "
+                "a ckks session once"
             )
-        if len(config.cohort) < policy.min_cohort:
-            raise PolicyViolation(
-                f"cohort of {len(config.cohort)} is below this client's min_cohort "
-                f"{policy.min_cohort}"
-            )
-        if self._config.client_id not in config.cohort:
-            raise PolicyViolation("this client is not in the round's cohort")
-        if config.ckks.fingerprint != held.fingerprint:
-            raise ContextMismatch(
-                "the round names another federation key than this client's secret context"
-            )
-        he = HEClient(held.for_round(params), config.session_id, config.dim)
+        spec = ckks_spec_from_config(config)
+        # Policy (cohort size, release floor, membership) and the federation key are checked
+        # here, before training; the session's view binds the exact config and model received.
+        session = HeClientSession(
+            self._config.client_id,
+            held.for_round(spec.params),
+            spec,
+            context=config_bytes + model,
+            policy=self._policy,
+        )
+        self._ckks_sessions.add(config.session_id)
         update, weight = self._float_update(config, model)
         self._log_round(config)
-        self._round = _Round(config, he=he)
-        self._send(pb.HE_UPDATE, he.encrypt_update(update, weight))
+        self._round = _Round(config, he=session)
+        self._send(pb.HE_UPDATE, session.encrypt(update, weight))
 
     def _log_round(self, config: pb.RoundConfig) -> None:
         log.info(
@@ -419,7 +420,7 @@ class ClientTransport:
         try:
             if current.he is None:
                 raise ProtocolAbort("the server sent a ckks aggregate in a masking round")
-            released = current.he.decrypt_sum(payload)
+            released = current.he.decrypt(payload)
         except SecAggError as exc:
             log.error("round %d: refusing to decrypt: %s", current.config.round_number, exc)
             self._drop_round(aborted=True)

@@ -10,8 +10,10 @@ released mean against the plaintext FedAvg of the same vectors (exceeding the bo
 - :class:`MaskingBackend` -- pairwise masking (Bonawitz et al. / SecAgg+, :mod:`secagg`): integer
   encoding in Z_2^b, a full protocol session per round, optional distributed DP.
 - :class:`CkksBackend` -- CKKS homomorphic encryption (:mod:`secagg.he`): the federation's key is
-  dealt once, the server adds ciphertexts under the public context only, one institution
-  decrypts. Its trust model is weaker (:data:`CKKS_TRUST_MODEL`) and DP is not offered with it.
+  dealt once; each round runs the sans-IO sessions of :mod:`secagg.he.session` (the same ones the
+  gRPC server and client run): the server adds ciphertexts under the public context only, the
+  round's decryptor opens the aggregate only if it is the sum of the claimed contributors' fresh
+  uploads. Its trust model is weaker (:data:`CKKS_TRUST_MODEL`) and DP is not offered with it.
 
 Both weight the same way: a client submits ``w * clip(x)`` and ``w`` (inside the sum), so the
 server learns only the sums. Numpy only: no torch here.
@@ -37,8 +39,9 @@ from secagg.dp.encoder import DpEncoder
 from secagg.encoding import QuantizationParams, decode_sum, encode
 from secagg.he import (
     CKKSParams,
-    HEAggregator,
-    HEClient,
+    HeClientSession,
+    HeRoundSpec,
+    HeServerSession,
     KeyAnnouncement,
     PublicContext,
     SecretContext,
@@ -46,6 +49,7 @@ from secagg.he import (
     open_secret_context,
     seal_secret_context,
 )
+from secagg.he.params import worst_slot_value
 from secagg.keys import AgreementKeyPair
 from secagg.protocol import ClientPolicy, RoundParams, Stage
 from secagg.ring import RingArray
@@ -62,12 +66,23 @@ CKKS_MAX_SCALE_BITS = 40
 CKKS_MODULUS_BITS = (60, 60)
 
 CKKS_TRUST_MODEL = (
-    "The server holds only the public CKKS context (no secret key) and adds ciphertexts. Every "
-    "institution holds the federation's secret key, so any single institution that obtains "
-    "another's individual upload (for example by colluding with the server) decrypts it: CKKS "
-    "tolerates no colluding institution, where pairwise masking tolerates a server colluding "
-    "with up to t - 1 of them. Clients do not sign the model they trained from, so the "
-    "masking protocol's model-consistency check has no counterpart here."
+    "The server holds only the public CKKS context (no secret key, no tag key) and adds "
+    "ciphertexts. What holds against the server alone: it cannot decrypt an upload, and the "
+    "round's decryptor (the lowest cohort id, fixed before uploads) opens one aggregate per "
+    "session and only the sum of the fresh uploads of the contributors the aggregate claims "
+    "(at least min_contributors of the cohort, each of whom saw the same round and model): "
+    "every slot carries a pad from the federation's tag key, bound to the session, the "
+    "contributor, its view of the round and the slot, so one upload scaled or repeated, a "
+    "replayed or foreign upload, swapped ciphertexts or a claimed set other than what was added "
+    "are refused with nothing released, except with probability at most 2^-forgery_bits per "
+    "attempt (proofs/SPEC.md section 9; the server is modelled as combining ciphertexts with "
+    "integers or integer polynomials that do not wrap around the data modulus). What does not "
+    "hold: every institution holds the secret and tag keys, so any single institution that "
+    "obtains another's individual upload (for example by colluding with the server) decrypts it: "
+    "CKKS tolerates no colluding institution, where pairwise masking tolerates a server "
+    "colluding with up to t - 1 of them; nobody can check that the decryptor released the true "
+    "sum; sums of the same institutions across different sessions are not prevented, and DP is "
+    "not offered with CKKS."
 )
 
 
@@ -169,6 +184,8 @@ class AggregationBackend(Protocol):
     """One way to compute a round's released aggregate."""
 
     name: str
+    #: The SecAgg+ neighbour-graph degree, or None (complete graph, or no graph at all).
+    neighbours: int | None
 
     def aggregate(
         self,
@@ -430,11 +447,12 @@ class MaskingBackend:
 
 def ckks_params(clip: float, cohort: int, max_weight: int, min_contributors: int) -> CKKSParams:
     """The CKKS parameters of a federation: N = 8192 and :data:`CKKS_MODULUS_BITS`, weighted,
-    with the largest scale up to 2^40 that still holds the worst-case sum
-    ``cohort * max_weight * max(clip, 1)`` under the data prime with the two bits of headroom
-    CKKSParams requires. :class:`secagg.errors.ConfigurationError` when even 2^20 does not fit.
+    with the largest scale up to 2^40 that still holds the worst-case slot of a sum (updates and
+    their integrity pads, :func:`secagg.he.params.worst_slot_value`) under the data prime with the
+    two bits of headroom CKKSParams requires. :class:`secagg.errors.ConfigurationError` when even
+    2^20 does not fit.
     """
-    worst = cohort * max_weight * max(clip, 1.0)
+    worst = worst_slot_value(cohort, max_weight, clip)  # updates and their integrity pads
     # CKKSParams needs worst < 2^(data_bits - scale_bits - 2), and 2^(floor(log2 w) + 1) > w.
     data_bits = CKKS_MODULUS_BITS[0]
     scale_bits = min(CKKS_MAX_SCALE_BITS, data_bits - 3 - math.floor(math.log2(worst)))
@@ -463,6 +481,8 @@ class CkksBackend:
     """
 
     name = "ckks"
+    #: No neighbour graph: every upload is added.
+    neighbours: int | None = None
 
     def __init__(self, population: Sequence[int], params: CKKSParams, contribution_size: int):
         begin = time.perf_counter()
@@ -499,6 +519,21 @@ class CkksBackend:
         )
         self.key_setup_s = time.perf_counter() - begin
 
+    @classmethod
+    def for_federation(
+        cls,
+        population: Sequence[int],
+        clip: float,
+        cohort: int,
+        max_weight: int,
+        min_contributors: int,
+        contribution_size: int,
+    ) -> CkksBackend:
+        """The backend of a federation (:func:`ckks_params`, keys dealt once);
+        :class:`secagg.errors.ConfigurationError` when no CKKS parameters fit."""
+        params = ckks_params(clip, cohort, max_weight, min_contributors)
+        return cls(population, params, contribution_size)
+
     def summary(self) -> str:
         return (
             f"ckks (N={self.params.poly_modulus_degree}, {self.params.security_bits}-bit, "
@@ -519,14 +554,20 @@ class CkksBackend:
                 "encryption": "symmetric (clients hold the secret key; the server none)",
                 "key_dealer": self.dealer,
                 "key_distribution": (
-                    "secret context sealed with AES-256-GCM under HKDF(X25519(dealer, member)) "
-                    "bound to a session id and both ids; X25519 keys announced with Ed25519 "
-                    "signatures checked against the roster"
+                    "secret context and tag key sealed with AES-256-GCM under HKDF(X25519(dealer, "
+                    "member)) bound to a session id and both ids; X25519 keys announced with "
+                    "Ed25519 signatures checked against the roster"
                 ),
                 "fingerprint": self.server_context.fingerprint.hex(),
                 "key_setup_s": round(self.key_setup_s, 3),
                 "session_id": "fresh os.urandom(32) per round",
-                "decryptor": "the lowest surviving institution id of the round",
+                "decryptor": "the lowest institution id of the round's cohort, fixed before "
+                "uploads; opens one aggregate per session",
+                "aggregate_integrity": (
+                    "a pad from HKDF(tag key; session, client, view of the round) and AES-128-CTR "
+                    "in every slot; 4 tag slots per ciphertext; the decryptor releases only if "
+                    "the claimed contributors' pads cancel"
+                ),
                 "release_rounding": "decrypted sums rounded to a power-of-two grid above the "
                 "CKKS error bound (mitigates key recovery from exact decryptions)",
                 "trust_model": CKKS_TRUST_MODEL,
@@ -545,6 +586,11 @@ class CkksBackend:
         clipped = sum(int(np.count_nonzero(np.abs(units[u]) > clip)) for u in cohort)
         clip_fraction = clipped / (len(cohort) * dim)
         session = os.urandom(32)
+        spec = HeRoundSpec(self.params, session, cohort, dim, self.server_context.fingerprint)
+        # Each institution's session sees the round and the model it trained from (its view).
+        clients = {
+            u: HeClientSession(u, self._secrets[u], spec, context.signed_context) for u in cohort
+        }
         uploads: dict[int, bytes] = {}
         encrypt_s: dict[int, float] = {}
         begin = time.perf_counter()
@@ -552,19 +598,19 @@ class CkksBackend:
             if u in context.dropouts:
                 continue
             start = time.perf_counter()
-            uploads[u] = HEClient(self._secrets[u], session, dim).encrypt_update(
-                units[u], weights[u]
-            )
+            uploads[u] = clients[u].encrypt(units[u], weights[u])
             encrypt_s[u] = time.perf_counter() - start
         encrypted = time.perf_counter()
-        server = HEAggregator(self.server_context, session, dim)
+        server = HeServerSession(self.server_context, spec)
         for u, upload in uploads.items():
-            server.add(u, upload)
-        aggregate = server.aggregate()  # TooFewSurvivors below min_contributors: nothing released
+            server.receive_update(u, upload)
+        # TooFewSurvivors below min_contributors, NoDecryptor if the decryptor dropped out.
+        aggregate = server.close_uploads()
         added = time.perf_counter()
         contributors = server.contributors
-        decryptor = min(contributors)
-        result = HEClient(self._secrets[decryptor], session, dim).decrypt_sum(aggregate)
+        decryptor = server.decryptor
+        result = clients[decryptor].decrypt(aggregate)
+        server.receive_release(decryptor, result)
         decrypted = time.perf_counter()
 
         diff = _secure_vs_plain(result.total, result.weight, units, weights, contributors, clip)

@@ -20,8 +20,9 @@ One round (:meth:`Federation.run_round`):
      federation's corrupt and dropout fractions). Each client signs a digest of the global
      vector it was given, so the session aborts if clients were served different models;
    - ``ckks``: every cohort member encrypts under the federation's CKKS key (dealt once per
-     :class:`Federation`), the server adds under the public context, the lowest surviving
-     institution decrypts. Weaker trust model and no DP
+     :class:`Federation`), the server adds under the public context, the lowest cohort id
+     decrypts, only the sum of the claimed contributors' fresh uploads (:mod:`secagg.he.session`,
+     the same sessions the deployment runs). Weaker trust model and no DP
      (:data:`~fl_core.aggregation.CKKS_TRUST_MODEL`); its release threshold is the same ``t``
      the masking backend would use;
 4. the released sum is checked against the plaintext sum of the *same* client vectors
@@ -63,7 +64,6 @@ from fl_core.aggregation import (
     CkksRoundRecord,
     MaskingBackend,
     RoundContext,
-    ckks_params,
 )
 from fl_core.aggregation import SecureAggregateMismatch as SecureAggregateMismatch
 from fl_core.aggregation import quantization_bound as quantization_bound
@@ -289,14 +289,18 @@ class Federation:
         #: floor the noise is calibrated for.
         self.min_release = self.graph.min_release
         self.backend: AggregationBackend
-        if config.backend == "ckks":
+        if config.backend == CkksBackend.name:
             try:
-                params = ckks_params(
-                    config.secagg.clip, config.cohort, max_weight, self.graph.threshold
+                self.backend = CkksBackend.for_federation(
+                    sorted(self.ids.values()),
+                    config.secagg.clip,
+                    config.cohort,
+                    max_weight,
+                    self.graph.threshold,
+                    size,
                 )
             except ConfigurationError as exc:
                 raise FederationConfigError(f"CKKS parameters: {exc}") from exc
-            self.backend = CkksBackend(sorted(self.ids.values()), params, size)
             return
         try:
             quant = QuantizationParams.fit(
@@ -437,7 +441,7 @@ class Federation:
             clip_fraction=aggregate.clip_fraction,
             threshold=self.graph.threshold,
             min_release=self.min_release,
-            neighbours=self.graph.neighbours if self.config.backend == "masking" else None,
+            neighbours=self.backend.neighbours,
             session_id=aggregate.session_id.hex(),
             dp=dp_fields,
         )

@@ -122,8 +122,9 @@ def _backend_line(config: Mapping[str, Any]) -> str:
             f"- Homomorphic encryption: CKKS with N = {ckks.get('poly_modulus_degree')}, "
             f"moduli {ckks.get('coeff_mod_bit_sizes')} bits, scale 2^{ckks.get('scale_bits')}, "
             f"{ckks.get('security_bits')}-bit security; at least {ckks.get('min_contributors')} "
-            "contributors per released sum, a fresh session id per round. Trust model: "
-            f"{ckks.get('trust_model')}"
+            "contributors per released sum, a fresh session id per round, a forged aggregate "
+            f"released with probability at most 2^-{ckks.get('forgery_bits_per_attempt')} per "
+            f"attempt. Trust model: {ckks.get('trust_model')}"
         )
     secagg = config.get("secagg", {})
     return (

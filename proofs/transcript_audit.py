@@ -439,9 +439,10 @@ def audit_ckks_records(
     records: Sequence[CkksRoundRecord], *, min_contributors: int | None = None
 ) -> AuditReport:
     """Audit the server records of a CKKS run: ``release_threshold`` (each released aggregate
-    has at least its threshold of distinct contributors, all cohort members that uploaded, and
-    the threshold is the run's ``min_contributors`` when given) and ``session_isolation``;
-    the masking-specific checks are reported "not applicable"."""
+    has at least its threshold of distinct contributors, all cohort members that uploaded, the
+    threshold is the run's ``min_contributors`` when given, and it was opened by the round's one
+    decryptor, the lowest cohort id, itself a contributor) and ``session_isolation``; the
+    masking-specific checks are reported "not applicable"."""
     if not records:
         raise ConfigurationError("no CKKS records to audit")
     found: dict[CheckName, list[Finding]] = {name: [] for name in CHECK_DESCRIPTIONS}
@@ -471,6 +472,13 @@ def audit_ckks_records(
             problems.append(f"contributors {sorted(distinct - set(record.cohort))} not in cohort")
         if not distinct <= uploaders:
             problems.append(f"contributors {sorted(distinct - uploaders)} uploaded nothing")
+        if record.cohort and (
+            record.decryptor != min(record.cohort) or record.decryptor not in distinct
+        ):
+            problems.append(
+                f"opened by client {record.decryptor}; the round's decryptor is the lowest "
+                f"cohort id, {min(record.cohort)}, and must be a contributor"
+            )
         if problems:
             found["release_threshold"].append(
                 Finding("release_threshold", index, sid, "release: " + "; ".join(problems))

@@ -10,7 +10,8 @@ Two uses:
   the way institutions make them (:mod:`clients.he_keys_cli`: announce, deal, open), all in one
   process for a local development federation: client 1 acts as the key dealer, the public
   context goes to ``DIR/he/public-context.bin`` where ``server.toml`` points, and each
-  institution's opened secret context to ``DIR/client-<id>/he-secret.ctx`` only. In production
+  institution's opened secret context (secret key and tag key) to
+  ``DIR/client-<id>/he-secret.ctx`` only. In production
   the dealer is one of the institutions, never the coordinator nor the CA, and each step runs on
   its own institution's machine.
 - ``fedsec keygen --identity FILE --id ID`` writes one institution's identity key (what an

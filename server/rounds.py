@@ -16,9 +16,13 @@ checkpoint. Any failed attempt releases nothing (``ServerSession`` wipes its sum
 
 Backends (``[rounds] backend``): both share sampling, RoundStart, deadlines, the store, the
 strategy step and checkpoints; only the middle differs. ``masking`` drives the
-:class:`ServerSession` stages; ``ckks`` drives a :class:`server.ckks_round.CkksRound`: uploads
-until the join deadline (clients train first), then the aggregate to one decryptor after another
-until one answers within ``stage_timeout_s``. Under ckks the server never holds a key that
+:class:`ServerSession` stages; ``ckks`` drives a :class:`secagg.he.HeServerSession` built from
+the round config at the edge (:func:`fl_core.wire.he_round.ckks_spec_from_config`): uploads until
+the join deadline (clients train first), then the aggregate to the round's one decryptor (the
+lowest cohort id, named by every contributor's pads), which must answer within
+``stage_timeout_s``; otherwise the attempt aborts and the round is rerun under a fresh session.
+There is no second decryptor in a session: two decryptors of one session could be handed sums
+over different sets, whose difference is one upload. Under ckks the server never holds a key that
 decrypts anything; the loop applies the sum a client released.
 
 What a round computes and how the released sum updates the model: :mod:`server.global_model`.
@@ -36,16 +40,17 @@ from collections.abc import Callable
 from typing import cast
 
 import grpc
+import numpy as np
 
 from fl_core.strategies import AggregateInput
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire.convert import KIND_OF, params_from_config, upload_limit
-from fl_core.wire.he_round import he_upload_limit
+from fl_core.wire.he_round import ckks_spec_from_config, decode_release, he_upload_limit
 from secagg.errors import MessageFormatError, ProtocolAbort, SecAggError, SessionMismatch
+from secagg.he import HeServerSession, HeStage, NoDecryptor
 from secagg.messages import ClientMessage, decode_message, encode_message
 from secagg.protocol import ServerSession, Stage
 from server.admission import Refusal
-from server.ckks_round import CkksRound, CkksStage
 from server.config import ServerConfig
 from server.global_model import GlobalModel
 from server.outbox import Mailboxes
@@ -66,7 +71,7 @@ class RoundRunner:
         self._mailboxes = mailboxes
         self._cond = threading.Condition()
         self._session: ServerSession | None = None
-        self._ckks: CkksRound | None = None
+        self._ckks: HeServerSession | None = None
         self._stop = threading.Event()
         self.checkpoint_dir = config.state_dir / "checkpoints"
         self.model = GlobalModel(config)
@@ -99,7 +104,7 @@ class RoundRunner:
         self._check_session(session.params.session_id, session_id)
         return session
 
-    def _current_ckks(self, session_id: bytes) -> CkksRound:
+    def _current_ckks(self, session_id: bytes) -> HeServerSession:
         ckks = self._ckks
         if ckks is None:
             raise Refusal(
@@ -120,7 +125,7 @@ class RoundRunner:
                 raise Refusal(
                     grpc.StatusCode.PERMISSION_DENIED, f"client {client_id} is not in this cohort"
                 )
-            return he_upload_limit(header.kind, ckks.params, ckks.config.dim)
+            return he_upload_limit(header.kind, ckks.params, ckks.spec.dim)
         with self._cond:
             params = self._current(header.session_id).params
         if header.kind not in KIND_OF.values():
@@ -162,7 +167,11 @@ class RoundRunner:
             if header.kind == pb.HE_UPDATE:
                 self._absorb(lambda: ckks.receive_update(client_id, raw))
             else:
-                self._absorb(lambda: ckks.receive_release(client_id, raw))
+                self._absorb(
+                    lambda: ckks.receive_release(
+                        client_id, decode_release(raw, ckks.session_id, ckks.spec.dim)
+                    )
+                )
                 log.info("decrypted sum released by client %d", client_id)
 
     def _absorb(self, receive: Callable[[], None]) -> None:
@@ -258,7 +267,11 @@ class RoundRunner:
         # recorded, and installed before RoundStart goes out: a client may answer at once.
         drive: Callable[[], tuple[AggregateInput, tuple[int, ...]]]
         ckks_config = self._config.ckks
-        ckks = None if ckks_config is None else CkksRound(ckks_config.public, config)
+        ckks = (
+            None
+            if ckks_config is None
+            else HeServerSession(ckks_config.public, ckks_spec_from_config(config))
+        )
         session = None if ckks else ServerSession(params_from_config(config), self._config.roster)
         attempt = self._store.begin_round(
             round_number, config.session_id, tuple(config.cohort), self._config.rounds.backend
@@ -355,50 +368,56 @@ class RoundRunner:
 
     # --- ckks -------------------------------------------------------------------------------
 
-    def _drive_ckks(self, attempt: int, ckks: CkksRound) -> tuple[AggregateInput, tuple[int, ...]]:
+    def _drive_ckks(
+        self, attempt: int, ckks: HeServerSession
+    ) -> tuple[AggregateInput, tuple[int, ...]]:
         rounds = self._config.rounds
         began = time.monotonic()
         with self._cond:
             self._wait_while(lambda: ckks.pending, began + rounds.join_timeout_s, None)
             missing = sorted(ckks.pending)
             try:
-                ckks.close_uploads()
+                # TooFewSurvivors / NoDecryptor (ProtocolAbort): the attempt ends, nothing out.
+                aggregate = ckks.close_uploads()
             finally:
-                arrived = len(ckks.contributors)
                 self._store.record_stage(
                     attempt,
-                    CkksStage.UPLOAD.value,
+                    HeStage.UPLOAD.value,
                     len(ckks.cohort),
-                    arrived,
+                    len(ckks.contributors),
                     bool(missing),
                     time.monotonic() - began,
                 )
-        self._log_stage(CkksStage.UPLOAD.value, len(ckks.cohort), missing)
-        while True:
-            # NoDecryptor (a ProtocolAbort) once the bounded list of decryptors is used up.
-            with self._cond:
-                decryptor, aggregate = ckks.next_decryptor()
-            log.info(
-                "asking client %d to decrypt the sum of %s", decryptor, list(ckks.contributors)
+        self._log_stage(HeStage.UPLOAD.value, len(ckks.cohort), missing)
+        decryptor = ckks.decryptor
+        log.info("asking client %d to decrypt the sum of %s", decryptor, list(ckks.contributors))
+        self._mailboxes.of(decryptor).push(
+            pb.ServerItem(he_aggregate=pb.HeAggregate(session_id=ckks.session_id)), aggregate
+        )
+        began = time.monotonic()
+        with self._cond:
+            self._wait_while(lambda: ckks.pending, began + rounds.stage_timeout_s, ckks.abort)
+            done = ckks.stage is HeStage.DONE
+            self._store.record_stage(
+                attempt,
+                f"{HeStage.DECRYPT.value}:{decryptor}",
+                1,
+                int(done),
+                not done,
+                time.monotonic() - began,
             )
-            self._mailboxes.of(decryptor).push(
-                pb.ServerItem(he_aggregate=pb.HeAggregate(session_id=ckks.session_id)), aggregate
-            )
-            began = time.monotonic()
-            with self._cond:
-                self._wait_while(lambda: ckks.pending, began + rounds.stage_timeout_s, None)
-                done = ckks.stage is CkksStage.DONE
-                self._store.record_stage(
-                    attempt,
-                    f"{CkksStage.DECRYPT.value}:{decryptor}",
-                    1,
-                    int(done),
-                    not done,
-                    time.monotonic() - began,
+            if ckks.stage is HeStage.ABORTED:
+                raise NoDecryptor(
+                    f"decryptor {decryptor}'s release was refused: {ckks.abort_reason}"
                 )
-            if done:
-                return ckks.result, ckks.contributors
-            log.warning("decryptor %d missed its deadline", decryptor)
+            if not done:
+                ckks.abort("the decryptor missed its deadline")
+                raise NoDecryptor(f"decryptor {decryptor} missed its deadline; nothing is released")
+        released = ckks.result
+        agg = AggregateInput(
+            released.total.astype(np.float64), released.weight, released.contributors
+        )
+        return agg, ckks.contributors
 
     # --- shared -----------------------------------------------------------------------------
 
