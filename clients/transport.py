@@ -32,10 +32,12 @@ peer certificate of a channel, hence the separate handshake).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import random
+import secrets
 import socket
 import ssl
 import time
@@ -86,6 +88,8 @@ _STAGE_OF_KIND: dict[int, str] = {
 }
 _BACKEND_NAMES = {pb.BACKEND_MASKING: "masking", pb.BACKEND_CKKS: "ckks"}
 _RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+#: How long another process of this institution may hold the connection before we give up.
+DUPLICATE_GRACE_S = 60.0
 
 
 class GiveUp(Exception):
@@ -132,6 +136,15 @@ class TransportStats:
         return json.dumps({"client_id": client_id, **self.__dict__})
 
 
+class AdmissionRpcError(Exception):
+    """Challenge or Authenticate failed; ``code`` says whether retrying can help."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
 class ClientTransport:
     def __init__(self, config: ClientConfig) -> None:
         self._config = config
@@ -144,6 +157,8 @@ class ClientTransport:
         self._trainer: LocalTrainer | None = None
         #: CKKS session ids this client took part in: a replayed RoundStart is refused.
         self._ckks_sessions: set[bytes] = set()
+        # Tells the server this process from another one of the same institution.
+        self._instance = secrets.token_bytes(16)
         self.stats = TransportStats()
 
     # --- connection -------------------------------------------------------------------------
@@ -162,6 +177,17 @@ class ClientTransport:
             context.wrap_socket(raw, server_hostname=self._target_name()) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
+            if self._config.tls_cert is not None:
+                # TLS 1.3 finishes the client's side of the handshake before the server has
+                # checked our certificate; its verdict (an alert, or its first HTTP/2 frame)
+                # is the first thing it sends.
+                tls.settimeout(5)
+                with contextlib.suppress(TimeoutError):
+                    if not tls.recv(1):
+                        raise ssl.SSLError(
+                            "the server closed the connection after the handshake: it does not "
+                            f"accept our client certificate {self._config.tls_cert}"
+                        )
         if der is None:
             raise ssl.SSLError("server presented no certificate")
         return hashlib.sha256(der).digest()
@@ -170,6 +196,12 @@ class ClientTransport:
         if self._channel is not None:
             self._channel.close()
         options: list[tuple[str, Any]] = list(grpc_options())
+        # gRPC's own reconnect backoff (up to 120 s by default) must not outlast ours.
+        options += [
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", int(1000 * self._config.reconnect_max_s)),
+        ]
         if self._config.server_name:
             options.append(("grpc.ssl_target_name_override", self._config.server_name))
         credentials = grpc.ssl_channel_credentials(
@@ -184,14 +216,23 @@ class ClientTransport:
     def _authenticate(self) -> None:
         client_id = self._config.client_id
         cert_hash = self._server_cert_sha256()
-        nonce = self._stub.Challenge(pb.ChallengeRequest(client_id=client_id), timeout=30).nonce
-        signature = self._config.identity.sign(admission_signed_bytes(nonce, cert_hash, client_id))
-        reply = self._stub.Authenticate(
-            pb.AuthenticateRequest(
-                client_id=client_id, nonce=nonce, server_cert_sha256=cert_hash, signature=signature
-            ),
-            timeout=30,
-        )
+        try:
+            nonce = self._stub.Challenge(pb.ChallengeRequest(client_id=client_id), timeout=30).nonce
+            signature = self._config.identity.sign(
+                admission_signed_bytes(nonce, cert_hash, client_id)
+            )
+            reply = self._stub.Authenticate(
+                pb.AuthenticateRequest(
+                    client_id=client_id,
+                    nonce=nonce,
+                    server_cert_sha256=cert_hash,
+                    signature=signature,
+                    instance=self._instance,
+                ),
+                timeout=30,
+            )
+        except grpc.RpcError as exc:
+            raise AdmissionRpcError(exc.code(), exc.details()) from None
         self._token, self._seq = reply.token, reply.next_seq
         if self._round is not None:
             log.warning("re-admitted: the round in flight is lost to this client")
@@ -201,20 +242,45 @@ class ClientTransport:
     # --- main loop --------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Follow rounds until the server says the federation is over; returns an exit code."""
+        """Follow rounds until the server says the federation is over; returns an exit code.
+
+        Permanent refusals end the process with one error line and exit status 1: admission
+        refused (not in the roster, a key the roster does not list, a signature for another
+        certificate), a server certificate that does not verify against ``ca_cert`` (wrong CA,
+        expired, wrong host name) or a TLS handshake the server refuses (mutual TLS without an
+        accepted client certificate), another process of this institution connected for longer
+        than :data:`DUPLICATE_GRACE_S`. Outages are retried with a backoff that restarts as
+        soon as the server answers again.
+        """
         backoff = 0.2
         last_progress = time.monotonic()
+        duplicate_since: float | None = None
         need_auth = True
         self._connect()
         while True:
             try:
                 if need_auth:
                     self._authenticate()
-                    need_auth = False
+                    need_auth, duplicate_since = False, None
                 if self._poll_once():
                     return 0
                 backoff, last_progress = 0.2, time.monotonic()
                 continue
+            except AdmissionRpcError as exc:
+                code = exc.code
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    log.error("admission refused by the server: %s", exc.details)
+                    return 1
+                if code == grpc.StatusCode.ALREADY_EXISTS:
+                    duplicate_since = duplicate_since or time.monotonic()
+                    if time.monotonic() - duplicate_since > DUPLICATE_GRACE_S:
+                        log.error("%s; giving up", exc.details)
+                        return 1
+                    log.warning("%s; retrying", exc.details)
+                elif code in _RETRY:
+                    log.warning("server unreachable (%s: %s); retrying", code.name, exc.details)
+                else:
+                    log.warning("admission failed (%s: %s); retrying", code.name, exc.details)
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -224,11 +290,21 @@ class ClientTransport:
                     log.warning("server unreachable (%s: %s); retrying", code.name, exc.details())
                 else:
                     log.error("refused by the server: %s: %s", code.name, exc.details())
-                    if need_auth:
-                        return 1  # refused admission: retrying will not help
                     need_auth = True
-            except (OSError, ssl.SSLError) as exc:
-                log.warning("cannot reach the server: %s", exc)
+            except ssl.SSLCertVerificationError as exc:
+                log.error(
+                    "the server's certificate does not verify against %s: %s",
+                    self._config.ca_cert,
+                    exc.verify_message or exc.reason,
+                )
+                return 1
+            except ssl.SSLError as exc:
+                log.error(
+                    "the server refused our TLS handshake: %s", getattr(exc, "reason", None) or exc
+                )
+                return 1
+            except OSError as exc:
+                log.warning("cannot reach the server: %s", exc.strerror or exc)
             except MessageFormatError as exc:
                 # An item we cannot read (e.g. larger than we accept): leave any round in
                 # flight and start again from the end of our queue after re-admission.
@@ -239,9 +315,14 @@ class ClientTransport:
                 log.error("no progress for %.0f s; giving up", self._config.give_up_after_s)
                 return 1
             delay = min(backoff, self._config.reconnect_max_s) * random.uniform(0.5, 1.0)
-            time.sleep(delay)
+            self._wait_for_server(delay)
             backoff *= 2
-            self._connect()
+
+    def _wait_for_server(self, at_most_s: float) -> None:
+        """Sleep until the channel connects or ``at_most_s`` passes: a server back from a
+        restart is used at once, not after the full backoff."""
+        with contextlib.suppress(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(self._channel).result(timeout=at_most_s)
 
     def _limit_for(self, item: pb.ServerItem) -> int:
         kind = item.WhichOneof("kind")

@@ -5,6 +5,17 @@ on top: the server hands out a fresh 32-byte nonce per request (single use, shor
 client signs :func:`fl_core.wire.convert.admission_signed_bytes` (domain, nonce, SHA-256 of this
 server's certificate, client id) and gets an opaque random token that names it on later calls.
 
+Refusal codes tell a client what it can do about them: PERMISSION_DENIED is permanent (not in
+the roster, a signature that does not verify, a signature for another server's certificate),
+UNAUTHENTICATED is worth a fresh challenge (a nonce expired, was used, or a token is stale),
+ALREADY_EXISTS means another process of the same institution is connected.
+
+A second process of one institution (the same id started twice) would otherwise take over the
+first one's token at every admission and each would lose its rounds to the other. Each client
+process sends a random ``instance`` with its admission; while the current token of an id was
+used within :data:`ACTIVE_WITHIN_S` (or a poll of that id is in flight) by another instance, a new
+instance is refused. The same instance re-admitting (its token lost) is always let in.
+
 Nonces are stateless: 8 random bytes, the expiry, and an HMAC-SHA256 tag under a per-process key
 over (client id, random, expiry). Anyone who reaches the port may ask for challenges for any id
 (the request is unauthenticated), but a challenge no longer replaces an earlier one, so nobody
@@ -22,6 +33,7 @@ import hmac
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 
 import grpc
 
@@ -31,6 +43,9 @@ from secagg.ids import id_bytes
 from secagg.keys import Roster
 
 TOKEN_BYTES = 32
+#: A token used this recently belongs to a live client process (an idle client always has a
+#: poll in flight; this covers the gaps between its calls).
+ACTIVE_WITHIN_S = 5.0
 _NONCE_DOMAIN = b"fedsec/server/v1/admission-nonce"
 _RANDOM_BYTES, _EXPIRY_BYTES = 8, 8
 _TAG_BYTES = NONCE_BYTES - _RANDOM_BYTES - _EXPIRY_BYTES
@@ -44,6 +59,13 @@ class Refusal(Exception):
         self.code = code
 
 
+@dataclass
+class _Session:
+    client_id: int
+    instance: bytes
+    last_used: float
+
+
 class Admission:
     def __init__(self, roster: Roster, server_cert_sha256: bytes, nonce_ttl_s: float = 30.0):
         self._roster = roster
@@ -55,7 +77,7 @@ class Admission:
         self._nonce_key = secrets.token_bytes(32)
         self._lock = threading.Lock()
         self._presented: dict[bytes, int] = {}  # nonce -> expiry (ns): each is used once
-        self._tokens: dict[bytes, int] = {}
+        self._tokens: dict[bytes, _Session] = {}
 
     def _known(self, client_id: int) -> None:
         if client_id not in self._ids:
@@ -74,8 +96,15 @@ class Admission:
         return body + self._tag(client_id, body)
 
     def authenticate(
-        self, client_id: int, nonce: bytes, server_cert_sha256: bytes, signature: bytes
+        self,
+        client_id: int,
+        nonce: bytes,
+        server_cert_sha256: bytes,
+        signature: bytes,
+        instance: bytes = b"",
+        polling: bool = False,
     ) -> bytes:
+        """A token for ``client_id``; ``polling`` says a poll of that id is in flight."""
         self._known(client_id)
         body, tag = nonce[: NONCE_BYTES - _TAG_BYTES], nonce[NONCE_BYTES - _TAG_BYTES :]
         if len(nonce) != NONCE_BYTES or not hmac.compare_digest(tag, self._tag(client_id, body)):
@@ -97,8 +126,9 @@ class Admission:
             raise Refusal(grpc.StatusCode.UNAUTHENTICATED, f"client {client_id}: nonce expired")
         if not secrets.compare_digest(server_cert_sha256, self._cert_sha256):
             raise Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"client {client_id} signed for another server certificate",
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"client {client_id} signed for another server certificate (a TLS proxy in "
+                "between, or another server's certificate)",
             )
         try:
             self._roster.verify(
@@ -108,18 +138,38 @@ class Admission:
                 "admission",
             )
         except InvalidSignatureError as exc:
-            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{exc} (is this the identity key the roster lists for client {client_id}?)",
+            ) from None
         token = secrets.token_bytes(TOKEN_BYTES)
+        now_s = time.monotonic()
         with self._lock:
+            current = [t for t, s in self._tokens.items() if s.client_id == client_id]
+            live = [
+                self._tokens[t]
+                for t in current
+                if self._tokens[t].instance != instance
+                and (polling or now_s - self._tokens[t].last_used <= ACTIVE_WITHIN_S)
+            ]
+            if live:
+                raise Refusal(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"client {client_id} is already connected from another process (used "
+                    f"{now_s - live[0].last_used:.0f} s ago): is this institution's client "
+                    "running twice?",
+                )
             # A re-authenticating client (a restarted process) invalidates its old tokens.
-            for old in [t for t, c in self._tokens.items() if c == client_id]:
+            for old in current:
                 del self._tokens[old]
-            self._tokens[token] = client_id
+            self._tokens[token] = _Session(client_id, instance, now_s)
         return token
 
     def client_of(self, token: bytes) -> int:
         with self._lock:
-            client_id = self._tokens.get(token)
-        if client_id is None:
+            session = self._tokens.get(token)
+            if session is not None:
+                session.last_used = time.monotonic()
+        if session is None:
             raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "unknown or superseded session token")
-        return client_id
+        return session.client_id

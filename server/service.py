@@ -78,7 +78,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def Authenticate(self, request: pb.AuthenticateRequest, context: Any) -> pb.AuthenticateReply:
         try:
             token = self._admission.authenticate(
-                request.client_id, request.nonce, request.server_cert_sha256, request.signature
+                request.client_id,
+                request.nonce,
+                request.server_cert_sha256,
+                request.signature,
+                request.instance,
+                polling=self._mailboxes.of(request.client_id).polling > 0,
             )
         except Refusal as refusal:
             self._refuse(context, "Authenticate", request.client_id, refusal)
@@ -95,7 +100,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self._refuse(context, "Poll", None, refusal)
             raise
         wait_s = min(request.wait_ms, MAX_POLL_WAIT_MS) / 1000.0
-        got = self._mailboxes.of(client_id).get(request.seq, wait_s)
+        got = self._mailboxes.of(client_id).get(request.seq, wait_s, context.is_active)
         if got is None:
             yield pb.ServerFrame(item=pb.ServerItem(seq=request.seq, idle=pb.Idle()))
             return

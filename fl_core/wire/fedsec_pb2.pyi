@@ -48,16 +48,18 @@ class ChallengeReply(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class AuthenticateRequest(_message.Message):
-    __slots__ = ("client_id", "nonce", "server_cert_sha256", "signature")
+    __slots__ = ("client_id", "nonce", "server_cert_sha256", "signature", "instance")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SERVER_CERT_SHA256_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     nonce: bytes
     server_cert_sha256: bytes
     signature: bytes
-    def __init__(self, client_id: _Optional[int] = ..., nonce: _Optional[bytes] = ..., server_cert_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    instance: bytes
+    def __init__(self, client_id: _Optional[int] = ..., nonce: _Optional[bytes] = ..., server_cert_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., instance: _Optional[bytes] = ...) -> None: ...
 
 class AuthenticateReply(_message.Message):
     __slots__ = ("token", "next_seq")
