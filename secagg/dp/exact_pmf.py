@@ -1,4 +1,4 @@
-"""Rigorous brackets on the noise PMFs in integer interval arithmetic (no float, no Bessel library).
+"""Rigorous brackets on the noise PMFs, by integer interval arithmetic (no Bessel library).
 
 The alias tables of :mod:`secagg.dp.noise` are built from these brackets, and the sampler's
 charged deviation from the ideal distribution is read off them. For an atom k (by symmetry
