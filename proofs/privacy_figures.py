@@ -173,17 +173,20 @@ def sampling_note(config: Mapping[str, Any]) -> str:
 
 class _Ledgers:
     """Per-institution RDP accountants; rounds with unknown contributors go to all of them
-    (and to ``None``, an institution in no recorded release)."""
+    (and to ``None``, an institution in no recorded release). Each one's epsilon is cached and
+    recomputed only when it composed something new."""
 
     def __init__(self) -> None:
         self._everyone: list[DpEvent] = []
         self.accountants: dict[int | None, RdpAccountant] = {None: RdpAccountant()}
+        self._epsilon: dict[int | None, float] = {}
 
     def add(self, event: DpEvent, clients: Collection[int] | None) -> None:
         if clients is None:
             self._everyone.append(event)
             for accountant in self.accountants.values():
                 accountant.compose(event)
+            self._epsilon.clear()
             return
         for client in clients:
             if client not in self.accountants:
@@ -191,14 +194,15 @@ class _Ledgers:
                 for earlier in self._everyone:
                     self.accountants[client].compose(earlier)
             self.accountants[client].compose(event)
+            self._epsilon.pop(client, None)
 
     def worst(self, delta: float) -> tuple[float, tuple[DpEvent, ...]]:
         """The largest epsilon over institutions, with that institution's events."""
-        epsilon, ledger = max(
-            ((a.get_epsilon(delta), a.ledger) for a in self.accountants.values()),
-            key=lambda pair: pair[0],
-        )
-        return epsilon, ledger
+        for client, accountant in self.accountants.items():
+            if client not in self._epsilon:
+                self._epsilon[client] = accountant.get_epsilon(delta)
+        client = max(self._epsilon, key=lambda c: self._epsilon[c])
+        return self._epsilon[client], self.accountants[client].ledger
 
 
 def account(

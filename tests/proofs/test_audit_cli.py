@@ -329,3 +329,19 @@ def test_a_release_count_beyond_the_calibrated_target_fails_the_audit(tmp_path: 
     check = next(c for c in report["checks"] if c["name"] == "dp_target")
     assert check["status"] == "failed"
     assert "in 3 released sums" in check["reasons"][0]
+
+
+def test_two_releases_in_one_session_cannot_be_accounted(tmp_path: Path) -> None:
+    # The noise is sized for one release per round: a second sum over a different set of
+    # contributors would reveal their difference with only part of the noise.
+    run_dir = write_run(tmp_path / "run", rounds=1, dp=gaussian(), dropped_in=-1)
+    path = run_dir / "transcripts" / "round_0000.json"
+    record = json.loads(path.read_text())
+    record["releases"].append({**record["releases"][0], "contributors": [1, 2, 3, 4, 5]})
+    path.write_text(json.dumps(record))
+    assert main(["audit", str(run_dir)]) == 1
+    report, _ = read_report(run_dir)
+    check = next(c for c in report["checks"] if c["name"] == "dp_accounting")
+    assert check["status"] == "failed"
+    assert "2 sums released in one session" in check["reasons"][0]
+    assert report["differential_privacy"]["epsilon_total"] is None
