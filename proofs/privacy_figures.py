@@ -8,8 +8,8 @@ and who contributed to each release (the transcripts' contributor ids). Output:
 * **against the server** (the figure the noise is calibrated for, and the run's total): the
   server sees every cohort, every released sum and every model, so sampling hides nothing from
   it. Each release an institution's update is in is composed at full rate, per institution
-  (a round it is not in does not touch its data); the figure is that of the institution in the
-  most releases (:func:`proofs.accountant.composition` of its events). Zero-out adjacency, and
+  (a round it is not in does not touch its data); the figure is that of the worst-off
+  institution (:func:`proofs.accountant.composition` of its events). Zero-out adjacency, and
   the replace-one figure beside it (:func:`proofs.accountant.replace_one`).
 * **amplified by sampling, for an observer of the released models only**: amplification by
   subsampling holds only for Poisson sampling whose coins the observer cannot see. fedsec draws
@@ -288,9 +288,9 @@ def _figures(
     sampling: str,
 ) -> tuple[PrivacyFigure, ...]:
     basis = (
-        f"RDP accounting of the institution whose update is in the most released sums ({most}), "
-        "each composed at full rate: the server knows the cohorts, so no amplification by "
-        "sampling is claimed"
+        f"RDP accounting, per institution, of the released sums its update is in (the worst-off "
+        f"institution's: {most}), each composed at full rate: the server knows the cohorts, so "
+        "no amplification by sampling is claimed"
     )
     return (
         PrivacyFigure("against the server", SERVER, ZERO_OUT, True, worst, delta, basis, event),
@@ -333,8 +333,8 @@ def _statement(
         )
     statement = (
         f"({total:.4g}, {delta:g})-DP against the server, at the level of one institution "
-        f"(zero-out: its clipped update replaced by zero), for the institution whose update is "
-        f"in the most released sums ({most} of {len(events)} rounds), each composed at full "
+        f"(zero-out: its clipped update replaced by zero), for the worst-off institution (its "
+        f"update is in {most} of the {len(events)} released sums), each release composed at full "
         "rate by RDP accounting. The server sees the cohorts, so no amplification by sampling "
         "is claimed, for it or for anyone."
     )
