@@ -256,7 +256,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dp-epsilon",
         type=float,
         default=None,
-        help="turn on distributed DP with this epsilon over the whole run",
+        help="turn on distributed DP with this epsilon over the whole run, against the server "
+        "(client level, zero-out adjacency; every round an institution takes part in counts "
+        "in full: no amplification by sampling is assumed)",
     )
     parser.add_argument(
         "--dp-delta", type=float, default=d.DP_DELTA, help=f"(default {d.DP_DELTA:g})"
@@ -327,6 +329,18 @@ def _check_args(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a directory")
     return int(institutions)
+
+
+def _dp_summary(fed: Federation) -> str:
+    """The DP line of the start banner: which epsilon, against whom, for how many rounds."""
+    cal = fed.calibration
+    if cal is None:
+        return "off"
+    return (
+        f"eps={cal.epsilon:.4g} delta={cal.delta:g} against the server (zero-out, client level; "
+        f"no amplification by sampling: each institution is in at most {cal.participations} "
+        f"released sums, each counted in full)"
+    )
 
 
 def format_round(m: RoundMetrics, rounds: int) -> str:
@@ -433,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"fedsec simulate: {institutions} institutions, {spec.rounds} rounds, "
             f"{fed.backend.summary()}, "
-            f"DP {'off' if dp is None else f'eps={dp.epsilon:g}'}; initial eval mean "
+            f"DP {'off' if dp is None else _dp_summary(fed)}; initial eval mean "
             f"{float(np.mean(list(initial.values()))):.3f}; writing {out}",
             flush=True,
         )

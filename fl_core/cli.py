@@ -29,8 +29,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "client": ("clients.client_cli", "take part in a federation as one institution"),
     "he-keys": ("clients.he_keys_cli", "make and share the federation's CKKS keys (institutions)"),
     "status": ("server.status_cli", "rounds, participants and last checkpoint of a server"),
-    "audit": ("proofs.audit_cli", "privacy report of a run: epsilon spent, transcript checks"),
-    "privacy-budget": ("proofs.budget_cli", "epsilon of T rounds of sampled DP, one JSON line"),
+    "audit": (
+        "proofs.audit_cli",
+        "privacy report of a run: epsilon against the server, transcript checks",
+    ),
+    "privacy-budget": (
+        "proofs.budget_cli",
+        "epsilon calculator, one JSON line (amplified figure: Poisson sampling, secret coins)",
+    ),
     "attack": ("proofs.attack_cli", "gradient-inversion attacks on each view of an update"),
 }
 

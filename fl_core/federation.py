@@ -38,9 +38,15 @@ contributors a round may release: the cohort less the dropouts tolerated
 (``SecAggSettings.dropout_fraction``, at least the Shamir threshold,
 :func:`~secagg.params.release_floor`). That floor is not assumed but enforced: every DP session
 carries it as ``RoundParams.min_survivors``, and server and clients abort a round with fewer
-contributors, so no release carries less noise than calibrated. Cohorts are drawn uniformly with a
-fixed size; the accountant's Poisson-sampling rate is the cohort's share of the population,
-exact when every institution takes part in every round (the embedded default).
+contributors, so no release carries less noise than calibrated.
+
+The DP target is an epsilon *against the server*, client-level with zero-out adjacency
+(:mod:`secagg.dp.calibration`). Cohorts are drawn with a fixed size from the run's public seed,
+so the server knows them and sampling amplifies nothing: the noise is calibrated for the most
+rounds any one institution takes part in over the whole schedule (every round, when every
+institution takes part in every round: the embedded default), each composed at full rate. That
+count is enforced too: with DP on, a round that would put an institution's update into more
+released sums than calibrated is refused (:class:`PrivacyBudgetExhausted`) before anyone trains.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import math
 import os
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,6 +89,11 @@ from secagg.transcript import Transcript
 
 class FederationConfigError(FLError, ValueError):
     """Federation settings that cannot run (too few institutions, bad DP target, ...)."""
+
+
+class PrivacyBudgetExhausted(FLError):
+    """A DP round that would put an institution's update into more released sums than the
+    noise was calibrated for: refused before anyone trains, nothing is released."""
 
 
 @dataclass(frozen=True)
@@ -176,9 +188,15 @@ class FederationConfig:
     def cohort(self) -> int:
         return len(self.clients) if self.cohort_size is None else self.cohort_size
 
-    @property
-    def sampling_rate(self) -> float:
-        return self.cohort / len(self.clients)
+    def schedule(self) -> tuple[tuple[str, ...], ...]:
+        """Every round's cohort, as :class:`~fl_core.sampling.ClientSampler` draws it from the
+        public seed: anyone who knows the seed knows them, the server included."""
+        sampler = ClientSampler(self.seed, cohort_size=self.cohort)
+        return tuple(sampler.sample(r, self.clients) for r in range(self.rounds))
+
+    def participations(self) -> int:
+        """The most rounds any one institution takes part in over :meth:`schedule`."""
+        return max(Counter(name for cohort in self.schedule() for name in cohort).values())
 
 
 def check_backend(backend: str, *, dp_enabled: bool) -> None:
@@ -288,6 +306,9 @@ class Federation:
         #: The fewest contributors a round may release: t, the signature quorum, and with DP the
         #: floor the noise is calibrated for.
         self.min_release = self.graph.min_release
+        #: Released sums each institution's update is in so far (enforced against the DP
+        #: calibration's ``participations``).
+        self.contributions: Counter[str] = Counter()
         self.backend: AggregationBackend
         if config.backend == CkksBackend.name:
             try:
@@ -322,8 +343,8 @@ class Federation:
                     mechanism=dp.mechanism,
                     epsilon=dp.epsilon,
                     delta=dp.delta,
-                    rounds=config.rounds,
-                    sampling_rate=config.sampling_rate,
+                    # Against the server, who knows the cohorts: no amplification.
+                    participations=config.participations(),
                     expected_cohort=config.cohort,
                     # Sized for the fewest contributors a round may release (enforced below).
                     dropouts=config.cohort - self.min_release,
@@ -355,7 +376,11 @@ class Federation:
             "institutions": list(self.config.clients),
             "rounds": self.config.rounds,
             "cohort_size": self.config.cohort,
-            "sampling_rate": self.config.sampling_rate,
+            "sampling": {
+                "scheme": "fixed-size",
+                "coins": "public (the run's seed)",
+                "rounds_per_institution_max": self.config.participations(),
+            },
             "strategy": self.strategy.name,
             "strategy_hparams": dict(self.config.strategy_hparams),
             "seed": self.config.seed,
@@ -380,6 +405,7 @@ class Federation:
             raise FederationConfigError(f"unknown institutions in dropouts: {sorted(unknown)}")
         begin = time.perf_counter()
         cohort = self.sampler.sample(round_index, self.config.clients)
+        self._check_budget(cohort)
         options = self.strategy.client_options()
         units: dict[int, np.ndarray] = {}
         weights: dict[int, int] = {}
@@ -406,15 +432,12 @@ class Federation:
         self.global_vector = self.strategy.aggregate(self.global_vector, aggregate.agg)
         eval_loss = {k: float(v) for k, v in self.evaluator(self.global_vector).items()}
         names = {uid: name for name, uid in self.ids.items()}
+        self.contributions.update(names[u] for u in aggregate.contributors)
         uploads = [aggregate.upload[u] for u in aggregate.contributors]
         dp_fields = None
         if self.calibration is not None and self.config.dp is not None:
             dp_fields = {
-                **accounting_record(
-                    self.calibration.params,
-                    len(aggregate.contributors),
-                    self.config.sampling_rate,
-                ),
+                **accounting_record(self.calibration.params, len(aggregate.contributors)),
                 "noise_multiplier": self.calibration.noise_multiplier,
                 "delta": self.config.dp.delta,
                 "epsilon_target": self.config.dp.epsilon,
@@ -446,6 +469,19 @@ class Federation:
             dp=dp_fields,
         )
         return RoundOutcome(metrics, self.global_vector.copy(), aggregate.record)
+
+    def _check_budget(self, cohort: tuple[str, ...]) -> None:
+        """With DP, refuse a round that would exceed an institution's calibrated count."""
+        if self.calibration is None:
+            return
+        most = self.calibration.participations
+        spent = sorted(n for n in cohort if self.contributions[n] >= most)
+        if spent:
+            raise PrivacyBudgetExhausted(
+                f"institutions {spent} are already in {most} released sums, the most the DP "
+                f"noise was calibrated for (epsilon {self.calibration.epsilon:.4g} against the "
+                "server); another round with them would exceed it"
+            )
 
     def _context(self, round_index: int) -> bytes:
         """What every client signs: the global model it trained from and the round number."""

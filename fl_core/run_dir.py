@@ -176,7 +176,14 @@ def render_report(
             "off (epsilon unbounded)."
             if dp is None
             else f"{dp['mechanism']}, (epsilon={dp['epsilon']:.4g}, delta={dp['delta']:g}) over "
-            f"the run, L2 clip {dp['clip_l2']:g}, noise multiplier {dp['noise_multiplier']:.4g}."
+            "the run against the server (client level, zero-out adjacency; no amplification by "
+            "sampling: the server knows the cohorts"
+            + (
+                f", and no institution is in more than {dp['participations']} released sums"
+                if "participations" in dp
+                else ""
+            )
+            + f"), L2 clip {dp['clip_l2']:g}, noise multiplier {dp['noise_multiplier']:.4g}."
         ),
         f"- Wall time: {wall_s:.1f} s.",
         "",

@@ -7,8 +7,16 @@ dependency only, used to check this module). The per-mechanism formulas live in
 :mod:`secagg.dp.rdp`, so the noise calibration (``secagg`` may not import ``proofs``) and this
 accountant run the same code.
 
-Neighbouring relation: add-or-remove one *client* (client-level DP), as in dp_accounting's
-``ADD_OR_REMOVE_ONE``; Poisson sampling of clients with rate q each round.
+Neighbouring relation: zero-out one *client* (client-level DP): one institution's clipped
+update replaced by zero, everything else (the cohort, the contributor count, every client's
+noise) unchanged, which is what the sensitivities of :mod:`secagg.dp.encoder` bound (see
+:mod:`secagg.dp.calibration`). :func:`replace_one` gives the event for replacing one
+institution's data by any other (two zero-out steps: twice the sensitivity).
+
+Sampling: fedsec's figures are against the server, who knows every cohort, so each release a
+client is in is composed at full rate (:func:`composition`). :class:`PoissonSampledDpEvent`
+(amplification by subsampling) is for ``fedsec privacy-budget``, a calculator: it holds only
+against an observer who cannot see the sampling coins, and only if sampling is Poisson.
 
 Formulas, and where they come from:
 
@@ -43,6 +51,7 @@ Formulas, and where they come from:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -78,12 +87,14 @@ __all__ = [
     "RdpAccountant",
     "SelfComposedDpEvent",
     "SkellamDpEvent",
+    "composition",
     "ddgauss_rdp",
     "ddgauss_tau",
     "delta_from_rdp",
     "epsilon_for_rounds",
     "epsilon_from_rdp",
     "rdp_sampled_gaussian",
+    "replace_one",
     "skellam_rdp",
     "subsampled_rdp_upper_bound",
 ]
@@ -101,7 +112,9 @@ class DpEvent:
     """Base of the privacy events; ``to_dict`` gives a JSON-ready record for run reports."""
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"event": type(self).__name__}
+        """The event's fields, and its class under ``"type"`` (not ``"event"``: that is the
+        field of the sampled and self-composed events, which would overwrite it)."""
+        out: dict[str, Any] = {"type": type(self).__name__}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, DpEvent):
@@ -189,6 +202,38 @@ class SelfComposedDpEvent(DpEvent):
 @dataclass(frozen=True)
 class ComposedDpEvent(DpEvent):
     events: tuple[DpEvent, ...] = field(default_factory=tuple)
+
+
+def composition(events: Sequence[DpEvent]) -> DpEvent:
+    """One event for all of ``events`` composed (each at full rate), equal events grouped as
+    :class:`SelfComposedDpEvent` in order of first appearance (RDP composition commutes)."""
+    counts: dict[DpEvent, int] = {}
+    for event in events:
+        counts[event] = counts.get(event, 0) + 1
+    parts = tuple(e if n == 1 else SelfComposedDpEvent(e, n) for e, n in counts.items())
+    if len(parts) == 1:
+        return parts[0]
+    return ComposedDpEvent(parts)
+
+
+def replace_one(event: DpEvent) -> DpEvent:
+    """The event of ``event``'s mechanism for the replace-one relation, given that ``event`` is
+    accounted for zero-out: swapping one client's clipped update for another changes the sum
+    by the difference of two, at most twice the sensitivity (two zero-out steps). Subsampled
+    events are refused: amplification under replace-one needs its own bound."""
+    if isinstance(event, GaussianDpEvent):
+        return GaussianDpEvent(event.noise_multiplier / 2)
+    if isinstance(event, SkellamDpEvent):
+        return SkellamDpEvent(2 * event.l2_sensitivity, 2 * event.l1_sensitivity, event.variance)
+    if isinstance(event, DistributedDiscreteGaussianDpEvent):
+        return dataclasses.replace(
+            event, l2_sensitivity=2 * event.l2_sensitivity, l1_sensitivity=2 * event.l1_sensitivity
+        )
+    if isinstance(event, SelfComposedDpEvent):
+        return SelfComposedDpEvent(replace_one(event.event), event.count)
+    if isinstance(event, ComposedDpEvent):
+        return ComposedDpEvent(tuple(replace_one(e) for e in event.events))
+    raise AccountingError(f"no replace-one counterpart for {type(event).__name__}")
 
 
 # --- RDP of single mechanisms ----------------------------------------------------------------

@@ -3,8 +3,10 @@
 Reads what ``fedsec simulate`` leaves in a run directory -- ``run.json`` (the configuration),
 ``metrics.jsonl`` (one record per round) and ``transcripts/round_NNNN.json`` (the server's
 record of each secure-aggregation session) -- and writes ``privacy.md`` and ``privacy.json``
-next to them: the differential-privacy budget spent per round and in total (from
-:mod:`proofs.accountant`; stated as unbounded when DP is off), clip fractions, cohort sizes, the
+next to them: the differential-privacy budget spent per round and in total, each figure with the
+threat model it holds in (:mod:`proofs.privacy_figures`: the epsilon against the server, without
+amplification by sampling, and why no amplified figure applies; stated as unbounded when DP is
+off), clip fractions, cohort sizes, the
 fewest contributors in any released aggregate, the cryptographic parameters, and the verdict of
 every check of :mod:`proofs.transcript_audit` plus a cross-check of the metrics against the
 transcripts and of the DP calibration's contributor count (``min_contributors`` in ``run.json``)
@@ -34,15 +36,7 @@ from typing import Any
 
 from fl_core.aggregation import BACKENDS, CkksRoundRecord
 from fl_core.cli import UsageError
-from proofs.accountant import (
-    AccountingError,
-    DistributedDiscreteGaussianDpEvent,
-    DpEvent,
-    GaussianDpEvent,
-    PoissonSampledDpEvent,
-    RdpAccountant,
-    SkellamDpEvent,
-)
+from proofs.privacy_figures import DpSummary, Releases, account, sampling_note
 from proofs.transcript_audit import (
     DEFAULT_FAMILY_ALPHA,
     AuditReport,
@@ -57,21 +51,6 @@ METRICS_FILE = "metrics.jsonl"
 TRANSCRIPT_DIR = "transcripts"
 _MAX_REFUSED_SHOWN = 20
 _TRANSCRIPT_NAME = re.compile(r"^round_(\d{4,})\.json$")
-
-#: Record fields each mechanism needs, beyond ``sampling_rate`` and ``delta``. The Gaussian
-#: bound is *not* used for the integer mechanisms when their fields are missing: it would
-#: understate their epsilon.
-MECHANISM_FIELDS: dict[str, tuple[str, ...]] = {
-    "gaussian": ("noise_multiplier",),
-    "skellam": ("l2_sensitivity", "l1_sensitivity", "variance"),
-    "ddgauss": ("l2_sensitivity", "l1_sensitivity", "local_stddev", "num_clients", "dim"),
-}
-_MECHANISM_ALIASES = {
-    "distributed_discrete_gaussian": "ddgauss",
-    "discrete_gaussian": "ddgauss",
-    "dgauss": "ddgauss",
-}
-
 
 # --- reading a run directory -------------------------------------------------------------------
 
@@ -166,132 +145,8 @@ class RoundPrivacy:
     contributors: int | None  # from the transcript's release; None when nothing was released
     clip_fraction: float | None
     mechanism: str | None  # None: no DP noise this round
-    epsilon_round: float  # this round alone; math.inf without DP
-    epsilon_cumulative: float  # all rounds up to this one
-
-
-@dataclass(frozen=True)
-class DpSummary:
-    enabled: bool  # every round was noised and accounted
-    delta: float | None
-    epsilon_total: float
-    statement: str
-    events: tuple[dict[str, Any], ...]
-    problems: tuple[str, ...]  # reasons accounting was impossible (a failed check)
-
-
-def round_event(record: Mapping[str, Any]) -> DpEvent | None:
-    """The privacy event of one metrics record, or None when the round added no DP noise.
-
-    :class:`AccountingError` when the record names a mechanism without the fields it needs.
-    """
-    raw = record.get("mechanism")
-    if raw is None and record.get("noise_multiplier") is None:
-        return None
-    mechanism = _MECHANISM_ALIASES.get(str(raw), str(raw)) if raw is not None else "gaussian"
-    if mechanism not in MECHANISM_FIELDS:
-        raise AccountingError(
-            f"round {record.get('round')}: unknown DP mechanism {raw!r} "
-            f"(known: {', '.join(MECHANISM_FIELDS)})"
-        )
-    needed = (*MECHANISM_FIELDS[mechanism], "sampling_rate")
-    missing = [f for f in needed if not isinstance(record.get(f), int | float)]
-    if missing:
-        raise AccountingError(
-            f"round {record.get('round')}: mechanism {mechanism!r} cannot be accounted without "
-            f"{', '.join(missing)} in the metrics record"
-        )
-    base: DpEvent
-    if mechanism == "gaussian":
-        base = GaussianDpEvent(float(record["noise_multiplier"]))
-    elif mechanism == "skellam":
-        base = SkellamDpEvent(
-            float(record["l2_sensitivity"]),
-            float(record["l1_sensitivity"]),
-            float(record["variance"]),
-        )
-    else:
-        base = DistributedDiscreteGaussianDpEvent(
-            float(record["l2_sensitivity"]),
-            float(record["l1_sensitivity"]),
-            float(record["local_stddev"]),
-            int(record["num_clients"]),
-            int(record["dim"]),
-        )
-    return PoissonSampledDpEvent(float(record["sampling_rate"]), base)
-
-
-def account(metrics: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[float, float]], DpSummary]:
-    """(epsilon of the round, cumulative epsilon) per record, and the run's summary."""
-    problems: list[str] = []
-    events: list[DpEvent | None] = []
-    for record in metrics:
-        try:
-            events.append(round_event(record))
-        except AccountingError as exc:
-            problems.append(str(exc))
-            events.append(None)
-    deltas = {
-        float(r["delta"])
-        for r, e in zip(metrics, events, strict=True)
-        if e is not None and isinstance(r.get("delta"), int | float)
-    }
-    if any(e is not None for e in events) and len(deltas) != 1:
-        problems.append(
-            "rounds with DP must state one common delta; found "
-            + (", ".join(f"{d:g}" for d in sorted(deltas)) if deltas else "none")
-        )
-    delta = next(iter(deltas)) if len(deltas) == 1 else None
-    per_round: list[tuple[float, float]] = []
-    cumulative = RdpAccountant()
-    unbounded = False
-    for event in events:
-        if event is None or delta is None:
-            unbounded = True
-            per_round.append((math.inf, math.inf))
-            continue
-        cumulative.compose(event)
-        alone = RdpAccountant().compose(event).get_epsilon(delta)
-        per_round.append((alone, math.inf if unbounded else cumulative.get_epsilon(delta)))
-    noised = [e for e in events if e is not None]
-    total = per_round[-1][1] if per_round else math.inf
-    if problems:
-        statement = "epsilon could not be computed: " + "; ".join(problems)
-    elif not noised:
-        statement = (
-            "Differential privacy was OFF: epsilon is unbounded (infinite). Secure aggregation "
-            "hides each institution's update from the server, but nothing limits what the "
-            "released sums and the final model reveal about any one institution's data."
-        )
-    elif len(noised) < len(events):
-        statement = (
-            f"{len(events) - len(noised)} of {len(events)} rounds ran without DP noise, so the "
-            "run's epsilon is unbounded (infinite) even though other rounds were noised."
-        )
-    else:
-        statement = (
-            f"({total:.4g}, {delta:g})-DP at the level of one institution (add or remove one "
-            f"client), over {len(events)} rounds with Poisson client sampling, by RDP "
-            "accounting."
-        )
-        if any(
-            isinstance(e, PoissonSampledDpEvent) and not isinstance(e.event, GaussianDpEvent)
-            for e in noised
-        ):
-            statement += (
-                " The integer mechanisms are accounted for their ideal noise distributions; "
-                "the sampler's deviation from them is charged by the noise calibration "
-                "(secagg.dp.calibration), not here."
-            )
-    summary = DpSummary(
-        enabled=bool(noised) and len(noised) == len(events) and not problems,
-        delta=delta,
-        epsilon_total=total if not problems else math.inf,
-        statement=statement,
-        events=tuple(e.to_dict() for e in noised),
-        problems=tuple(problems),
-    )
-    return per_round, summary
+    epsilon_round: float  # this round's release alone; math.inf without DP
+    epsilon_cumulative: float  # against the server, worst-off institution up to this round
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -342,7 +197,10 @@ def build_report(run: RunRecord, *, family_alpha: float = DEFAULT_FAMILY_ALPHA) 
     if run.backend == "ckks":
         return _build_ckks_report(run)
     metrics = sorted(run.metrics, key=lambda r: int(r["round"]))
-    per_round, dp = account(metrics)
+    releases: Releases = {
+        rnd: [r.contributors for r in t.releases] for rnd, t in run.transcripts.items()
+    }
+    per_round, dp = account(metrics, releases, sampling_note(run.config))
     by_round = {int(r["round"]): r for r in metrics}
     consistency: list[str] = []
     rows = []
@@ -416,7 +274,7 @@ def build_report(run: RunRecord, *, family_alpha: float = DEFAULT_FAMILY_ALPHA) 
             tuple(consistency),
         )
     )
-    checks.append(_dp_accounting_check(dp))
+    checks += [_dp_accounting_check(dp), _dp_target_check(dp)]
     return PrivacyReport(
         str(run.directory),
         tuple(rows),
@@ -434,10 +292,11 @@ def build_report(run: RunRecord, *, family_alpha: float = DEFAULT_FAMILY_ALPHA) 
 def _build_ckks_report(run: RunRecord) -> PrivacyReport:
     """The report of a CKKS run, from its metrics and the CKKS server's records."""
     metrics = sorted(run.metrics, key=lambda r: int(r["round"]))
-    per_round, dp = account(metrics)
+    records = run.ckks_records
+    releases: Releases = {rnd: [r.contributors] for rnd, r in records.items()}
+    per_round, dp = account(metrics, releases, sampling_note(run.config))
     by_round = {int(r["round"]): r for r in metrics}
     eps = dict(zip(by_round, per_round, strict=True))
-    records = run.ckks_records
     consistency = [
         f"round {rnd}: a masking transcript in a CKKS run" for rnd in sorted(run.transcripts)
     ]
@@ -552,6 +411,25 @@ def _dp_accounting_check(dp: DpSummary) -> ReportCheck:
     )
 
 
+def _dp_target_check(dp: DpSummary) -> ReportCheck:
+    """The epsilon against the server, from what was released, within the calibrated target: a
+    server that put an institution into more releases than calibrated fails it."""
+    description = "the ε against the server is within the target the noise was calibrated for"
+    if not dp.enabled or dp.epsilon_target is None:
+        note = "DP was off" if not dp.events else "no accountable target in the metrics"
+        return ReportCheck("dp_target", description, "not tested", (), note)
+    over = dp.epsilon_total > dp.epsilon_target
+    reasons = (
+        (
+            f"ε against the server is {dp.epsilon_total:.4g} (an institution's update is in "
+            f"{dp.most_releases} released sums), above the target {dp.epsilon_target:g}",
+        )
+        if over
+        else ()
+    )
+    return ReportCheck("dp_target", description, "failed" if over else "passed", reasons)
+
+
 def _transcript_checks(audit: AuditReport, rounds: Sequence[int]) -> list[ReportCheck]:
     return [
         ReportCheck(
@@ -621,14 +499,30 @@ def render_markdown(report: PrivacyReport) -> str:
         "",
         report.dp.statement,
         "",
-        f"- Total ε: **{_eps(report.dp.epsilon_total)}**"
+        f"- Total ε against the server: **{_eps(report.dp.epsilon_total)}**"
         + (f" at δ = {report.dp.delta:g}" if report.dp.delta is not None else ""),
         f"- Fewest contributors in any released aggregate: **{_opt(report.fewest_contributors)}**",
         "",
+    ]
+    if report.dp.figures:
+        lines += [
+            "Each figure and the threat model it holds in:",
+            "",
+            "| figure | holds against | neighbouring datasets | ε | δ | basis |",
+            "|---|---|---|---:|---:|---|",
+        ]
+        lines += [
+            f"| {f.name} | {f.observer} | {f.adjacency} | "
+            + (f"**{_eps(f.epsilon)}** | {f.delta:g}" if f.epsilon is not None else "n/a | –")
+            + f" | {f.basis} |"
+            for f in report.dp.figures
+        ]
+        lines.append("")
+    lines += [
         "## Rounds",
         "",
-        "| round | cohort | contributors | clip fraction | mechanism | ε (round) "
-        "| ε (cumulative) |",
+        "| round | cohort | contributors | clip fraction | mechanism | ε (this release) "
+        "| ε against the server so far |",
         "|---:|---:|---:|---:|---|---:|---:|",
     ]
     lines += [
@@ -679,6 +573,10 @@ def report_to_json(report: PrivacyReport) -> dict[str, Any]:
             "epsilon_total": _finite(report.dp.epsilon_total),
             "epsilon_unbounded": math.isinf(report.dp.epsilon_total),
             "statement": report.dp.statement,
+            "threat_model": "server",
+            "figures": [f.to_dict() for f in report.dp.figures],
+            "most_releases_per_institution": report.dp.most_releases,
+            "epsilon_target": report.dp.epsilon_target,
             "events": list(report.dp.events),
         },
         "fewest_contributors": report.fewest_contributors,
@@ -740,8 +638,10 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wrote {out / 'privacy.md'} and {out / 'privacy.json'}: "
         + (f"backend {report.backend}, " if report.backend != "masking" else "")
-        + "total epsilon "
-        f"{_eps(report.dp.epsilon_total)}, "
+        + "total epsilon against the server "
+        f"{_eps(report.dp.epsilon_total)}"
+        + ("" if not report.dp.figures else " (no amplification by sampling claimed)")
+        + ", "
         + ("all checks passed" if not failed else f"FAILED: {', '.join(failed)}")
     )
     return 1 if failed else 0

@@ -10,10 +10,11 @@ rank-based exposure, estimated from a uniform sample of the secret space instead
 space, so it ranges from 0 to ``log2(references + 1)``.
 
 Empirical epsilon lower bound. Let E_c be "at most c candidates score at least as well as the
-canary". If the canary institution were absent, the model would be independent of the secret,
-so the canary and its candidates would be exchangeable: P_out(E_c) <= (c+1)/(references+1)
-(ties count against the canary). Client-level (epsilon, delta)-DP with the add/remove-one-
-institution relation gives P_in(E_c) <= e^epsilon * P_out(E_c) + delta, hence
+canary". If the canary institution's update were replaced by zero (it still adds its noise),
+the model would be independent of the secret, so the canary and its candidates would be
+exchangeable: P_out(E_c) <= (c+1)/(references+1) (ties count against the canary). Client-level
+(epsilon, delta)-DP with the zero-out relation the accountant uses
+(:mod:`secagg.dp.calibration`) gives P_in(E_c) <= e^epsilon * P_out(E_c) + delta, hence
 
     epsilon >= ln((P_in(E_c) - delta) * (references + 1) / (c + 1)).
 
@@ -50,7 +51,7 @@ from clients.synthetic import make_federation
 from clients.trainer import LoraModel, LoraSettings, TrainSettings, train_local
 from fl_core.strategies import AggregateInput, FedAvg
 from proofs.accountant import RdpAccountant
-from proofs.audit_cli import round_event
+from proofs.privacy_figures import round_event
 from secagg.dp.calibration import accounting_record, calibrate
 from secagg.dp.encoder import DpEncoder
 from secagg.encoding import QuantizationParams, decode_sum, encode
@@ -375,8 +376,7 @@ def _train(
             mechanism="skellam",
             epsilon=config.target_epsilon,
             delta=config.delta,
-            rounds=config.rounds,
-            sampling_rate=1.0,  # every institution takes part in every round
+            participations=config.rounds,  # every institution takes part in every round
             expected_cohort=n,
             dropouts=0,
             ring_bits=config.ring_bits,
@@ -407,7 +407,7 @@ def _train(
             )
             total = encoder.decode_sum(summed, contributors)
             # Accounted exactly as `fedsec audit` accounts a run's metrics records.
-            event = round_event({"round": rnd, **accounting_record(params, contributors, 1.0)})
+            event = round_event({"round": rnd, **accounting_record(params, contributors)})
             if event is None:
                 raise ConfigurationError("the DP round produced no privacy event")
             accountant.compose(event)

@@ -7,6 +7,12 @@ import math
 import numpy as np
 import pytest
 
+from proofs.accountant import (
+    DistributedDiscreteGaussianDpEvent,
+    DpEvent,
+    RdpAccountant,
+    SkellamDpEvent,
+)
 from secagg.dp.calibration import Calibration, accounting_record, calibrate, round_epsilon
 from secagg.dp.encoder import DpEncoder, check_no_wrap, sum_magnitude_bound
 from secagg.errors import ConfigurationError
@@ -15,8 +21,7 @@ SEED = bytes(range(32))
 BASE = {
     "epsilon": 4.0,
     "delta": 1e-5,
-    "rounds": 50,
-    "sampling_rate": 0.2,
+    "participations": 50,
     "expected_cohort": 20,
     "dropouts": 5,
     "ring_bits": 32,
@@ -46,7 +51,6 @@ def test_calibration_meets_the_target_for_the_fewest_contributors(
         0.98 * p.noise.stddev,
         15,
         p.encoded_dim,
-        0.2,
         50,
         1e-5,
     )
@@ -59,7 +63,6 @@ def test_calibration_meets_the_target_for_the_fewest_contributors(
         p.noise.stddev,
         20,
         p.encoded_dim,
-        0.2,
         50,
         1e-5,
     )
@@ -70,6 +73,25 @@ def test_calibration_meets_the_target_for_the_fewest_contributors(
     assert cal.noise_std_over_clip == pytest.approx(math.sqrt(15) * p.noise.stddev / p.scale / 0.5)
     assert 1 <= cal.sensitivity_inflation < 1.01
     assert cal.rounding_std_over_clip < 0.01 * cal.noise_std_over_clip
+
+
+def test_the_target_holds_against_the_server_without_amplification(
+    calibrated: Calibration,
+) -> None:
+    # The accountant of the audit, fed the 50 releases of one client at full rate (the server
+    # knows the cohorts), with the fewest contributors a release may have.
+    cal, p = calibrated, calibrated.params
+    event: DpEvent
+    if p.noise.mechanism == "skellam":
+        event = SkellamDpEvent(p.l2_sensitivity, p.l1_sensitivity, 15 * p.noise.variance)
+    else:
+        event = DistributedDiscreteGaussianDpEvent(
+            p.l2_sensitivity, p.l1_sensitivity, p.noise.stddev, 15, p.encoded_dim
+        )
+    assert RdpAccountant().compose(event, 50).get_epsilon(1e-5) <= cal.epsilon <= 4.0
+    summary = cal.summary()
+    assert summary["threat_model"] == "server" and summary["adjacency"] == "zero-out"
+    assert summary["participations"] == cal.participations == 50
 
 
 def test_calibrated_encoder_runs_end_to_end(calibrated: Calibration) -> None:
@@ -86,8 +108,8 @@ def test_calibrated_encoder_runs_end_to_end(calibrated: Calibration) -> None:
 
 def test_accounting_record_names_the_events_fields(calibrated: Calibration) -> None:
     params = calibrated.params
-    record = accounting_record(params, 17, 0.2)
-    assert record["sampling_rate"] == 0.2
+    record = accounting_record(params, 17)
+    assert "sampling_rate" not in record  # nothing is amplified: the server knows the cohorts
     assert record["l2_sensitivity"] == params.l2_sensitivity
     if params.noise.mechanism == "skellam":
         assert record["mechanism"] == "skellam"
@@ -104,9 +126,8 @@ def test_accounting_record_names_the_events_fields(calibrated: Calibration) -> N
         ({"dropouts": 20}, "dropouts"),
         ({"epsilon": -1.0}, "epsilon"),
         ({"delta": 1.0}, "delta"),
-        ({"sampling_rate": 0.0}, "sampling rate"),
-        ({"rounds": 0}, "rounds"),
-        ({"rounds": 10**9}, "samples"),
+        ({"participations": 0}, "participations"),
+        ({"participations": 10**9}, "samples"),
     ],
 )
 def test_impossible_targets_are_refused(overrides: dict[str, object], match: str) -> None:
