@@ -80,7 +80,8 @@ Status = Literal["passed", "failed", "not tested", "not applicable"]
 CHECK_DESCRIPTIONS: dict[CheckName, str] = {
     "share_separation": "no client had both its self-mask share and its key share requested",
     "release_threshold": (
-        "every released sum had at least max(t, DP survivor floor) contributors from the cohort"
+        "every released sum had at least max(t, quorum, DP survivor floor) contributors from "
+        "the cohort"
     ),
     "session_isolation": "every record carries its session's id and no session id is reused",
     "record_integrity": "every recorded masked input matches a received message's digest",

@@ -347,3 +347,14 @@ def test_two_releases_in_one_session_cannot_be_accounted(tmp_path: Path) -> None
     assert check["status"] == "failed"
     assert "2 sums released in one session" in check["reasons"][0]
     assert report["differential_privacy"]["epsilon_total"] is None
+
+
+def test_privacy_md_says_what_each_secure_aggregation_figure_holds_against(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run")
+    assert main(["audit", str(run)]) == 0
+    text = (run / "privacy.md").read_text()
+    assert "## What the figures hold against" in text
+    # 6 institutions, t = 4: the recorded quorum (4) keeps U3 unique with one colluder.
+    assert "an active server colluding with up to 1 institution(s) per round" in text
+    crypto = json.loads((run / "privacy.json").read_text())["cryptography"]
+    assert crypto["survivor_set_quorum"] == [4] and crypto["colluders_tolerated"] == [1]
