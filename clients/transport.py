@@ -54,6 +54,7 @@ from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire import fedsec_pb2_grpc as pb_grpc
 from fl_core.wire.convert import (
     MAX_MODEL_DIM,
+    REFUSAL_MAX_BYTES,
     admission_signed_bytes,
     download_limit,
     kind_of,
@@ -160,6 +161,8 @@ class ClientTransport:
         # Tells the server this process from another one of the same institution.
         self._instance = secrets.token_bytes(16)
         self.stats = TransportStats()
+        #: Set when the server ended the federation early (it gave up on a round).
+        self.stopped_because: str | None = None
 
     # --- connection -------------------------------------------------------------------------
 
@@ -263,7 +266,7 @@ class ClientTransport:
                     self._authenticate()
                     need_auth, duplicate_since = False, None
                 if self._poll_once():
-                    return 0
+                    return 0 if self.stopped_because is None else 1
                 backoff, last_progress = 0.2, time.monotonic()
                 continue
             except AdmissionRpcError as exc:
@@ -373,13 +376,11 @@ class ClientTransport:
         config: pb.RoundConfig = pb.RoundConfig.FromString(config_bytes)
         backend = _BACKEND_NAMES.get(config.backend, f"unknown ({config.backend})")
         if backend != self._config.backend:
-            log.error(
-                "round %d refused: it uses the %s backend, this client is configured for %s",
-                config.round_number,
-                backend,
-                self._config.backend,
+            self._refuse(
+                config,
+                f"it uses the {backend} backend, this client is configured for "
+                f"{self._config.backend}",
             )
-            self.stats.rounds_aborted += 1
             return
         try:
             if config.backend == pb.BACKEND_CKKS:
@@ -387,9 +388,31 @@ class ClientTransport:
             else:
                 self._start_masking_round(config, config_bytes, model)
         except (SecAggError, FLError, ConfigError) as exc:
-            log.error("round %d refused: %s", config.round_number, exc)
             self._round = None
-            self.stats.rounds_aborted += 1
+            self._refuse(config, f"{type(exc).__name__}: {exc}")
+
+    def _refuse(self, config: pb.RoundConfig, reason: str) -> None:
+        """Leave the round before computing anything, and tell the server why."""
+        log.error("round %d refused: %s", config.round_number, reason)
+        self.stats.rounds_aborted += 1
+        self._tell_server(config, reason)
+
+    def _tell_server(self, config: pb.RoundConfig, reason: str) -> None:
+        """Best effort: the server logs and records why this institution left the round, and
+        stops waiting for it. Nothing secret is in a reason (they name parameters and checks)."""
+        if self._stub is None:
+            return  # not connected (a transport driven in-process)
+        header = pb.SubmitHeader(
+            token=self._token,
+            round_number=config.round_number,
+            session_id=config.session_id,
+            kind=pb.ROUND_REFUSAL,
+        )
+        payload = reason.encode("utf-8")[:REFUSAL_MAX_BYTES]
+        try:
+            self._stub.Submit(iter(list(client_frames(header, payload))), timeout=RPC_SLACK_S)
+        except grpc.RpcError as exc:
+            log.warning("could not tell the server why: %s: %s", exc.code().name, exc.details())
 
     def _start_masking_round(
         self, config: pb.RoundConfig, config_bytes: bytes, model: bytes
@@ -488,6 +511,7 @@ class ClientTransport:
         except SecAggError as exc:
             log.error("round %d: leaving the session: %s", current.config.round_number, exc)
             self._drop_round(aborted=True)
+            self._tell_server(current.config, f"left the session: {type(exc).__name__}: {exc}")
             return
         self._send(kind_of(reply), encode_message(reply))
 
@@ -505,6 +529,7 @@ class ClientTransport:
         except SecAggError as exc:
             log.error("round %d: refusing to decrypt: %s", current.config.round_number, exc)
             self._drop_round(aborted=True)
+            self._tell_server(current.config, f"refused to decrypt: {type(exc).__name__}: {exc}")
             return
         log.info(
             "round %d: decrypted the sum of %d contributors",
@@ -517,6 +542,10 @@ class ClientTransport:
         if end.completed:
             log.info("round %d completed", end.round_number)
             self._drop_round(aborted=False)
+        elif end.final:
+            log.error("the server stopped the federation: %s", end.reason)
+            self.stopped_because = end.reason
+            self._drop_round(aborted=True)
         else:
             log.warning("round %d aborted by the server: %s", end.round_number, end.reason)
             self._drop_round(aborted=True)

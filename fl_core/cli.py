@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Protocol, cast
 
 
@@ -43,6 +46,39 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 class UsageError(Exception):
     """A problem with the command line or a config file, reported without a traceback."""
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` and ``--log-file`` of the long-running commands (server, client)."""
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="PATH",
+        help="append the log to PATH instead of writing it to stderr",
+    )
+
+
+def configure_logging(args: argparse.Namespace, fmt: str) -> None:
+    """Log at ``--log-level`` to stderr or ``--log-file`` (one line per record, UTC times with
+    their zone, so logs of institutions in different zones line up)."""
+    formatter = logging.Formatter(fmt, datefmt="%Y-%m-%dT%H:%M:%S%z")
+    formatter.converter = time.gmtime
+    handler: logging.Handler
+    if args.log_file is not None:
+        try:
+            handler = logging.FileHandler(args.log_file, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"--log-file {args.log_file}: {exc.strerror}") from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(args.log_level)
 
 
 def _usage() -> str:

@@ -70,6 +70,8 @@ class RoundConfig:
     #: sized for: they set t, k and the survivor-set quorum (clients check against their own).
     corrupt_fraction: float = 0.05
     dropout_fraction: float = 0.05
+    #: Consecutive aborted attempts of one round before the federation stops with the reason.
+    max_attempts: int = 5
 
     def session_shape(self, cohort: int) -> SessionShape:
         """The threshold, graph and quorum of a round over ``cohort`` clients."""
@@ -203,6 +205,7 @@ def load_server_config(path: Path) -> ServerConfig:
         ),
         seed=rounds_table.integer("seed", default=0, minimum=0, maximum=2**63 - 1),
         backend=backend,
+        max_attempts=rounds_table.integer("max_attempts", default=5, minimum=1, maximum=1000),
         corrupt_fraction=(
             rounds_table.fraction("corrupt_fraction", default=0.05) if masking else 0.05
         ),

@@ -44,7 +44,12 @@ import numpy as np
 
 from fl_core.strategies import AggregateInput
 from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.convert import KIND_OF, params_from_config, upload_limit
+from fl_core.wire.convert import (
+    KIND_OF,
+    REFUSAL_MAX_BYTES,
+    params_from_config,
+    upload_limit,
+)
 from fl_core.wire.he_round import ckks_spec_from_config, decode_release, he_upload_limit
 from secagg.errors import MessageFormatError, ProtocolAbort, SecAggError, SessionMismatch
 from secagg.he import HeServerSession, HeStage, NoDecryptor
@@ -62,6 +67,22 @@ log = logging.getLogger("fedsec.server")
 ONLINE_WITHIN_S = 15.0
 #: Submit kinds of the ckks backend; every other kind is a masking protocol message.
 HE_KINDS = (pb.HE_UPDATE, pb.HE_DECRYPTED_SUM)
+#: How much of a client's ROUND_REFUSAL reason is logged and kept.
+_REFUSAL_LOGGED_CHARS = 500
+#: Cohorts up to this size are listed in the round's log lines; larger ones are counted.
+_COHORT_LISTED = 12
+
+
+def _ids_text(ids: tuple[int, ...] | list[int]) -> str:
+    """A cohort or contributor list for a log line: listed when short, counted when long."""
+    ids = list(ids)
+    if len(ids) <= _COHORT_LISTED:
+        return str(ids)
+    return f"{len(ids)} clients (ids {ids[0]}..{ids[-1]})"
+
+
+class FederationStopped(Exception):
+    """The same round aborted ``max_attempts`` times in a row: retrying will not help."""
 
 
 class RoundRunner:
@@ -76,6 +97,9 @@ class RoundRunner:
         self.checkpoint_dir = config.state_dir / "checkpoints"
         self.model = GlobalModel(config)
         self.next_round = 0
+        self._attempt: int | None = None
+        #: Why the federation stopped early (None while it runs or after it completed).
+        self.stopped_because: str | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -116,8 +140,22 @@ class RoundRunner:
         self._check_session(ckks.session_id, session_id)
         return ckks
 
+    def _cohort_of(self, session_id: bytes) -> frozenset[int]:
+        """The current round's cohort, whichever backend runs it (lock held)."""
+        if self._ckks is not None:
+            return self._current_ckks(session_id).cohort
+        return frozenset(self._current(session_id).params.cohort)
+
     def upload_limit(self, client_id: int, header: pb.SubmitHeader) -> int:
         """Bytes this upload may carry; refuses a wrong session or kind before allocation."""
+        if header.kind == pb.ROUND_REFUSAL:
+            with self._cond:
+                cohort = self._cohort_of(header.session_id)
+            if client_id not in cohort:
+                raise Refusal(
+                    grpc.StatusCode.PERMISSION_DENIED, f"client {client_id} is not in this cohort"
+                )
+            return REFUSAL_MAX_BYTES
         if header.kind in HE_KINDS:
             with self._cond:
                 ckks = self._current_ckks(header.session_id)
@@ -137,6 +175,9 @@ class RoundRunner:
         return upload_limit(header.kind, params.ring_bits, params.dim, len(params.cohort))
 
     def deliver(self, client_id: int, header: pb.SubmitHeader, raw: bytes) -> None:
+        if header.kind == pb.ROUND_REFUSAL:
+            self._on_refusal(client_id, header, raw)
+            return
         if header.kind in HE_KINDS:
             self._deliver_ckks(client_id, header, raw)
             return
@@ -157,6 +198,26 @@ class RoundRunner:
         with self._cond:
             session = self._current(header.session_id)
             self._absorb(lambda: session.receive(cast(ClientMessage, message)))
+
+    def _on_refusal(self, client_id: int, header: pb.SubmitHeader, raw: bytes) -> None:
+        """A client leaves the round and says why: log it with the institution, keep it, and
+        stop waiting for that client."""
+        text = raw.decode("utf-8", errors="replace")
+        reason = "".join(c if c.isprintable() else " " for c in text)[:_REFUSAL_LOGGED_CHARS]
+        with self._cond:
+            self._cohort_of(header.session_id)  # refuses a stale or foreign session
+            if self._session is not None:
+                self._session.withdraw(client_id)
+            if self._ckks is not None:
+                self._ckks.withdraw(client_id)
+            attempt = self._attempt
+            self._cond.notify_all()
+        name = self._config.names.get(client_id, f"client-{client_id}")
+        log.warning(
+            "client %d (%s) left round %d: %s", client_id, name, header.round_number, reason
+        )
+        if attempt is not None:
+            self._store.record_refusal(attempt, client_id, reason)
 
     def _deliver_ckks(self, client_id: int, header: pb.SubmitHeader, raw: bytes) -> None:
         # The sender is the authenticated client: a CKKS upload names no sender of its own.
@@ -207,14 +268,39 @@ class RoundRunner:
             log.info("resuming after completed round %d (%s)", last.round_number, last.checkpoint)
 
     def run(self) -> None:
-        """The round loop (call :meth:`recover` first)."""
+        """The round loop (call :meth:`recover` first). A round that aborts
+        ``[rounds] max_attempts`` times in a row stops the federation with the reasons
+        (:attr:`stopped_because`): every client refusing the parameters, or every update being
+        refused, does not change by retrying."""
+        failures: list[str] = []
         while self.next_round < self._config.rounds.rounds and not self._stop.is_set():
             # Cohorts are drawn from the OS CSPRNG: who takes part in a round should not be
             # predictable (or steerable) from the public config.
-            if self._run_attempt(self.next_round, random.SystemRandom()):
+            outcome = self._run_attempt(self.next_round, random.SystemRandom())
+            if outcome is True:
                 self.next_round += 1
+                failures = []
+            elif isinstance(outcome, str):
+                failures.append(outcome)
+                if len(failures) >= self._config.rounds.max_attempts:
+                    self._give_up(self.next_round, failures)
+                    return
         if not self._stop.is_set():
             log.info("all %d rounds completed", self._config.rounds.rounds)
+
+    def _give_up(self, round_number: int, failures: list[str]) -> None:
+        distinct = list(dict.fromkeys(failures))
+        self.stopped_because = (
+            f"round {round_number} aborted {len(failures)} times in a row "
+            f"([rounds] max_attempts); last reason: {failures[-1]}"
+        )
+        log.error(
+            "stopping the federation: %s%s",
+            self.stopped_because,
+            "" if len(distinct) == 1 else f" (earlier: {'; '.join(distinct[:-1])})",
+        )
+        end = pb.RoundEnd(round_number=round_number, reason=self.stopped_because, final=True)
+        self._broadcast_end(end, ())
 
     def _wait_for_clients(self) -> list[int] | None:
         rounds = self._config.rounds
@@ -257,10 +343,12 @@ class RoundRunner:
         payload = self.model.fill_round(config)
         return config, payload
 
-    def _run_attempt(self, round_number: int, rng: random.Random) -> bool:
+    def _run_attempt(self, round_number: int, rng: random.Random) -> bool | str | None:
+        """True: the round completed; a string: it aborted, why; None: the server is stopping."""
         online = self._wait_for_clients()
         if online is None:
-            return False
+            return None
+        began = time.monotonic()
         cohort = sorted(rng.sample(online, min(len(online), self._config.rounds.cohort_size)))
         config, model_payload = self._round_config(round_number, cohort)
         # The backend's round state is built (and its parameters checked) before the attempt is
@@ -282,10 +370,10 @@ class RoundRunner:
             attempt,
             self._config.rounds.backend,
             config.session_id[:8].hex(),
-            list(config.cohort),
+            _ids_text(config.cohort),
         )
         with self._cond:
-            self._session, self._ckks = session, ckks
+            self._session, self._ckks, self._attempt = session, ckks, attempt
         if ckks is not None:
             drive = functools.partial(self._drive_ckks, attempt, ckks)
         elif session is not None:
@@ -299,22 +387,30 @@ class RoundRunner:
             released, contributors = drive()
         except ProtocolAbort as exc:
             cohort_ids = tuple(config.cohort)
-            self._end_attempt(attempt, cohort_ids, round_number, f"{type(exc).__name__}: {exc}")
-            return False
+            reason = f"{type(exc).__name__}: {exc}"
+            refused = self._store.refusals(attempt)
+            if refused:
+                reason += f" (refusals: {'; '.join(f'{c}: {why}' for c, why in refused[:5])})"
+            self._end_attempt(attempt, cohort_ids, round_number, reason)
+            return reason
         finally:
             with self._cond:
                 self._session = None
                 self._ckks = None
+                self._attempt = None
         if self._stop.is_set():
-            return False
+            return None
         self.model.apply_sum(released)
         path = self.model.save(self.checkpoint_dir, round_number)
         self._store.complete_round(attempt, contributors, path.name)
+        dropped = sorted(set(config.cohort) - set(contributors))
         log.info(
-            "round %d completed: %d contributors %s, checkpoint %s",
+            "round %d completed in %.1f s: %d contributors %s, %s, checkpoint %s",
             round_number,
+            time.monotonic() - began,
             len(contributors),
-            list(contributors),
+            _ids_text(contributors),
+            f"dropped {_ids_text(dropped)}" if dropped else "none dropped",
             path.name,
         )
         final = round_number + 1 >= self._config.rounds.rounds
@@ -442,7 +538,7 @@ class RoundRunner:
     @staticmethod
     def _log_stage(stage: str, expected: int, missing: list[int]) -> None:
         if missing:
-            log.warning("stage %s closed at its deadline without %s", stage, missing)
+            log.warning("stage %s closed at its deadline without %s", stage, _ids_text(missing))
         else:
             log.info("stage %s complete (%d clients)", stage, expected)
 

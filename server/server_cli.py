@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from fl_core.cli import add_logging_arguments, configure_logging
 from server.config import load_server_config
 from server.service import build_server
 from server.store import StateDirLock, Store, check_history
@@ -26,15 +27,11 @@ FINAL_GRACE_S = 2.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="server TOML config")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
+    add_logging_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_server_config(args.config)
     lock = StateDirLock(config.state_dir)
     store = Store(config.state_dir / "state.db")
@@ -62,4 +59,7 @@ def run(args: argparse.Namespace) -> int:
         server.stop(grace=1.0).wait()
         store.close()
         lock.release()
+    if runner.stopped_because is not None:
+        print(f"fedsec server: stopped: {runner.stopped_because}", file=sys.stderr)
+        return 1
     return 0

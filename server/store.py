@@ -28,10 +28,18 @@ from pathlib import Path
 
 from fl_core.cli import UsageError
 
-_SCHEMA_VERSION = 2
-#: Version 1 -> 2: each attempt records its aggregation backend (masking before there was a
-#: choice). ALTER TABLE appends the column, so the column order matches a fresh database.
-_MIGRATIONS = {1: "ALTER TABLE rounds ADD COLUMN backend TEXT NOT NULL DEFAULT 'masking'"}
+_SCHEMA_VERSION = 3
+#: Version v -> v + 1, applied in order. 1 -> 2: each attempt records its aggregation backend
+#: (masking before there was a choice). 2 -> 3: participants count the rounds they contributed
+#: to, and the refusals clients report are kept. ALTER TABLE appends columns, so the column
+#: order matches a fresh database.
+_MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
+    1: (("rounds", "backend", "TEXT NOT NULL DEFAULT 'masking'"),),
+    2: (
+        ("participants", "rounds_contributed", "INTEGER NOT NULL DEFAULT 0"),
+        ("participants", "last_contributed", "INTEGER"),
+    ),
+}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
     attempt       INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -51,7 +59,15 @@ CREATE TABLE IF NOT EXISTS participants (
     name          TEXT    NOT NULL,
     first_seen    REAL    NOT NULL,
     last_seen     REAL    NOT NULL,
-    rounds_joined INTEGER NOT NULL DEFAULT 0
+    rounds_joined INTEGER NOT NULL DEFAULT 0,
+    rounds_contributed INTEGER NOT NULL DEFAULT 0,
+    last_contributed   INTEGER
+);
+CREATE TABLE IF NOT EXISTS refusals (
+    attempt       INTEGER NOT NULL REFERENCES rounds(attempt),
+    client_id     INTEGER NOT NULL,
+    reason        TEXT    NOT NULL,
+    at            REAL    NOT NULL
 );
 CREATE TABLE IF NOT EXISTS stages (
     attempt       INTEGER NOT NULL REFERENCES rounds(attempt),
@@ -141,6 +157,8 @@ class ParticipantRecord:
     first_seen: float
     last_seen: float
     rounds_joined: int
+    rounds_contributed: int = 0
+    last_contributed: int | None = None  # round number
 
 
 @dataclass(frozen=True)
@@ -198,8 +216,12 @@ class Store:
             raise StoreError(
                 f"{path}: schema version {version}, this server knows {_SCHEMA_VERSION}"
             )
-        if version in _MIGRATIONS:
-            self._db.execute(_MIGRATIONS[version])
+        while version and version < _SCHEMA_VERSION:
+            for table, column, kind in _MIGRATIONS[version]:
+                columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if columns and column not in columns:  # a missing table is created below
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            version += 1
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
@@ -271,6 +293,33 @@ class Store:
             checkpoint=checkpoint,
             reason=None,
         )
+        number = self.attempt(attempt).round_number
+        with self._lock:
+            self._db.executemany(
+                "UPDATE participants SET rounds_contributed = rounds_contributed + 1, "
+                "last_contributed = ? WHERE client_id = ?",
+                [(number, c) for c in contributors],
+            )
+
+    def record_refusal(self, attempt: int, client_id: int, reason: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO refusals VALUES (?, ?, ?, ?)",
+                (attempt, client_id, reason, time.time()),
+            )
+
+    def refusals(self, attempt: int) -> list[tuple[int, str]]:
+        """(client, reason) of every refusal reported during ``attempt`` (none in a read-only
+        look at a database from before refusals were kept)."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT client_id, reason FROM refusals WHERE attempt = ? ORDER BY at",
+                    (attempt,),
+                ).fetchall()
+            except sqlite3.OperationalError:
+                return []
+        return [(int(c), str(r)) for c, r in rows]
 
     def abort_round(self, attempt: int, reason: str) -> None:
         self._end(attempt, RoundStatus.ABORTED, reason=reason)
@@ -345,8 +394,18 @@ class Store:
     def participants(self) -> list[ParticipantRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM participants ORDER BY client_id").fetchall()
+        # A read-only look at an older database has fewer columns: missing counts are unknown.
         return [
-            ParticipantRecord(int(a), str(b), float(c), float(d), int(e)) for a, b, c, d, e in rows
+            ParticipantRecord(
+                int(row[0]),
+                str(row[1]),
+                float(row[2]),
+                float(row[3]),
+                int(row[4]),
+                int(row[5]) if len(row) > 5 else 0,
+                None if len(row) <= 6 or row[6] is None else int(row[6]),
+            )
+            for row in rows
         ]
 
     def stages(self, attempt: int) -> list[StageRecord]:

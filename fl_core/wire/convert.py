@@ -34,6 +34,8 @@ HEADER_ALLOWANCE = 256
 PER_PEER_BYTES = 512
 #: The largest global model a client accepts, in float32 elements (1 GiB).
 MAX_MODEL_DIM = 1 << 28
+#: The longest reason a client's ROUND_REFUSAL may carry (UTF-8).
+REFUSAL_MAX_BYTES = 1024
 
 KIND_OF: dict[type, pb.MessageKind] = {
     SeedCommit: pb.SEED_COMMIT,

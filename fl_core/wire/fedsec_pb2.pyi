@@ -23,6 +23,7 @@ class MessageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HE_UPDATE: _ClassVar[MessageKind]
     HE_DECRYPTED_SUM: _ClassVar[MessageKind]
     SEED_COMMIT: _ClassVar[MessageKind]
+    ROUND_REFUSAL: _ClassVar[MessageKind]
 BACKEND_MASKING: Backend
 BACKEND_CKKS: Backend
 MESSAGE_KIND_UNSPECIFIED: MessageKind
@@ -34,6 +35,7 @@ UNMASK_RESPONSE: MessageKind
 HE_UPDATE: MessageKind
 HE_DECRYPTED_SUM: MessageKind
 SEED_COMMIT: MessageKind
+ROUND_REFUSAL: MessageKind
 
 class ChallengeRequest(_message.Message):
     __slots__ = ("client_id",)

@@ -409,6 +409,11 @@ class HeServerSession:
             return frozenset({self.decryptor})
         return frozenset()
 
+    def withdraw(self, sender: int) -> None:
+        """``sender`` said it will not upload (it refused the round): stop waiting for it."""
+        if self.stage is HeStage.UPLOAD and sender in self.cohort:
+            self._refused.add(sender)
+
     def receive_update(self, sender: int, ciphertext: bytes) -> None:
         """Check and add ``sender``'s upload; on any error nothing is added."""
         if self.stage is not HeStage.UPLOAD or self._aggregator is None:

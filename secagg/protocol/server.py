@@ -220,6 +220,12 @@ class ServerSession:
         """Abandon the session (e.g. the transport gave up); nothing is released."""
         self._abort(reason)
 
+    def withdraw(self, client: int) -> None:
+        """``client`` said it leaves the session (it refused the round or aborted): the current
+        stage stops waiting for it, exactly as if it had dropped out."""
+        if client not in self._got:
+            self._expected = self._expected - {client}
+
     # --- receiving ----------------------------------------------------------------------------
 
     def _check_envelope(self, msg: ClientMessage) -> None:

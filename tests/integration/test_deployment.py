@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -301,3 +302,27 @@ def test_mutual_tls_refuses_a_client_certificate_from_another_ca(
     for proc in honest:
         assert proc.wait_exit(30) == 0
     np.testing.assert_array_equal(d.checkpoint(0), expected_global([[1, 2, 3]]))
+
+
+def test_refusals_reach_the_server_and_a_hopeless_round_stops_the_federation(
+    deploy: Callable[..., Deployment],
+) -> None:
+    """Every institution assumes more collusion than the server's parameters allow: each tells
+    the server why it leaves, and after max_attempts aborts the federation stops, with the
+    reason, instead of retrying forever."""
+    d = deploy(3, count=2, threshold=0, min_clients=3, stage_timeout_s=30.0)
+    text = (d.root / "server.toml").read_text()
+    (d.root / "server.toml").write_text(text.replace("[rounds]\n", "[rounds]\nmax_attempts = 2\n"))
+    server = d.start_server()
+    clients = [
+        d.start_client(c, "[policy]\nmin_cohort = 2\ncorrupt_fraction = 0.5\n") for c in (1, 2, 3)
+    ]
+    assert server.wait_exit(120) == 1
+    log = server.text()
+    assert re.search(r"client 1 \(client-1\) left round 0: PolicyViolation: .*threshold 2 < 3", log)
+    assert "round 0 aborted 2 times in a row" in log
+    for proc in clients:
+        assert proc.wait_exit(30) == 1
+        assert "the server stopped the federation" in proc.text()
+    status = d.status()
+    assert status["rounds"][0]["refusals"][0]["reason"].startswith("PolicyViolation")

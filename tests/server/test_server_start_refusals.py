@@ -3,6 +3,7 @@ state. Each is one line on stderr and exit status 2, never a traceback."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -132,3 +133,27 @@ def test_status_into_a_closed_pipe_is_not_a_traceback(bundle: Path) -> None:
     )
     assert result.stdout.startswith("backend:")
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_status_tells_joined_from_contributed_and_says_its_time_zone(bundle: Path) -> None:
+    store = Store(bundle / "state" / "state.db")
+    for client in (1, 2, 3):
+        store.seen(client, f"client-{client}")
+    first = store.begin_round(0, b"\x01" * 32, (1, 2, 3))
+    store.complete_round(first, (1, 2), "round-000000.safetensors")
+    second = store.begin_round(1, b"\x02" * 32, (1, 2, 3))
+    store.record_refusal(second, 3, "PolicyViolation: threshold 2 < 3")
+    store.abort_round(second, "TooFewSurvivors: only 2")
+    store.close()
+    result = _fedsec("status", "--config", "server.toml", cwd=bundle)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any("2 contributed" in line and "cohort 3" in line for line in lines)
+    assert "      client 3 refused: PolicyViolation: threshold 2 < 3" in lines
+    row3 = next(line for line in lines if "client-3" in line)
+    assert "joined    2  contributed    0  last contributed round    -" in row3
+    row1 = next(line for line in lines if "client-1" in line)
+    assert "contributed    1  last contributed round    0" in row1 and "UTC" in row1
+    as_json = json.loads(_fedsec("status", "--config", "server.toml", "--json", cwd=bundle).stdout)
+    assert as_json["participants"][0]["rounds_contributed"] == 1
+    assert as_json["rounds"][0]["started_at"].endswith("+00:00")
