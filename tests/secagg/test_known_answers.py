@@ -151,7 +151,7 @@ MESSAGES: list[Message] = [
 
 @pytest.mark.parametrize(
     ("message", "pinned"),
-    zip(MESSAGES, VECTORS["messages"], strict=True),
+    list(zip(MESSAGES, VECTORS["messages"], strict=True)),
     ids=lambda x: type(x).__name__ if not isinstance(x, dict) else "",
 )
 def test_message_encodings(message: Message, pinned: dict[str, str]) -> None:
