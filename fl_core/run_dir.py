@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fl_core.adapter_io import AdapterConfig, save_adapter
+from fl_core.aggregation import BACKENDS, CkksRoundRecord
 from fl_core.errors import FLError
 from fl_core.federation import RoundOutcome
+from secagg.transcript import Transcript
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -35,6 +39,7 @@ TRANSCRIPT_DIR = "transcripts"
 ADAPTER_DIR = "adapters"
 LOSS_PLOT = "loss.png"
 REPORT_FILE = "report.md"
+_TRANSCRIPT_NAME = re.compile(r"^round_(\d{4,})\.json$")
 
 
 class RunDirectoryError(FLError, ValueError):
@@ -251,3 +256,90 @@ def render_report(
         f"- `{directory / LOSS_PLOT}`: eval loss per domain over rounds",
     ]
     return "\n".join(lines) + "\n"
+
+
+# --- reading a run directory (what fedsec audit and fedsec attack read) -----------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    directory: Path
+    config: dict[str, Any]
+    metrics: tuple[dict[str, Any], ...]
+    transcripts: dict[int, Transcript]  # round -> masking transcript
+    ckks_records: dict[int, CkksRoundRecord] = field(default_factory=dict)  # round -> record
+
+    @property
+    def backend(self) -> str:
+        return str(self.config.get("backend", "masking"))
+
+
+def load_run(directory: Path) -> RunRecord:
+    """Read a run directory; :class:`RunDirectoryError` naming the file at fault for anything
+    amiss."""
+    if not directory.is_dir():
+        raise RunDirectoryError(f"{directory} is not a directory")
+    run_file = directory / RUN_FILE
+    if not run_file.is_file():
+        raise RunDirectoryError(
+            f"{directory} is not a run directory: it has no {RUN_FILE} "
+            "(expected the output directory of 'fedsec simulate')"
+        )
+    config = _read_json(run_file)
+    if not isinstance(config, dict):
+        raise RunDirectoryError(f"{run_file}: expected a JSON object")
+    if config.get("backend", "masking") not in BACKENDS:
+        raise RunDirectoryError(
+            f"{run_file}: unknown aggregation backend {config.get('backend')!r} "
+            f"(known: {', '.join(BACKENDS)})"
+        )
+    metrics_file = directory / METRICS_FILE
+    if not metrics_file.is_file():
+        raise RunDirectoryError(f"{directory} is not a complete run directory: no {METRICS_FILE}")
+    metrics: list[dict[str, Any]] = []
+    for number, line in enumerate(metrics_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunDirectoryError(f"{metrics_file}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+            raise RunDirectoryError(
+                f"{metrics_file}:{number}: expected an object with an integer round"
+            )
+        if any(r["round"] == record["round"] for r in metrics):
+            raise RunDirectoryError(
+                f"{metrics_file}:{number}: round {record['round']} recorded twice"
+            )
+        metrics.append(record)
+    transcripts: dict[int, Transcript] = {}
+    ckks_records: dict[int, CkksRoundRecord] = {}
+    transcript_dir = directory / TRANSCRIPT_DIR
+    if transcript_dir.is_dir():
+        for path in sorted(transcript_dir.iterdir()):
+            match = _TRANSCRIPT_NAME.match(path.name)
+            if match is None:
+                continue
+            data = _read_json(path)
+            try:
+                if isinstance(data, dict) and data.get("backend") == "ckks":
+                    ckks_records[int(match.group(1))] = CkksRoundRecord.from_dict(data)
+                else:
+                    transcripts[int(match.group(1))] = Transcript.from_dict(data)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise RunDirectoryError(
+                    f"{path}: not a transcript ({type(exc).__name__}: {exc})"
+                ) from None
+    if not metrics and not transcripts and not ckks_records:
+        raise RunDirectoryError(f"{directory}: the run recorded no rounds")
+    return RunRecord(directory, config, tuple(metrics), transcripts, ckks_records)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunDirectoryError(f"{path}:{exc.lineno}: not JSON ({exc.msg})") from None
+    except OSError as exc:
+        raise RunDirectoryError(f"{path}: cannot read ({exc.strerror})") from None
