@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -70,7 +71,8 @@ def configure_logging(args: argparse.Namespace, fmt: str) -> None:
     handler: logging.Handler
     if args.log_file is not None:
         try:
-            handler = logging.FileHandler(args.log_file, encoding="utf-8")
+            # Reopens the file when logrotate moves it away.
+            handler = logging.handlers.WatchedFileHandler(args.log_file, encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"--log-file {args.log_file}: {exc.strerror}") from None
     else:

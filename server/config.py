@@ -130,6 +130,8 @@ class ServerConfig:
     rounds: RoundConfig
     task: TaskConfig
     ckks: CkksConfig | None = None
+    #: Checkpoints (and their PEFT adapters) kept after each round, newest first; 0 keeps all.
+    keep_checkpoints: int = 0
 
 
 def _load_ckks(
@@ -183,6 +185,7 @@ def load_server_config(path: Path) -> ServerConfig:
     state_dir = server.path("state_dir", default="state", must_exist=False)
     if state_dir.exists() and not state_dir.is_dir():
         raise ConfigError(f"{path}: server.state_dir: {state_dir} exists and is not a directory")
+    keep_checkpoints = server.integer("keep_checkpoints", default=0, minimum=0)
     server.done()
 
     rounds_table = top.table("rounds")
@@ -251,7 +254,9 @@ def load_server_config(path: Path) -> ServerConfig:
         )
     if ckks_table is not None:
         ckks = _load_ckks(path, ckks_table, rounds, task, roster)
-        return ServerConfig(listen, tls, roster_path, roster, names, state_dir, rounds, task, ckks)
+        return ServerConfig(
+            listen, tls, roster_path, roster, names, state_dir, rounds, task, ckks, keep_checkpoints
+        )
     for size in (rounds.min_clients, rounds.cohort_size):
         try:
             shape = rounds.session_shape(size)
@@ -273,4 +278,6 @@ def load_server_config(path: Path) -> ServerConfig:
         )
     except ConfigurationError as exc:
         raise ConfigError(f"{path}: rounds.ring_bits: {exc}") from None
-    return ServerConfig(listen, tls, roster_path, roster, names, state_dir, rounds, task)
+    return ServerConfig(
+        listen, tls, roster_path, roster, names, state_dir, rounds, task, None, keep_checkpoints
+    )

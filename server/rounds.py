@@ -56,6 +56,7 @@ from secagg.he import HeServerSession, HeStage, NoDecryptor
 from secagg.messages import ClientMessage, decode_message, encode_message
 from secagg.protocol import ServerSession, Stage
 from server.admission import Refusal
+from server.checkpoints import prune_checkpoints
 from server.config import ServerConfig
 from server.global_model import GlobalModel
 from server.outbox import Mailboxes
@@ -403,6 +404,9 @@ class RoundRunner:
         self.model.apply_sum(released)
         path = self.model.save(self.checkpoint_dir, round_number)
         self._store.complete_round(attempt, contributors, path.name)
+        pruned = prune_checkpoints(self.checkpoint_dir, self._config.keep_checkpoints)
+        if pruned:
+            log.info("removed checkpoints of rounds %s (keep_checkpoints)", _ids_text(pruned))
         dropped = sorted(set(config.cohort) - set(contributors))
         log.info(
             "round %d completed in %.1f s: %d contributors %s, %s, checkpoint %s",
