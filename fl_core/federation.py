@@ -78,7 +78,7 @@ from fl_core.errors import FLError
 from fl_core.sampling import ClientSampler
 from fl_core.strategies import ClientOptions, Strategy, build_strategy
 from fl_core.updates import check_finite
-from secagg.dp.calibration import Calibration, accounting_record, calibrate
+from secagg.dp.calibration import Calibration, calibrate, release_event
 from secagg.dp.noise import Mechanism
 from secagg.encoding import QuantizationParams
 from secagg.errors import ConfigurationError
@@ -436,8 +436,10 @@ class Federation:
         uploads = [aggregate.upload[u] for u in aggregate.contributors]
         dp_fields = None
         if self.calibration is not None and self.config.dp is not None:
+            event = release_event(self.calibration.params, len(aggregate.contributors))
             dp_fields = {
-                **accounting_record(self.calibration.params, len(aggregate.contributors)),
+                "mechanism": self.calibration.params.noise.mechanism,
+                "dp_event": event.to_dict(),
                 "noise_multiplier": self.calibration.noise_multiplier,
                 "delta": self.config.dp.delta,
                 "epsilon_target": self.config.dp.epsilon,

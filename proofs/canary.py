@@ -51,8 +51,7 @@ from clients.synthetic import make_federation
 from clients.trainer import LoraModel, LoraSettings, TrainSettings, train_local
 from fl_core.strategies import AggregateInput, FedAvg
 from proofs.accountant import RdpAccountant
-from proofs.privacy_figures import round_event
-from secagg.dp.calibration import accounting_record, calibrate
+from secagg.dp.calibration import calibrate, release_event
 from secagg.dp.encoder import DpEncoder
 from secagg.encoding import QuantizationParams, decode_sum, encode
 from secagg.errors import ConfigurationError
@@ -407,7 +406,7 @@ def _train(
             )
             total = encoder.decode_sum(summed, contributors)
             # Accounted exactly as `fedsec audit` accounts a run's metrics records.
-            event = round_event({"round": rnd, **accounting_record(params, contributors)})
+            event = release_event(params, contributors)
             if event is None:
                 raise ConfigurationError("the DP round produced no privacy event")
             accountant.compose(event)

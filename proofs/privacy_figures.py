@@ -116,8 +116,11 @@ class DpSummary:
 
 def round_event(record: Mapping[str, Any]) -> DpEvent | None:
     """The privacy event of one release from its metrics record (at full rate), or None when the
-    round added no DP noise. :class:`AccountingError` when the record names a mechanism without
-    the fields it needs."""
+    round added no DP noise: the ``dp_event`` calibration emitted, or for runs recorded before
+    there was one, the event rebuilt from the loose keys they carry. :class:`AccountingError`
+    when the record names a mechanism without the fields it needs."""
+    if "dp_event" in record:
+        return DpEvent.from_dict(record["dp_event"])
     raw = record.get("mechanism")
     if raw is None and record.get("noise_multiplier") is None:
         return None

@@ -133,7 +133,9 @@ def build_report(run: RunRecord, *, family_alpha: float = DEFAULT_FAMILY_ALPHA) 
         cohort_size = len(transcript.cohort) if transcript else _count(record.get("cohort"))
         clip = record.get("clip_fraction")
         mechanism = None
-        if record and (record.get("mechanism") or record.get("noise_multiplier") is not None):
+        if record and "dp_event" in record:
+            mechanism = str(record.get("mechanism") or record["dp_event"].get("type", "?"))
+        elif record and (record.get("mechanism") or record.get("noise_multiplier") is not None):
             mechanism = str(record.get("mechanism") or "gaussian")
         alone, cumulative = eps.get(rnd, (math.inf, math.inf))
         rows.append(

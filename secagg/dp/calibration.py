@@ -50,6 +50,7 @@ from secagg.dp.encoder import (
     check_no_wrap,
     sum_magnitude_bound,
 )
+from secagg.dp.events import DistributedDiscreteGaussianDpEvent, DpEvent, SkellamDpEvent
 from secagg.dp.noise import DEVIATION_BOUND, MAX_STDDEV, Mechanism, NoiseSpec, sampler_for
 from secagg.dp.rdp import (
     DEFAULT_RDP_ORDERS,
@@ -138,23 +139,22 @@ class Calibration:
         }
 
 
-def accounting_record(params: DpParams, n_contributors: int) -> dict[str, Any]:
-    """The fields a metrics record needs for ``proofs`` to account one release with
-    ``n_contributors`` actual contributors (the parameters of the accountant's event)."""
-    record: dict[str, Any] = {
-        "mechanism": "skellam" if params.noise.mechanism == "skellam" else "ddgauss",
-        "l2_sensitivity": params.l2_sensitivity,
-        "l1_sensitivity": params.l1_sensitivity,
-    }
+def release_event(params: DpParams, n_contributors: int) -> DpEvent:
+    """The privacy event of one release of ``n_contributors`` clients' noised sum (at full
+    rate: zero-out, against the server), for the run record and the audit."""
     if params.noise.mechanism == "skellam":
-        record["variance"] = n_contributors * params.noise.variance
-    else:
-        record.update(
-            local_stddev=params.noise.stddev,
-            num_clients=n_contributors,
-            dim=params.encoded_dim,
+        return SkellamDpEvent(
+            params.l2_sensitivity,
+            params.l1_sensitivity,
+            n_contributors * params.noise.variance,
         )
-    return record
+    return DistributedDiscreteGaussianDpEvent(
+        params.l2_sensitivity,
+        params.l1_sensitivity,
+        params.noise.stddev,
+        n_contributors,
+        params.encoded_dim,
+    )
 
 
 def calibrate(

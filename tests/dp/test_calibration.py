@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from proofs.accountant import (
     RdpAccountant,
     SkellamDpEvent,
 )
-from secagg.dp.calibration import Calibration, accounting_record, calibrate, round_epsilon
+from secagg.dp.calibration import Calibration, calibrate, release_event, round_epsilon
 from secagg.dp.encoder import DpEncoder, check_no_wrap, sum_magnitude_bound
 from secagg.errors import ConfigurationError
 
@@ -106,17 +107,18 @@ def test_calibrated_encoder_runs_end_to_end(calibrated: Calibration) -> None:
     assert float(error.std()) == pytest.approx(cal.noise_std_over_clip * 0.5, rel=0.1)
 
 
-def test_accounting_record_names_the_events_fields(calibrated: Calibration) -> None:
+def test_the_release_event_is_what_the_audit_reads_back(calibrated: Calibration) -> None:
     params = calibrated.params
-    record = accounting_record(params, 17)
-    assert "sampling_rate" not in record  # nothing is amplified: the server knows the cohorts
-    assert record["l2_sensitivity"] == params.l2_sensitivity
+    event = release_event(params, 17)
+    assert DpEvent.from_dict(json.loads(json.dumps(event.to_dict()))) == event
     if params.noise.mechanism == "skellam":
-        assert record["mechanism"] == "skellam"
-        assert record["variance"] == pytest.approx(17 * params.noise.variance)
+        assert isinstance(event, SkellamDpEvent)
+        assert event.variance == pytest.approx(17 * params.noise.variance)
+        assert event.l2_sensitivity == params.l2_sensitivity
     else:
-        assert record["mechanism"] == "ddgauss" and record["num_clients"] == 17
-        assert record["dim"] == 8192 and record["local_stddev"] == params.noise.stddev
+        assert isinstance(event, DistributedDiscreteGaussianDpEvent)
+        assert event.num_clients == 17 and event.dim == 8192
+        assert event.local_stddev == params.noise.stddev
 
 
 @pytest.mark.parametrize(

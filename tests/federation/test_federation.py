@@ -27,6 +27,7 @@ from fl_core.federation import (
 from fl_core.run_dir import RunDirectoryError, RunWriter
 from fl_core.strategies import ClientOptions
 from proofs.accountant import RdpAccountant, SkellamDpEvent, epsilon_for_rounds
+from secagg.dp.events import DpEvent
 from secagg.errors import TooFewSurvivors
 from secagg.params import SECAGGPLUS_MIN_COHORT, SessionShape
 
@@ -133,7 +134,9 @@ def test_dp_round_records_what_the_accountant_needs() -> None:
     record = m.to_json()
     assert record["mechanism"] == "skellam"
     assert "sampling_rate" not in record and record["delta"] == 1e-5
-    assert record["noise_multiplier"] > 0 and record["variance"] > 0
+    event = DpEvent.from_dict(record["dp_event"])  # what calibration emitted, read back
+    assert isinstance(event, SkellamDpEvent) and event.variance > 0
+    assert record["noise_multiplier"] > 0
     # Secure aggregation adds the noised ring vectors exactly.
     assert m.secure_vs_plain_max_abs_diff == 0.0 and m.quantization_bound == 0.0
 

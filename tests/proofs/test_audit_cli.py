@@ -13,7 +13,7 @@ import pytest
 
 from fl_core.cli import main
 from proofs.accountant import GaussianDpEvent, epsilon_for_rounds
-from secagg.dp.calibration import accounting_record, round_epsilon
+from secagg.dp.calibration import release_event, round_epsilon
 from secagg.dp.encoder import DpParams
 from secagg.dp.noise import NoiseSpec
 from secagg.protocol import RoundParams, Stage
@@ -203,7 +203,11 @@ def test_skellam_record_from_the_calibration_is_accounted_like_the_calibration(
     tmp_path: Path,
 ) -> None:
     params = DpParams(32, DIM, 1.0, 256.0, NoiseSpec("skellam", 300.0), os.urandom(32), 6)
-    dp = {**accounting_record(params, len(COHORT)), "delta": DELTA}
+    dp = {
+        "mechanism": "skellam",
+        "dp_event": release_event(params, len(COHORT)).to_dict(),
+        "delta": DELTA,
+    }
     run_dir = write_run(tmp_path / "run", rounds=1, dp=dp)
     assert main(["audit", str(run_dir)]) == 0
     report, markdown = read_report(run_dir)
