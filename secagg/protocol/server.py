@@ -11,20 +11,22 @@ the others); too few survivors at any stage (below t, or up to the masked inputs
 release floor ``RoundParams.min_release``) aborts the session, and an aborted session releases
 nothing — the running sum is wiped.
 
-Masked inputs are summed as they arrive, so the server never holds more than one vector
-besides the sum. Unmasking removes every self mask of a survivor and every pair mask between a
-survivor and a neighbour that dropped after sharing, in one chunked pass
+Masked inputs are summed as they arrive, straight from their packed bytes, so the server never
+holds a vector besides the sum. Unmasking removes every self mask of a survivor and every pair
+mask between a survivor and a neighbour that dropped after sharing, in one chunked pass
 (:func:`secagg.prg.accumulate_masks`), so it runs close to the AES-CTR speed limit.
+
+Both O(d) steps go through a :class:`SumBackend`: by default this process
+(:class:`InProcessSum`); the server injects one that splits the vector over worker processes
+(:mod:`server.parallel_unmask`), which keeps this module free of processes and threads.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
-
-import numpy as np
+from typing import ClassVar, Protocol
 
 from secagg import shamir
 from secagg.errors import (
@@ -35,6 +37,7 @@ from secagg.errors import (
     ProtocolAbort,
     SecAggError,
     SessionMismatch,
+    SumBackendFailure,
     TooFewSurvivors,
     UnexpectedMessage,
     UnknownClient,
@@ -67,7 +70,7 @@ from secagg.messages import (
     decode_message,
     encode_message,
 )
-from secagg.packing import unpack
+from secagg.packing import add_packed
 from secagg.prg import accumulate_masks
 from secagg.protocol.common import (
     RoundParams,
@@ -79,7 +82,7 @@ from secagg.protocol.common import (
     self_mask_commitment,
     self_mask_key,
 )
-from secagg.ring import RingArray
+from secagg.ring import Ring, RingArray
 from secagg.transcript import (
     MessageRecord,
     RejectionRecord,
@@ -98,6 +101,47 @@ _EXPECTED_KIND: dict[Stage, type] = {
 }
 
 
+class SumBackend(Protocol):
+    """Where the server's O(d) work runs: adding a masked input, removing the masks.
+
+    ``total`` is the session's running sum (a 1-D array of the ring's dtype, wrapping, not
+    reduced). A backend checks a payload before it adds anything, and leaves ``total`` unchanged
+    when it raises; one that cannot complete a step raises :class:`SumBackendFailure`, which
+    aborts the session.
+    """
+
+    def add_packed(self, total: RingArray, payload: bytes, ring: Ring) -> None:
+        """``total += unpack(payload)``; a malformed payload is a ``MessageFormatError``."""
+        ...
+
+    def remove_masks(
+        self,
+        total: RingArray,
+        ring: Ring,
+        add_keys: Sequence[bytes],
+        subtract_keys: Sequence[bytes],
+    ) -> None:
+        """``total += Σ PRG(add_keys) − Σ PRG(subtract_keys)`` (mod 2^b), as
+        :func:`secagg.prg.accumulate_masks` computes it."""
+        ...
+
+
+class InProcessSum:
+    """The default :class:`SumBackend`: both steps in the calling thread."""
+
+    def add_packed(self, total: RingArray, payload: bytes, ring: Ring) -> None:
+        add_packed(total, payload, ring)
+
+    def remove_masks(
+        self,
+        total: RingArray,
+        ring: Ring,
+        add_keys: Sequence[bytes],
+        subtract_keys: Sequence[bytes],
+    ) -> None:
+        accumulate_masks(total, ring, add_keys, subtract_keys)
+
+
 @dataclass(frozen=True)
 class AggregateResult:
     sum: RingArray  # Σ_{u ∈ contributors} x_u in the ring
@@ -108,7 +152,12 @@ class ServerSession:
     """The server's run of one session over ``params.cohort``."""
 
     def __init__(
-        self, params: RoundParams, roster: Roster, record_masked_inputs: bool = True
+        self,
+        params: RoundParams,
+        roster: Roster,
+        record_masked_inputs: bool = True,
+        *,
+        backend: SumBackend | None = None,
     ) -> None:
         missing = [u for u in params.cohort if u not in roster]
         if missing:
@@ -119,6 +168,7 @@ class ServerSession:
         # SecAgg+: fixed once every committed client revealed (see _close_advertise).
         self._graph: NeighbourGraph | None = params.graph(None) if params.is_complete else None
         self._record_masked = record_masked_inputs
+        self._backend: SumBackend = backend or InProcessSum()
         self.stage = params.stages[0]
         self.abort_reason: str | None = None
         self._expected: frozenset[int] = frozenset(params.cohort)
@@ -209,7 +259,8 @@ class ServerSession:
         }
         closer = closers.get(self.stage)
         if closer is None:
-            raise UnexpectedMessage(f"the session is {self.stage.value}; no stage to close")
+            why = f" ({self.abort_reason})" if self.abort_reason else ""
+            raise UnexpectedMessage(f"the session is {self.stage.value}{why}; no stage to close")
         try:
             return closer()
         except ProtocolAbort as exc:
@@ -294,10 +345,14 @@ class ServerSession:
         self._shares[msg.sender] = msg
 
     def _on_masked(self, msg: MaskedInput) -> None:
-        vector = unpack(msg.payload, self.params.ring, self.params.dim)
         if self._sum is None:
             raise UnexpectedMessage("the session holds no running sum")
-        np.add(self._sum, vector, out=self._sum)  # wraps mod 2^32/2^64; reduced at the end
+        try:
+            # Wraps mod 2^32/2^64; reduced at the end. A malformed payload adds nothing.
+            self._backend.add_packed(self._sum, msg.payload, self.params.ring)
+        except SumBackendFailure as exc:
+            self._abort(f"{type(exc).__name__}: {exc}")
+            raise
         self._masked.append(msg.sender)
         if self._record_masked:
             self.transcript.masked_inputs[msg.sender] = msg.payload
@@ -491,7 +546,8 @@ class ServerSession:
             raise UnexpectedMessage("the session holds no running sum")
         total = ring.reduce(self._sum)
         self.masks_removed = len(add_keys) + len(subtract_keys)
-        accumulate_masks(total, ring, add_keys, subtract_keys)
+        self._backend.remove_masks(total, ring, add_keys, subtract_keys)
+        ring.reduce(total)
         self._result = AggregateResult(total, self._u3)
         self._sum = None
         self.transcript.releases.append(ReleaseRecord(sid, self._u3, self.params.min_release))
