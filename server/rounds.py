@@ -43,7 +43,7 @@ from fl_core.wire.convert import KIND_OF, params_from_config, upload_limit
 from fl_core.wire.he_round import he_upload_limit
 from secagg.errors import MessageFormatError, ProtocolAbort, SecAggError, SessionMismatch
 from secagg.messages import ClientMessage, decode_message, encode_message
-from secagg.protocol import ServerSession, Stage
+from secagg.protocol import ServerSession, Stage, SumBackend
 from server.admission import Refusal
 from server.ckks_round import CkksRound, CkksStage
 from server.config import ServerConfig
@@ -60,8 +60,15 @@ HE_KINDS = (pb.HE_UPDATE, pb.HE_DECRYPTED_SUM)
 
 
 class RoundRunner:
-    def __init__(self, config: ServerConfig, store: Store, mailboxes: Mailboxes) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        mailboxes: Mailboxes,
+        sum_backend: SumBackend | None = None,
+    ) -> None:
         self._config = config
+        self._sum_backend = sum_backend  # None: the session's own, in this process
         self._store = store
         self._mailboxes = mailboxes
         self._cond = threading.Condition()
@@ -259,7 +266,10 @@ class RoundRunner:
         drive: Callable[[], tuple[AggregateInput, tuple[int, ...]]]
         ckks_config = self._config.ckks
         ckks = None if ckks_config is None else CkksRound(ckks_config.public, config)
-        session = None if ckks else ServerSession(params_from_config(config), self._config.roster)
+        session: ServerSession | None = None
+        if ckks is None:
+            params = params_from_config(config)
+            session = ServerSession(params, self._config.roster, backend=self._sum_backend)
         attempt = self._store.begin_round(
             round_number, config.session_id, tuple(config.cohort), self._config.rounds.backend
         )

@@ -9,6 +9,7 @@ released) and rerun after the next start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -16,7 +17,9 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from server.config import load_server_config
+from secagg.protocol import SumBackend
+from server.config import ServerConfig, load_server_config
+from server.parallel_unmask import ParallelSum
 from server.service import build_server
 from server.store import Store
 
@@ -36,8 +39,19 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     config = load_server_config(args.config)
+    # The worker processes start before gRPC's threads and stop after them (see
+    # server.parallel_unmask: they also exit by themselves if this process is killed).
+    with ParallelSum(config.workers) if config.workers > 1 else contextlib.nullcontext() as pool:
+        logging.getLogger("fedsec.server").info(
+            "masked-input sums and mask removal on %s",
+            f"{config.workers} worker processes" if pool else "the server process",
+        )
+        return _serve(config, pool)
+
+
+def _serve(config: ServerConfig, sum_backend: SumBackend | None) -> int:
     store = Store(config.state_dir / "state.db")
-    server, runner, port = build_server(config, store)
+    server, runner, port = build_server(config, store, sum_backend)
     host = config.listen.rsplit(":", 1)[0]
     print(f"fedsec server listening on {host}:{port}", flush=True)
 
