@@ -1,7 +1,7 @@
 """The server's O(d) work on every core: mask removal and unpacking, one vector range a process.
 
-Python runs AES-CTR and numpy one call at a time per process, so using every core takes
-processes. :class:`ParallelSum` is a :class:`secagg.protocol.SumBackend` that the round loop
+Python runs AES-CTR, numpy and big-integer arithmetic one call at a time per process, so using
+every core takes processes. :class:`ParallelSum` is a :class:`secagg.protocol.SumBackend` that the round loop
 hands to each :class:`~secagg.protocol.ServerSession` (which itself stays free of processes):
 
 - **Mask removal** (the unmask stage, n·d words of keystream): the running sum is copied into a
@@ -9,6 +9,10 @@ hands to each :class:`~secagg.protocol.ServerSession` (which itself stays free o
   (the AES-CTR PRG is seekable: :func:`secagg.prg.accumulate_masks` with ``offset``; ranges
   need not start on an AES block), and the result is copied back. Two copies of d words
   against n·d words of keystream.
+- **Reconstruction** (the unmask stage's Shamir reconstructions, key agreements with dropped
+  clients and key derivations: :func:`secagg.protocol.server.unmask_keys` on each job): the
+  jobs are dealt round-robin to the workers, and the first protocol error in job order is
+  raised as it is (an inconsistent share aborts the session exactly as in one process).
 - **Masked inputs** (one payload at a time, as they arrive): a 32- or 64-bit payload is added
   in the calling thread, in place, in one pass (splitting it would cost more in copies than it
   saves); a narrower width, whose unpacking is the expensive part, is copied into a shared
@@ -37,25 +41,30 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
 from types import TracebackType
+from typing import Any, TypeVar
 
 import numpy as np
 
-from secagg.errors import ConfigurationError, SumBackendFailure
+from secagg.errors import ConfigurationError, SecAggError, SumBackendFailure
 from secagg.packing import RANGE_ALIGN, add_packed, check_packed, unpack_into
 from secagg.prg import accumulate_masks, raw_keystream_seconds
 from secagg.ring import Ring, RingArray
 
 #: Seconds a worker gets to exit after being asked to, before it is terminated.
 STOP_GRACE_S = 5.0
+
+_Job = TypeVar("_Job")
+_Result = TypeVar("_Result")
 
 
 class WorkerDied(SumBackendFailure):
@@ -104,7 +113,13 @@ class _Keystream:
     stop: int
 
 
-_Task = _RemoveMasks | _Unpack | _Keystream
+@dataclass(frozen=True)
+class _Map:
+    function: Callable[[Any], Any]  # module-level: pickled by name
+    jobs: tuple[Any, ...]
+
+
+_Task = _RemoveMasks | _Unpack | _Keystream | _Map
 
 
 def split_ranges(length: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
@@ -146,7 +161,15 @@ def _buffer(block: SharedMemory) -> memoryview:
     return buf
 
 
-def _run(task: _Task, attached: dict[str, SharedMemory]) -> float:
+def _run(task: _Task, attached: dict[str, SharedMemory]) -> object:
+    if isinstance(task, _Map):
+        results = []
+        for index, job in enumerate(task.jobs):
+            try:
+                results.append(task.function(job))
+            except SecAggError as exc:  # a protocol outcome: raised as is by the pool
+                return results, (index, exc)
+        return results, None
     ring = Ring(task.bits)
     if isinstance(task, _Keystream):
         return raw_keystream_seconds(task.keys, task.stop - task.start, ring, offset=task.start)
@@ -178,7 +201,8 @@ def _worker_main(conn: Connection) -> None:
         if task is None:
             break
         try:
-            answer: tuple[str, float | str] = ("ok", _run(task, attached))
+            answer: tuple[str, object] = ("ok", _run(task, attached))
+            pickle.dumps(answer)  # an answer that cannot travel is this worker's failure
         except Exception as exc:  # reported to the pool, which raises WorkerFailed
             answer = ("error", f"{type(exc).__name__}: {exc}")
         conn.send(answer)
@@ -268,6 +292,26 @@ class ParallelSum:
             finally:
                 del vector
 
+    def map(self, function: Callable[[_Job], _Result], jobs: Sequence[_Job]) -> list[_Result]:
+        """Jobs dealt round-robin to the workers (neighbouring jobs often cost alike)."""
+        jobs = list(jobs)
+        if not jobs:
+            return []
+        parts = min(self.workers, len(jobs))
+        tasks: list[_Task] = [_Map(function, tuple(jobs[i::parts])) for i in range(parts)]
+        with self._lock:
+            answers = self._call("reconstruction", tasks)
+        results: list[Any] = [None] * len(jobs)
+        failures: list[tuple[int, SecAggError]] = []
+        for part, answer in enumerate(answers):
+            values, failure = answer
+            results[part::parts] = values + results[part::parts][len(values) :]
+            if failure is not None:
+                failures.append((part + failure[0] * parts, failure[1]))
+        if failures:  # each worker stops at its first: the earliest of those is the first
+            raise min(failures, key=lambda f: f[0])[1]
+        return results
+
     # --- measuring ------------------------------------------------------------------------------
 
     def keystream_seconds(self, keys: Sequence[bytes], dim: int, ring: Ring) -> float:
@@ -356,7 +400,7 @@ class ParallelSum:
         if self._closed:
             raise PoolClosed(f"{what}: the worker pool is closed (the server is stopping)")
 
-    def _call(self, what: str, tasks: Sequence[_Task]) -> list[float]:
+    def _call(self, what: str, tasks: Sequence[_Task]) -> list[Any]:
         self._check_open(what)
         if not self._pool:
             self._start()
@@ -373,8 +417,8 @@ class ParallelSum:
             self._stop_workers(graceful=False)
             raise
 
-    def _gather(self, what: str, workers: list[tuple[BaseProcess, Connection]]) -> list[float]:
-        results = [0.0] * len(workers)
+    def _gather(self, what: str, workers: list[tuple[BaseProcess, Connection]]) -> list[Any]:
+        results: list[Any] = [None] * len(workers)
         waiting = {conn: (i, process) for i, (process, conn) in enumerate(workers)}
         while waiting:
             ready = set(wait([*waiting, *(p.sentinel for _, p in waiting.values())]))
@@ -386,7 +430,7 @@ class ParallelSum:
                         raise self._died(what, process) from None
                     if status != "ok":
                         raise WorkerFailed(f"{what}: worker {i} (pid {process.pid}) {value}")
-                    results[i] = float(value)
+                    results[i] = value
                     del waiting[conn]
                 elif process.sentinel in ready:
                     raise self._died(what, process)

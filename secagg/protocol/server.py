@@ -16,9 +16,11 @@ holds a vector besides the sum. Unmasking removes every self mask of a survivor 
 mask between a survivor and a neighbour that dropped after sharing, in one chunked pass
 (:func:`secagg.prg.accumulate_masks`), so it runs close to the AES-CTR speed limit.
 
-Both O(d) steps go through a :class:`SumBackend`: by default this process
-(:class:`InProcessSum`); the server injects one that splits the vector over worker processes
-(:mod:`server.parallel_unmask`), which keeps this module free of processes and threads.
+The heavy steps go through a :class:`SumBackend`: adding each masked input, the unmask stage's
+reconstructions (one :class:`UnmaskJob` per secret, :func:`unmask_keys`), and mask removal. By
+default they run in this process (:class:`InProcessSum`); the server injects one that spreads
+them over worker processes (:mod:`server.parallel_unmask`), which keeps this module free of
+processes and threads.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 from secagg import shamir
 from secagg.errors import (
@@ -101,14 +103,25 @@ _EXPECTED_KIND: dict[Stage, type] = {
 }
 
 
+_Job = TypeVar("_Job")
+_Result = TypeVar("_Result")
+
+
 class SumBackend(Protocol):
-    """Where the server's O(d) work runs: adding a masked input, removing the masks.
+    """Where the server's heavy work runs: adding a masked input, reconstructing the secrets
+    of the unmask stage, removing the masks.
 
     ``total`` is the session's running sum (a 1-D array of the ring's dtype, wrapping, not
     reduced). A backend checks a payload before it adds anything, and leaves ``total`` unchanged
     when it raises; one that cannot complete a step raises :class:`SumBackendFailure`, which
     aborts the session.
     """
+
+    def map(self, function: Callable[[_Job], _Result], jobs: Sequence[_Job]) -> list[_Result]:
+        """``[function(job) for job in jobs]``. ``function`` is a module-level function and the
+        jobs plain data, so they may run in other processes; a :class:`SecAggError` a job
+        raises is raised as it is (the first one in job order)."""
+        ...
 
     def add_packed(self, total: RingArray, payload: bytes, ring: Ring) -> None:
         """``total += unpack(payload)``; a malformed payload is a ``MessageFormatError``."""
@@ -126,11 +139,71 @@ class SumBackend(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SelfMaskJob:
+    """Reconstruct survivor ``owner``'s self-mask seed b_u and derive the key of its mask."""
+
+    session_id: bytes
+    owner: int
+    shares: tuple[tuple[int, bytes], ...]  # (holder, share of b_u)
+    threshold: int
+    commitment: bytes  # H(b_u), sent by the owner with its shares
+
+
+@dataclass(frozen=True)
+class DroppedKeyJob:
+    """Reconstruct dropped client ``owner``'s masking key and derive its pair-mask keys with
+    each surviving neighbour."""
+
+    session_id: bytes
+    owner: int
+    shares: tuple[tuple[int, bytes], ...]  # (holder, share of s_v^SK)
+    threshold: int
+    masking_public: bytes  # the s_v it advertised
+    survivors: tuple[tuple[int, bytes], ...]  # (u, s_u) for its neighbours u in U3
+
+
+UnmaskJob = SelfMaskJob | DroppedKeyJob
+
+
+def unmask_keys(job: UnmaskJob) -> tuple[list[bytes], list[bytes]]:
+    """The mask keys one reconstruction yields: (keys to add, keys to subtract) at unmasking.
+
+    A pure function of plain data, so a :class:`SumBackend` may run many at once in other
+    processes; a reconstruction that fails or does not match its commitment raises
+    :class:`InconsistentSharesError` (or :class:`TooFewSurvivors`).
+    """
+    sid, v = job.session_id, job.owner
+    if isinstance(job, SelfMaskJob):
+        seed = shamir.reconstruct(dict(job.shares), job.threshold, f"self mask of {v}")
+        if self_mask_commitment(sid, v, seed) != job.commitment:
+            raise InconsistentSharesError(
+                f"reconstructed self-mask seed of client {v} does not match its commitment"
+            )
+        return [], [self_mask_key(sid, v, seed)]
+    secret = shamir.reconstruct(dict(job.shares), job.threshold, f"masking key of {v}")
+    pair = AgreementKeyPair.from_private_bytes(secret)
+    if pair.public_bytes != job.masking_public:
+        raise InconsistentSharesError(
+            f"reconstructed masking key of dropped client {v} does not match its advert"
+        )
+    add: list[bytes] = []
+    subtract: list[bytes] = []
+    for u, public in job.survivors:
+        key = derive_pair_key(pair.exchange(public), sid, KeyPurpose.MASK, u, v, 16)
+        # u added PRG(s_uv) when v > u and subtracted it when v < u: undo that.
+        (subtract if v > u else add).append(key)
+    return add, subtract
+
+
 class InProcessSum:
-    """The default :class:`SumBackend`: both steps in the calling thread."""
+    """The default :class:`SumBackend`: everything in the calling thread."""
 
     def add_packed(self, total: RingArray, payload: bytes, ring: Ring) -> None:
         add_packed(total, payload, ring)
+
+    def map(self, function: Callable[[_Job], _Result], jobs: Sequence[_Job]) -> list[_Result]:
+        return [function(job) for job in jobs]
 
     def remove_masks(
         self,
@@ -351,7 +424,7 @@ class ServerSession:
             # Wraps mod 2^32/2^64; reduced at the end. A malformed payload adds nothing.
             self._backend.add_packed(self._sum, msg.payload, self.params.ring)
         except SumBackendFailure as exc:
-            self._abort(f"{type(exc).__name__}: {exc}")
+            self._abort(str(exc))
             raise
         self._masked.append(msg.sender)
         if self._record_masked:
@@ -512,36 +585,35 @@ class ServerSession:
                 f"only {len(self._responses)} clients answered the unmask request; "
                 f"the threshold is {self.params.threshold}"
             )
-        shares_by_owner = self._index_shares()
-        subtract_keys: list[bytes] = []
-        for u in self._u3:
-            seed = shamir.reconstruct(
-                shares_by_owner["self"].get(u, {}), self.params.threshold, f"self mask of {u}"
-            )
-            if self_mask_commitment(sid, u, seed) != self._shares[u].self_mask_commitment:
-                raise InconsistentSharesError(
-                    f"reconstructed self-mask seed of client {u} does not match its commitment"
-                )
-            subtract_keys.append(self_mask_key(sid, u, seed))
-        add_keys: list[bytes] = []
+        shares = self._index_shares()
         u3 = set(self._u3)
         graph = self._fixed_graph()
-        for v in sorted(set(self._shares) - u3):
-            secret = shamir.reconstruct(
-                shares_by_owner["key"].get(v, {}), self.params.threshold, f"masking key of {v}"
+        jobs: list[UnmaskJob] = [
+            SelfMaskJob(
+                sid,
+                u,
+                tuple(shares["self"].get(u, {}).items()),
+                self.params.threshold,
+                self._shares[u].self_mask_commitment,
             )
-            pair = AgreementKeyPair.from_private_bytes(secret)
-            if pair.public_bytes != self._adverts[v].masking_public:
-                raise InconsistentSharesError(
-                    f"reconstructed masking key of dropped client {v} does not match its advert"
-                )
-            for u in graph.neighbours(v):
-                if u not in u3:
-                    continue
-                shared = pair.exchange(self._adverts[u].masking_public)
-                key = derive_pair_key(shared, sid, KeyPurpose.MASK, u, v, 16)
-                # u added PRG(s_uv) when v > u and subtracted it when v < u: undo that.
-                (subtract_keys if v > u else add_keys).append(key)
+            for u in self._u3
+        ]
+        jobs += [
+            DroppedKeyJob(
+                sid,
+                v,
+                tuple(shares["key"].get(v, {}).items()),
+                self.params.threshold,
+                self._adverts[v].masking_public,
+                tuple((u, self._adverts[u].masking_public) for u in graph.neighbours(v) if u in u3),
+            )
+            for v in sorted(set(self._shares) - u3)
+        ]
+        add_keys: list[bytes] = []
+        subtract_keys: list[bytes] = []
+        for added, subtracted in self._backend.map(unmask_keys, jobs):
+            add_keys += added
+            subtract_keys += subtracted
         if self._sum is None:
             raise UnexpectedMessage("the session holds no running sum")
         total = ring.reduce(self._sum)

@@ -3,6 +3,7 @@ bit, fails with a named error when a worker dies, and never outlives the server.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -15,13 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from secagg.errors import MessageFormatError, ProtocolAbort
+from secagg.errors import InconsistentSharesError, MessageFormatError, ProtocolAbort
 from secagg.messages import ServerMessage, UnmaskRequest
 from secagg.packing import add_packed, pack
 from secagg.params import secaggplus_params
 from secagg.prg import BLOCK_BYTES, accumulate_masks
-from secagg.protocol import RoundParams, Stage
+from secagg.protocol import InProcessSum, RoundParams, Stage
+from secagg.protocol.common import self_mask_commitment
+from secagg.protocol.server import SelfMaskJob, unmask_keys
 from secagg.ring import Ring, RingArray
+from secagg.shamir import split
 from secagg.simulate import Simulation
 from server.parallel_unmask import (
     ParallelSum,
@@ -99,6 +103,35 @@ def test_a_malformed_payload_is_refused_before_anything_is_added(
     with pytest.raises(MessageFormatError):
         pools[2].add_packed(total, payload, ring)
     np.testing.assert_array_equal(total, np.arange(10))
+
+
+def _self_job(owner: int, commitment: bytes | None = None) -> SelfMaskJob:
+    sid, seed = os.urandom(32), os.urandom(32)
+    shares = split([seed], 3, [1, 2, 3, 4])[0]
+    good = self_mask_commitment(sid, owner, seed)
+    return SelfMaskJob(
+        sid, owner, tuple(zip([1, 2, 3, 4], shares, strict=True)), 3, commitment or good
+    )
+
+
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+def test_parallel_reconstruction_matches_one_process_in_order(
+    pools: dict[int, ParallelSum], workers: int
+) -> None:
+    for count in (1, 2, 7):
+        jobs = [_self_job(owner) for owner in range(1, count + 1)]
+        assert pools[workers].map(unmask_keys, jobs) == InProcessSum().map(unmask_keys, jobs)
+
+
+def test_the_first_failing_job_raises_its_own_error(pools: dict[int, ParallelSum]) -> None:
+    jobs = [_self_job(owner) for owner in range(1, 10)]
+    jobs[5] = _self_job(6, commitment=b"\x00" * 32)
+    jobs[8] = _self_job(9, commitment=b"\x00" * 32)
+    with pytest.raises(InconsistentSharesError, match="client 6 does not match"):
+        pools[4].map(unmask_keys, jobs)
+    with pytest.raises(WorkerFailed, match="ValueError"):  # not a protocol error: the worker's
+        pools[2].map(math.sqrt, [4.0, -1.0])
+    assert pools[2].map(math.sqrt, [4.0, 9.0]) == [2.0, 3.0]
 
 
 def test_split_ranges_cover_the_vector_in_aligned_pieces() -> None:
