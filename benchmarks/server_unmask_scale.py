@@ -11,21 +11,23 @@ no collusion), ``--dropout`` of the cohort dropping after sharing their keys.
 
 How it is measured. One real session runs in this process (``secagg.simulate``: every client
 masks a distinct d-vector, a view into one shared array, so memory stays O(d)); the server uses
-the worker pool (:class:`server.parallel_unmask.ParallelSum`). Its unmask stage is split in
-two: reconstruction (Shamir, key agreement with dropped clients, key derivation: the same on
-one core or many, measured in that session as the stage time minus the time in mask removal)
-and mask removal, whose inputs (the masked sum and the keys the server derived) are recorded
-and replayed ``--repeats`` times, interleaved, alternating the order:
+the worker pool (:class:`server.parallel_unmask.ParallelSum`). Its unmask stage is three parts:
+the reconstructions (Shamir, key agreement with dropped clients, key derivation: one job per
+secret), the mask removal, and the rest (indexing shares, building jobs; measured in that
+session as the stage time minus the other two). The inputs of the first two (the jobs; the
+masked sum and the keys) are recorded and replayed ``--repeats`` times, interleaved, rotating
+the order:
 
-- ``remove_masks_s.one_core``: :func:`secagg.prg.accumulate_masks` in this process;
-- ``remove_masks_s.all_cores``: the same pool (``--workers`` processes);
+- ``reconstruct_s`` / ``remove_masks_s``, ``one_core``: in this process (``InProcessSum``);
+  ``all_cores``: on the pool (``--workers`` processes);
 - ``prg_limit_s.one_core``: raw AES-CTR of the same masks (:func:`raw_keystream_seconds`);
-- ``prg_limit_s.all_cores``: the same, each worker expanding its range of every mask
+  ``prg_limit_s.all_cores``: the same on the pool, each worker expanding its range of every mask
   (:meth:`ParallelSum.keystream_seconds`).
 
-``server_unmask_s`` = reconstruction + median mask removal, and the ratios divide it (and the
-mask removal alone) by the AES-CTR limit of the same core count. Every replay's sum must equal
-the session's, which must equal the plain sum of the inputs (``exact``).
+``server_unmask_s`` = rest + median reconstruction + median mask removal on that many cores,
+and the ratios divide it (and the mask removal alone) by the AES-CTR limit of the same core
+count. Every replay must give the session's keys and sum, and the session's sum must equal the
+plain sum of the inputs (``exact``).
 
 Clients: every ``n / --client-sample``-th client's masking step (copy + k + 1 masks) is paired
 with raw AES-CTR of as many masks, as in ``secagg_bench.py``.
@@ -45,6 +47,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar, cast
 
 import numpy as np
 from _interleave import PairedClients, random_keys, ratio, spread
@@ -52,6 +55,7 @@ from _interleave import PairedClients, random_keys, ratio, spread
 from secagg.params import active_quorum, secaggplus_params, session_shape
 from secagg.prg import raw_keystream_seconds
 from secagg.protocol import ClientPolicy, InProcessSum, RoundParams, Stage
+from secagg.protocol.server import UnmaskJob, unmask_keys
 from secagg.ring import Ring, RingArray
 from secagg.simulate import Simulation
 from server.config import default_workers
@@ -59,19 +63,33 @@ from server.parallel_unmask import ParallelSum
 
 LLAMA2_7B_QV_R8 = 32 * 2 * (4096 * 8 + 8 * 4096)  # 4,194,304
 
+_Job = TypeVar("_Job")
+_Result = TypeVar("_Result")
+
 
 class RecordingSum:
-    """The session's sum backend: the pool, plus a copy of what mask removal was given."""
+    """The session's sum backend: the pool, plus a copy of what the unmask stage gave it."""
 
     def __init__(self, pool: ParallelSum) -> None:
         self.pool = pool
+        self.jobs: list[UnmaskJob] = []
+        self.keys: list[tuple[list[bytes], list[bytes]]] = []
         self.total: RingArray | None = None
         self.add_keys: tuple[bytes, ...] = ()
         self.subtract_keys: tuple[bytes, ...] = ()
-        self.remove_s = 0.0
+        self.map_s = self.remove_s = 0.0
 
     def add_packed(self, total: RingArray, payload: bytes, ring: Ring) -> None:
         self.pool.add_packed(total, payload, ring)
+
+    def map(self, function: Callable[[_Job], _Result], jobs: Sequence[_Job]) -> list[_Result]:
+        begin = time.perf_counter()
+        results = self.pool.map(function, jobs)
+        self.map_s = time.perf_counter() - begin
+        # The session maps unmask_keys over its jobs (checked again by every replay).
+        self.jobs = cast(list[UnmaskJob], list(jobs))
+        self.keys = cast(list[tuple[list[bytes], list[bytes]]], list(results))
+        return results
 
     def remove_masks(
         self,
@@ -140,13 +158,26 @@ def _worker_peak_mb(pids: Sequence[int]) -> list[float]:
 def _replays(
     recorder: RecordingSum, pool: ParallelSum, ring: Ring, dim: int, repeats: int, want: RingArray
 ) -> tuple[dict[str, list[float]], bool]:
-    """Mask removal on one core and on the pool, and AES-CTR on each, interleaved."""
+    """Reconstruction and mask removal on one core and on the pool, and AES-CTR on each,
+    interleaved, rotating the order each repeat."""
     total = recorder.total
     assert total is not None
     add, subtract = recorder.add_keys, recorder.subtract_keys
     keys = random_keys(len(add) + len(subtract))
-    times: dict[str, list[float]] = {k: [] for k in ("one", "all", "prg_one", "prg_all")}
+    names = ("rec_one", "rec_all", "one", "all", "prg_one", "prg_all")
+    times: dict[str, list[float]] = {k: [] for k in names}
     exact = True
+
+    def reconstruction(backend: InProcessSum | ParallelSum) -> Callable[[], float]:
+        def run() -> float:
+            nonlocal exact
+            begin = time.perf_counter()
+            keys = backend.map(unmask_keys, recorder.jobs)
+            seconds = time.perf_counter() - begin
+            exact = exact and keys == recorder.keys
+            return seconds
+
+        return run
 
     def removal(backend: InProcessSum | ParallelSum) -> Callable[[], float]:
         def run() -> float:
@@ -161,8 +192,10 @@ def _replays(
         return run
 
     steps: list[tuple[str, Callable[[], float]]] = [
+        ("rec_one", reconstruction(InProcessSum())),
         ("one", removal(InProcessSum())),
         ("prg_one", lambda: raw_keystream_seconds(keys, dim, ring)),
+        ("rec_all", reconstruction(pool)),
         ("all", removal(pool)),
         ("prg_all", lambda: pool.keystream_seconds(keys, dim, ring)),
     ]
@@ -213,9 +246,10 @@ def main() -> int:
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     stage_s = outcome.server_close_seconds[Stage.UNMASK.value]
-    reconstruct_s = stage_s - recorder.remove_s
-    one, every = statistics.median(times["one"]), statistics.median(times["all"])
-    prg_one, prg_all = statistics.median(times["prg_one"]), statistics.median(times["prg_all"])
+    rest_s = stage_s - recorder.map_s - recorder.remove_s
+    med = {name: statistics.median(values) for name, values in times.items()}
+    unmask_one = rest_s + med["rec_one"] + med["one"]
+    unmask_all = rest_s + med["rec_all"] + med["all"]
     client_figures, client_spreads = clients.figures()
     vector_mb = dim * ring.dtype.itemsize / 2**20
     print(
@@ -235,20 +269,30 @@ def main() -> int:
                 "cpu_count": os.cpu_count(),
                 "exact": exact and replays_exact,
                 "server_masks_removed": len(recorder.add_keys) + len(recorder.subtract_keys),
-                "server_reconstruct_s": round(reconstruct_s, 4),
                 "server_unmask_s": {
-                    "one_core": round(reconstruct_s + one, 4),
-                    "all_cores": round(reconstruct_s + every, 4),
+                    "one_core": round(unmask_one, 4),
+                    "all_cores": round(unmask_all, 4),
                     "all_cores_in_session": round(stage_s, 4),
                 },
-                "remove_masks_s": {"one_core": round(one, 4), "all_cores": round(every, 4)},
-                "prg_limit_s": {"one_core": round(prg_one, 4), "all_cores": round(prg_all, 4)},
-                "server_unmask_vs_prg_one_core": round((reconstruct_s + one) / prg_one, 3),
-                "server_unmask_vs_prg_all_cores": round((reconstruct_s + every) / prg_all, 3),
+                "prg_limit_s": {
+                    "one_core": round(med["prg_one"], 4),
+                    "all_cores": round(med["prg_all"], 4),
+                },
+                "server_unmask_vs_prg_one_core": round(unmask_one / med["prg_one"], 3),
+                "server_unmask_vs_prg_all_cores": round(unmask_all / med["prg_all"], 3),
+                "reconstruct_s": {
+                    "one_core": round(med["rec_one"], 4),
+                    "all_cores": round(med["rec_all"], 4),
+                },
+                "remove_masks_s": {
+                    "one_core": round(med["one"], 4),
+                    "all_cores": round(med["all"], 4),
+                },
+                "rest_of_unmask_s": round(rest_s, 4),
                 "remove_masks_vs_prg_one_core": ratio(times["one"], times["prg_one"]),
                 "remove_masks_vs_prg_all_cores": ratio(times["all"], times["prg_all"]),
-                "speedup_unmask": round((reconstruct_s + one) / (reconstruct_s + every), 3),
-                "speedup_prg": round(prg_one / prg_all, 3),
+                "speedup_unmask": round(unmask_one / unmask_all, 3),
+                "speedup_prg": round(med["prg_one"] / med["prg_all"], 3),
                 **client_figures,
                 "peak_rss_mb": {
                     "server_and_clients_process": round(rss_peak, 1),
@@ -258,6 +302,8 @@ def main() -> int:
                 "vector_mb": round(vector_mb, 1),
                 "n_vectors_mb": round(n * vector_mb, 1),
                 "spread": {
+                    "reconstruct_one_core_s": spread(times["rec_one"], 4),
+                    "reconstruct_all_cores_s": spread(times["rec_all"], 4),
                     "remove_masks_one_core_s": spread(times["one"], 4),
                     "remove_masks_all_cores_s": spread(times["all"], 4),
                     "prg_limit_one_core_s": spread(times["prg_one"], 4),
