@@ -3,9 +3,12 @@
 Timings taken minutes apart see different loads, so every comparison here is interleaved: the
 quantity (A) and its AES-CTR limit (B) are measured one right after the other, alternating
 which of the two goes first, and each is summarised by its median and spread over the repeats;
-a ratio is the ratio of the medians. Thread CPU time (``time.thread_time``) is reported beside
-wall time where all the work runs in this thread: time other processes take from the core does
-not count in it, so it shows what the code costs, while wall time shows what a user waits.
+a ratio is the ratio of the medians. When the load changes during a run, the timings split
+into modes and a median can fall between them; ``*_paired`` is then the steadier figure: the
+median of the ratios of each A to the B right beside it. Thread CPU time
+(``time.thread_time``) is reported beside wall time where all the work runs in this thread:
+time other processes take from the core does not count in it, so it shows what the code costs,
+while wall time shows what a user waits.
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class PairedClients:
             "client_masks": statistics.median(self.masks),
             "prg_limit_client_s": round(statistics.median(self.prg_s), 5),
             "client_mask_vs_prg": ratio(self.mask_s, self.prg_s),
+            "client_mask_vs_prg_paired": round(statistics.median(per_pair), 3),
         }
         spreads = {
             "client_mask_s": spread(self.mask_s),

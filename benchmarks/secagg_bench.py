@@ -15,6 +15,7 @@ machine's changing load hits both alike (``benchmarks/_interleave.py``):
   agreement with dropped clients, mask removal; ``ServerSession.close_stage``), replayed
   ``--repeats`` times on fresh sessions that received the same messages, each run paired with
   raw AES-CTR of the masks it removed; ratio of the medians.
+- ``*_paired``: the median of the per-pair ratios (steadier when the load changes mid-run).
 - ``*_cpu``: the same ratios in thread CPU time (what the code costs, whoever else runs): the
   server stage as above, and the client's masking step (``accumulate_masks`` over a copy of
   x_u with the median client's mask count) against raw AES-CTR, ``--repeats`` times.
@@ -187,6 +188,12 @@ def main() -> int:
                 "server_masks_removed": sim.server.masks_removed,
                 "prg_limit_server_s": round(statistics.median(server["prg"]), 5),
                 "server_unmask_vs_prg": ratio(server["unmask"], server["prg"]),
+                "server_unmask_vs_prg_paired": round(
+                    statistics.median(
+                        a / b for a, b in zip(server["unmask"], server["prg"], strict=True)
+                    ),
+                    3,
+                ),
                 "server_unmask_vs_prg_cpu": ratio(server["unmask_cpu"], server["prg_cpu"]),
                 "spread": {
                     **client_spreads,
