@@ -1,8 +1,9 @@
-"""The server's O(d) work on every core: mask removal and unpacking, one vector range a process.
+"""The server's heavy work on every core: secret reconstruction, mask removal and unpacking.
 
 Python runs AES-CTR, numpy and big-integer arithmetic one call at a time per process, so using
-every core takes processes. :class:`ParallelSum` is a :class:`secagg.protocol.SumBackend` that the round loop
-hands to each :class:`~secagg.protocol.ServerSession` (which itself stays free of processes):
+every core takes processes. :class:`ParallelSum` is a :class:`secagg.protocol.SumBackend` that
+the round loop hands to each :class:`~secagg.protocol.ServerSession` (which itself stays free of
+processes):
 
 - **Mask removal** (the unmask stage, n·d words of keystream): the running sum is copied into a
   shared-memory block the pool owns, each worker removes every mask from its own range of it
@@ -18,8 +19,9 @@ hands to each :class:`~secagg.protocol.ServerSession` (which itself stays free o
   saves); a narrower width, whose unpacking is the expensive part, is copied into a shared
   payload block, each worker unpacks its range (starting at a multiple of 8 elements, so on a
   whole byte) into the shared vector block, and the calling thread adds that to the sum.
-- **Keys** travel to the workers over their pipes. They are the server's own reconstructed
-  secrets, passed between its own processes, and no worker keeps them after a call.
+- **Shares and keys** travel to the workers over their pipes. They are the server's own (shares
+  it was sent, secrets it reconstructs), passed between its own processes, and no worker keeps
+  them after a call.
 - **Memory**: the two shared blocks (d words, one packed payload) and a bounded scratch per
   worker: O(d) whatever the number of clients; no per-client vector is kept anywhere.
 
@@ -32,7 +34,9 @@ workers and starts fresh ones for the next call.
 Lifetime: :meth:`ParallelSum.close` (or leaving its ``with`` block) stops the workers and
 unlinks the shared memory. Workers are started with ``spawn`` (forking a process that runs
 gRPC's threads is unsafe) and each watches its parent: when the server process goes away, even
-by SIGKILL, its workers exit, so none outlives the server.
+by SIGKILL, its workers exit, so none outlives the server. As with any ``spawn`` pool, a script
+that creates one must do so under ``if __name__ == "__main__":`` (the workers import the main
+module).
 """
 
 from __future__ import annotations
