@@ -234,7 +234,7 @@ def test_devices_this_machine_cannot_provide_are_refused() -> None:
     assert resolve_runtime("cpu", "bf16").autocast is torch.bfloat16
     with pytest.raises(DeviceError, match="fp16 needs a GPU"):
         resolve_runtime("cpu", "fp16")
-    with pytest.raises(DeviceError, match="4bit .*needs a CUDA GPU; this run is on cpu"):
+    with pytest.raises(DeviceError, match=r"4bit .*needs a CUDA GPU; this run is on cpu"):
         resolve_runtime("cpu", "auto", "4bit")
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="device cuda: torch sees no CUDA device"):
