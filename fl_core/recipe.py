@@ -65,6 +65,7 @@ class Recipe:
     batch_size: int = 16
     grad_accum: int = 1
     max_length: int = 128
+    chat_template: Literal["auto", "off"] = "auto"
     lr: float = 1e-2
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     local_steps: int | None = 10
@@ -230,6 +231,13 @@ FIELDS: tuple[FieldSpec, ...] = (
     ),
     FieldSpec(
         "max_length", "local", "tokens per example; longer ones are cut (and counted)", minimum=8
+    ),
+    FieldSpec(
+        "chat_template",
+        "local",
+        "auto: render records with the tokenizer's chat template when it has one",
+        str,
+        ("auto", "off"),
     ),
     FieldSpec("lr", "round", "client learning rate (peak of the schedule)", float, positive=True),
     FieldSpec(
