@@ -8,12 +8,13 @@ them (``q_proj``/``o_proj``/``gate_proj`` in Llama, ``c_attn``/``c_fc`` in GPT-2
 projections). Explicit names must each match a linear module of the model, so an adapter config
 never lists a module the model does not have.
 
-The output head is adapted when ``head`` is ``yes``, or ``auto`` and the head is *not* tied to
-the input embeddings: LoRA on a tied head is a LoRA on the input embeddings too once merged
-(``merge_and_unload`` adds B·A to the shared matrix, so the input lookup changes as well and the
-merged model's logits differ from the adapted model's). When asked to adapt a tied head anyway
-(``head = "yes"``), the head is untied first (it gets its own copy of the embedding matrix and the
-config says ``tie_word_embeddings = False``), which keeps the merge exact; the run records it.
+The output head is adapted when ``head`` is ``yes`` (or the targets name it), or ``auto`` and
+the head is *not* tied to the input embeddings: LoRA on a tied head is a LoRA on the input
+embeddings too once merged (``merge_and_unload`` adds B·A to the shared matrix, so the input
+lookup changes as well and the merged model's logits differ from the adapted model's). When
+asked to adapt a tied head anyway (``head = "yes"``), the head is untied first (it gets its own
+copy of the embedding matrix and the config says ``tie_word_embeddings = False``), which keeps
+the merge exact; the run records it.
 """
 
 from __future__ import annotations
@@ -126,9 +127,12 @@ def plan_targets(
                     f"{type(model).__name__}; its linear layers are: {', '.join(known)}"
                 )
             if head_name is not None and head_name in hits:
-                raise LoraTargetError(
-                    f"lora_targets: {target!r} is the output head; use lora_head = yes instead"
-                )
+                if head == "no":
+                    raise LoraTargetError(
+                        f"lora_targets names the output head {target!r} but lora_head = no"
+                    )
+                head = "yes"  # named explicitly: asked for, as with lora_head = yes
+                hits.discard(head_name)
             chosen |= hits
     want_head = head == "yes" or (head == "auto" and not tied)
     if want_head and head_name is not None:

@@ -20,6 +20,7 @@ tensors themselves stay float32 on every device, so the vectors that leave a cli
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -185,7 +186,9 @@ class LoraModel:
         )
         # Seeding here is what makes A identical on every client and the server (FFA-LoRA
         # depends on it); the caller's RNG state is left untouched.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # PEFT asks transformers a deprecated question while wrapping; not ours to fix.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
             torch.manual_seed(settings.init_seed)
             self.model = get_peft_model(base, config)
         adapted = adapted_modules(self.model)

@@ -457,3 +457,57 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             flag = "--strategy-param" if spec.name == "strategy_params" else spec.flag
             raise RecipeError(f"{flag}: {exc}") from None
     return out
+
+
+# --- defaults that depend on the strategy -----------------------------------------------------
+
+#: SCAFFOLD's client learning rate. Its clients take plain SGD steps: the option-II control
+#: variate estimates a client's mean gradient as (x - y_i) / (K * lr), true only for SGD, so
+#: AdamW's per-coordinate rates (and its defaults' lr) do not apply.
+SCAFFOLD_SGD_LR: dict[BaseKind, float] = {"embedded": 0.5, "pretrained": 0.05}
+
+#: Strategy hyper-parameters used when the user sets none, per base (see the README's strategy
+#: table for the measurements); a user's ``strategy_params`` override them key by key.
+STRATEGY_DEFAULTS: dict[BaseKind, dict[str, dict[str, float]]] = {
+    "embedded": {},
+    "pretrained": {},
+}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The recipe a run uses, and sentences saying what was chosen on the user's behalf."""
+
+    recipe: Recipe
+    notes: tuple[str, ...] = ()
+
+
+def resolve(kind: BaseKind, overrides: Mapping[str, Any]) -> Resolved:
+    """The defaults of ``kind`` with ``overrides`` applied, plus the strategy's own defaults."""
+    base = defaults_for(kind)
+    strategy = overrides.get("strategy", base.strategy)
+    chosen: dict[str, Any] = {}
+    notes: list[str] = []
+    if strategy == "scaffold":
+        if overrides.get("optimizer", "sgd") != "sgd":
+            raise RecipeError(
+                "SCAFFOLD's control variates assume plain SGD client steps (option II of "
+                "Karimireddy et al.); drop optimizer = adamw"
+            )
+        chosen["optimizer"] = "sgd"
+        lr = overrides.get("lr", SCAFFOLD_SGD_LR[kind])
+        chosen["lr"] = lr
+        notes.append(
+            f"SCAFFOLD: clients train with plain SGD at lr {lr:g} (its control variates "
+            "assume SGD steps; AdamW's defaults do not apply)"
+        )
+    params = dict(STRATEGY_DEFAULTS[kind].get(strategy, {}))
+    given = dict(overrides.get("strategy_params", ()))
+    if params and not given:
+        notes.append(
+            f"{strategy} defaults for this base: "
+            + ", ".join(f"{k} {v:g}" for k, v in sorted(params.items()))
+        )
+    params.update(given)
+    values = {**chosen, **overrides, "strategy_params": _params(params)}
+    return Resolved(base.with_overrides(values), tuple(notes))

@@ -136,8 +136,10 @@ def test_peft_default_and_named_targets() -> None:
     assert set(lm.describe()["modules"]) == {"fc1", "out_proj"}  # type: ignore[arg-type]
     with pytest.raises(LoraTargetError, match=r"no linear module named 'q_proj'.*c_attn"):
         plan_targets(build("gpt2"), ("q_proj",))
-    with pytest.raises(LoraTargetError, match="output head; use lora_head"):
-        plan_targets(build("llama"), ("lm_head",))
+    # Naming the head asks for it, as lora_head = yes does (and unties a tied one).
+    assert plan_targets(build("gpt2"), ("c_attn", "lm_head")).untie_head
+    with pytest.raises(LoraTargetError, match="names the output head 'lm_head' but lora_head"):
+        plan_targets(build("llama"), ("lm_head",), head="no")
     model = build("llama")
     model.config.model_type = "no-such-architecture"
     with pytest.raises(LoraTargetError, match="PEFT has no default"):
