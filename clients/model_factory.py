@@ -20,6 +20,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,11 +137,18 @@ def _no_progress_bars() -> Iterator[None]:
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    # The GGUF converter uses a plain tqdm bar, which reads its defaults from TQDM_* variables.
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         yield
     finally:
         if shown:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+        if previous is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = previous
 
 
 def save_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:

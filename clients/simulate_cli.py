@@ -107,7 +107,7 @@ class Workload:
     #: Each institution's own held-out set, scored on its own every round.
     test_sets: dict[str, TokenizedDataset]
     model_source: str  # a description of the base
-    tokenizer: PreTrainedTokenizerBase | None = None
+    tokenizer: PreTrainedTokenizerBase
     #: The embedded task only: one held-out set per domain (the union of the institutions').
     domain_sets: dict[str, TokenizedDataset] = field(default_factory=dict)
     data_description: str = ""
@@ -667,13 +667,13 @@ def _generation_examples(work: Workload, count: int) -> dict[str, list[Example]]
 
 
 def _answer(
-    work: Workload, vector: np.ndarray, questions: Mapping[str, Sequence[Example]], use: str
+    work: Workload,
+    vector: np.ndarray,
+    questions: Mapping[str, Sequence[Example]],
+    use: ChatTemplateUse,
 ) -> dict[str, GenerationScore]:
-    if work.tokenizer is None:
-        return {}
     return {
-        n: answer_questions(work.lm, vector, es, work.tokenizer, use)  # type: ignore[arg-type]
-        for n, es in questions.items()
+        n: answer_questions(work.lm, vector, es, work.tokenizer, use) for n, es in questions.items()
     }
 
 
@@ -809,7 +809,7 @@ def run(args: argparse.Namespace) -> int:
         advice = dp_advice(fed)
         if state is None:
             writer = RunWriter(out, _describe(fed, trainer, spec, notes, advice, base))
-            if work.embedded_base is not None and work.tokenizer is not None:
+            if work.embedded_base is not None:
                 save_base(work.embedded_base, work.tokenizer, out / BASE_DIR)
         adapter_config = work.lm.adapter_config(base.get("path") or base.get("gguf"))
         use = spec.recipe.chat_template

@@ -32,6 +32,7 @@ from typing import Any, Literal, cast
 
 from fl_core.errors import FLError
 from fl_core.strategies import STRATEGIES
+from fl_core.wire.toml_config import ConfigError, Table
 
 Who = Literal["round", "local", "shared"]
 BaseKind = Literal["embedded", "pretrained"]
@@ -511,3 +512,13 @@ def resolve(kind: BaseKind, overrides: Mapping[str, Any]) -> Resolved:
     params.update(given)
     values = {**chosen, **overrides, "strategy_params": _params(params)}
     return Resolved(base.with_overrides(values), tuple(notes))
+
+
+def resolve_table(table: Table, who: Who, kind: BaseKind) -> Resolved:
+    """The recipe keys of a config table (``who``'s and the shared ones), resolved for ``kind``;
+    every refusal names the file and key (:class:`~fl_core.wire.toml_config.ConfigError`)."""
+    raw = table.take(spec.name for spec in FIELDS)
+    try:
+        return resolve(kind, overrides_from_mapping(raw, who, table.where))
+    except RecipeError as exc:
+        raise ConfigError(str(exc)) from None
