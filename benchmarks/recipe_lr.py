@@ -32,6 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--lrs", default="1e-4,2e-4,5e-4,1e-3")
+    parser.add_argument(
+        "--strategy", default="fedavg", help="its measured defaults apply (SCAFFOLD: SGD)"
+    )
     parser.add_argument("--institutions", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=5)
@@ -46,7 +49,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     lrs = [float(x) for x in args.lrs.split(",")]
-    overrides = {
+    overrides: dict[str, Any] = {
+        "strategy": args.strategy,
         "local_steps": args.local_steps,
         "batch_size": args.batch_size,
         "max_length": args.max_length,
@@ -79,12 +83,15 @@ def main() -> None:
     print(f"[recipe_lr] initial {initial}", file=sys.stderr, flush=True)
     runs: dict[str, dict[str, Any]] = {}
     for lr in lrs:
-        settings = TrainSettings.from_recipe(recipe, lr=lr, seed=args.seed)
+        at_lr = recipes.resolve(kind, {**overrides, "lr": lr}).recipe
+        settings = TrainSettings.from_recipe(at_lr, lr=lr, seed=args.seed)
         trainer = TorchTrainer(work, settings, args.seed)
         config = FederationConfig(
             clients=tuple(sorted(work.train_sets)),
             rounds=args.rounds,
-            secagg=SecAggSettings(clip=default_clip(settings, "fedavg")),
+            secagg=SecAggSettings(clip=default_clip(settings, args.strategy)),
+            strategy=args.strategy,
+            strategy_hparams=at_lr.params(),
             seed=args.seed,
         )
         max_samples = max(len(d) for d in work.train_sets.values())
@@ -103,6 +110,8 @@ def main() -> None:
             {
                 "benchmark": "recipe_lr",
                 "model": args.model,
+                "strategy": args.strategy,
+                "optimizer": recipe.optimizer,
                 "institutions": args.institutions,
                 "rounds": args.rounds,
                 "local_steps": args.local_steps,

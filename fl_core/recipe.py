@@ -464,15 +464,33 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 #: SCAFFOLD's client learning rate. Its clients take plain SGD steps: the option-II control
 #: variate estimates a client's mean gradient as (x - y_i) / (K * lr), true only for SGD, so
-#: AdamW's per-coordinate rates (and its defaults' lr) do not apply.
-SCAFFOLD_SGD_LR: dict[BaseKind, float] = {"embedded": 0.5, "pretrained": 0.05}
+#: AdamW's per-coordinate rates (and its defaults' lr) do not apply. Embedded, 8 rounds
+#: (benchmarks/strategies.py, pooled held-out loss from 7.99): lr 0.2 -> 5.27, 0.5 -> 4.58,
+#: 1.0 -> 3.74 (FedAvg with AdamW: 3.78). Pretrained: measured with benchmarks/recipe_lr.py
+#: --strategy scaffold on SmolLM2-135M (see the README).
+SCAFFOLD_SGD_LR: dict[BaseKind, float] = {"embedded": 1.0, "pretrained": 0.05}
 
-#: Strategy hyper-parameters used when the user sets none, per base (see the README's strategy
-#: table for the measurements); a user's ``strategy_params`` override them key by key.
-STRATEGY_DEFAULTS: dict[BaseKind, dict[str, dict[str, float]]] = {
-    "embedded": {},
-    "pretrained": {},
+#: Server-side strategy settings used when the user sets none (a user's ``strategy_params``
+#: override them key by key), measured on the embedded task with benchmarks/strategies.py
+#: (8 rounds, pooled held-out loss from 7.99; FedAvg reaches 3.78):
+#:
+#: * FedAvgM: the textbook eta 1, momentum 0.9 spikes to 10.2 in round 2 and ends at 5.06;
+#:   eta 0.1 / 0.9 climbs back to 7.32; eta 0.5 / 0.5 bumps up in round 3 (3.99 at the end);
+#:   eta 0.7 / 0.3 learns smoothly (3.88). AdamW clients already move every coordinate by
+#:   about their lr each step, so heavy server momentum overshoots.
+#: * FedAdam / FedYogi / FedAdagrad: server momentum beta1 0.9 with eta 0.01 bottoms out at 5.9
+#:   and climbs to 6.9 (FedAdam); smaller eta only slows it (6.53 at 3e-3); beta1 0 with eta
+#:   0.01 learns (FedAdam 3.67). The server's step is about eta per coordinate per round, so
+#:   eta is tied to the client lr (eta = lr), which carries the measured ratio to a pretrained
+#:   base (not measured there).
+STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
+    "fedavgm": {"eta": 0.7, "beta1": 0.3},
+    "fedadam": {"beta1": 0.0},
+    "fedyogi": {"beta1": 0.0},
+    "fedadagrad": {"beta1": 0.0},
 }
+#: Strategies whose server step size defaults to the client lr.
+ETA_FROM_CLIENT_LR = frozenset({"fedadam", "fedyogi", "fedadagrad"})
 
 
 @dataclass(frozen=True)
@@ -502,12 +520,20 @@ def resolve(kind: BaseKind, overrides: Mapping[str, Any]) -> Resolved:
             f"SCAFFOLD: clients train with plain SGD at lr {lr:g} (its control variates "
             "assume SGD steps; AdamW's defaults do not apply)"
         )
-    params = dict(STRATEGY_DEFAULTS[kind].get(strategy, {}))
+    params = dict(STRATEGY_DEFAULTS.get(strategy, {}))
+    if strategy in ETA_FROM_CLIENT_LR:
+        params["eta"] = float(overrides.get("lr", chosen.get("lr", base.lr)))
     given = dict(overrides.get("strategy_params", ()))
-    if params and not given:
+    unset = {k: v for k, v in params.items() if k not in given}
+    if unset:
         notes.append(
-            f"{strategy} defaults for this base: "
-            + ", ".join(f"{k} {v:g}" for k, v in sorted(params.items()))
+            f"{strategy}: measured defaults "
+            + ", ".join(f"{k} {v:g}" for k, v in sorted(unset.items()))
+            + (
+                " (eta = the client lr)"
+                if "eta" in unset and strategy in ETA_FROM_CLIENT_LR
+                else ""
+            )
         )
     params.update(given)
     values = {**chosen, **overrides, "strategy_params": _params(params)}

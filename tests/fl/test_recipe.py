@@ -11,6 +11,8 @@ from fl_core.recipe import (
     EMBEDDED,
     FIELDS,
     PRETRAINED,
+    SCAFFOLD_SGD_LR,
+    STRATEGY_DEFAULTS,
     Recipe,
     RecipeError,
     add_arguments,
@@ -18,6 +20,7 @@ from fl_core.recipe import (
     fields_for,
     overrides_from_args,
     overrides_from_mapping,
+    resolve,
 )
 
 
@@ -119,3 +122,21 @@ def test_dict_round_trip() -> None:
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     with pytest.raises(RecipeError, match="unknown recipe keys: bogus"):
         Recipe.from_dict({"bogus": 1})
+
+
+def test_strategies_get_their_measured_defaults_and_say_so() -> None:
+    scaffold = resolve("embedded", {"strategy": "scaffold"})
+    assert scaffold.recipe.optimizer == "sgd" and scaffold.recipe.lr == SCAFFOLD_SGD_LR["embedded"]
+    assert "SCAFFOLD: clients train with plain SGD" in scaffold.notes[0]
+    assert resolve("pretrained", {"strategy": "scaffold", "lr": 0.3}).recipe.lr == 0.3
+    with pytest.raises(RecipeError, match="SCAFFOLD's control variates assume plain SGD"):
+        resolve("embedded", {"strategy": "scaffold", "optimizer": "adamw"})
+    adam = resolve("pretrained", {"strategy": "fedadam"})
+    assert adam.recipe.params() == {"beta1": 0.0, "eta": PRETRAINED.lr}
+    assert "eta = the client lr" in adam.notes[0]
+    mine = resolve("embedded", {"strategy": "fedadam", "strategy_params": (("eta", 0.5),)})
+    assert mine.recipe.params() == {"beta1": 0.0, "eta": 0.5}
+    assert (
+        resolve("embedded", {"strategy": "fedavgm"}).recipe.params() == STRATEGY_DEFAULTS["fedavgm"]
+    )
+    assert resolve("embedded", {}).recipe.params() == {} and resolve("embedded", {}).notes == ()
