@@ -475,22 +475,27 @@ SCAFFOLD_SGD_LR: dict[BaseKind, float] = {"embedded": 1.0, "pretrained": 0.05}
 #: (8 rounds, pooled held-out loss from 7.99; FedAvg reaches 3.78):
 #:
 #: * FedAvgM: the textbook eta 1, momentum 0.9 spikes to 10.2 in round 2 and ends at 5.06;
-#:   eta 0.1 / 0.9 climbs back to 7.32; eta 0.5 / 0.5 bumps up in round 3 (3.99 at the end);
-#:   eta 0.7 / 0.3 learns smoothly (3.88). AdamW clients already move every coordinate by
-#:   about their lr each step, so heavy server momentum overshoots.
-#: * FedAdam / FedYogi / FedAdagrad: server momentum beta1 0.9 with eta 0.01 bottoms out at 5.9
-#:   and climbs to 6.9 (FedAdam); smaller eta only slows it (6.53 at 3e-3); beta1 0 with eta
-#:   0.01 learns (FedAdam 3.67). The server's step is about eta per coordinate per round, so
-#:   eta is tied to the client lr (eta = lr), which carries the measured ratio to a pretrained
-#:   base (not measured there).
+#:   eta 0.1 / 0.9 climbs back to 7.32 after 5.77; eta 0.5 / 0.5 bumps up in round 3 (3.99 at
+#:   the end); eta 0.7 / 0.3 -> 3.88; eta 1 / 0.3 -> 3.59. AdamW clients already move every
+#:   coordinate by about their lr each step, so heavy server momentum overshoots.
+#: * FedAdam / FedYogi: server momentum beta1 0.9 with eta 0.01 bottoms out at 5.9 and climbs
+#:   to 6.9; a smaller eta only slows it (FedAdam 6.53 at 3e-3, 7.72 at 1e-3); beta1 0 with
+#:   eta 0.01 learns (FedAdam 3.67, FedYogi 3.68).
+#: * FedAdagrad (its step shrinks as squares accumulate): beta1 0.9 ends at 7.67 (eta 0.01),
+#:   6.33 (0.03), 6.61 after 5.86 (0.1); beta1 0 -> 6.31 (0.01), 4.68 (0.03), 4.02 (0.05),
+#:   3.93 after a first round at 8.85 (0.1).
+#:
+#: The adaptive servers' step is about eta per coordinate per round, so their eta is a multiple
+#: of the client lr (:data:`ETA_PER_CLIENT_LR`), which carries the measured ratio to a pretrained
+#: base (not measured there).
 STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
-    "fedavgm": {"eta": 0.7, "beta1": 0.3},
+    "fedavgm": {"eta": 1.0, "beta1": 0.3},
     "fedadam": {"beta1": 0.0},
     "fedyogi": {"beta1": 0.0},
     "fedadagrad": {"beta1": 0.0},
 }
-#: Strategies whose server step size defaults to the client lr.
-ETA_FROM_CLIENT_LR = frozenset({"fedadam", "fedyogi", "fedadagrad"})
+#: Default server step size of the adaptive strategies, in units of the client lr.
+ETA_PER_CLIENT_LR: dict[str, float] = {"fedadam": 1.0, "fedyogi": 1.0, "fedadagrad": 5.0}
 
 
 @dataclass(frozen=True)
@@ -521,19 +526,17 @@ def resolve(kind: BaseKind, overrides: Mapping[str, Any]) -> Resolved:
             "assume SGD steps; AdamW's defaults do not apply)"
         )
     params = dict(STRATEGY_DEFAULTS.get(strategy, {}))
-    if strategy in ETA_FROM_CLIENT_LR:
-        params["eta"] = float(overrides.get("lr", chosen.get("lr", base.lr)))
+    if strategy in ETA_PER_CLIENT_LR:
+        lr = float(overrides.get("lr", chosen.get("lr", base.lr)))
+        params["eta"] = ETA_PER_CLIENT_LR[strategy] * lr
     given = dict(overrides.get("strategy_params", ()))
     unset = {k: v for k, v in params.items() if k not in given}
     if unset:
+        tied = ETA_PER_CLIENT_LR.get(strategy) if "eta" in unset else None
         notes.append(
             f"{strategy}: measured defaults "
             + ", ".join(f"{k} {v:g}" for k, v in sorted(unset.items()))
-            + (
-                " (eta = the client lr)"
-                if "eta" in unset and strategy in ETA_FROM_CLIENT_LR
-                else ""
-            )
+            + (f" (eta = {tied:g} x the client lr)" if tied else "")
         )
     params.update(given)
     values = {**chosen, **overrides, "strategy_params": _params(params)}

@@ -133,7 +133,9 @@ def test_strategies_get_their_measured_defaults_and_say_so() -> None:
         resolve("embedded", {"strategy": "scaffold", "optimizer": "adamw"})
     adam = resolve("pretrained", {"strategy": "fedadam"})
     assert adam.recipe.params() == {"beta1": 0.0, "eta": PRETRAINED.lr}
-    assert "eta = the client lr" in adam.notes[0]
+    assert "eta = 1 x the client lr" in adam.notes[0]
+    adagrad = resolve("embedded", {"strategy": "fedadagrad", "lr": 0.02})
+    assert adagrad.recipe.params()["eta"] == pytest.approx(0.1)
     mine = resolve("embedded", {"strategy": "fedadam", "strategy_params": (("eta", 0.5),)})
     assert mine.recipe.params() == {"beta1": 0.0, "eta": 0.5}
     assert (
