@@ -17,10 +17,10 @@ directory (:func:`model_source`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,22 +133,20 @@ def build_default_base(
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
     """transformers' own progress bars (GGUF conversion, shard writing) off for a while."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    # The GGUF converter uses a plain tqdm bar, which reads its defaults from TQDM_* variables.
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    # The GGUF converter uses its own tqdm bar, not transformers' switch.
+    bar = getattr(gguf_utils, "tqdm")  # noqa: B009 - not in the module's typed exports
+    setattr(gguf_utils, "tqdm", functools.partial(bar, disable=True))  # noqa: B010
     try:
         yield
     finally:
+        setattr(gguf_utils, "tqdm", bar)  # noqa: B010
         if shown:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
-        if previous is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = previous
 
 
 def save_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:

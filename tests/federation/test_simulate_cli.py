@@ -273,3 +273,18 @@ def test_one_file_split_into_institutions(tmp_path: Path) -> None:
     assert run["samples"] == {"brainstorm": 27, "qa": 27, "summary": 27}
     assert run["eval_sets"] == {"brainstorm": 3, "qa": 3, "summary": 3}
     assert "split field by category" in run["data"]
+
+
+@pytest.mark.usefixtures("tiny_defaults")
+def test_tensorboard_scalars_per_round(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = ["simulate", "--institutions", "3", "--rounds", "2", "--local-steps", "1", *TINY]
+    assert main([*argv, "--tensorboard", "--out", str(out), "--quiet"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train_loss", "eval_loss/pooled", "eval_loss/cardiology-1"} <= tags
+    assert [e.step for e in events.Scalars("eval_loss/pooled")] == [1, 2]
