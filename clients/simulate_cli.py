@@ -773,6 +773,55 @@ class _Scalars:
             self.writer.close()
 
 
+def _record_initial(
+    writer: RunWriter,
+    trainer: TorchTrainer,
+    vector: np.ndarray,
+    questions: Mapping[str, Sequence[Example]],
+    use: ChatTemplateUse,
+) -> dict[str, float]:
+    """Score the untrained adapter (losses and answers) into ``initial.json``."""
+    work = trainer.work
+    initial = trainer.evaluate(vector)
+    before = _answer(work, vector, questions, use)
+    writer.write_json(
+        INITIAL_FILE,
+        {
+            "eval_loss": initial,
+            "eval_loss_pooled": work.pooled(initial),
+            "generation": {n: s.to_json() for n, s in before.items()},
+            "answers": {n: [a.answer for a in s.answers] for n, s in before.items()},
+        },
+    )
+    return initial
+
+
+def _generation_summary(
+    writer: RunWriter,
+    work: Workload,
+    vector: np.ndarray,
+    questions: Mapping[str, Sequence[Example]],
+    use: ChatTemplateUse,
+) -> dict[str, Any] | None:
+    """The trained adapter's answers beside the untrained one's (from ``initial.json``)."""
+    if not questions:
+        return None
+    saved = writer.read_json(INITIAL_FILE)
+    after = _answer(work, vector, questions, use)
+    return {
+        "before": saved.get("generation", {}),
+        "after": {n: s.to_json() for n, s in after.items()},
+        "samples": _sample_rows(saved.get("answers", {}), after),
+        "answers": {
+            n: [
+                {"question": a.question, "reference": a.reference, "answer": a.answer}
+                for a in s.answers
+            ]
+            for n, s in after.items()
+        },
+    }
+
+
 def _check_resume_flags(args: argparse.Namespace, parser_defaults: Mapping[str, Any]) -> None:
     given = sorted(
         k for k, v in vars(args).items() if k not in _RESUME_FLAGS and v != parser_defaults.get(k)
@@ -815,21 +864,10 @@ def run(args: argparse.Namespace) -> int:
         use = spec.recipe.chat_template
         questions = _generation_examples(work, spec.generate)
         if state is None:
-            initial = trainer.evaluate(fed.global_vector)
-            before = _answer(work, fed.global_vector, questions, use)
-            writer.write_json(
-                INITIAL_FILE,
-                {
-                    "eval_loss": initial,
-                    "eval_loss_pooled": work.pooled(initial),
-                    "generation": {n: s.to_json() for n, s in before.items()},
-                    "answers": {n: [a.answer for a in s.answers] for n, s in before.items()},
-                },
-            )
+            initial = _record_initial(writer, trainer, fed.global_vector, questions, use)
             start = 0
         else:
-            saved = writer.read_json(INITIAL_FILE)
-            initial = {k: float(v) for k, v in saved["eval_loss"].items()}
+            initial = {k: float(v) for k, v in writer.read_json(INITIAL_FILE)["eval_loss"].items()}
             fed.global_vector = state.global_vector.astype(np.float32)
             if state.strategy:
                 fed.strategy.load_state_dict(state.strategy)
@@ -874,23 +912,7 @@ def run(args: argparse.Namespace) -> int:
         with bar:
             fed.run(on_round, start=start)
         scalars.close()
-        generation = None
-        if questions:
-            saved_answers = writer.read_json(INITIAL_FILE)
-            after = _answer(work, fed.global_vector, questions, use)
-            before_scores = saved_answers.get("generation", {})
-            generation = {
-                "before": before_scores,
-                "after": {n: s.to_json() for n, s in after.items()},
-                "samples": _sample_rows(saved_answers.get("answers", {}), after),
-                "answers": {
-                    n: [
-                        {"question": a.question, "reference": a.reference, "answer": a.answer}
-                        for a in s.answers
-                    ]
-                    for n, s in after.items()
-                },
-            }
+        generation = _generation_summary(writer, work, fed.global_vector, questions, use)
         initial_pooled = float(writer.read_json(INITIAL_FILE)["eval_loss_pooled"])
         writer.finish(initial, time.perf_counter() - started, generation, initial_pooled)
     except (DataFormatError, EmptyDatasetError, ModelLoadError, ChatTemplateError) as exc:
