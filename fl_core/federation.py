@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
@@ -73,11 +72,17 @@ from fl_core.aggregation import (
 from fl_core.aggregation import SecureAggregateMismatch as SecureAggregateMismatch
 from fl_core.aggregation import quantization_bound as quantization_bound
 from fl_core.errors import FLError
-from fl_core.round import EncodingSpec, client_contribution, release_record, round_context
+from fl_core.round import (
+    EncodingSpec,
+    calibrate_run,
+    client_contribution,
+    release_record,
+    round_context,
+)
 from fl_core.sampling import ClientSampler
 from fl_core.strategies import ClientOptions, Strategy, build_strategy
 from fl_core.updates import check_finite
-from secagg.dp.calibration import Calibration, calibrate
+from secagg.dp.calibration import Calibration
 from secagg.dp.noise import Mechanism
 from secagg.errors import ConfigurationError
 from secagg.params import SessionShape, release_floor, session_shape
@@ -332,19 +337,12 @@ class Federation:
                 config.cohort, self.graph.min_release, config.secagg.dropout_fraction
             )
             try:
-                self.calibration = calibrate(
-                    mechanism=dp.mechanism,
-                    epsilon=dp.epsilon,
-                    delta=dp.delta,
-                    # Against the server, who knows the cohorts: no amplification.
+                self.calibration = calibrate_run(
+                    dp,
                     participations=config.participations(),
-                    expected_cohort=config.cohort,
-                    # Sized for the fewest contributors a round may release (enforced below).
-                    dropouts=config.cohort - self.min_release,
-                    ring_bits=dp.ring_bits,
-                    clip=dp.clip,
-                    dim=size,
-                    seed=os.urandom(32),
+                    cohort=config.cohort,
+                    floor=self.min_release,
+                    contribution_size=size,
                 )
             except ConfigurationError as exc:
                 raise FederationConfigError(f"DP calibration: {exc}") from exc

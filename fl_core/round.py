@@ -27,14 +27,15 @@ import hashlib
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from fl_core.strategies import AggregateInput, ClientOptions, Strategy
-from secagg.dp.calibration import Calibration, release_event
+from secagg.dp.calibration import Calibration, calibrate, release_event
 from secagg.dp.encoder import DpEncoder, DpParams
+from secagg.dp.noise import Mechanism
 from secagg.encoding import QuantizationParams, decode_sum, encode
 from secagg.errors import ConfigurationError
 from secagg.params import SessionShape
@@ -202,6 +203,42 @@ class EncodingSpec:
             self.ring_bits, self.clip, cohort_size, self.max_weight, weighted=self.weighted
         )
         return RoundCodec(self.contribution_size, quant=quant)
+
+
+class DpTarget(Protocol):
+    """A run's DP settings (``fl_core.federation.DpSettings``, the server's ``[dp]``)."""
+
+    @property
+    def epsilon(self) -> float: ...
+    @property
+    def delta(self) -> float: ...
+    @property
+    def clip(self) -> float: ...
+    @property
+    def mechanism(self) -> Mechanism: ...
+    @property
+    def ring_bits(self) -> int: ...
+
+
+def calibrate_run(
+    dp: DpTarget, *, participations: int, cohort: int, floor: int, contribution_size: int
+) -> Calibration:
+    """The run's DP noise, one rule for the simulation and the deployment: the coordinator
+    knows the cohorts, so no amplification (``participations``: releases an institution may be
+    in); each client's share is sized for ``floor``, the fewest contributors a round may release
+    (every session enforces it); a fresh public rotation seed. Raises ``ConfigurationError``."""
+    return calibrate(
+        mechanism=dp.mechanism,
+        epsilon=dp.epsilon,
+        delta=dp.delta,
+        participations=participations,
+        expected_cohort=cohort,
+        dropouts=cohort - floor,
+        ring_bits=dp.ring_bits,
+        clip=dp.clip,
+        dim=contribution_size,
+        seed=os.urandom(32),
+    )
 
 
 def release_record(

@@ -16,7 +16,6 @@ server applies it through :meth:`GlobalModel.apply_sum`, the same step the maski
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +23,13 @@ import numpy as np
 
 from fl_core.adapter_io import AdapterConfig, load_adapter, save_adapter
 from fl_core.errors import AdapterFormatError
-from fl_core.round import EncodingSpec
+from fl_core.round import EncodingSpec, calibrate_run
 from fl_core.strategies import AggregateInput, Strategy, build_strategy
 from fl_core.updates import LoraLayout
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire.convert import codec_from_config, codec_to_config
 from fl_core.wire.toml_config import ConfigError
-from secagg.dp.calibration import Calibration, calibrate
+from secagg.dp.calibration import Calibration
 from secagg.errors import ConfigurationError
 from secagg.protocol import AggregateResult
 from server.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
@@ -46,17 +45,12 @@ def _calibrate(config: ServerConfig, contribution_size: int) -> Calibration:
         raise ConfigError("no [dp] to calibrate")
     floor = rounds.dp_floor(rounds.cohort_size)
     try:
-        return calibrate(
-            mechanism=dp.mechanism,
-            epsilon=dp.epsilon,
-            delta=dp.delta,
+        return calibrate_run(
+            dp,
             participations=rounds.rounds,
-            expected_cohort=rounds.cohort_size,
-            dropouts=rounds.cohort_size - floor,
-            ring_bits=dp.ring_bits,
-            clip=dp.clip,
-            dim=contribution_size,
-            seed=os.urandom(32),
+            cohort=rounds.cohort_size,
+            floor=floor,
+            contribution_size=contribution_size,
         )
     except ConfigurationError as exc:
         raise ConfigError(f"[dp]: {exc}") from None
