@@ -173,7 +173,7 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
     train: TrainOptions | None = None
     if top.has("train"):
         t = top.table("train")
-        base = t.string("base", default="embedded")
+        base = _resolve_base(path, t.string("base", default="embedded"))
         kind: BaseKind = "embedded" if base == "embedded" else "pretrained"
         train = TrainOptions(
             base=base,
@@ -227,3 +227,22 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
         secret_path,
         secret,
     )
+
+
+def _resolve_base(path: Path, base: str) -> str:
+    """``[train] base``: ``embedded``, a named model, or a model directory, which like every
+    other path in the file is relative to the file, and must exist (a client that cannot load
+    its base must not start)."""
+    # Imported here: the model catalogue loads torch, which only training clients need.
+    from clients.model_factory import NAMED_MODELS
+
+    if base == "embedded" or base in NAMED_MODELS:
+        return base
+    directory = (path.parent / Path(base).expanduser()).resolve()
+    if not directory.is_dir():
+        raise ConfigError(
+            f"{path}: train.base: {directory} is not a model directory (relative paths are "
+            f"relative to this file); use a directory, embedded, or one of "
+            f"{', '.join(NAMED_MODELS)}"
+        )
+    return str(directory)

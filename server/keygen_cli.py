@@ -5,7 +5,13 @@ Two uses:
 - ``fedsec keygen --out DIR --clients N`` writes a complete development deployment: a dev CA
   with a server certificate (and per-client certificates for mutual TLS) under ``DIR/pki``,
   ``N`` identities ``DIR/client-<id>/identity.key``, the roster ``DIR/roster.toml`` listing
-  them, and ready-to-run configs ``DIR/server.toml`` and ``DIR/client-<id>/client.toml``.
+  them, and ready-to-run configs ``DIR/server.toml`` and ``DIR/client-<id>/client.toml``. By
+  default (``--task train``) the federation fine-tunes the embedded model with LoRA, each
+  institution on one of the embedded synthetic institutions' data: keygen also writes the
+  starting adapter ``DIR/initial-adapter`` (what institution 1 would write with ``fedsec client
+  --init-adapter``) and the embedded base model with its tokenizer, ``DIR/base-model``, so the
+  global adapters the server checkpoints load in plain PEFT from the deployment directory alone.
+  ``--task random`` makes a protocol drill that sums random vectors instead.
 - ``fedsec keygen --out DIR --clients N --backend ckks`` also makes the federation's CKKS keys
   the way institutions make them (:mod:`clients.he_keys_cli`: announce, deal, open), all in one
   process for a local development federation: client 1 acts as the key dealer, the public
@@ -34,6 +40,13 @@ from fl_core.wire.toml_config import check_host
 from secagg.keys import Identity, Roster
 from secagg.params import session_shape
 
+#: Where a training deployment keeps its starting adapter and the embedded base model.
+INITIAL_ADAPTER = "initial-adapter"
+BASE_MODEL = "base-model"
+#: Synthetic institutions of the embedded federation the development clients train on (client
+#: ids beyond it reuse them in turn: the base model does not depend on the cohort size).
+EMBEDDED_INSTITUTIONS = 4
+
 #: Where a ckks development deployment keeps the coordinator's public context and each
 #: institution's secret context (relative to the deployment and to the client's directory).
 PUBLIC_CONTEXT = "he/public-context.bin"
@@ -56,6 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("masking", "ckks"),
         default="masking",
         help="aggregation backend of the generated configs; ckks also makes the CKKS keys",
+    )
+    parser.add_argument(
+        "--task",
+        choices=("train", "random"),
+        default="train",
+        help="what the generated federation does: fine-tune the embedded model with LoRA "
+        "(train, the default; also writes DIR/initial-adapter and DIR/base-model) or sum random "
+        "vectors (random: a protocol drill, no torch on the clients)",
     )
     parser.add_argument("--identity", type=Path, help="write one identity key to this file")
     parser.add_argument("--id", type=int, help="client id of the --identity key")
@@ -83,7 +104,39 @@ def _one_identity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_toml(port: int, clients: int, backend: str) -> str:
+def _task_toml(task: str) -> str:
+    if task == "random":
+        return """[task]
+# A protocol drill: every institution sends a random vector; the server checks the exact sum.
+kind = "random"
+dim = 1000
+"""
+    return f"""[task]
+# Fine-tune with LoRA from this adapter (written by keygen as institution 1 would with
+# `fedsec client --config client-1/client.toml --init-adapter DIR`). Each round's global adapter
+# goes to state/checkpoints/adapter-<round>; the run record to state/run.
+kind = "train"
+initial_adapter = "{INITIAL_ADAPTER}"
+strategy = "fedavg"
+"""
+
+
+def _train_toml(client_id: int, names: list[str]) -> str:
+    name = names[(client_id - 1) % len(names)]
+    return f"""
+[train]
+# The embedded tiny Llama, which every institution builds identically from the embedded corpus.
+# For a real model: base = "a/local/model/directory" (relative to this file) or "smollm2-135m".
+base = "embedded"
+institutions = {len(names)}
+
+[data]
+# One of the embedded synthetic institutions; for your own data: jsonl = "path/to/train.jsonl".
+synthetic = "{name}"
+"""
+
+
+def _server_toml(port: int, clients: int, backend: str, task: str) -> str:
     # The smallest sum a full cohort may release against an active server, and a round may
     # lose one client and still finish.
     threshold = session_shape(clients).min_release
@@ -117,18 +170,16 @@ state_dir = "state"
 # workers = 4
 
 [rounds]
-count = 2
+count = {3 if task == "train" else 2}
 {rounds}
 stage_timeout_s = 30.0
-join_timeout_s = 60.0
+# Also the deadline of a round's first message, which clients send after training.
+join_timeout_s = {600.0 if task == "train" else 60.0}
 
-[task]
-kind = "random"
-dim = 1000
-{ckks}"""
+{_task_toml(task)}{ckks}"""
 
 
-def _client_toml(client_id: int, host: str, port: int, backend: str) -> str:
+def _client_toml(client_id: int, host: str, port: int, backend: str, train: str) -> str:
     ckks = (
         f'''
 [ckks]
@@ -153,7 +204,32 @@ min_ring_bits = 16
 # How many of a cohort this institution assumes may collude with the coordinator: it refuses
 # any round whose threshold, neighbourhood degree or survivor-set quorum is unsafe for that.
 corrupt_fraction = 0.05
-{ckks}"""
+{train}{ckks}"""
+
+
+def _write_training_start(out: Path) -> None:
+    """The starting adapter and the embedded base with its tokenizer, built as the clients
+    build them (imported here: torch loads only when a training deployment is made)."""
+    from clients.client_config import load_client_config
+    from clients.model_factory import build_default_base, save_base
+    from clients.synthetic import make_federation
+    from clients.train_task import LocalTrainer
+
+    config = load_client_config(out / "client-1" / "client.toml")
+    LocalTrainer(config).write_initial_adapter(out / INITIAL_ADAPTER)
+    options = config.train
+    if options is None:  # _train_toml wrote a [train] table; narrows the type for mypy
+        raise UsageError("internal: client-1 was written without [train]")
+    federation = make_federation(
+        options.institutions, options.records, seed=options.federation_seed
+    )
+    save_base(*build_default_base(federation.corpus()), out / BASE_MODEL)
+
+
+def _embedded_names() -> list[str]:
+    from clients.synthetic import make_federation
+
+    return [i.name for i in make_federation(EMBEDDED_INSTITUTIONS, 1).institutions]
 
 
 def _dev_ckks_keys(out: Path, identities: dict[int, Identity]) -> None:
@@ -211,6 +287,7 @@ def _dev_bundle(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} already holds a deployment; refusing to overwrite its keys")
     hosts = args.host or ["localhost", "127.0.0.1"]
     ids = list(range(1, args.clients + 1))
+    names = _embedded_names() if args.task == "train" else []
     make_dev_pki(out / "pki", hosts, ids)
     entries = []
     identities = {}
@@ -220,14 +297,24 @@ def _dev_bundle(args: argparse.Namespace) -> int:
         save_identity(identity, out / f"client-{client_id}" / "identity.key")
         entries.append(RosterEntry(client_id, f"client-{client_id}", identity.public_bytes))
         (out / f"client-{client_id}" / "client.toml").write_text(
-            _client_toml(client_id, hosts[0], args.port, args.backend)
+            _client_toml(
+                client_id,
+                hosts[0],
+                args.port,
+                args.backend,
+                _train_toml(client_id, names) if names else "",
+            )
         )
     write_roster(entries, out / "roster.toml")
     if args.backend == "ckks":
         _dev_ckks_keys(out, identities)
-    (out / "server.toml").write_text(_server_toml(args.port, args.clients, args.backend))
+    if names:
+        print("building the embedded model's starting adapter and base...", flush=True)
+        _write_training_start(out)
+    (out / "server.toml").write_text(_server_toml(args.port, args.clients, args.backend, args.task))
     print(
-        f"wrote a development deployment for {args.clients} institutions ({args.backend}) to {out}"
+        f"wrote a development deployment for {args.clients} institutions ({args.backend}, "
+        f"{args.task}) to {out}"
     )
     return 0
 

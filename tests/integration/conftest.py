@@ -75,7 +75,22 @@ class Deployment:
     def __init__(self, root: Path, clients: int, **rounds: object) -> None:
         self.root = root
         self.procs: list[Proc] = []
-        assert fedsec(["keygen", "--out", str(root), "--clients", str(clients), "--port", "1"]) == 0
+        assert (
+            fedsec(
+                [
+                    "keygen",
+                    "--out",
+                    str(root),
+                    "--clients",
+                    str(clients),
+                    "--port",
+                    "1",
+                    "--task",
+                    "random",
+                ]
+            )
+            == 0
+        )
         self.settings: dict[str, object] = {
             "count": 2,
             "cohort_size": clients,

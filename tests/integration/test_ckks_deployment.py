@@ -37,9 +37,11 @@ def _server_toml(root: Path, port: int) -> None:
     # Two of the five clients are lost: a rerun may start with the three left.
     text = text.replace("min_clients = 4", "min_clients = 3")
     # The upload deadline is the join timeout (clients train before they upload); the decrypt
-    # deadline is the stage timeout. Short, so a missing client costs seconds.
+    # deadline is the stage timeout. Short, so a missing client costs seconds; the join timeout
+    # long enough that on a loaded machine all five processes are up before round 0 starts
+    # (otherwise it starts without a slow starter, and the faults injected below miss it).
     text = text.replace("stage_timeout_s = 30.0", "stage_timeout_s = 4.0")
-    text = text.replace("join_timeout_s = 60.0", f"join_timeout_s = 8.0\nseed = {SEED}")
+    text = text.replace("join_timeout_s = 60.0", f"join_timeout_s = 20.0\nseed = {SEED}")
     (root / "server.toml").write_text(text)
 
 
@@ -62,7 +64,21 @@ def _files(*roots: Path) -> list[Path]:
 def test_ckks_round_survives_a_lost_client_and_a_silent_decryptor(tmp_path: Path) -> None:
     root = tmp_path / "d"
     assert (
-        fedsec(["keygen", "--out", str(root), "--clients", "5", "--backend", "ckks", "--port", "1"])
+        fedsec(
+            [
+                "keygen",
+                "--out",
+                str(root),
+                "--clients",
+                "5",
+                "--backend",
+                "ckks",
+                "--port",
+                "1",
+                "--task",
+                "random",
+            ]
+        )
         == 0
     )
     _server_toml(root, 0)

@@ -64,7 +64,22 @@ DIM = 1000
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ckks") / "d"
-    assert fedsec(["keygen", "--out", str(root), "--clients", "4", "--backend", "ckks"]) == 0
+    assert (
+        fedsec(
+            [
+                "keygen",
+                "--out",
+                str(root),
+                "--clients",
+                "4",
+                "--backend",
+                "ckks",
+                "--task",
+                "random",
+            ]
+        )
+        == 0
+    )
     return root
 
 

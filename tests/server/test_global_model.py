@@ -21,7 +21,9 @@ B = "base_model.model.layers.0.q_proj.lora_B.weight"
 
 @pytest.fixture
 def config_path(tmp_path: Path) -> Path:
-    assert fedsec(["keygen", "--out", str(tmp_path / "d"), "--clients", "3"]) == 0
+    assert (
+        fedsec(["keygen", "--out", str(tmp_path / "d"), "--clients", "3", "--task", "random"]) == 0
+    )
     root = tmp_path / "d"
     rng = np.random.default_rng(0)
     tensors = {

@@ -7,15 +7,20 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from cryptography import x509
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from clients.client_config import load_client_config
+from clients.train_task import LocalTrainer
 from fl_core.cli import UsageError, main
 from fl_core.wire.credentials import load_identity, load_roster
 from fl_core.wire.toml_config import ConfigError
 from secagg.params import SessionShape
 from server import keygen_cli
 from server.config import default_workers, load_server_config
+from server.keygen_cli import BASE_MODEL, INITIAL_ADAPTER
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +88,13 @@ def _edit(bundle: Path, tmp_path: Path, old: str, new: str) -> Path:
     ("old", "new", "message"),
     [
         ("ring_bits = 32", "ring_bits = 32\ntreshold = 3", r"unknown key\(s\) rounds.treshold"),
-        ("count = 2", "count = 2\nbogus = 1", r"unknown key\(s\) rounds.bogus"),
+        ("count = 3", "count = 3\nbogus = 1", r"unknown key\(s\) rounds.bogus"),
         ("ring_bits = 32", "ring_bits = 32\nthreshold = 5", r"of 4: threshold 5 exceeds"),
         ("corrupt_fraction = 0.05", "corrupt_fraction = 1.5", r"must be in \[0, 1\)"),
         ("cohort_size = 4", "cohort_size = 9", r"exceeds the 4 institutions"),
         ("ring_bits = 32", "ring_bits = 65", r"rounds.ring_bits must be <= 64"),
-        ("count = 2", 'count = "2"', r"rounds.count must be an integer"),
-        ('kind = "random"', 'kind = "magic"', r"task.kind must be one of random, train"),
+        ("count = 3", 'count = "3"', r"rounds.count must be an integer"),
+        ('kind = "train"', 'kind = "magic"', r"task.kind must be one of random, train"),
         ('roster = "roster.toml"', 'roster = "nope.toml"', r"server.roster: .* does not exist"),
         ("[task]", "[task", r"not valid TOML"),
         ('state_dir = "state"', 'state_dir = "state"\nworkers = 0', r"server.workers must be >= 1"),
@@ -143,3 +148,46 @@ def test_the_server_config_can_raise_the_threshold_never_lower_it(
     # With no corrupt client assumed in 4 (5 %), a 4-cycle with t = 2 is safe: 2t > k + 0 + 1.
     assert sparse.rounds.session_shape(4) == SessionShape(2, 2, 3)
     assert sparse.rounds.session_shape(40).neighbours == 8  # raised to the finder's degree
+
+
+def test_the_default_bundle_fine_tunes_the_embedded_model(bundle: Path) -> None:
+    server = load_server_config(bundle / "server.toml")
+    assert server.task.kind == "train" and server.task.initial_adapter == bundle / INITIAL_ADAPTER
+    names = set()
+    for client_id in (1, 2, 3, 4):
+        client = load_client_config(bundle / f"client-{client_id}" / "client.toml")
+        assert client.train is not None and client.train.base == "embedded"
+        names.add(client.synthetic)
+    assert len(names) == 4  # each institution trains on its own synthetic data
+
+    # The saved base is the one the institutions build: the starting adapter on it, in plain
+    # PEFT, computes what institution 1's own model computes.
+    trainer = LocalTrainer(load_client_config(bundle / "client-1" / "client.toml"))
+    base = AutoModelForCausalLM.from_pretrained(bundle / BASE_MODEL)
+    model = PeftModel.from_pretrained(base, str(bundle / INITIAL_ADAPTER))
+    ids = torch.tensor([[1, 5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trainer.lm.model(ids).logits)
+
+
+def test_task_random_makes_a_protocol_drill(tmp_path: Path) -> None:
+    out = tmp_path / "drill"
+    assert main(["keygen", "--out", str(out), "--clients", "3", "--task", "random"]) == 0
+    assert load_server_config(out / "server.toml").task.kind == "random"
+    assert load_client_config(out / "client-1" / "client.toml").train is None
+    assert not (out / INITIAL_ADAPTER).exists() and not (out / BASE_MODEL).exists()
+
+
+def test_train_base_directory_is_relative_to_the_config_file(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = bundle / "client-2" / "client.toml"
+    text = config.read_text().replace('base = "embedded"', 'base = "../base-model"')
+    edited = bundle / "client-2" / f"relative-{tmp_path.name}.toml"
+    edited.write_text(text)
+    monkeypatch.chdir(tmp_path)  # somewhere else: the path must not depend on it
+    loaded = load_client_config(edited)
+    assert loaded.train is not None and loaded.train.base == str((bundle / BASE_MODEL).resolve())
+    edited.write_text(text.replace("../base-model", "../no-such-model"))
+    with pytest.raises(ConfigError, match=r"train.base: .*no-such-model is not a model directory"):
+        load_client_config(edited)

@@ -22,7 +22,10 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def bundle(tmp_path: Path) -> Path:
     out = tmp_path / "d"
-    assert main(["keygen", "--out", str(out), "--clients", "3", "--port", "1"]) == 0
+    assert (
+        main(["keygen", "--out", str(out), "--clients", "3", "--port", "1", "--task", "random"])
+        == 0
+    )
     text = (out / "server.toml").read_text()
     (out / "server.toml").write_text(re.sub(r'listen = ".*"', 'listen = "127.0.0.1:0"', text))
     return out
