@@ -11,9 +11,15 @@ one JSON line:
   masked input (``ring_bits * d / 8``). TLS records and HTTP/2 frame headers add about 0.2 %
   on top (9 + ~22 bytes per 16 KiB) and are not counted;
 - ``transport_overhead``: ``round_s`` over the wall time of the same round (same cohort, same
-  inputs) run in one process by :func:`secagg.simulate.simulate_round`.
+  inputs, the same codec built from the same server config) run in one process by
+  :func:`secagg.simulate.simulate_round`, encoding included.
 
-Usage: ``.venv/bin/python benchmarks/server_load.py [--clients 20] [--dim 1000000]``
+With ``--dp-epsilon E`` the server config gains ``[dp] epsilon = E``: every client clips,
+rotates, rounds and adds its share of the Skellam noise (the round core's DP codec) before
+masking, in the deployment and in the in-process round alike.
+
+Usage: ``.venv/bin/python benchmarks/server_load.py [--clients 20] [--dim 1000000]
+[--dp-epsilon 8]``
 """
 
 from __future__ import annotations
@@ -30,14 +36,17 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.transport import random_input
+from clients.transport import random_input, random_update
 from fl_core.cli import main as fedsec
 from fl_core.wire import fedsec_pb2 as pb
-from secagg.encoding import QuantizationParams
+from fl_core.wire.convert import codec_from_config
 from secagg.packing import packed_size
 from secagg.params import session_shape
 from secagg.protocol import RoundParams
+from secagg.ring import Ring
 from secagg.simulate import simulate_round
+from server.config import load_server_config
+from server.global_model import GlobalModel
 from server.store import Store
 
 ENTRY = "import sys; from fl_core.cli import main; sys.exit(main())"
@@ -48,7 +57,7 @@ SEED = 11
 ROUNDS = 2
 
 
-def _server_toml(clients: int, dim: int, threshold: int) -> str:
+def _server_toml(clients: int, dim: int, threshold: int, dp_epsilon: float | None) -> str:
     return f"""[server]
 listen = "127.0.0.1:0"
 tls_cert = "pki/server.pem"
@@ -69,7 +78,7 @@ seed = {SEED}
 [task]
 kind = "random"
 dim = {dim}
-"""
+""" + (f"\n[dp]\nepsilon = {dp_epsilon}\n" if dp_epsilon is not None else "")
 
 
 def _client_toml(client_id: int, port: int) -> str:
@@ -94,14 +103,28 @@ def _wait_port(log: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
     raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}")
 
 
-def run_deployment(root: Path, clients: int, dim: int, threshold: int) -> dict[str, object]:
+def run_deployment(
+    root: Path, clients: int, dim: int, threshold: int, dp_epsilon: float | None
+) -> dict[str, object]:
     with open(os.devnull, "w") as quiet:
         sys.stdout, saved = quiet, sys.stdout
         try:
-            fedsec(["keygen", "--out", str(root), "--clients", str(clients), "--port", "1"])
+            fedsec(
+                [
+                    "keygen",
+                    "--out",
+                    str(root),
+                    "--clients",
+                    str(clients),
+                    "--port",
+                    "1",
+                    "--task",
+                    "random",
+                ]
+            )
         finally:
             sys.stdout = saved
-    (root / "server.toml").write_text(_server_toml(clients, dim, threshold))
+    (root / "server.toml").write_text(_server_toml(clients, dim, threshold, dp_epsilon))
     server_out = root / "server.out"
     with server_out.open("wb") as out, (root / "server.log").open("wb") as err:
         server = subprocess.Popen(
@@ -158,42 +181,49 @@ def run_deployment(root: Path, clients: int, dim: int, threshold: int) -> dict[s
     }
 
 
-def run_simulation(clients: int, dim: int, threshold: int) -> float:
-    """The same round in one process; like the deployment, it includes drawing the inputs."""
+def run_simulation(server_toml: Path, clients: int, threshold: int) -> tuple[float, int]:
+    """The same round in one process, from the deployment's own server config (so the same
+    codec: plain quantisation, or the DP codec); like the deployment, it includes drawing and
+    encoding the inputs."""
     cohort = list(range(1, clients + 1))
-    quant = QuantizationParams.fit(RING_BITS, 1.0, max_clients=clients)
-    config = pb.RoundConfig(
-        round_number=ROUNDS - 1,
-        ring_bits=RING_BITS,
-        dim=dim,
-        cohort=cohort,
-        clip=1.0,
-        scale=quant.scale,
-    )
-    config.random.seed = SEED
+    model = GlobalModel(load_server_config(server_toml))
+    config = pb.RoundConfig(round_number=ROUNDS - 1, cohort=cohort)
+    model.fill_round(config)
+    codec = codec_from_config(config)
     began = time.perf_counter()
-    inputs = {c: random_input(config, c) for c in cohort}
-    params = RoundParams(os.urandom(32), RING_BITS, dim, threshold, tuple(cohort))
+    if codec.dp is None:
+        inputs = {c: random_input(config, c) for c in cohort}
+    else:
+        inputs = {c: codec.encode(random_update(config, c), 1).vector for c in cohort}
+    params = RoundParams(
+        os.urandom(32), codec.ring_bits, codec.encoded_dim, threshold, tuple(cohort)
+    )
     result = simulate_round(params, inputs, record_masked_inputs=False)
     seconds = time.perf_counter() - began
-    expected = np.zeros(dim, dtype=np.uint64)
+    ring = Ring(codec.ring_bits)
+    expected = ring.zeros(codec.encoded_dim)
     for vector in inputs.values():
-        expected += vector
-    if not np.array_equal(result.result.sum, (expected % (1 << RING_BITS)).astype(np.uint32)):
+        expected = ring.reduce(expected + vector)
+    if not np.array_equal(result.result.sum, expected):
         raise RuntimeError("simulation sum is wrong")
-    return seconds
+    return seconds, codec.encoded_dim
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--dim", type=int, default=1_000_000)
+    parser.add_argument(
+        "--dp-epsilon", type=float, default=None, help="distributed DP at this epsilon ([dp])"
+    )
     args = parser.parse_args()
     threshold = session_shape(args.clients).threshold
     with tempfile.TemporaryDirectory(prefix="fedsec-load-") as tmp:
-        deployed = run_deployment(Path(tmp), args.clients, args.dim, threshold)
-    simulated_s = run_simulation(args.clients, args.dim, threshold)
-    payload = packed_size(RING_BITS, args.dim)
+        deployed = run_deployment(Path(tmp), args.clients, args.dim, threshold, args.dp_epsilon)
+        simulated_s, encoded_dim = run_simulation(
+            Path(tmp) / "server.toml", args.clients, threshold
+        )
+    payload = packed_size(RING_BITS, encoded_dim)
     per_client = deployed["bytes_per_client"]
     assert isinstance(per_client, list)
     round_s = float(deployed["round_s"])  # type: ignore[arg-type]
@@ -203,6 +233,8 @@ def main() -> int:
                 "clients": args.clients,
                 "dim": args.dim,
                 "ring_bits": RING_BITS,
+                "dp_epsilon": args.dp_epsilon,
+                "encoded_dim": encoded_dim,
                 "threshold": threshold,
                 "round_s": round(round_s, 3),
                 "first_round_s": round(float(deployed["first_round_s"]), 3),  # type: ignore[arg-type]
