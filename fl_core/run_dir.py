@@ -339,6 +339,11 @@ def _data_lines(config: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _one_line(text: str) -> str:
+    """A generated answer inside a Markdown list item: its line breaks become spaces."""
+    return " ".join(text.split())
+
+
 def _generation_lines(generation: Mapping[str, Any] | None) -> list[str]:
     if not generation:
         return []
@@ -365,10 +370,10 @@ def _generation_lines(generation: Mapping[str, Any] | None) -> list[str]:
         lines += ["", "### Answers before and after", ""]
         for sample in samples:
             lines += [
-                f"- **{sample['institution']}**: {sample['question']}",
-                f"  - reference: {sample['reference']}",
-                f"  - before: {sample['before'] or '(empty)'}",
-                f"  - after: {sample['after'] or '(empty)'}",
+                f"- **{sample['institution']}**: {_one_line(sample['question'])}",
+                f"  - reference: {_one_line(sample['reference'])}",
+                f"  - before: {_one_line(sample['before']) or '(empty)'}",
+                f"  - after: {_one_line(sample['after']) or '(empty)'}",
             ]
     return lines
 

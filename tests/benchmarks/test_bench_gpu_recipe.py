@@ -1,4 +1,5 @@
-"""benchmarks/gpu_recipe.py runs end to end (on the CPU, tiny) and refuses a missing GPU."""
+"""benchmarks/gpu_recipe.py runs end to end (on the CPU, tiny) and refuses, in one line, what this
+machine cannot run (no GPU, QLoRA or fp16 on the CPU, a missing model)."""
 
 from __future__ import annotations
 
@@ -39,4 +40,25 @@ def test_a_tiny_cpu_run_reports_steps_per_second_and_peak_memory() -> None:
 def test_without_a_gpu_it_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         bench.main(["--model", "embedded"])
-    assert info.value.code == 2 and "no CUDA GPU here" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "no CUDA GPU here" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "cpu", "--quantization", "4bit"], "quantization 4bit (QLoRA) needs a CUDA"),
+        (["--device", "cpu", "--precision", "fp16"], "precision fp16 needs a GPU"),
+        (["--device", "cpu", "--model", "/no/such/model"], "not a directory"),
+    ],
+)
+def test_what_this_machine_cannot_run_is_refused_in_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if "--model" not in argv:
+        argv = [*argv, "--model", "embedded"]
+    with pytest.raises(SystemExit) as info:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err
+    assert err.count("\n") == 1 and err.startswith("gpu_recipe.py: error: ")

@@ -131,7 +131,7 @@ def test_simulate_with_a_local_model_and_jsonl_data(tmp_path: Path) -> None:
     run = json.loads((out / "run.json").read_text())
     assert run["model"] == str(model) and run["lora_mode"] == "ffa"
     # A local directory is a pretrained base: its defaults, not the embedded model's.
-    assert run["recipe"]["lr"] == 2e-4 and run["base_model"]["path"] == str(model.resolve())
+    assert run["recipe"]["lr"] == 1e-3 and run["base_model"]["path"] == str(model.resolve())
     _, adapter = load_adapter(out / "adapters" / "round_0000")
     assert adapter.base_model_name_or_path == str(model.resolve())
     assert not (out / "base").exists()
