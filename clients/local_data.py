@@ -1,5 +1,8 @@
 """The institutions' data of a simulation: a folder of files, or one file split into institutions.
 
+The same layouts hold SFT records (:func:`load_data`) and preference pairs
+(:func:`clients.preference_data.load_preference_data`), through :func:`load_institutions`.
+
 * A folder: one data file per institution (``<institution>.jsonl``, ``.json``, ``.parquet`` or
   ``.csv``; the name is the stem); eval sets from ``test/<institution>.<ext>`` when that folder
   exists.

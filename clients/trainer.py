@@ -301,9 +301,10 @@ def batch_indices(
     return out
 
 
-def _batches(
+def pad_batch(
     data: TokenizedDataset, order: np.ndarray, pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
+    """Rows ``order`` of ``data`` right-padded to one width: ids, labels and attention mask."""
     width = max(len(data.input_ids[i]) for i in order)
     ids = np.full((len(order), width), pad_id, dtype=np.int64)
     labels = np.full((len(order), width), IGNORE_INDEX, dtype=np.int64)
@@ -362,7 +363,7 @@ def train_local(
         # The mean over the whole batch's response tokens, so splitting the batch into
         # micro-batches changes the memory, not the update.
         count = max(_response_tokens(data, batch), 1)
-        ids, labels, mask = _batches(data, micro, pad_id, device)
+        ids, labels, mask = pad_batch(data, micro, pad_id, device)
         with autocast(lm.runtime):
             loss_sum, _ = _token_losses(lm.model, ids, labels, mask)
         return loss_sum / count
@@ -475,7 +476,7 @@ def evaluate(
     for name, data in sets.items():
         total, count = 0.0, 0
         for at in range(0, len(data), batch_size):
-            ids, labels, mask = _batches(
+            ids, labels, mask = pad_batch(
                 data, np.arange(at, min(at + batch_size, len(data))), pad_id, lm.runtime.device
             )
             with autocast(lm.runtime):
