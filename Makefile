@@ -33,7 +33,10 @@ $(SMOLLM2_STAMP): $(STAMP)
 	touch $(SMOLLM2_STAMP)
 
 # SmolLM2-135M-Instruct fine-tuned across the embedded institutions (a few minutes on 2 cores);
-# runs/demo-real/report.md shows held-out answers before and after.
+# runs/demo-real/report.md shows held-out answers before and after. One torch thread: on a
+# shared 2-core machine two OpenMP threads per step stall (measured 2.5 s vs 30-50 s a step).
+DEMO_REAL_FLAGS ?= --rounds 3 --local-steps 5 --batch-size 4 --records 48 --eval-records 12 \
+	--generate 3 --max-length 160 --threads 1
 demo-real: smollm2
 	rm -rf runs/demo-real
 	$(BIN)/fedsec simulate --model smollm2-135m $(DEMO_REAL_FLAGS) --out runs/demo-real

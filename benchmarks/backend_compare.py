@@ -7,8 +7,10 @@ scale of LoRA updates). Both backends use their real code paths:
   :class:`secagg.simulate.Simulation` (every message through its byte encoding), then
   :func:`secagg.encoding.decode_sum`. ``client_s`` is encoding plus every ``ClientSession`` call
   of one client (mean over clients); ``server_s`` is every ``ServerSession`` call.
-- CKKS: :meth:`HEClient.encrypt_update` (``client_s``, mean), :meth:`HEAggregator.add` and
-  ``aggregate`` (``server_s``); ``decrypt_s`` is one decryptor opening the sum.
+- CKKS: the sessions of :mod:`secagg.he.session`: :meth:`HeClientSession.encrypt` (``client_s``,
+  mean; includes the integrity pads), :meth:`HeServerSession.receive_update` and
+  ``close_uploads`` (``server_s``); ``decrypt_s`` is the decryptor opening the sum (pads of every
+  contributor recomputed and checked, then the release).
 
 ``max_abs_error`` is max |decoded sum - exact float64 sum of the clipped updates|.
 
@@ -29,7 +31,15 @@ import numpy as np
 import numpy.typing as npt
 
 from secagg.encoding import QuantizationParams, decode_sum, encode
-from secagg.he import CKKSParams, HEAggregator, HEClient, PublicContext, generate_federation_keys
+from secagg.he import (
+    CKKSParams,
+    HeClientSession,
+    HeRoundSpec,
+    HeServerSession,
+    PublicContext,
+    generate_federation_keys,
+)
+from secagg.params import session_shape
 from secagg.protocol import RoundParams, ServerSession
 from secagg.simulate import Simulation
 
@@ -79,7 +89,10 @@ def bench_masking(n: int, dim: int) -> dict[str, object]:
         begin = time.perf_counter()
         inputs[u] = encode(update, quant).vector
         encode_seconds += time.perf_counter() - begin
-    params = RoundParams(os.urandom(32), RING_BITS, dim, threshold=n // 2 + 1, cohort=cohort)
+    shape = session_shape(n)
+    params = RoundParams(
+        os.urandom(32), RING_BITS, dim, shape.threshold, cohort, quorum=shape.quorum
+    )
     sim = Simulation(params, inputs, record_masked_inputs=False)
     clients = {u: _Timed(c, ("start", "handle")) for u, c in sim.clients.items()}
     server = _Timed(sim.server, ("receive", "close_stage"))
@@ -104,19 +117,20 @@ def bench_masking(n: int, dim: int) -> dict[str, object]:
 def bench_ckks(n: int, dim: int, params: CKKSParams) -> dict[str, object]:
     updates = _updates(n, dim)
     keys = generate_federation_keys(params)
-    session = os.urandom(32)
-    client = HEClient(keys.secret, session, dim)
+    spec = HeRoundSpec(params, os.urandom(32), tuple(range(1, n + 1)), dim, keys.fingerprint)
+    clients = {u: HeClientSession(u, keys.secret, spec) for u in spec.cohort}
     begin = time.perf_counter()
-    uploads = [client.encrypt_update(u) for u in updates]
+    uploads = [clients[u].encrypt(x) for u, x in zip(spec.cohort, updates, strict=True)]
     client_seconds = (time.perf_counter() - begin) / n
     begin = time.perf_counter()
-    server = HEAggregator(PublicContext.from_bytes(keys.public.to_bytes(), params), session, dim)
-    for sender, upload in enumerate(uploads, start=1):
-        server.add(sender, upload)
-    aggregate = server.aggregate()
+    public = PublicContext.from_bytes(keys.public.to_bytes(), params, keys.fingerprint)
+    server = HeServerSession(public, spec)
+    for sender, upload in zip(spec.cohort, uploads, strict=True):
+        server.receive_update(sender, upload)
+    aggregate = server.close_uploads()
     server_seconds = time.perf_counter() - begin
     begin = time.perf_counter()
-    result = client.decrypt_sum(aggregate)
+    result = clients[spec.decryptor].decrypt(aggregate)
     decrypt_seconds = time.perf_counter() - begin
     error = np.abs(result.total.astype(np.float64) - _exact(updates)).max()
     return {

@@ -1,6 +1,7 @@
 """Utility of distributed DP on the embedded federated task, and where it starts to pay.
 
-For epsilon in {inf, 8, 4, 1} at delta = 1e-5 (over the whole run, client-level, calibrated by
+For epsilon in {inf, 8, 4, 1} at delta = 1e-5 (over the whole run against the server,
+client-level with zero-out adjacency and no amplification by sampling, calibrated by
 :func:`secagg.dp.calibration.calibrate` for the fewest contributors a round may release: the
 federation's release floor max(t, cohort - ceil(5% of the cohort)), which server and clients
 enforce), run each *setting* below (Skellam noise under SecAgg, every institution in every

@@ -287,7 +287,7 @@ PRETRAINED_DEFAULTS = {
     "fedavg_local_steps": 4,
     "strategy": "fedavg",
     "client_optimizer": "adamw",
-    "lrs": "2e-4,1e-3",
+    "lrs": "1e-3,2e-3",
     "seeds": 1,
     "batch_size": 4,
     "records": 48,

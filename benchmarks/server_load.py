@@ -35,6 +35,7 @@ from fl_core.cli import main as fedsec
 from fl_core.wire import fedsec_pb2 as pb
 from secagg.encoding import QuantizationParams
 from secagg.packing import packed_size
+from secagg.params import session_shape
 from secagg.protocol import RoundParams
 from secagg.simulate import simulate_round
 from server.store import Store
@@ -97,7 +98,7 @@ def run_deployment(root: Path, clients: int, dim: int, threshold: int) -> dict[s
     with open(os.devnull, "w") as quiet:
         sys.stdout, saved = quiet, sys.stdout
         try:
-            fedsec(["keygen", "--out", str(root), "--clients", str(clients), "--port", "0"])
+            fedsec(["keygen", "--out", str(root), "--clients", str(clients), "--port", "1"])
         finally:
             sys.stdout = saved
     (root / "server.toml").write_text(_server_toml(clients, dim, threshold))
@@ -188,7 +189,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--dim", type=int, default=1_000_000)
     args = parser.parse_args()
-    threshold = args.clients // 2 + 1
+    threshold = session_shape(args.clients).threshold
     with tempfile.TemporaryDirectory(prefix="fedsec-load-") as tmp:
         deployed = run_deployment(Path(tmp), args.clients, args.dim, threshold)
     simulated_s = run_simulation(args.clients, args.dim, threshold)

@@ -7,17 +7,16 @@ completed/aborted and the protobuf bytes it sent and received), for drills and l
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
 from clients.client_config import load_client_config
 from clients.transport import ClientTransport
+from fl_core.cli import add_logging_arguments, configure_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="client TOML config")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
+    add_logging_arguments(parser)
     parser.add_argument(
         "--init-adapter",
         type=Path,
@@ -29,11 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_client_config(args.config)
-    logging.basicConfig(
-        level=args.log_level,
-        format=f"%(asctime)s %(levelname)s client-{config.client_id}: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args, f"%(asctime)s %(levelname)s client-{config.client_id}: %(message)s")
     if args.init_adapter is not None:
         from clients.train_task import LocalTrainer
 

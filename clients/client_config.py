@@ -1,8 +1,11 @@
 """``fedsec client --config client.toml``: an institution's settings, validated on load.
 
-The policy table is the institution's own floor under what a coordinator may ask of it: a
-round below ``min_threshold``, ``min_cohort`` or ``min_ring_bits`` is refused by the client's
-protocol session, whatever the server says.
+The policy table is the institution's own floor under what a coordinator may ask of it
+(:class:`secagg.protocol.ClientPolicy`): a round below ``min_threshold``, ``min_cohort`` or
+``min_ring_bits``, or below the threshold, neighbourhood degree and survivor-set quorum the
+client derives itself from the cohort size and its own ``corrupt_fraction`` (how many of the
+cohort it assumes may collude with the coordinator; default 0.05) and ``dropout_fraction``, is
+refused by the client's protocol session before it trains, whatever the server says.
 
 ``[client] backend`` (``"masking"`` by default, or ``"ckks"``) is the one aggregation backend
 this institution takes part in; a round of the other backend is refused before anything is
@@ -17,15 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fl_core.recipe import BaseKind, Recipe, resolve_table
-from fl_core.wire.credentials import load_identity, load_roster
+from fl_core.wire.credentials import check_key_pair, load_certificates, load_identity, load_roster
 from fl_core.wire.toml_config import ConfigError, load_toml
+from secagg.errors import ConfigurationError
 from secagg.keys import Identity, Roster
+from secagg.protocol import ClientPolicy
 
 if TYPE_CHECKING:
     from fl_core.wire.he_files import HeldSecret
 
 #: Messages a client can be told to withhold (``[testing] stall_before``).
 STALLABLE_STAGES = (
+    "seed_commit",
     "advertise_keys",
     "share_keys",
     "masked_input",
@@ -35,13 +41,6 @@ STALLABLE_STAGES = (
     "he_decrypt",
 )
 BACKENDS = ("masking", "ckks")
-
-
-@dataclass(frozen=True)
-class ClientPolicyConfig:
-    min_threshold: int
-    min_cohort: int
-    min_ring_bits: int
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class ClientConfig:
     tls_key: Path | None
     reconnect_max_s: float
     give_up_after_s: float
-    policy: ClientPolicyConfig
+    policy: ClientPolicy
     #: Name of an embedded synthetic institution (``clients.synthetic``), or None.
     synthetic: str | None
     #: Local JSONL training data, or None.
@@ -108,28 +107,37 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
     top = load_toml(path)
     client = top.table("client")
     client_id = client.integer("id", minimum=1, maximum=2**32 - 1)
-    server = client.string("server")
-    if ":" not in server:
-        raise ConfigError(f"{path}: client.server must be host:port, got {server!r}")
+    server = client.address("server")
     server_name = client.string("server_name") if client.has("server_name") else None
     ca_cert = client.path("ca_cert")
+    load_certificates(ca_cert, "CA certificate")
     identity = load_identity(client.path("identity"))
     tls_cert = client.path("tls_cert") if client.has("tls_cert") else None
     tls_key = client.path("tls_key") if client.has("tls_key") else None
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError(f"{path}: client.tls_cert and client.tls_key go together")
+    if tls_cert is not None and tls_key is not None:
+        check_key_pair(tls_cert, tls_key)
     roster, _ = load_roster(client.path("roster"))
-    reconnect_max_s = client.number("reconnect_max_s", default=10.0, positive=True)
-    give_up_after_s = client.number("give_up_after_s", default=600.0, positive=True)
+    reconnect_max_s = client.number("reconnect_max_s", default=10.0, positive=True, maximum=3600)
+    give_up_after_s = client.number(
+        "give_up_after_s", default=600.0, positive=True, maximum=30 * 86_400
+    )
     backend = client.string("backend", default="masking", choices=BACKENDS)
     client.done()
 
     policy_table = top.table("policy", required=False)
-    policy = ClientPolicyConfig(
-        min_threshold=policy_table.integer("min_threshold", default=2, minimum=1),
-        min_cohort=policy_table.integer("min_cohort", default=2, minimum=1),
-        min_ring_bits=policy_table.integer("min_ring_bits", default=16, minimum=1, maximum=64),
-    )
+    try:
+        policy = ClientPolicy(
+            min_threshold=policy_table.integer("min_threshold", default=2, minimum=1),
+            min_cohort=policy_table.integer("min_cohort", default=2, minimum=1),
+            min_ring_bits=policy_table.integer("min_ring_bits", default=16, minimum=1, maximum=64),
+            corrupt_fraction=policy_table.fraction("corrupt_fraction", default=0.05),
+            dropout_fraction=policy_table.fraction("dropout_fraction", default=0.05),
+            security_bits=policy_table.integer("security_bits", default=40, minimum=1, maximum=256),
+        )
+    except ConfigurationError as exc:
+        raise ConfigError(f"{path}: [policy] {exc}") from None
     policy_table.done()
 
     data = top.table("data", required=False)

@@ -10,11 +10,13 @@ the federation, never the coordinator nor the CA that issued TLS certificates.
    institution): a fresh X25519 key signed with the institution's identity; the private half is
    kept beside the secret-context path of ``client.toml`` (mode 0600), ``FILE`` goes to the dealer.
 3. ``fedsec he-keys deal --config client.toml --session HEX --public-out FILE --sealed-dir DIR
-   ANNOUNCEMENT...`` (the dealer): generate the keys, store its own secret context, write the
-   public context for the coordinator (``[ckks] public_context`` of its server.toml) and one
-   ``sealed-<id>.bin`` per announcing institution.
+   ANNOUNCEMENT...`` (the dealer): generate the keys (the CKKS secret key and the federation's
+   tag key, from which every upload's integrity pads derive), store its own secret context,
+   write the public context for the coordinator (``[ckks] public_context`` of its server.toml)
+   and one ``sealed-<id>.bin`` per announcing institution.
 4. ``fedsec he-keys open --config client.toml --sealed FILE`` (each institution): check the
-   dealer's signature against the roster, open the sealed context, store it at the
+   dealer's signature against the roster, open the sealed context (secret key and tag key),
+   store it at the
    ``[ckks] secret_context`` path (mode 0600) and delete the one-time agreement key.
 """
 

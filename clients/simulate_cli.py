@@ -604,7 +604,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dp-epsilon",
         type=float,
         default=None,
-        help="turn on distributed DP with this epsilon over the whole run",
+        help="turn on distributed DP with this epsilon over the whole run, against the server "
+        "(client level, zero-out adjacency; every round an institution takes part in counts "
+        "in full: no amplification by sampling is assumed)",
     )
     parser.add_argument("--dp-delta", type=float, default=None, help=f"(default {d.DP_DELTA:g})")
     parser.add_argument(
@@ -815,6 +817,18 @@ def spec_from_args(args: argparse.Namespace) -> tuple[SimulationSpec, tuple[str,
     return spec, resolved.notes
 
 
+def _dp_summary(fed: Federation) -> str:
+    """The DP line of the start banner: which epsilon, against whom, for how many rounds."""
+    cal = fed.calibration
+    if cal is None:
+        return "off"
+    return (
+        f"eps={cal.epsilon:.4g} delta={cal.delta:g} against the server (zero-out, client level; "
+        f"no amplification by sampling: each institution is in at most {cal.participations} "
+        f"released sums, each counted in full)"
+    )
+
+
 def format_round(
     m: RoundMetrics,
     rounds: int,
@@ -874,14 +888,13 @@ def dp_advice(fed: Federation) -> NoiseGuidance | None:
     settings = fed.config.secagg
 
     def floor(n: int) -> int:
-        return release_floor(n, choose_graph(n, settings).threshold, settings.dropout_fraction)
+        return release_floor(n, choose_graph(n, settings).min_release, settings.dropout_fraction)
 
     at = cohort_calibrator(
         mechanism=dp.mechanism,
         epsilon=dp.epsilon,
         delta=dp.delta,
-        rounds=fed.config.rounds,
-        sampling_rate=fed.config.sampling_rate,
+        participations=fed.config.participations(),
         ring_bits=dp.ring_bits,
         clip=dp.clip,
         dim=fed.strategy.contribution_size(),
@@ -1000,7 +1013,7 @@ def _print_header(
     cut = work.truncation()
     lines = [
         f"fedsec simulate: {len(work.train_sets)} institutions, {spec.rounds} rounds, "
-        f"{fed.backend.summary()}, DP {'off' if dp is None else f'eps={dp.epsilon:g}'}; "
+        f"{fed.backend.summary()}, DP {'off' if dp is None else _dp_summary(fed)}; "
         f"base {work.model_source}; initial eval pooled {work.pooled(initial):.3f}; "
         f"writing {out}",
         f"  LoRA on {sum(modules.values())} modules ({', '.join(modules)}), "

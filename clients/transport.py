@@ -9,10 +9,14 @@ session. Any :class:`ProtocolAbort` ends this client's part in the round (fail c
 client then waits for the next round.
 
 Backends: a round's config names its backend and the client refuses one it is not configured
-for (``[client] backend``) before computing or uploading anything. Under ckks the client
-encrypts its update with the federation's secret context (``HE_UPDATE``), and if the server
-names it decryptor (an ``HeAggregate`` item) it decrypts the sum, which refuses an aggregate of
-fewer than the round's ``min_contributors``, and uploads the release (``HE_DECRYPTED_SUM``).
+for (``[client] backend``) before computing or uploading anything. Under ckks the round is a
+:class:`secagg.he.HeClientSession` built from the config at the edge, with the same
+:class:`ClientPolicy` (min cohort, release floor) and, as its view, the exact config and model
+bytes received: it encrypts the update (``HE_UPDATE``) and, if this client is the round's
+decryptor and an ``HeAggregate`` item arrives, opens the aggregate only if it is the sum of the
+claimed contributors' fresh uploads of this session (otherwise nothing is released and the
+client leaves the round) and uploads the release (``HE_DECRYPTED_SUM``). A client takes part in
+a ckks session id once.
 
 Failure handling: ``UNAVAILABLE``/``DEADLINE_EXCEEDED`` -> reconnect with capped exponential
 backoff and jitter, keeping the token and poll position (a network blip loses nothing);
@@ -28,10 +32,12 @@ peer certificate of a channel, hence the separate handshake).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import random
+import secrets
 import socket
 import ssl
 import time
@@ -48,6 +54,7 @@ from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire import fedsec_pb2_grpc as pb_grpc
 from fl_core.wire.convert import (
     MAX_MODEL_DIM,
+    REFUSAL_MAX_BYTES,
     admission_signed_bytes,
     download_limit,
     kind_of,
@@ -57,20 +64,13 @@ from fl_core.wire.framing import client_frames, grpc_options, read_item
 from fl_core.wire.toml_config import ConfigError
 from secagg.encoding import QuantizationParams
 from secagg.errors import MessageFormatError, PolicyViolation, ProtocolAbort, SecAggError
-from secagg.messages import (
-    ConsistencyRequest,
-    KeysBroadcast,
-    SharesDelivery,
-    UnmaskRequest,
-    decode_message,
-    encode_message,
-)
-from secagg.protocol import ClientPolicy, ClientSession
+from secagg.messages import SERVER_MESSAGE_TYPES, decode_message, encode_message
+from secagg.protocol import ClientSession
 from secagg.ring import Ring, RingArray
 
 if TYPE_CHECKING:
     from clients.train_task import LocalTrainer
-    from secagg.he import HEClient
+    from secagg.he import HeClientSession
 
 log = logging.getLogger("fedsec.client")
 
@@ -78,6 +78,7 @@ POLL_WAIT_MS = 5_000
 #: Deadline of one RPC beyond the server's long-poll wait (covers a large download).
 RPC_SLACK_S = 60.0
 _STAGE_OF_KIND: dict[int, str] = {
+    pb.SEED_COMMIT: "seed_commit",
     pb.ADVERTISE_KEYS: "advertise_keys",
     pb.SHARE_KEYS: "share_keys",
     pb.MASKED_INPUT: "masked_input",
@@ -88,6 +89,8 @@ _STAGE_OF_KIND: dict[int, str] = {
 }
 _BACKEND_NAMES = {pb.BACKEND_MASKING: "masking", pb.BACKEND_CKKS: "ckks"}
 _RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+#: How long another process of this institution may hold the connection before we give up.
+DUPLICATE_GRACE_S = 60.0
 
 
 class GiveUp(Exception):
@@ -119,8 +122,8 @@ class _Round:
     config: pb.RoundConfig
     #: The masking protocol session (masking rounds only).
     session: ClientSession | None = None
-    #: The CKKS client (ckks rounds only).
-    he: HEClient | None = None
+    #: The CKKS client session (ckks rounds only).
+    he: HeClientSession | None = None
 
 
 @dataclass
@@ -134,21 +137,32 @@ class TransportStats:
         return json.dumps({"client_id": client_id, **self.__dict__})
 
 
+class AdmissionRpcError(Exception):
+    """Challenge or Authenticate failed; ``code`` says whether retrying can help."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
 class ClientTransport:
     def __init__(self, config: ClientConfig) -> None:
         self._config = config
-        self._policy = ClientPolicy(
-            min_threshold=config.policy.min_threshold,
-            min_cohort=config.policy.min_cohort,
-            min_ring_bits=config.policy.min_ring_bits,
-        )
+        self._policy = config.policy
         self._channel: Any = None
         self._stub: Any = None
         self._token = b""
         self._seq = 0
         self._round: _Round | None = None
         self._trainer: LocalTrainer | None = None
+        #: CKKS session ids this client took part in: a replayed RoundStart is refused.
+        self._ckks_sessions: set[bytes] = set()
+        # Tells the server this process from another one of the same institution.
+        self._instance = secrets.token_bytes(16)
         self.stats = TransportStats()
+        #: Set when the server ended the federation early (it gave up on a round).
+        self.stopped_because: str | None = None
 
     # --- connection -------------------------------------------------------------------------
 
@@ -166,6 +180,17 @@ class ClientTransport:
             context.wrap_socket(raw, server_hostname=self._target_name()) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
+            if self._config.tls_cert is not None:
+                # TLS 1.3 finishes the client's side of the handshake before the server has
+                # checked our certificate; its verdict (an alert, or its first HTTP/2 frame)
+                # is the first thing it sends.
+                tls.settimeout(5)
+                with contextlib.suppress(TimeoutError):
+                    if not tls.recv(1):
+                        raise ssl.SSLError(
+                            "the server closed the connection after the handshake: it does not "
+                            f"accept our client certificate {self._config.tls_cert}"
+                        )
         if der is None:
             raise ssl.SSLError("server presented no certificate")
         return hashlib.sha256(der).digest()
@@ -174,6 +199,12 @@ class ClientTransport:
         if self._channel is not None:
             self._channel.close()
         options: list[tuple[str, Any]] = list(grpc_options())
+        # gRPC's own reconnect backoff (up to 120 s by default) must not outlast ours.
+        options += [
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", int(1000 * self._config.reconnect_max_s)),
+        ]
         if self._config.server_name:
             options.append(("grpc.ssl_target_name_override", self._config.server_name))
         credentials = grpc.ssl_channel_credentials(
@@ -188,14 +219,23 @@ class ClientTransport:
     def _authenticate(self) -> None:
         client_id = self._config.client_id
         cert_hash = self._server_cert_sha256()
-        nonce = self._stub.Challenge(pb.ChallengeRequest(client_id=client_id), timeout=30).nonce
-        signature = self._config.identity.sign(admission_signed_bytes(nonce, cert_hash, client_id))
-        reply = self._stub.Authenticate(
-            pb.AuthenticateRequest(
-                client_id=client_id, nonce=nonce, server_cert_sha256=cert_hash, signature=signature
-            ),
-            timeout=30,
-        )
+        try:
+            nonce = self._stub.Challenge(pb.ChallengeRequest(client_id=client_id), timeout=30).nonce
+            signature = self._config.identity.sign(
+                admission_signed_bytes(nonce, cert_hash, client_id)
+            )
+            reply = self._stub.Authenticate(
+                pb.AuthenticateRequest(
+                    client_id=client_id,
+                    nonce=nonce,
+                    server_cert_sha256=cert_hash,
+                    signature=signature,
+                    instance=self._instance,
+                ),
+                timeout=30,
+            )
+        except grpc.RpcError as exc:
+            raise AdmissionRpcError(exc.code(), exc.details()) from None
         self._token, self._seq = reply.token, reply.next_seq
         if self._round is not None:
             log.warning("re-admitted: the round in flight is lost to this client")
@@ -205,20 +245,45 @@ class ClientTransport:
     # --- main loop --------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Follow rounds until the server says the federation is over; returns an exit code."""
+        """Follow rounds until the server says the federation is over; returns an exit code.
+
+        Permanent refusals end the process with one error line and exit status 1: admission
+        refused (not in the roster, a key the roster does not list, a signature for another
+        certificate), a server certificate that does not verify against ``ca_cert`` (wrong CA,
+        expired, wrong host name) or a TLS handshake the server refuses (mutual TLS without an
+        accepted client certificate), another process of this institution connected for longer
+        than :data:`DUPLICATE_GRACE_S`. Outages are retried with a backoff that restarts as
+        soon as the server answers again.
+        """
         backoff = 0.2
         last_progress = time.monotonic()
+        duplicate_since: float | None = None
         need_auth = True
         self._connect()
         while True:
             try:
                 if need_auth:
                     self._authenticate()
-                    need_auth = False
+                    need_auth, duplicate_since = False, None
                 if self._poll_once():
-                    return 0
+                    return 0 if self.stopped_because is None else 1
                 backoff, last_progress = 0.2, time.monotonic()
                 continue
+            except AdmissionRpcError as exc:
+                code = exc.code
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    log.error("admission refused by the server: %s", exc.details)
+                    return 1
+                if code == grpc.StatusCode.ALREADY_EXISTS:
+                    duplicate_since = duplicate_since or time.monotonic()
+                    if time.monotonic() - duplicate_since > DUPLICATE_GRACE_S:
+                        log.error("%s; giving up", exc.details)
+                        return 1
+                    log.warning("%s; retrying", exc.details)
+                elif code in _RETRY:
+                    log.warning("server unreachable (%s: %s); retrying", code.name, exc.details)
+                else:
+                    log.warning("admission failed (%s: %s); retrying", code.name, exc.details)
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -228,11 +293,21 @@ class ClientTransport:
                     log.warning("server unreachable (%s: %s); retrying", code.name, exc.details())
                 else:
                     log.error("refused by the server: %s: %s", code.name, exc.details())
-                    if need_auth:
-                        return 1  # refused admission: retrying will not help
                     need_auth = True
-            except (OSError, ssl.SSLError) as exc:
-                log.warning("cannot reach the server: %s", exc)
+            except ssl.SSLCertVerificationError as exc:
+                log.error(
+                    "the server's certificate does not verify against %s: %s",
+                    self._config.ca_cert,
+                    exc.verify_message or exc.reason,
+                )
+                return 1
+            except ssl.SSLError as exc:
+                log.error(
+                    "the server refused our TLS handshake: %s", getattr(exc, "reason", None) or exc
+                )
+                return 1
+            except OSError as exc:
+                log.warning("cannot reach the server: %s", exc.strerror or exc)
             except MessageFormatError as exc:
                 # An item we cannot read (e.g. larger than we accept): leave any round in
                 # flight and start again from the end of our queue after re-admission.
@@ -243,9 +318,14 @@ class ClientTransport:
                 log.error("no progress for %.0f s; giving up", self._config.give_up_after_s)
                 return 1
             delay = min(backoff, self._config.reconnect_max_s) * random.uniform(0.5, 1.0)
-            time.sleep(delay)
+            self._wait_for_server(delay)
             backoff *= 2
-            self._connect()
+
+    def _wait_for_server(self, at_most_s: float) -> None:
+        """Sleep until the channel connects or ``at_most_s`` passes: a server back from a
+        restart is used at once, not after the full backoff."""
+        with contextlib.suppress(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(self._channel).result(timeout=at_most_s)
 
     def _limit_for(self, item: pb.ServerItem) -> int:
         kind = item.WhichOneof("kind")
@@ -296,23 +376,43 @@ class ClientTransport:
         config: pb.RoundConfig = pb.RoundConfig.FromString(config_bytes)
         backend = _BACKEND_NAMES.get(config.backend, f"unknown ({config.backend})")
         if backend != self._config.backend:
-            log.error(
-                "round %d refused: it uses the %s backend, this client is configured for %s",
-                config.round_number,
-                backend,
-                self._config.backend,
+            self._refuse(
+                config,
+                f"it uses the {backend} backend, this client is configured for "
+                f"{self._config.backend}",
             )
-            self.stats.rounds_aborted += 1
             return
         try:
             if config.backend == pb.BACKEND_CKKS:
-                self._start_ckks_round(config, model)
+                self._start_ckks_round(config, config_bytes, model)
             else:
                 self._start_masking_round(config, config_bytes, model)
         except (SecAggError, FLError, ConfigError) as exc:
-            log.error("round %d refused: %s", config.round_number, exc)
             self._round = None
-            self.stats.rounds_aborted += 1
+            self._refuse(config, f"{type(exc).__name__}: {exc}")
+
+    def _refuse(self, config: pb.RoundConfig, reason: str) -> None:
+        """Leave the round before computing anything, and tell the server why."""
+        log.error("round %d refused: %s", config.round_number, reason)
+        self.stats.rounds_aborted += 1
+        self._tell_server(config, reason)
+
+    def _tell_server(self, config: pb.RoundConfig, reason: str) -> None:
+        """Best effort: the server logs and records why this institution left the round, and
+        stops waiting for it. Nothing secret is in a reason (they name parameters and checks)."""
+        if self._stub is None:
+            return  # not connected (a transport driven in-process)
+        header = pb.SubmitHeader(
+            token=self._token,
+            round_number=config.round_number,
+            session_id=config.session_id,
+            kind=pb.ROUND_REFUSAL,
+        )
+        payload = reason.encode("utf-8")[:REFUSAL_MAX_BYTES]
+        try:
+            self._stub.Submit(iter(list(client_frames(header, payload))), timeout=RPC_SLACK_S)
+        except grpc.RpcError as exc:
+            log.warning("could not tell the server why: %s: %s", exc.code().name, exc.details())
 
     def _start_masking_round(
         self, config: pb.RoundConfig, config_bytes: bytes, model: bytes
@@ -333,38 +433,33 @@ class ClientTransport:
         start = session.start()
         self._send(kind_of(start), encode_message(start))
 
-    def _start_ckks_round(self, config: pb.RoundConfig, model: bytes) -> None:
-        from fl_core.wire.he_round import ckks_params_from_config
-        from secagg.he import ContextMismatch, HEClient
+    def _start_ckks_round(self, config: pb.RoundConfig, config_bytes: bytes, model: bytes) -> None:
+        from fl_core.wire.he_round import ckks_spec_from_config
+        from secagg.he import HeClientSession
 
         held = self._config.ckks_secret
         if held is None:
             raise ConfigError("this client has no [ckks] secret_context loaded")
-        params = ckks_params_from_config(config)
-        policy = self._config.policy
-        # The institution's floor applies to either backend: the smallest sum it lets be
-        # released, and the smallest cohort it joins.
-        if params.min_contributors < policy.min_threshold:
+        if config.session_id in self._ckks_sessions:
             raise PolicyViolation(
-                f"round releases sums of {params.min_contributors} contributors, below this "
-                f"client's min_threshold {policy.min_threshold}"
+                f"session {config.session_id[:8].hex()} was already run: a client takes part in "
+                "a ckks session once"
             )
-        if len(config.cohort) < policy.min_cohort:
-            raise PolicyViolation(
-                f"cohort of {len(config.cohort)} is below this client's min_cohort "
-                f"{policy.min_cohort}"
-            )
-        if self._config.client_id not in config.cohort:
-            raise PolicyViolation("this client is not in the round's cohort")
-        if config.ckks.fingerprint != held.fingerprint:
-            raise ContextMismatch(
-                "the round names another federation key than this client's secret context"
-            )
-        he = HEClient(held.for_round(params), config.session_id, config.dim)
+        spec = ckks_spec_from_config(config)
+        # Policy (cohort size, release floor, membership) and the federation key are checked
+        # here, before training; the session's view binds the exact config and model received.
+        session = HeClientSession(
+            self._config.client_id,
+            held.for_round(spec.params),
+            spec,
+            context=config_bytes + model,
+            policy=self._policy,
+        )
+        self._ckks_sessions.add(config.session_id)
         update, weight = self._float_update(config, model)
         self._log_round(config)
-        self._round = _Round(config, he=he)
-        self._send(pb.HE_UPDATE, he.encrypt_update(update, weight))
+        self._round = _Round(config, he=session)
+        self._send(pb.HE_UPDATE, session.encrypt(update, weight))
 
     def _log_round(self, config: pb.RoundConfig) -> None:
         log.info(
@@ -410,14 +505,13 @@ class ClientTransport:
             if current.session is None:
                 raise ProtocolAbort("the server sent a masking message in a ckks round")
             message = decode_message(payload)
-            if not isinstance(
-                message, KeysBroadcast | SharesDelivery | ConsistencyRequest | UnmaskRequest
-            ):
+            if not isinstance(message, SERVER_MESSAGE_TYPES):
                 raise ProtocolAbort(f"the server sent a {type(message).__name__}")
             reply = current.session.handle(message)
         except SecAggError as exc:
             log.error("round %d: leaving the session: %s", current.config.round_number, exc)
             self._drop_round(aborted=True)
+            self._tell_server(current.config, f"left the session: {type(exc).__name__}: {exc}")
             return
         self._send(kind_of(reply), encode_message(reply))
 
@@ -431,10 +525,11 @@ class ClientTransport:
         try:
             if current.he is None:
                 raise ProtocolAbort("the server sent a ckks aggregate in a masking round")
-            released = current.he.decrypt_sum(payload)
+            released = current.he.decrypt(payload)
         except SecAggError as exc:
             log.error("round %d: refusing to decrypt: %s", current.config.round_number, exc)
             self._drop_round(aborted=True)
+            self._tell_server(current.config, f"refused to decrypt: {type(exc).__name__}: {exc}")
             return
         log.info(
             "round %d: decrypted the sum of %d contributors",
@@ -447,6 +542,10 @@ class ClientTransport:
         if end.completed:
             log.info("round %d completed", end.round_number)
             self._drop_round(aborted=False)
+        elif end.final:
+            log.error("the server stopped the federation: %s", end.reason)
+            self.stopped_because = end.reason
+            self._drop_round(aborted=True)
         else:
             log.warning("round %d aborted by the server: %s", end.round_number, end.reason)
             self._drop_round(aborted=True)

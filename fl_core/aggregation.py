@@ -10,8 +10,10 @@ released mean against the plaintext FedAvg of the same vectors (exceeding the bo
 - :class:`MaskingBackend` -- pairwise masking (Bonawitz et al. / SecAgg+, :mod:`secagg`): integer
   encoding in Z_2^b, a full protocol session per round, optional distributed DP.
 - :class:`CkksBackend` -- CKKS homomorphic encryption (:mod:`secagg.he`): the federation's key is
-  dealt once, the server adds ciphertexts under the public context only, one institution
-  decrypts. Its trust model is weaker (:data:`CKKS_TRUST_MODEL`) and DP is not offered with it.
+  dealt once; each round runs the sans-IO sessions of :mod:`secagg.he.session` (the same ones the
+  gRPC server and client run): the server adds ciphertexts under the public context only, the
+  round's decryptor opens the aggregate only if it is the sum of the claimed contributors' fresh
+  uploads. Its trust model is weaker (:data:`CKKS_TRUST_MODEL`) and DP is not offered with it.
 
 Both weight the same way: a client submits ``w * clip(x)`` and ``w`` (inside the sum), so the
 server learns only the sums. Numpy only: no torch here.
@@ -19,7 +21,6 @@ server learns only the sums. Numpy only: no torch here.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
@@ -31,14 +32,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from fl_core.errors import FLError
+from fl_core.round import EncodingSpec, RoundPlan
 from fl_core.strategies import AggregateInput, reference_sum
-from secagg.dp.calibration import Calibration
-from secagg.dp.encoder import DpEncoder
-from secagg.encoding import QuantizationParams, decode_sum, encode
+from secagg.encoding import QuantizationParams
 from secagg.he import (
     CKKSParams,
-    HEAggregator,
-    HEClient,
+    HeClientSession,
+    HeRoundSpec,
+    HeServerSession,
     KeyAnnouncement,
     PublicContext,
     SecretContext,
@@ -46,9 +47,10 @@ from secagg.he import (
     open_secret_context,
     seal_secret_context,
 )
+from secagg.he.params import worst_slot_value
 from secagg.keys import AgreementKeyPair
-from secagg.protocol import RoundParams, Stage
-from secagg.ring import RingArray
+from secagg.params import SessionShape
+from secagg.protocol import ClientPolicy, Stage
 from secagg.simulate import Simulation, make_identities
 from secagg.transcript import Transcript
 
@@ -62,12 +64,23 @@ CKKS_MAX_SCALE_BITS = 40
 CKKS_MODULUS_BITS = (60, 60)
 
 CKKS_TRUST_MODEL = (
-    "The server holds only the public CKKS context (no secret key) and adds ciphertexts. Every "
-    "institution holds the federation's secret key, so any single institution that obtains "
-    "another's individual upload (for example by colluding with the server) decrypts it: CKKS "
-    "tolerates no colluding institution, where pairwise masking tolerates a server colluding "
-    "with up to t - 1 of them. Clients do not sign the model they trained from, so the "
-    "masking protocol's model-consistency check has no counterpart here."
+    "The server holds only the public CKKS context (no secret key, no tag key) and adds "
+    "ciphertexts. What holds against the server alone: it cannot decrypt an upload, and the "
+    "round's decryptor (the lowest cohort id, fixed before uploads) opens one aggregate per "
+    "session and only the sum of the fresh uploads of the contributors the aggregate claims "
+    "(at least min_contributors of the cohort, each of whom saw the same round and model): "
+    "every slot carries a pad from the federation's tag key, bound to the session, the "
+    "contributor, its view of the round and the slot, so one upload scaled or repeated, a "
+    "replayed or foreign upload, swapped ciphertexts or a claimed set other than what was added "
+    "are refused with nothing released, except with probability at most 2^-forgery_bits per "
+    "attempt (proofs/SPEC.md section 9; the server is modelled as combining ciphertexts with "
+    "integers or integer polynomials that do not wrap around the data modulus). What does not "
+    "hold: every institution holds the secret and tag keys, so any single institution that "
+    "obtains another's individual upload (for example by colluding with the server) decrypts it: "
+    "CKKS tolerates no colluding institution, where pairwise masking tolerates a server "
+    "colluding with up to t - 1 of them; nobody can check that the decryptor released the true "
+    "sum; sums of the same institutions across different sessions are not prevented, and DP is "
+    "not offered with CKKS."
 )
 
 
@@ -170,6 +183,11 @@ class AggregationBackend(Protocol):
 
     name: str
 
+    @property
+    def neighbours(self) -> int | None:
+        """The SecAgg+ neighbour-graph degree, or None (complete graph, or no graph at all)."""
+        ...
+
     def aggregate(
         self,
         units: Mapping[int, np.ndarray],
@@ -264,51 +282,53 @@ def _secure_vs_plain(
 
 
 class MaskingBackend:
-    """Pairwise masking: a full Bonawitz/SecAgg+ session per round (:mod:`secagg.simulate`)."""
+    """Pairwise masking: a full Bonawitz/SecAgg+ session per round (:mod:`secagg.simulate`),
+    every contribution encoded and every release decoded by the round's
+    :class:`~fl_core.round.RoundCodec` — the same objects the deployed client and server use."""
 
     name = "masking"
 
     def __init__(
         self,
-        quant: QuantizationParams,
-        calibration: Calibration | None,
-        threshold: int,
-        neighbours: int | None,
-        contribution_size: int,
+        encoding: EncodingSpec,
+        shape: SessionShape,
         corrupt_fraction: float,
         dropout_fraction: float,
         min_survivors: int = 0,
     ) -> None:
-        self.quant = quant
-        self.calibration = calibration
-        self.threshold = threshold
+        self.encoding = encoding
+        self.shape = shape
         # With DP: the contributor count the noise is calibrated for, enforced by every session.
         self.min_survivors = min_survivors
-        self.neighbours = neighbours
-        self.contribution_size = contribution_size
         self.corrupt_fraction = corrupt_fraction
         self.dropout_fraction = dropout_fraction
 
     @property
+    def neighbours(self) -> int | None:
+        return self.shape.neighbours
+
+    @property
     def min_release(self) -> int:
         """The fewest contributors a round may release (``RoundParams.min_release``)."""
-        return max(self.threshold, self.min_survivors)
+        return max(self.shape.min_release, self.min_survivors)
 
     def summary(self) -> str:
         protocol = "SecAgg+" if self.neighbours is not None else "SecAgg"
         floor = f", release floor {self.min_release}" if self.min_survivors else ""
-        return f"masking ({protocol} t={self.threshold}{floor})"
+        return f"masking ({protocol} t={self.shape.threshold}{floor})"
 
     def describe(self) -> dict[str, Any]:
-        q = self.quant
+        e = self.encoding
         secagg: dict[str, Any] = {
             "protocol": "SecAgg+" if self.neighbours is not None else "SecAgg",
-            "ring_bits": q.ring_bits
-            if self.calibration is None
-            else self.calibration.params.ring_bits,
-            "threshold": self.threshold,
+            "ring_bits": e.ring_bits if e.dp is None else e.dp.ring_bits,
+            "threshold": self.shape.threshold,
+            "quorum": self.shape.quorum,
             "min_release": self.min_release,
             "neighbours": self.neighbours,
+            "graph_seed": "committed and revealed by every cohort client (SecAgg+)"
+            if self.neighbours is not None
+            else "none (complete graph)",
             "corrupt_fraction": self.corrupt_fraction,
             "dropout_fraction": self.dropout_fraction,
             "key_agreement": "X25519 (32-byte public keys)",
@@ -318,13 +338,13 @@ class MaskingBackend:
             "secret_sharing": "Shamir over GF(2^256 + 297)",
             "session_id": "fresh os.urandom(32) per round",
         }
-        if self.calibration is None:
+        if e.dp is None:
+            q = e.codec(1).quant
             secagg["encoding"] = {
-                "clip_per_coordinate": q.clip,
-                "scale": q.scale,
-                "step": q.step,
-                "max_weight": q.max_weight,
-                "weighted": True,
+                "clip_per_coordinate": e.clip,
+                "max_weight": e.max_weight,
+                "weighted": e.weighted,
+                "scale_for_a_cohort_of_one": None if q is None else q.scale,
             }
         return {"backend": self.name, "secagg": secagg}
 
@@ -335,71 +355,54 @@ class MaskingBackend:
         context: RoundContext,
     ) -> SecureAggregate:
         cohort = tuple(sorted(units))
-        encoder: DpEncoder | None = None
-        clipped = 0.0
-        inputs: dict[int, RingArray] = {}
-        if self.calibration is not None:
-            # A fresh public rotation seed per round, drawn before and independent of updates.
-            encoder = DpEncoder(dataclasses.replace(self.calibration.params, seed=os.urandom(32)))
-            for u in cohort:
-                inputs[u] = encoder.encode(units[u])
-                stats = encoder.last_stats
-                clipped += 1.0 if stats is not None and stats.clipped else 0.0
-            clip_fraction = clipped / len(cohort)
-            ring_bits, dim = encoder.params.ring_bits, encoder.params.encoded_dim
-        else:
-            for u in cohort:
-                encoded = encode(units[u], self.quant, weights[u])
-                inputs[u] = encoded.vector
-                clipped += encoded.clipped
-            clip_fraction = clipped / (len(cohort) * self.contribution_size)
-            ring_bits, dim = (
-                self.quant.ring_bits,
-                self.quant.encoded_dim(self.contribution_size),
-            )
-        params = RoundParams(
-            session_id=os.urandom(32),
-            ring_bits=ring_bits,
-            dim=dim,
-            threshold=self.threshold,
-            cohort=cohort,
-            neighbours=self.neighbours,
-            graph_seed=os.urandom(32),
-            min_survivors=self.min_survivors,
+        plan = RoundPlan(
+            context.index,
+            os.urandom(32),
+            cohort,
+            self.shape,
+            self.encoding.codec(len(cohort)),
+            self.min_survivors,
         )
+        codec = plan.codec
+        encoded = {u: codec.encode(units[u], weights[u]) for u in cohort}
+        inputs = {u: e.vector for u, e in encoded.items()}
+        clip_fraction = float(np.mean([e.clipped_fraction for e in encoded.values()]))
+        params = plan.secagg_params()
         # A dropout advertised its keys and shared them, then never sent its masked input: the
         # survivors' unmask step has to reconstruct its pairwise masks.
         dropouts = {Stage.MASKED_INPUT: context.dropouts} if context.dropouts else None
+        # The institutions' own policy: the same threat model the federation's (k, t) are for.
+        policy = ClientPolicy(
+            corrupt_fraction=self.corrupt_fraction, dropout_fraction=self.dropout_fraction
+        )
         sim = Simulation(
             params,
             inputs,
-            contexts=dict.fromkeys(cohort, context.signed_context),
+            contexts=dict.fromkeys(cohort, plan.client_context(context.signed_context)),
             dropouts=dropouts,
+            policy=policy,
         ).run()
         contributors = sim.result.contributors
-        if encoder is not None:
-            total = encoder.decode_sum(sim.result.sum, len(contributors))
-            agg = AggregateInput(total, float(len(contributors)), len(contributors))
+        agg = codec.decode(sim.result.sum, len(contributors))
+        if codec.quant is None:
             # The noise is part of the mechanism; what secure aggregation must reproduce
             # exactly is the plaintext ring sum of the same noised vectors.
             ring = params.ring
-            plain_ring = ring.zeros(dim)
+            plain_ring = ring.zeros(params.dim)
             for u in contributors:
                 plain_ring = ring.reduce(plain_ring + inputs[u])
-            plain = encoder.decode_sum(plain_ring, len(contributors))
-            diff = float(np.max(np.abs(total.astype(np.float64) - plain)))
+            plain = codec.decode(plain_ring, len(contributors)).contribution_sum
+            diff = float(np.max(np.abs(agg.contribution_sum - plain)))
             bound = 0.0
         else:
-            decoded = decode_sum(sim.result.sum, self.quant, len(contributors))
-            agg = AggregateInput(decoded.total, decoded.weight, len(contributors))
             diff = _secure_vs_plain(
-                decoded.total, decoded.weight, units, weights, contributors, self.quant.clip
+                agg.contribution_sum, agg.weight_sum, units, weights, contributors, codec.quant.clip
             )
             bound = quantization_bound(
-                self.quant,
+                codec.quant,
                 len(contributors),
-                decoded.weight,
-                float(np.max(np.abs(decoded.total))),
+                agg.weight_sum,
+                float(np.max(np.abs(agg.contribution_sum))),
             )
         _check(context.index, diff, bound)
         return SecureAggregate(
@@ -418,11 +421,12 @@ class MaskingBackend:
 
 def ckks_params(clip: float, cohort: int, max_weight: int, min_contributors: int) -> CKKSParams:
     """The CKKS parameters of a federation: N = 8192 and :data:`CKKS_MODULUS_BITS`, weighted,
-    with the largest scale up to 2^40 that still holds the worst-case sum
-    ``cohort * max_weight * max(clip, 1)`` under the data prime with the two bits of headroom
-    CKKSParams requires. :class:`secagg.errors.ConfigurationError` when even 2^20 does not fit.
+    with the largest scale up to 2^40 that still holds the worst-case slot of a sum (updates and
+    their integrity pads, :func:`secagg.he.params.worst_slot_value`) under the data prime with the
+    two bits of headroom CKKSParams requires. :class:`secagg.errors.ConfigurationError` when even
+    2^20 does not fit.
     """
-    worst = cohort * max_weight * max(clip, 1.0)
+    worst = worst_slot_value(cohort, max_weight, clip)  # updates and their integrity pads
     # CKKSParams needs worst < 2^(data_bits - scale_bits - 2), and 2^(floor(log2 w) + 1) > w.
     data_bits = CKKS_MODULUS_BITS[0]
     scale_bits = min(CKKS_MAX_SCALE_BITS, data_bits - 3 - math.floor(math.log2(worst)))
@@ -451,6 +455,8 @@ class CkksBackend:
     """
 
     name = "ckks"
+    #: No neighbour graph: every upload is added.
+    neighbours: int | None = None
 
     def __init__(self, population: Sequence[int], params: CKKSParams, contribution_size: int):
         begin = time.perf_counter()
@@ -487,6 +493,21 @@ class CkksBackend:
         )
         self.key_setup_s = time.perf_counter() - begin
 
+    @classmethod
+    def for_federation(
+        cls,
+        population: Sequence[int],
+        clip: float,
+        cohort: int,
+        max_weight: int,
+        min_contributors: int,
+        contribution_size: int,
+    ) -> CkksBackend:
+        """The backend of a federation (:func:`ckks_params`, keys dealt once);
+        :class:`secagg.errors.ConfigurationError` when no CKKS parameters fit."""
+        params = ckks_params(clip, cohort, max_weight, min_contributors)
+        return cls(population, params, contribution_size)
+
     def summary(self) -> str:
         return (
             f"ckks (N={self.params.poly_modulus_degree}, {self.params.security_bits}-bit, "
@@ -507,14 +528,20 @@ class CkksBackend:
                 "encryption": "symmetric (clients hold the secret key; the server none)",
                 "key_dealer": self.dealer,
                 "key_distribution": (
-                    "secret context sealed with AES-256-GCM under HKDF(X25519(dealer, member)) "
-                    "bound to a session id and both ids; X25519 keys announced with Ed25519 "
-                    "signatures checked against the roster"
+                    "secret context and tag key sealed with AES-256-GCM under HKDF(X25519(dealer, "
+                    "member)) bound to a session id and both ids; X25519 keys announced with "
+                    "Ed25519 signatures checked against the roster"
                 ),
                 "fingerprint": self.server_context.fingerprint.hex(),
                 "key_setup_s": round(self.key_setup_s, 3),
                 "session_id": "fresh os.urandom(32) per round",
-                "decryptor": "the lowest surviving institution id of the round",
+                "decryptor": "the lowest institution id of the round's cohort, fixed before "
+                "uploads; opens one aggregate per session",
+                "aggregate_integrity": (
+                    "a pad from HKDF(tag key; session, client, view of the round) and AES-128-CTR "
+                    "in every slot; 4 tag slots per ciphertext; the decryptor releases only if "
+                    "the claimed contributors' pads cancel"
+                ),
                 "release_rounding": "decrypted sums rounded to a power-of-two grid above the "
                 "CKKS error bound (mitigates key recovery from exact decryptions)",
                 "trust_model": CKKS_TRUST_MODEL,
@@ -533,6 +560,11 @@ class CkksBackend:
         clipped = sum(int(np.count_nonzero(np.abs(units[u]) > clip)) for u in cohort)
         clip_fraction = clipped / (len(cohort) * dim)
         session = os.urandom(32)
+        spec = HeRoundSpec(self.params, session, cohort, dim, self.server_context.fingerprint)
+        # Each institution's session sees the round and the model it trained from (its view).
+        clients = {
+            u: HeClientSession(u, self._secrets[u], spec, context.signed_context) for u in cohort
+        }
         uploads: dict[int, bytes] = {}
         encrypt_s: dict[int, float] = {}
         begin = time.perf_counter()
@@ -540,19 +572,19 @@ class CkksBackend:
             if u in context.dropouts:
                 continue
             start = time.perf_counter()
-            uploads[u] = HEClient(self._secrets[u], session, dim).encrypt_update(
-                units[u], weights[u]
-            )
+            uploads[u] = clients[u].encrypt(units[u], weights[u])
             encrypt_s[u] = time.perf_counter() - start
         encrypted = time.perf_counter()
-        server = HEAggregator(self.server_context, session, dim)
+        server = HeServerSession(self.server_context, spec)
         for u, upload in uploads.items():
-            server.add(u, upload)
-        aggregate = server.aggregate()  # TooFewSurvivors below min_contributors: nothing released
+            server.receive_update(u, upload)
+        # TooFewSurvivors below min_contributors, NoDecryptor if the decryptor dropped out.
+        aggregate = server.close_uploads()
         added = time.perf_counter()
         contributors = server.contributors
-        decryptor = min(contributors)
-        result = HEClient(self._secrets[decryptor], session, dim).decrypt_sum(aggregate)
+        decryptor = server.decryptor
+        result = clients[decryptor].decrypt(aggregate)
+        server.receive_release(decryptor, result)
         decrypted = time.perf_counter()
 
         diff = _secure_vs_plain(result.total, result.weight, units, weights, contributors, clip)

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import logging.handlers
+import os
 import sys
+import time
+from pathlib import Path
 from typing import Protocol, cast
 
 
@@ -28,14 +33,54 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "client": ("clients.client_cli", "take part in a federation as one institution"),
     "he-keys": ("clients.he_keys_cli", "make and share the federation's CKKS keys (institutions)"),
     "status": ("server.status_cli", "rounds, participants and last checkpoint of a server"),
-    "audit": ("proofs.audit_cli", "privacy report of a run: epsilon spent, transcript checks"),
-    "privacy-budget": ("proofs.budget_cli", "epsilon of T rounds of sampled DP, one JSON line"),
+    "audit": (
+        "proofs.audit_cli",
+        "privacy report of a run: epsilon against the server, transcript checks",
+    ),
+    "privacy-budget": (
+        "proofs.budget_cli",
+        "epsilon calculator, one JSON line (amplified figure: Poisson sampling, secret coins)",
+    ),
     "attack": ("proofs.attack_cli", "gradient-inversion attacks on each view of an update"),
 }
 
 
 class UsageError(Exception):
     """A problem with the command line or a config file, reported without a traceback."""
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` and ``--log-file`` of the long-running commands (server, client)."""
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="PATH",
+        help="append the log to PATH instead of writing it to stderr",
+    )
+
+
+def configure_logging(args: argparse.Namespace, fmt: str) -> None:
+    """Log at ``--log-level`` to stderr or ``--log-file`` (one line per record, UTC times with
+    their zone, so logs of institutions in different zones line up)."""
+    formatter = logging.Formatter(fmt, datefmt="%Y-%m-%dT%H:%M:%S%z")
+    formatter.converter = time.gmtime
+    handler: logging.Handler
+    if args.log_file is not None:
+        try:
+            # Reopens the file when logrotate moves it away.
+            handler = logging.handlers.WatchedFileHandler(args.log_file, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"--log-file {args.log_file}: {exc.strerror}") from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(args.log_level)
 
 
 def _usage() -> str:
@@ -68,6 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fedsec {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``fedsec status | head``): stop quietly, and keep Python's own
+        # flush at exit from failing on the closed pipe too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
+        if os.environ.get("FEDSEC_DEBUG"):
+            raise
+        print(
+            f"fedsec {name}: internal error: {type(exc).__name__}: {exc} "
+            "(set FEDSEC_DEBUG=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

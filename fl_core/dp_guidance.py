@@ -136,23 +136,22 @@ def cohort_calibrator(
     mechanism: Mechanism,
     epsilon: float,
     delta: float,
-    rounds: int,
-    sampling_rate: float,
+    participations: int,
     ring_bits: int,
     clip: float,
     dim: int,
     min_release: Callable[[int], int],
 ) -> Callable[[int], Calibration]:
-    """``n -> calibrate(...)`` for a run like this one with a cohort of ``n`` (the same sampling
-    rate, so a larger population), releasing at least ``min_release(n)`` contributors."""
+    """``n -> calibrate(...)`` for a run like this one with a cohort of ``n`` (each institution in
+    as many releases as here, so a larger population), releasing at least ``min_release(n)``
+    contributors."""
 
     def run(n: int) -> Calibration:
         return calibrate(
             mechanism=mechanism,
             epsilon=epsilon,
             delta=delta,
-            rounds=rounds,
-            sampling_rate=sampling_rate,
+            participations=participations,
             expected_cohort=n,
             dropouts=n - min_release(n),
             ring_bits=ring_bits,

@@ -11,14 +11,18 @@ One round (:meth:`Federation.run_round`):
 
    - ``masking`` (default): each contribution is encoded (:mod:`secagg.encoding`, or
      :mod:`secagg.dp.encoder` with distributed DP) and the cohort runs a full Bonawitz/SecAgg+
-     session (:class:`secagg.simulate.Simulation`) with a fresh graph seed; the graph is a
-     SecAgg+ Harary graph (:func:`~secagg.params.secaggplus_params`) when the cohort is large
-     enough for one, the complete graph with :func:`~secagg.params.classic_threshold`
-     otherwise. Each client signs a digest of the global vector it was given, so the session
-     aborts if clients were served different models;
+     session (:class:`secagg.simulate.Simulation`); the graph is a SecAgg+ Harary graph
+     sized for an *active* server (:func:`~secagg.params.secaggplus_params` with
+     ``semi_malicious_server=True``; its labels come from a seed the clients commit to and
+     reveal in the session) when the cohort is large enough for one, the complete graph with
+     the active-server :func:`~secagg.params.classic_threshold` otherwise, and every client
+     checks both against its own policy (:class:`~secagg.protocol.ClientPolicy` with the
+     federation's corrupt and dropout fractions). Each client signs a digest of the global
+     vector it was given, so the session aborts if clients were served different models;
    - ``ckks``: every cohort member encrypts under the federation's CKKS key (dealt once per
-     :class:`Federation`), the server adds under the public context, the lowest surviving
-     institution decrypts. Weaker trust model and no DP
+     :class:`Federation`), the server adds under the public context, the lowest cohort id
+     decrypts, only the sum of the claimed contributors' fresh uploads (:mod:`secagg.he.session`,
+     the same sessions the deployment runs). Weaker trust model and no DP
      (:data:`~fl_core.aggregation.CKKS_TRUST_MODEL`); its release threshold is the same ``t``
      the masking backend would use;
 4. the released sum is checked against the plaintext sum of the *same* client vectors
@@ -34,19 +38,24 @@ contributors a round may release: the cohort less the dropouts tolerated
 (``SecAggSettings.dropout_fraction``, at least the Shamir threshold,
 :func:`~secagg.params.release_floor`). That floor is not assumed but enforced: every DP session
 carries it as ``RoundParams.min_survivors``, and server and clients abort a round with fewer
-contributors, so no release carries less noise than calibrated. Cohorts are drawn uniformly with a
-fixed size; the accountant's Poisson-sampling rate is the cohort's share of the population,
-exact when every institution takes part in every round (the embedded default).
+contributors, so no release carries less noise than calibrated.
+
+The DP target is an epsilon *against the server*, client-level with zero-out adjacency
+(:mod:`secagg.dp.calibration`). Cohorts are drawn with a fixed size from the run's public seed,
+so the server knows them and sampling amplifies nothing: the noise is calibrated for the most
+rounds any one institution takes part in over the whole schedule (every round, when every
+institution takes part in every round: the embedded default), each composed at full rate. That
+count is enforced too: with DP on, a round that would put an institution's update into more
+released sums than calibrated is refused (:class:`PrivacyBudgetExhausted`) before anyone trains.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
-import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -60,29 +69,29 @@ from fl_core.aggregation import (
     CkksRoundRecord,
     MaskingBackend,
     RoundContext,
-    ckks_params,
 )
 from fl_core.aggregation import SecureAggregateMismatch as SecureAggregateMismatch
 from fl_core.aggregation import quantization_bound as quantization_bound
 from fl_core.errors import FLError
+from fl_core.round import EncodingSpec, client_contribution, round_context
 from fl_core.sampling import ClientSampler
 from fl_core.strategies import ClientOptions, Strategy, build_strategy
 from fl_core.updates import check_finite
-from secagg.dp.calibration import Calibration, accounting_record, calibrate
+from secagg.dp.calibration import Calibration, calibrate, release_event
 from secagg.dp.noise import Mechanism
-from secagg.encoding import QuantizationParams
 from secagg.errors import ConfigurationError
-from secagg.params import classic_threshold, release_floor, secaggplus_params
+from secagg.params import SessionShape, release_floor, session_shape
 from secagg.protocol import ClientPolicy
 from secagg.transcript import Transcript
-
-#: Below this cohort size the complete graph is used: a Harary graph would need nearly every
-#: client as a neighbour anyway, and the SecAgg+ parameter search has no solution.
-SECAGGPLUS_MIN_COHORT = 16
 
 
 class FederationConfigError(FLError, ValueError):
     """Federation settings that cannot run (too few institutions, bad DP target, ...)."""
+
+
+class PrivacyBudgetExhausted(FLError):
+    """A DP round that would put an institution's update into more released sums than the
+    noise was calibrated for: refused before anyone trains, nothing is released."""
 
 
 @dataclass(frozen=True)
@@ -177,9 +186,15 @@ class FederationConfig:
     def cohort(self) -> int:
         return len(self.clients) if self.cohort_size is None else self.cohort_size
 
-    @property
-    def sampling_rate(self) -> float:
-        return self.cohort / len(self.clients)
+    def schedule(self) -> tuple[tuple[str, ...], ...]:
+        """Every round's cohort, as :class:`~fl_core.sampling.ClientSampler` draws it from the
+        public seed: anyone who knows the seed knows them, the server included."""
+        sampler = ClientSampler(self.seed, cohort_size=self.cohort)
+        return tuple(sampler.sample(r, self.clients) for r in range(self.rounds))
+
+    def participations(self) -> int:
+        """The most rounds any one institution takes part in over :meth:`schedule`."""
+        return max(Counter(name for cohort in self.schedule() for name in cohort).values())
 
 
 def check_backend(backend: str, *, dp_enabled: bool) -> None:
@@ -196,25 +211,15 @@ def check_backend(backend: str, *, dp_enabled: bool) -> None:
         )
 
 
-@dataclass(frozen=True)
-class GraphChoice:
-    threshold: int
-    neighbours: int | None  # None: complete graph
-
-
-def choose_graph(cohort: int, settings: SecAggSettings) -> GraphChoice:
-    """SecAgg+ (k, t) for a large cohort, else the complete graph and the classic threshold."""
-    if cohort >= SECAGGPLUS_MIN_COHORT:
-        try:
-            plus = secaggplus_params(cohort, settings.corrupt_fraction, settings.dropout_fraction)
-            return GraphChoice(plus.t, plus.k)
-        except ConfigurationError:
-            pass  # no sparse graph is secure here: the complete graph always is
+def choose_graph(cohort: int, settings: SecAggSettings) -> SessionShape:
+    """SecAgg+ (k, t) against an active server for a large cohort, else the complete graph and
+    the active-server threshold floor((n + c)/2) + 1 (:func:`secagg.params.session_shape`)."""
     try:
-        threshold = classic_threshold(cohort, settings.corrupt_fraction, settings.dropout_fraction)
+        return session_shape(
+            cohort, settings.corrupt_fraction, settings.dropout_fraction, sparse=True
+        )
     except ConfigurationError as exc:
         raise FederationConfigError(str(exc)) from exc
-    return GraphChoice(threshold, None)
 
 
 @dataclass(frozen=True)
@@ -296,40 +301,43 @@ class Federation:
         weighted = config.dp is None
         max_weight = max_samples if weighted and self._sample_weighted() else 1
         self.calibration: Calibration | None = None
-        #: The fewest contributors a round may release; raised above t by DP.
-        self.min_release = self.graph.threshold
+        #: The fewest contributors a round may release: t, the signature quorum, and with DP the
+        #: floor the noise is calibrated for.
+        self.min_release = self.graph.min_release
+        #: Released sums each institution's update is in so far (enforced against the DP
+        #: calibration's ``participations``).
+        self.contributions: Counter[str] = Counter()
         self.backend: AggregationBackend
-        if config.backend == "ckks":
+        if config.backend == CkksBackend.name:
             try:
-                params = ckks_params(
-                    config.secagg.clip, config.cohort, max_weight, self.graph.threshold
+                self.backend = CkksBackend.for_federation(
+                    sorted(self.ids.values()),
+                    config.secagg.clip,
+                    config.cohort,
+                    max_weight,
+                    self.graph.threshold,
+                    size,
                 )
             except ConfigurationError as exc:
                 raise FederationConfigError(f"CKKS parameters: {exc}") from exc
-            self.backend = CkksBackend(sorted(self.ids.values()), params, size)
             return
+        encoding = EncodingSpec(size, config.secagg.ring_bits, config.secagg.clip, max_weight)
         try:
-            quant = QuantizationParams.fit(
-                config.secagg.ring_bits,
-                config.secagg.clip,
-                config.cohort,
-                max_weight=max_weight,
-                weighted=True,
-            )
+            encoding.codec(config.cohort)  # refuses a ring too small for the cohort's sum
         except ConfigurationError as exc:
             raise FederationConfigError(f"secure-aggregation encoding: {exc}") from exc
         if config.dp is not None:
             dp = config.dp
             self.min_release = release_floor(
-                config.cohort, self.graph.threshold, config.secagg.dropout_fraction
+                config.cohort, self.graph.min_release, config.secagg.dropout_fraction
             )
             try:
                 self.calibration = calibrate(
                     mechanism=dp.mechanism,
                     epsilon=dp.epsilon,
                     delta=dp.delta,
-                    rounds=config.rounds,
-                    sampling_rate=config.sampling_rate,
+                    # Against the server, who knows the cohorts: no amplification.
+                    participations=config.participations(),
                     expected_cohort=config.cohort,
                     # Sized for the fewest contributors a round may release (enforced below).
                     dropouts=config.cohort - self.min_release,
@@ -340,12 +348,10 @@ class Federation:
                 )
             except ConfigurationError as exc:
                 raise FederationConfigError(f"DP calibration: {exc}") from exc
+            encoding = dataclasses.replace(encoding, dp=self.calibration.params)
         self.backend = MaskingBackend(
-            quant,
-            self.calibration,
-            self.graph.threshold,
-            self.graph.neighbours,
-            size,
+            encoding,
+            self.graph,
             config.secagg.corrupt_fraction,
             config.secagg.dropout_fraction,
             min_survivors=0 if self.calibration is None else self.min_release,
@@ -360,7 +366,11 @@ class Federation:
             "institutions": list(self.config.clients),
             "rounds": self.config.rounds,
             "cohort_size": self.config.cohort,
-            "sampling_rate": self.config.sampling_rate,
+            "sampling": {
+                "scheme": "fixed-size",
+                "coins": "public (the run's seed)",
+                "rounds_per_institution_max": self.config.participations(),
+            },
             "strategy": self.strategy.name,
             "strategy_hparams": dict(self.config.strategy_hparams),
             "seed": self.config.seed,
@@ -385,25 +395,27 @@ class Federation:
             raise FederationConfigError(f"unknown institutions in dropouts: {sorted(unknown)}")
         begin = time.perf_counter()
         cohort = self.sampler.sample(round_index, self.config.clients)
+        self._check_budget(cohort)
         options = self.strategy.client_options()
         units: dict[int, np.ndarray] = {}
         weights: dict[int, int] = {}
         losses: list[float] = []
         for name in cohort:
             update = self.trainer.train(name, round_index, self.global_vector, options)
-            contribution = self.strategy.contribution(
-                update.delta, update.num_samples, update.control_delta
-            )
-            weight = self.strategy.client_weight(update.num_samples)
             uid = self.ids[name]
             # Every backend takes the unweighted vector and multiplies by the integer weight.
-            units[uid] = contribution.astype(np.float64) / weight
-            weights[uid] = 1 if self.calibration is not None else int(weight)
+            units[uid], weights[uid] = client_contribution(
+                self.strategy,
+                update.delta,
+                update.num_samples,
+                update.control_delta,
+                dp=self.calibration is not None,
+            )
             losses.append(update.train_loss)
         trained = time.perf_counter()
         context = RoundContext(
             round_index,
-            self._context(round_index),
+            round_context(round_index, self.global_vector, options),
             frozenset(self.ids[name] for name in dropouts if name in cohort),
         )
         aggregate = self.backend.aggregate(units, weights, context)
@@ -411,15 +423,14 @@ class Federation:
         self.global_vector = self.strategy.aggregate(self.global_vector, aggregate.agg)
         eval_loss = {k: float(v) for k, v in self.evaluator(self.global_vector).items()}
         names = {uid: name for name, uid in self.ids.items()}
+        self.contributions.update(names[u] for u in aggregate.contributors)
         uploads = [aggregate.upload[u] for u in aggregate.contributors]
         dp_fields = None
         if self.calibration is not None and self.config.dp is not None:
+            event = release_event(self.calibration.params, len(aggregate.contributors))
             dp_fields = {
-                **accounting_record(
-                    self.calibration.params,
-                    len(aggregate.contributors),
-                    self.config.sampling_rate,
-                ),
+                "mechanism": self.calibration.params.noise.mechanism,
+                "dp_event": event.to_dict(),
                 "noise_multiplier": self.calibration.noise_multiplier,
                 "delta": self.config.dp.delta,
                 "epsilon_target": self.config.dp.epsilon,
@@ -446,16 +457,24 @@ class Federation:
             clip_fraction=aggregate.clip_fraction,
             threshold=self.graph.threshold,
             min_release=self.min_release,
-            neighbours=self.graph.neighbours if self.config.backend == "masking" else None,
+            neighbours=self.backend.neighbours,
             session_id=aggregate.session_id.hex(),
             dp=dp_fields,
         )
         return RoundOutcome(metrics, self.global_vector.copy(), aggregate.record)
 
-    def _context(self, round_index: int) -> bytes:
-        """What every client signs: the global model it trained from and the round number."""
-        digest = hashlib.sha256(self.global_vector.tobytes()).digest()
-        return digest + struct.pack(">Q", round_index)
+    def _check_budget(self, cohort: tuple[str, ...]) -> None:
+        """With DP, refuse a round that would exceed an institution's calibrated count."""
+        if self.calibration is None:
+            return
+        most = self.calibration.participations
+        spent = sorted(n for n in cohort if self.contributions[n] >= most)
+        if spent:
+            raise PrivacyBudgetExhausted(
+                f"institutions {spent} are already in {most} released sums, the most the DP "
+                f"noise was calibrated for (epsilon {self.calibration.epsilon:.4g} against the "
+                "server); another round with them would exceed it"
+            )
 
     def run(
         self, on_round: Callable[[RoundOutcome], None] | None = None, start: int = 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +43,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from fl_core.adapter_io import AdapterConfig, save_adapter
+from fl_core.aggregation import BACKENDS, CkksRoundRecord
 from fl_core.errors import FLError
 from fl_core.federation import RoundOutcome
+from secagg.transcript import Transcript
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -51,6 +54,7 @@ TRANSCRIPT_DIR = "transcripts"
 ADAPTER_DIR = "adapters"
 LOSS_PLOT = "loss.png"
 REPORT_FILE = "report.md"
+_TRANSCRIPT_NAME = re.compile(r"^round_(\d{4,})\.json$")
 INITIAL_FILE = "initial.json"
 GENERATION_FILE = "generation.json"
 BASE_DIR = "base"
@@ -305,8 +309,9 @@ def _backend_line(config: Mapping[str, Any]) -> str:
             f"- Homomorphic encryption: CKKS with N = {ckks.get('poly_modulus_degree')}, "
             f"moduli {ckks.get('coeff_mod_bit_sizes')} bits, scale 2^{ckks.get('scale_bits')}, "
             f"{ckks.get('security_bits')}-bit security; at least {ckks.get('min_contributors')} "
-            "contributors per released sum, a fresh session id per round. Trust model: "
-            f"{ckks.get('trust_model')}"
+            "contributors per released sum, a fresh session id per round, a forged aggregate "
+            f"released with probability at most 2^-{ckks.get('forgery_bits_per_attempt')} per "
+            f"attempt. Trust model: {ckks.get('trust_model')}"
         )
     secagg = config.get("secagg", {})
     return (
@@ -383,6 +388,11 @@ def _data_lines(config: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _one_line(text: str) -> str:
+    """A generated answer inside a Markdown list item: its line breaks become spaces."""
+    return " ".join(text.split())
+
+
 def _generation_lines(generation: Mapping[str, Any] | None) -> list[str]:
     if not generation:
         return []
@@ -409,10 +419,10 @@ def _generation_lines(generation: Mapping[str, Any] | None) -> list[str]:
         lines += ["", "### Answers before and after", ""]
         for sample in samples:
             lines += [
-                f"- **{sample['institution']}**: {sample['question']}",
-                f"  - reference: {sample['reference']}",
-                f"  - before: {sample['before'] or '(empty)'}",
-                f"  - after: {sample['after'] or '(empty)'}",
+                f"- **{sample['institution']}**: {_one_line(sample['question'])}",
+                f"  - reference: {_one_line(sample['reference'])}",
+                f"  - before: {_one_line(sample['before']) or '(empty)'}",
+                f"  - after: {_one_line(sample['after']) or '(empty)'}",
             ]
     return lines
 
@@ -545,7 +555,14 @@ def render_report(
             "off (epsilon unbounded)."
             if dp is None
             else f"{dp['mechanism']}, (epsilon={dp['epsilon']:.4g}, delta={dp['delta']:g}) over "
-            f"the run, L2 clip {dp['clip_l2']:g}, noise multiplier {dp['noise_multiplier']:.4g}."
+            "the run against the server (client level, zero-out adjacency; no amplification by "
+            "sampling: the server knows the cohorts"
+            + (
+                f", and no institution is in more than {dp['participations']} released sums"
+                if "participations" in dp
+                else ""
+            )
+            + f"), L2 clip {dp['clip_l2']:g}, noise multiplier {dp['noise_multiplier']:.4g}."
         ),
         *([f"- {config['dp_guidance']['message']}"] if config.get("dp_guidance") else []),
         f"- Wall time: {wall_s:.1f} s.",
@@ -633,3 +650,90 @@ def render_report(
     if (directory / GENERATION_FILE).is_file() or generation is not None:
         lines.append(f"- `{directory / GENERATION_FILE}`: generated answers and their scores")
     return "\n".join(lines) + "\n"
+
+
+# --- reading a run directory (what fedsec audit and fedsec attack read) -----------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    directory: Path
+    config: dict[str, Any]
+    metrics: tuple[dict[str, Any], ...]
+    transcripts: dict[int, Transcript]  # round -> masking transcript
+    ckks_records: dict[int, CkksRoundRecord] = field(default_factory=dict)  # round -> record
+
+    @property
+    def backend(self) -> str:
+        return str(self.config.get("backend", "masking"))
+
+
+def load_run(directory: Path) -> RunRecord:
+    """Read a run directory; :class:`RunDirectoryError` naming the file at fault for anything
+    amiss."""
+    if not directory.is_dir():
+        raise RunDirectoryError(f"{directory} is not a directory")
+    run_file = directory / RUN_FILE
+    if not run_file.is_file():
+        raise RunDirectoryError(
+            f"{directory} is not a run directory: it has no {RUN_FILE} "
+            "(expected the output directory of 'fedsec simulate')"
+        )
+    config = _read_json(run_file)
+    if not isinstance(config, dict):
+        raise RunDirectoryError(f"{run_file}: expected a JSON object")
+    if config.get("backend", "masking") not in BACKENDS:
+        raise RunDirectoryError(
+            f"{run_file}: unknown aggregation backend {config.get('backend')!r} "
+            f"(known: {', '.join(BACKENDS)})"
+        )
+    metrics_file = directory / METRICS_FILE
+    if not metrics_file.is_file():
+        raise RunDirectoryError(f"{directory} is not a complete run directory: no {METRICS_FILE}")
+    metrics: list[dict[str, Any]] = []
+    for number, line in enumerate(metrics_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunDirectoryError(f"{metrics_file}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+            raise RunDirectoryError(
+                f"{metrics_file}:{number}: expected an object with an integer round"
+            )
+        if any(r["round"] == record["round"] for r in metrics):
+            raise RunDirectoryError(
+                f"{metrics_file}:{number}: round {record['round']} recorded twice"
+            )
+        metrics.append(record)
+    transcripts: dict[int, Transcript] = {}
+    ckks_records: dict[int, CkksRoundRecord] = {}
+    transcript_dir = directory / TRANSCRIPT_DIR
+    if transcript_dir.is_dir():
+        for path in sorted(transcript_dir.iterdir()):
+            match = _TRANSCRIPT_NAME.match(path.name)
+            if match is None:
+                continue
+            data = _read_json(path)
+            try:
+                if isinstance(data, dict) and data.get("backend") == "ckks":
+                    ckks_records[int(match.group(1))] = CkksRoundRecord.from_dict(data)
+                else:
+                    transcripts[int(match.group(1))] = Transcript.from_dict(data)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise RunDirectoryError(
+                    f"{path}: not a transcript ({type(exc).__name__}: {exc})"
+                ) from None
+    if not metrics and not transcripts and not ckks_records:
+        raise RunDirectoryError(f"{directory}: the run recorded no rounds")
+    return RunRecord(directory, config, tuple(metrics), transcripts, ckks_records)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunDirectoryError(f"{path}:{exc.lineno}: not JSON ({exc.msg})") from None
+    except OSError as exc:
+        raise RunDirectoryError(f"{path}: cannot read ({exc.strerror})") from None

@@ -7,8 +7,16 @@ dependency only, used to check this module). The per-mechanism formulas live in
 :mod:`secagg.dp.rdp`, so the noise calibration (``secagg`` may not import ``proofs``) and this
 accountant run the same code.
 
-Neighbouring relation: add-or-remove one *client* (client-level DP), as in dp_accounting's
-``ADD_OR_REMOVE_ONE``; Poisson sampling of clients with rate q each round.
+Neighbouring relation: zero-out one *client* (client-level DP): one institution's clipped
+update replaced by zero, everything else (the cohort, the contributor count, every client's
+noise) unchanged, which is what the sensitivities of :mod:`secagg.dp.encoder` bound (see
+:mod:`secagg.dp.calibration`). :func:`replace_one` gives the event for replacing one
+institution's data by any other (two zero-out steps: twice the sensitivity).
+
+Sampling: fedsec's figures are against the server, who knows every cohort, so each release a
+client is in is composed at full rate (:func:`composition`). :class:`PoissonSampledDpEvent`
+(amplification by subsampling) is for ``fedsec privacy-budget``, a calculator: it holds only
+against an observer who cannot see the sampling coins, and only if sampling is Poisson.
 
 Formulas, and where they come from:
 
@@ -43,13 +51,20 @@ Formulas, and where they come from:
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any
 
 import numpy as np
 
+from secagg.dp.events import (
+    ComposedDpEvent,
+    DistributedDiscreteGaussianDpEvent,
+    DpEvent,
+    GaussianDpEvent,
+    PoissonSampledDpEvent,
+    SelfComposedDpEvent,
+    SkellamDpEvent,
+)
 from secagg.dp.rdp import (
     DEFAULT_RDP_ORDERS,
     AccountingError,
@@ -78,117 +93,49 @@ __all__ = [
     "RdpAccountant",
     "SelfComposedDpEvent",
     "SkellamDpEvent",
+    "composition",
     "ddgauss_rdp",
     "ddgauss_tau",
     "delta_from_rdp",
     "epsilon_for_rounds",
     "epsilon_from_rdp",
     "rdp_sampled_gaussian",
+    "replace_one",
     "skellam_rdp",
     "subsampled_rdp_upper_bound",
 ]
 
 
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        kind = "non-negative" if allow_zero else "positive"
-        raise AccountingError(f"{name} must be a {kind} finite number, got {value!r}")
+def composition(events: Sequence[DpEvent]) -> DpEvent:
+    """One event for all of ``events`` composed (each at full rate), equal events grouped as
+    :class:`SelfComposedDpEvent` in order of first appearance (RDP composition commutes)."""
+    counts: dict[DpEvent, int] = {}
+    for event in events:
+        counts[event] = counts.get(event, 0) + 1
+    parts = tuple(e if n == 1 else SelfComposedDpEvent(e, n) for e, n in counts.items())
+    if len(parts) == 1:
+        return parts[0]
+    return ComposedDpEvent(parts)
 
 
-@dataclass(frozen=True)
-class DpEvent:
-    """Base of the privacy events; ``to_dict`` gives a JSON-ready record for run reports."""
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"event": type(self).__name__}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, DpEvent):
-                out[f.name] = value.to_dict()
-            elif isinstance(value, tuple):
-                out[f.name] = [v.to_dict() if isinstance(v, DpEvent) else v for v in value]
-            else:
-                out[f.name] = value
-        return out
-
-
-@dataclass(frozen=True)
-class GaussianDpEvent(DpEvent):
-    """Gaussian noise of std ``noise_multiplier`` times the L2 sensitivity."""
-
-    noise_multiplier: float
-
-    def __post_init__(self) -> None:
-        _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
-
-
-@dataclass(frozen=True)
-class SkellamDpEvent(DpEvent):
-    """Symmetric Skellam noise on integer vectors, all in integer (scaled) units.
-
-    ``variance`` is the per-coordinate variance of the *total* noise in the released sum;
-    ``l2_sensitivity``/``l1_sensitivity`` bound one client's contribution (after rounding).
-    """
-
-    l2_sensitivity: float
-    l1_sensitivity: float
-    variance: float
-
-    def __post_init__(self) -> None:
-        _check_positive("l2_sensitivity", self.l2_sensitivity)
-        _check_positive("l1_sensitivity", self.l1_sensitivity)
-        _check_positive("variance", self.variance)
-
-    @property
-    def noise_multiplier(self) -> float:
-        """std / L2 sensitivity: the Gaussian-equivalent noise multiplier."""
-        return math.sqrt(self.variance) / self.l2_sensitivity
-
-
-@dataclass(frozen=True)
-class DistributedDiscreteGaussianDpEvent(DpEvent):
-    """The sum of ``num_clients`` discrete Gaussians of scale ``local_stddev`` (integer units)
-    added to integer vectors of dimension ``dim`` with the given sensitivities."""
-
-    l2_sensitivity: float
-    l1_sensitivity: float
-    local_stddev: float
-    num_clients: int
-    dim: int
-
-    def __post_init__(self) -> None:
-        _check_positive("l2_sensitivity", self.l2_sensitivity)
-        _check_positive("l1_sensitivity", self.l1_sensitivity)
-        _check_positive("local_stddev", self.local_stddev)
-        if self.num_clients < 1 or self.dim < 1:
-            raise AccountingError("num_clients and dim must be at least 1")
-
-
-@dataclass(frozen=True)
-class PoissonSampledDpEvent(DpEvent):
-    sampling_probability: float
-    event: DpEvent
-
-    def __post_init__(self) -> None:
-        q = self.sampling_probability
-        if not (math.isfinite(q) and 0 <= q <= 1):
-            raise AccountingError(f"sampling probability must be in [0, 1], got {q!r}")
-
-
-@dataclass(frozen=True)
-class SelfComposedDpEvent(DpEvent):
-    event: DpEvent
-    count: int
-
-    def __post_init__(self) -> None:
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
-            raise AccountingError(f"count must be a non-negative integer, got {self.count!r}")
-
-
-@dataclass(frozen=True)
-class ComposedDpEvent(DpEvent):
-    events: tuple[DpEvent, ...] = field(default_factory=tuple)
+def replace_one(event: DpEvent) -> DpEvent:
+    """The event of ``event``'s mechanism for the replace-one relation, given that ``event`` is
+    accounted for zero-out: swapping one client's clipped update for another changes the sum
+    by the difference of two, at most twice the sensitivity (two zero-out steps). Subsampled
+    events are refused: amplification under replace-one needs its own bound."""
+    if isinstance(event, GaussianDpEvent):
+        return GaussianDpEvent(event.noise_multiplier / 2)
+    if isinstance(event, SkellamDpEvent):
+        return SkellamDpEvent(2 * event.l2_sensitivity, 2 * event.l1_sensitivity, event.variance)
+    if isinstance(event, DistributedDiscreteGaussianDpEvent):
+        return dataclasses.replace(
+            event, l2_sensitivity=2 * event.l2_sensitivity, l1_sensitivity=2 * event.l1_sensitivity
+        )
+    if isinstance(event, SelfComposedDpEvent):
+        return SelfComposedDpEvent(replace_one(event.event), event.count)
+    if isinstance(event, ComposedDpEvent):
+        return ComposedDpEvent(tuple(replace_one(e) for e in event.events))
+    raise AccountingError(f"no replace-one counterpart for {type(event).__name__}")
 
 
 # --- RDP of single mechanisms ----------------------------------------------------------------

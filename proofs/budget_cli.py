@@ -1,10 +1,17 @@
 """``fedsec privacy-budget``: the epsilon a DP training plan spends, as one JSON line.
 
-Answers the privacy officer's first question for T rounds of Poisson-sampled client-level DP:
-the Gaussian mechanism (noise multiplier z = noise std / L2 clip) or the Skellam mechanism
-(z = noise std / L2 sensitivity in the encoder's integer units; its discretisation surcharge
-also depends on the sensitivity and the padded dimension, which it therefore requires).
-The numbers come from :mod:`proofs.accountant` (RDP, dp_accounting's order grid).
+A calculator for T rounds of client-level DP with the Gaussian mechanism (noise multiplier
+z = noise std / L2 clip) or the Skellam mechanism (z = noise std / L2 sensitivity in the
+encoder's integer units; its discretisation surcharge also depends on the sensitivity and the
+padded dimension, which it therefore requires). The numbers come from :mod:`proofs.accountant`
+(RDP, dp_accounting's order grid).
+
+``epsilon`` is amplified by Poisson subsampling at ``--sampling-rate`` q: it holds only if each
+client is sampled independently with probability q each round *and* the observer cannot see the
+coins. Against anyone who knows who was sampled -- fedsec's server, whose cohorts are fixed-size
+and drawn from a public seed -- use ``epsilon_without_amplification`` (q = 1: every one of the T
+rounds at full rate; pass as ``--rounds`` the rounds one client takes part in), which is what
+``fedsec simulate`` calibrates for and ``fedsec audit`` reports.
 """
 
 from __future__ import annotations
@@ -22,6 +29,12 @@ from proofs.accountant import (
 )
 from secagg.dp.encoder import rounded_l1_bound
 
+AMPLIFICATION_ASSUMES = (
+    "Poisson sampling (each client independently with probability q each round) with coins the "
+    "observer cannot see; against anyone who knows the cohorts (fedsec's server) the figure is "
+    "epsilon_without_amplification"
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mechanism", choices=("gaussian", "skellam"), default="gaussian")
@@ -29,9 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--noise-multiplier", type=float, required=True, help="noise std / L2 sensitivity"
     )
     parser.add_argument(
-        "--sampling-rate", type=float, required=True, help="client sampling rate q in (0, 1]"
+        "--sampling-rate",
+        type=float,
+        required=True,
+        help="client sampling rate q in (0, 1]; epsilon is amplified by it, which assumes "
+        "Poisson sampling with coins the observer cannot see (not true against fedsec's "
+        "server, who knows the cohorts: see epsilon_without_amplification, or pass 1)",
     )
-    parser.add_argument("--rounds", type=int, required=True, help="number of rounds T")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        required=True,
+        help="number of rounds T (at q = 1: the rounds one client takes part in)",
+    )
     parser.add_argument("--delta", type=float, default=1e-5, help="target delta in (0, 1)")
     parser.add_argument(
         "--l2-sensitivity",
@@ -77,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--delta must be in (0, 1), got {delta}")
     event, extra = _event(args)
     epsilon, order = epsilon_for_rounds(event, q, rounds, delta)
+    unamplified, _ = epsilon_for_rounds(event, 1.0, rounds, delta)
     record: dict[str, object] = {
         "mechanism": args.mechanism,
         "epsilon": epsilon,
@@ -85,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
         "noise_multiplier": z,
         "sampling_rate": q,
         "rounds": rounds,
+        "amplification_assumes": AMPLIFICATION_ASSUMES if q < 1 else "none (q = 1)",
+        "epsilon_without_amplification": unamplified,
+        "adjacency": "zero-out (one client's clipped contribution replaced by zero)",
         **extra,
     }
     print(json.dumps(record))

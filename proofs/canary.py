@@ -10,10 +10,11 @@ rank-based exposure, estimated from a uniform sample of the secret space instead
 space, so it ranges from 0 to ``log2(references + 1)``.
 
 Empirical epsilon lower bound. Let E_c be "at most c candidates score at least as well as the
-canary". If the canary institution were absent, the model would be independent of the secret,
-so the canary and its candidates would be exchangeable: P_out(E_c) <= (c+1)/(references+1)
-(ties count against the canary). Client-level (epsilon, delta)-DP with the add/remove-one-
-institution relation gives P_in(E_c) <= e^epsilon * P_out(E_c) + delta, hence
+canary". If the canary institution's update were replaced by zero (it still adds its noise),
+the model would be independent of the secret, so the canary and its candidates would be
+exchangeable: P_out(E_c) <= (c+1)/(references+1) (ties count against the canary). Client-level
+(epsilon, delta)-DP with the zero-out relation the accountant uses
+(:mod:`secagg.dp.calibration`) gives P_in(E_c) <= e^epsilon * P_out(E_c) + delta, hence
 
     epsilon >= ln((P_in(E_c) - delta) * (references + 1) / (c + 1)).
 
@@ -50,11 +51,11 @@ from clients.synthetic import make_federation
 from clients.trainer import LoraModel, LoraSettings, TrainSettings, train_local
 from fl_core.strategies import AggregateInput, FedAvg
 from proofs.accountant import RdpAccountant
-from proofs.audit_cli import round_event
-from secagg.dp.calibration import accounting_record, calibrate
+from secagg.dp.calibration import calibrate, release_event
 from secagg.dp.encoder import DpEncoder
 from secagg.encoding import QuantizationParams, decode_sum, encode
 from secagg.errors import ConfigurationError
+from secagg.params import session_shape
 from secagg.protocol import RoundParams
 from secagg.ring import RingArray
 from secagg.simulate import simulate_round
@@ -349,8 +350,9 @@ class _Federation:
 
 def _secure_sum(encoded: Sequence[RingArray], ring_bits: int, dim: int) -> tuple[RingArray, int]:
     cohort = tuple(range(1, len(encoded) + 1))
-    threshold = max(2, len(cohort) // 2 + 1)
-    params = RoundParams(os.urandom(32), ring_bits, dim, threshold, cohort)
+    params = RoundParams(
+        os.urandom(32), ring_bits, dim, session_shape(len(cohort)).threshold, cohort
+    )
     result = simulate_round(params, dict(zip(cohort, encoded, strict=True))).result
     return result.sum, len(result.contributors)
 
@@ -373,8 +375,7 @@ def _train(
             mechanism="skellam",
             epsilon=config.target_epsilon,
             delta=config.delta,
-            rounds=config.rounds,
-            sampling_rate=1.0,  # every institution takes part in every round
+            participations=config.rounds,  # every institution takes part in every round
             expected_cohort=n,
             dropouts=0,
             ring_bits=config.ring_bits,
@@ -405,7 +406,7 @@ def _train(
             )
             total = encoder.decode_sum(summed, contributors)
             # Accounted exactly as `fedsec audit` accounts a run's metrics records.
-            event = round_event({"round": rnd, **accounting_record(params, contributors, 1.0)})
+            event = release_event(params, contributors)
             if event is None:
                 raise ConfigurationError("the DP round produced no privacy event")
             accountant.compose(event)

@@ -17,6 +17,13 @@ guarantees of secure aggregation:
 * ``record_integrity`` -- each recorded masked input is the payload of a recorded MaskedInput
   message from a cohort member (its re-encoding hashes to the recorded digest), with the size
   the ring and dimension imply.
+* ``graph_seed`` -- (SecAgg+) the neighbour graph came from the clients, not the server: every
+  client that committed to the graph seed revealed, every reveal opens its commitment, and the
+  recorded seed is the hash of all of them (:func:`secagg.protocol.common.graph_seed`).
+* ``active_server_parameters`` -- the threshold and the survivor-set quorum hold against an
+  active server that colludes with no client (t >= floor(n/2) + 1 on the complete graph,
+  2t > k + 1 on a SecAgg+ graph of degree k, quorum >= floor(n/2) + 1); the note states how
+  many colluding clients the recorded quorum tolerates, c <= 2q - n - 1.
 * ``masked_input_uniformity`` -- each recorded masked input is indistinguishable from uniform
   by a chi-square test on the top bits of its elements. A masked input is uniform in the ring
   because of the self mask; an unmasked or badly masked vector (quantized updates crowd around
@@ -44,8 +51,11 @@ from scipy.stats import chi2
 
 from fl_core.aggregation import CkksRoundRecord
 from secagg.errors import ConfigurationError, MessageFormatError
+from secagg.graph import harary_degree
 from secagg.messages import MaskedInput, encode_message
 from secagg.packing import packed_size, unpack
+from secagg.params import active_threshold
+from secagg.protocol.common import graph_seed, seed_commitment
 from secagg.ring import Ring, RingArray
 from secagg.transcript import Transcript
 
@@ -61,6 +71,8 @@ CheckName = Literal[
     "release_threshold",
     "session_isolation",
     "record_integrity",
+    "graph_seed",
+    "active_server_parameters",
     "masked_input_uniformity",
 ]
 Status = Literal["passed", "failed", "not tested", "not applicable"]
@@ -68,10 +80,15 @@ Status = Literal["passed", "failed", "not tested", "not applicable"]
 CHECK_DESCRIPTIONS: dict[CheckName, str] = {
     "share_separation": "no client had both its self-mask share and its key share requested",
     "release_threshold": (
-        "every released sum had at least max(t, DP survivor floor) contributors from the cohort"
+        "every released sum had at least max(t, quorum, DP survivor floor) contributors from "
+        "the cohort"
     ),
     "session_isolation": "every record carries its session's id and no session id is reused",
     "record_integrity": "every recorded masked input matches a received message's digest",
+    "graph_seed": "the SecAgg+ graph seed hashes every committed client's reveal",
+    "active_server_parameters": (
+        "threshold and survivor-set quorum hold against an active server (no colluding client)"
+    ),
     "masked_input_uniformity": "masked inputs pass a chi-square uniformity test",
 }
 
@@ -83,6 +100,9 @@ CKKS_NOT_APPLICABLE: dict[CheckName, str] = {
     "re-check (any key holder could read them)",
     "masked_input_uniformity": "not applicable to CKKS: there are no masked inputs; an upload's "
     "confidentiality rests on RLWE, which no statistical test of the record can show",
+    "graph_seed": "not applicable to CKKS: no neighbour graph",
+    "active_server_parameters": "not applicable to CKKS: no Shamir threshold or survivor-set "
+    "quorum (release_threshold checks min_contributors)",
 }
 
 
@@ -193,16 +213,23 @@ def audit_transcripts(
 
     uniformity_findings, tested, uniformity_note = _check_uniformity(transcripts, family_alpha)
     found["masked_input_uniformity"] += uniformity_findings
+    notes: dict[CheckName, str] = {
+        "masked_input_uniformity": uniformity_note,
+        "active_server_parameters": _collusion_note(transcripts),
+    }
+    sparse = any(t.neighbours is not None and t.neighbours < len(t.cohort) - 1 for t in transcripts)
     checks = []
     for name, findings in found.items():
         if findings:
             status: Status = "failed"
         elif name == "masked_input_uniformity" and tested == 0:
             status = "not tested"
+        elif name == "graph_seed" and not sparse:
+            status = "not applicable"
+            notes[name] = "every session used the complete graph (no seed)"
         else:
             status = "passed"
-        note = uniformity_note if name == "masked_input_uniformity" else ""
-        checks.append(CheckResult(name, status, tuple(findings), note))
+        checks.append(CheckResult(name, status, tuple(findings), notes.get(name, "")))
     return AuditReport(len(transcripts), tuple(checks), family_alpha, tested)
 
 
@@ -210,9 +237,63 @@ def _finding(name: CheckName, index: int, transcript: Transcript, detail: str) -
     return Finding(name, index, transcript.session_id.hex(), detail)
 
 
+def _collusion_note(transcripts: Sequence[Transcript]) -> str:
+    tolerated = [2 * t.quorum - len(t.cohort) - 1 for t in transcripts if t.quorum]
+    if not tolerated:
+        return ""
+    return (
+        f"the recorded survivor-set quorums keep the survivor set unique with up to "
+        f"{max(min(tolerated), 0)} colluding clients per session"
+    )
+
+
+def _check_active_server(t: Transcript) -> list[str]:
+    n = len(t.cohort)
+    complete = t.neighbours is None or t.neighbours >= n - 1
+    degree = n - 1 if complete else harary_degree(n, t.neighbours or 0)
+    problems = []
+    if t.threshold < active_threshold(degree, 0):
+        problems.append(
+            f"threshold {t.threshold} < {active_threshold(degree, 0)}: an active server can split "
+            f"a degree-{degree} neighbourhood into two groups that each reveal one secret"
+        )
+    if t.quorum == 0:
+        problems.append(
+            "no survivor-set quorum recorded (a session from before the active-server defences)"
+        )
+    elif t.quorum < n // 2 + 1:
+        problems.append(
+            f"survivor-set quorum {t.quorum} < {n // 2 + 1}: two survivor sets can be attested"
+        )
+    return problems
+
+
+def _check_graph_seed(t: Transcript) -> list[str]:
+    if t.neighbours is None or t.neighbours >= len(t.cohort) - 1:
+        return []
+    committed, revealed = dict(t.seed_commitments), dict(t.seed_reveals)
+    problems = []
+    if not committed:
+        problems.append("no graph-seed commitments recorded: the server may have chosen the graph")
+    if set(committed) != set(revealed):
+        problems.append(f"committed {sorted(committed)[:10]} but revealed {sorted(revealed)[:10]}")
+    wrong = [
+        v
+        for v, r in t.seed_reveals
+        if v in committed and seed_commitment(t.session_id, v, r) != committed[v]
+    ]
+    if wrong:
+        problems.append(f"reveals of {wrong[:10]} do not open their commitments")
+    if t.seed_reveals and graph_seed(t.session_id, t.seed_reveals) != t.graph_seed:
+        problems.append("the recorded graph seed is not the hash of the reveals")
+    return problems
+
+
 def _check_one(t: Transcript) -> list[tuple[CheckName, str]]:
     out: list[tuple[CheckName, str]] = []
     cohort = set(t.cohort)
+    out += [("graph_seed", d) for d in _check_graph_seed(t)]
+    out += [("active_server_parameters", d) for d in _check_active_server(t)]
 
     # session_isolation: every record of this transcript is about this session.
     foreign = [
@@ -254,7 +335,8 @@ def _check_one(t: Transcript) -> list[tuple[CheckName, str]]:
     floor_text = (
         f"threshold t = {floor}"
         if floor == t.threshold
-        else f"release floor {floor} (DP survivor floor; threshold t = {t.threshold})"
+        else f"release floor {floor} (threshold t = {t.threshold}, survivor-set quorum "
+        f"{t.quorum}, DP survivor floor {t.min_survivors})"
     )
     for r in t.releases:
         distinct = set(r.contributors)
@@ -358,9 +440,10 @@ def audit_ckks_records(
     records: Sequence[CkksRoundRecord], *, min_contributors: int | None = None
 ) -> AuditReport:
     """Audit the server records of a CKKS run: ``release_threshold`` (each released aggregate
-    has at least its threshold of distinct contributors, all cohort members that uploaded, and
-    the threshold is the run's ``min_contributors`` when given) and ``session_isolation``;
-    the masking-specific checks are reported "not applicable"."""
+    has at least its threshold of distinct contributors, all cohort members that uploaded, the
+    threshold is the run's ``min_contributors`` when given, and it was opened by the round's one
+    decryptor, the lowest cohort id, itself a contributor) and ``session_isolation``; the
+    masking-specific checks are reported "not applicable"."""
     if not records:
         raise ConfigurationError("no CKKS records to audit")
     found: dict[CheckName, list[Finding]] = {name: [] for name in CHECK_DESCRIPTIONS}
@@ -390,6 +473,13 @@ def audit_ckks_records(
             problems.append(f"contributors {sorted(distinct - set(record.cohort))} not in cohort")
         if not distinct <= uploaders:
             problems.append(f"contributors {sorted(distinct - uploaders)} uploaded nothing")
+        if record.cohort and (
+            record.decryptor != min(record.cohort) or record.decryptor not in distinct
+        ):
+            problems.append(
+                f"opened by client {record.decryptor}; the round's decryptor is the lowest "
+                f"cohort id, {min(record.cohort)}, and must be a contributor"
+            )
         if problems:
             found["release_threshold"].append(
                 Finding("release_threshold", index, sid, "release: " + "; ".join(problems))

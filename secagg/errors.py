@@ -79,3 +79,31 @@ class ConsistencyError(ProtocolAbort):
 
 class TooFewSurvivors(ProtocolAbort):
     """Fewer parties than the threshold remain; the round ends without releasing a sum."""
+
+
+class SurvivorSetRefused(ConsistencyError):
+    """A survivor set the client will not sign: it omits the client itself, or names a neighbour
+    whose shares never reached it (so the client did not mask with it), or leaves the client
+    fewer surviving neighbours than the threshold. Signing it would let the server unmask the
+    client's input alone (the isolation attack)."""
+
+
+class GraphSeedError(ProtocolAbort):
+    """The SecAgg+ graph seed cannot be fixed honestly: a committed client did not reveal, a
+    reveal does not match its commitment, or the client's own commitment is missing."""
+
+
+class InvalidPublicKey(ProtocolAbort):
+    """A key-agreement public key that is malformed or of low order (its shared secret would be
+    all zeros, so nothing derived from it is secret)."""
+
+
+class SessionFailure(ProtocolAbort):
+    """An unexpected failure inside a session (a library error while processing a message); the
+    session is aborted and wiped exactly as for any other violation."""
+
+
+class SumBackendFailure(ProtocolAbort):
+    """The server's sum backend could not complete an addition or the mask removal (for example
+    a worker process of a parallel backend died). The session aborts and releases nothing; the
+    round is rerun."""

@@ -137,6 +137,14 @@ def _harary_offsets(n: int, k: int) -> tuple[int, ...]:
     return tuple(sorted(offsets))
 
 
+def harary_degree(n: int, k: int) -> int:
+    """The degree of :func:`harary_graph` over n clients asked for degree k (k, k+1 when k and
+    n are both odd, n-1 when k >= n-1); needs no seed."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigurationError(f"the neighbourhood degree k must be an integer >= 1, got {k!r}")
+    return len(_harary_offsets(n, k))
+
+
 def _permuted(cohort: tuple[int, ...], seed: bytes) -> tuple[int, ...]:
     # Sorting by a keyed hash is a uniformly random permutation in the random-oracle model;
     # the id is the tie-break, although a SHA-256 collision would be a discovery in itself.

@@ -18,7 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from secagg.errors import ConfigurationError, InvalidSignatureError, UnknownClient
+from secagg.errors import (
+    ConfigurationError,
+    InvalidPublicKey,
+    InvalidSignatureError,
+    UnknownClient,
+)
 from secagg.ids import check_client_id, check_session_id, id_bytes
 
 PUBLIC_KEY_BYTES = 32
@@ -146,9 +151,25 @@ class AgreementKeyPair:
         return _raw_public(self.private_key)
 
     def exchange(self, peer_public: bytes) -> bytes:
+        """X25519 with ``peer_public``; a malformed or low-order key is :class:`InvalidPublicKey`
+        (``cryptography`` refuses an all-zero shared secret with a bare ``ValueError``)."""
         if len(peer_public) != PUBLIC_KEY_BYTES:
-            raise ConfigurationError(f"an X25519 public key is {PUBLIC_KEY_BYTES} bytes")
-        return self.private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+            raise InvalidPublicKey(f"an X25519 public key is {PUBLIC_KEY_BYTES} bytes")
+        try:
+            return self.private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError:
+            raise InvalidPublicKey(
+                "X25519 public key of low order: the shared secret would be all zeros"
+            ) from None
+
+
+def check_agreement_public_key(public: bytes, what: str) -> None:
+    """Refuse an X25519 public key no honest party could have made (wrong length or low order),
+    by an exchange with a throwaway key: low-order points give the all-zero secret for any."""
+    try:
+        AgreementKeyPair.generate().exchange(public)
+    except InvalidPublicKey as exc:
+        raise InvalidPublicKey(f"{what}: {exc}") from None
 
 
 def derive_pair_key(

@@ -21,7 +21,7 @@ from secagg.errors import MessageFormatError
 from secagg.ids import check_session_id
 
 MAGIC = b"FSA"
-VERSION = 1
+VERSION = 2  # 2: SecAgg+ graph-seed commitments and reveals
 SERVER = 0
 _HEAD = struct.Struct(">3sBB32s")  # magic, version, type, session; sender/recipient follow
 _U32 = struct.Struct(">I")
@@ -30,11 +30,22 @@ X25519_PUBLIC_BYTES = 32
 DIGEST_BYTES = 32
 SIGNATURE_BYTES = 64
 SHARE_BYTES = 33
+SEED_REVEAL_BYTES = 32
 #: Upper bound on any single variable-length field (a packed 64-bit vector of 2^27 elements).
 MAX_FIELD_BYTES = 1 << 30
 
 
 # --- client -> server ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeedCommit:
+    """SecAgg+ only: u's commitment to its share of the graph seed (sent before any reveal)."""
+
+    session_id: bytes
+    sender: int
+    commitment: bytes  # seed_commitment(session, u, reveal)
+    recipient: int = SERVER
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class AdvertiseKeys:
     masking_public: bytes  # s_u
     context_digest: bytes  # hash of the round config and global model this client received
     signature: bytes  # Ed25519 over advert_signed_bytes(...)
+    seed_reveal: bytes = b""  # SecAgg+: the committed graph-seed share (empty: complete graph)
     recipient: int = SERVER
 
 
@@ -86,6 +98,16 @@ class UnmaskResponse:
 
 
 @dataclass(frozen=True)
+class SeedCommitments:
+    """SecAgg+ only: every graph-seed commitment the server received, sorted by client id."""
+
+    session_id: bytes
+    recipient: int
+    commitments: tuple[tuple[int, bytes], ...]
+    sender: int = SERVER
+
+
+@dataclass(frozen=True)
 class PeerAdvert:
     client_id: int
     encryption_public: bytes
@@ -99,6 +121,7 @@ class KeysBroadcast:
     session_id: bytes
     recipient: int
     adverts: tuple[PeerAdvert, ...]  # the recipient's neighbours that advertised, sorted by id
+    seed_reveals: tuple[tuple[int, bytes], ...] = ()  # SecAgg+: every committed client's reveal
     sender: int = SERVER
 
 
@@ -129,8 +152,28 @@ class UnmaskRequest:
     sender: int = SERVER
 
 
-ClientMessage = AdvertiseKeys | ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse
-ServerMessage = KeysBroadcast | SharesDelivery | ConsistencyRequest | UnmaskRequest
+ClientMessage = (
+    SeedCommit | AdvertiseKeys | ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse
+)
+ServerMessage = (
+    SeedCommitments | KeysBroadcast | SharesDelivery | ConsistencyRequest | UnmaskRequest
+)
+#: The message types of each direction, for dispatch and for refusing the wrong direction.
+CLIENT_MESSAGE_TYPES = (
+    SeedCommit,
+    AdvertiseKeys,
+    ShareKeys,
+    MaskedInput,
+    ConsistencySignature,
+    UnmaskResponse,
+)
+SERVER_MESSAGE_TYPES = (
+    SeedCommitments,
+    KeysBroadcast,
+    SharesDelivery,
+    ConsistencyRequest,
+    UnmaskRequest,
+)
 Message = ClientMessage | ServerMessage
 
 
@@ -230,6 +273,8 @@ def _check_sorted_unique(values: tuple[int, ...], what: str) -> None:
 
 
 _TYPE_CODES: dict[type, int] = {
+    SeedCommit: 6,
+    SeedCommitments: 15,
     AdvertiseKeys: 1,
     ShareKeys: 2,
     MaskedInput: 3,
@@ -249,11 +294,18 @@ def encode_message(msg: Message) -> bytes:
     w.u32(msg.sender, "sender")
     w.u32(msg.recipient, "recipient")
     match msg:
+        case SeedCommit():
+            w.fixed(msg.commitment, DIGEST_BYTES, "seed commitment")
+        case SeedCommitments():
+            w.id_blobs(msg.commitments, "seed commitments", DIGEST_BYTES)
         case AdvertiseKeys():
             w.fixed(msg.encryption_public, X25519_PUBLIC_BYTES, "encryption public key")
             w.fixed(msg.masking_public, X25519_PUBLIC_BYTES, "masking public key")
             w.fixed(msg.context_digest, DIGEST_BYTES, "context digest")
             w.fixed(msg.signature, SIGNATURE_BYTES, "signature")
+            if msg.seed_reveal and len(msg.seed_reveal) != SEED_REVEAL_BYTES:
+                raise MessageFormatError(f"seed reveal must be empty or {SEED_REVEAL_BYTES} bytes")
+            w.blob(msg.seed_reveal, "seed reveal")
         case ShareKeys():
             w.fixed(msg.self_mask_commitment, DIGEST_BYTES, "commitment")
             w.id_blobs(msg.ciphertexts, "share ciphertexts")
@@ -273,6 +325,7 @@ def encode_message(msg: Message) -> bytes:
                 w.fixed(a.masking_public, X25519_PUBLIC_BYTES, "masking public key")
                 w.fixed(a.context_digest, DIGEST_BYTES, "context digest")
                 w.fixed(a.signature, SIGNATURE_BYTES, "signature")
+            w.id_blobs(msg.seed_reveals, "seed reveals", SEED_REVEAL_BYTES)
         case SharesDelivery():
             w.id_blobs(msg.ciphertexts, "share ciphertexts")
         case ConsistencyRequest():
@@ -286,15 +339,14 @@ def encode_message(msg: Message) -> bytes:
 
 
 def _decode_advertise(r: _Reader, sid: bytes, sender: int, recipient: int) -> Message:
-    return AdvertiseKeys(
-        sid,
-        sender,
-        r.fixed(X25519_PUBLIC_BYTES, "encryption public key"),
-        r.fixed(X25519_PUBLIC_BYTES, "masking public key"),
-        r.fixed(DIGEST_BYTES, "context digest"),
-        r.fixed(SIGNATURE_BYTES, "signature"),
-        recipient,
-    )
+    encryption = r.fixed(X25519_PUBLIC_BYTES, "encryption public key")
+    masking = r.fixed(X25519_PUBLIC_BYTES, "masking public key")
+    digest = r.fixed(DIGEST_BYTES, "context digest")
+    signature = r.fixed(SIGNATURE_BYTES, "signature")
+    reveal = r.blob("seed reveal")
+    if reveal and len(reveal) != SEED_REVEAL_BYTES:
+        raise MessageFormatError(f"seed reveal must be empty or {SEED_REVEAL_BYTES} bytes")
+    return AdvertiseKeys(sid, sender, encryption, masking, digest, signature, reveal, recipient)
 
 
 def _decode_broadcast(r: _Reader, sid: bytes, sender: int, recipient: int) -> Message:
@@ -310,11 +362,16 @@ def _decode_broadcast(r: _Reader, sid: bytes, sender: int, recipient: int) -> Me
         for _ in range(n)
     )
     _check_sorted_unique(tuple(a.client_id for a in adverts), "adverts")
-    return KeysBroadcast(sid, recipient, adverts, sender)
+    reveals = r.id_blobs("seed reveals", SEED_REVEAL_BYTES)
+    return KeysBroadcast(sid, recipient, adverts, reveals, sender)
 
 
 _Decoder = Callable[[_Reader, bytes, int, int], Message]
 _DECODERS: dict[int, _Decoder] = {
+    6: lambda r, sid, s, t: SeedCommit(sid, s, r.fixed(DIGEST_BYTES, "seed commitment"), t),
+    15: lambda r, sid, s, t: SeedCommitments(
+        sid, t, r.id_blobs("seed commitments", DIGEST_BYTES), s
+    ),
     1: _decode_advertise,
     2: lambda r, sid, s, t: ShareKeys(
         sid, s, r.fixed(DIGEST_BYTES, "commitment"), r.id_blobs("share ciphertexts"), t

@@ -26,11 +26,20 @@ the adversary learns more than the sum of the honest survivors' inputs is < 2^-s
 probability that the round cannot be completed is < 2^-eta.
 
 Assumptions: the graph labels are a uniformly random permutation the server cannot influence
-(a public seed fixed after the cohort), corruption is static and independent of the labels, at
-most gamma*n clients are corrupt and at most delta*n drop out. With a semi-malicious server
-(one that may lie about who dropped out, splitting the honest clients into groups that each
-reveal shares), t must also exceed half of the neighbourhood plus the corrupt neighbours:
-t1 is then raised to ceil((t1 + k - 1.25) / 2) as in the reference implementation.
+(a seed fixed by the clients' committed randomness after the cohort, see
+:mod:`secagg.protocol`), corruption is static and independent of the labels, at most gamma*n
+clients are corrupt and at most delta*n drop out.
+
+Active (semi-malicious) server: it may lie about who dropped out, showing two disjoint groups of
+a client u's share holders two survivor sets, one with u (they release shares of u's self-mask
+seed b_u) and one without (they release shares of u's masking key). u's secrets are shared to
+its k neighbours *and to u itself* (u keeps a share of b_u and releases it when it survives), so
+with a corrupt neighbours the two groups together hold k + a + 1 shares of b_u; splitting them
+into two sets of t is impossible iff 2t > k + a + 1. With a <= t1 (the largest number of corrupt
+neighbours that is not negligible) this is t = floor((k + 1 + t1) / 2) + 1
+(:func:`active_threshold`). The reference implementation's ceil((t1 + k - 1.25) / 2) + 1 omits
+the self share and is one short whenever k + t1 is odd. For the complete graph (k = n - 1,
+a <= c deterministically) the same rule is Bonawitz et al.'s t = floor((n + c) / 2) + 1.
 """
 
 from __future__ import annotations
@@ -40,8 +49,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from secagg.errors import ConfigurationError
+from secagg.graph import harary_degree
 
 DEFAULT_SECURITY_BITS = 40
+#: The fraction of a cohort assumed to collude with the server unless a party says otherwise
+#: (the reference points of DESIGN.md; an institution raises it in its own policy).
+DEFAULT_CORRUPT_FRACTION = 0.05
 DEFAULT_CORRECTNESS_BITS = 20
 
 # A fraction like 0.07 is 0.07000000000000000666...; multiplying by n may land a hair below an
@@ -116,6 +129,26 @@ def _disconnection_is_negligible(n: int, k: int, bad: int, security_bits: int) -
     return n * (n - k - 1) * math.comb(bad, k) << security_bits < math.comb(n, k)
 
 
+def max_corrupt_neighbours(n: int, degree: int, corrupt: int, security_bits: int) -> int:
+    """t1: the largest number of corrupt neighbours some client has with non-negligible
+    probability, i.e. the smallest a with n * P[A > a] < 2^-(sigma+1), A ~ Hypergeometric(n,
+    corrupt, degree) (a union bound over the n clients; exact integer arithmetic)."""
+    total = math.comb(n, degree)
+    weights = _hypergeometric_weights(n, corrupt, degree)
+    tail = 0
+    a = degree
+    while a >= 0 and (tail + weights[a]) * n << (security_bits + 1) < total:
+        tail += weights[a]
+        a -= 1
+    return max(a, 0)
+
+
+def active_threshold(degree: int, corrupt_neighbours: int) -> int:
+    """The smallest t an active server cannot split: 2t > degree + corrupt_neighbours + 1
+    (the +1 is the share each client keeps of its own self-mask seed); at least 2."""
+    return max((degree + 1 + corrupt_neighbours) // 2 + 1, 2)
+
+
 def _threshold_for_degree(
     n: int,
     k: int,
@@ -127,18 +160,8 @@ def _threshold_for_degree(
 ) -> int | None:
     """The smallest secure t for degree k, or None when no t is both secure and correct."""
     total = math.comb(n, k)
-    # Security: smallest t with P[A >= t] < 2^-(sigma+1)/n, i.e. tail * n * 2^(sigma+1) < total.
-    corrupt_weights = _hypergeometric_weights(n, corrupt, k)
-    tail = 0
-    t = k + 1
-    while t > 0 and (tail + corrupt_weights[t - 1]) * n << (security_bits + 1) < total:
-        tail += corrupt_weights[t - 1]
-        t -= 1
-    t1 = t - 1  # largest number of corrupt neighbours that is not negligible
-    if semi_malicious_server:
-        # ceil((t1 + k - 1.25) / 2) with integers: 4*t1 + 4*k - 5 over 8, rounded up.
-        t1 = -((-(4 * t1 + 4 * k - 5)) // 8)
-    threshold = max(t1 + 1, 2)
+    t1 = max_corrupt_neighbours(n, k, corrupt, security_bits)
+    threshold = active_threshold(k, t1) if semi_malicious_server else max(t1 + 1, 2)
     if threshold > k:
         return None
     # Correctness: P[S <= threshold - 1] < 2^-eta / n, i.e. head * n * 2^eta < total.
@@ -294,3 +317,127 @@ def release_floor(n: int, threshold: int, dropout_fraction: float) -> int:
     _check_fraction("dropout_fraction", dropout_fraction)
     tolerated = math.ceil((dropout_fraction - _TOLERANCE) * n)
     return max(threshold, n - tolerated)
+
+
+@dataclass(frozen=True)
+class ActiveServerFloor:
+    """What a client demands of a session before taking part against an active server.
+
+    Derived by each client from the cohort size and its *own* assumed corrupt (and, for SecAgg+,
+    dropout) fraction, never from what the server says: ``min_degree`` (the complete graph's
+    n - 1 when no sparse graph is safe), ``min_threshold`` at the session's actual degree
+    (:func:`active_threshold` over the corrupt neighbours that are not negligible) and
+    ``quorum``, the number of survivor-set signatures that makes the survivor set unique:
+    two sets each signed by q = floor((n + c)/2) + 1 of the n cohort members share at least
+    c + 1 signers, one of them honest, and an honest client signs one set only.
+    """
+
+    cohort: int
+    degree: int
+    corrupt: int
+    min_degree: int
+    min_threshold: int
+    quorum: int
+
+
+def active_quorum(n: int, corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION) -> int:
+    """floor((n + c)/2) + 1 with c = floor(corrupt_fraction * n): two sets of that many of the n
+    cohort members share at least c + 1 members, so one of them is honest."""
+    _check_n(n)
+    _check_fraction("corrupt_fraction", corrupt_fraction)
+    return (n + _corrupt_count(n, corrupt_fraction)) // 2 + 1
+
+
+def active_server_floor(
+    n: int,
+    degree: int,
+    corrupt_fraction: float,
+    dropout_fraction: float,
+    security_bits: int = DEFAULT_SECURITY_BITS,
+) -> ActiveServerFloor:
+    """The smallest (degree, t, quorum) a client accepts for a session of ``n`` clients whose
+    neighbour graph has ``degree`` (n - 1: the complete graph).
+
+    Complete graph: t >= floor((n + c)/2) + 1 (deterministic, c = floor(corrupt_fraction * n)).
+    SecAgg+: the degree at least the semi-malicious finder's k for (n, corrupt, dropout), and
+    t >= :func:`active_threshold` at the actual degree; when no sparse graph is safe for these
+    fractions the complete graph is required. The quorum is floor((n + c)/2) + 1 either way.
+    """
+    _check_n(n)
+    _check_fraction("corrupt_fraction", corrupt_fraction)
+    _check_fraction("dropout_fraction", dropout_fraction)
+    _check_bits("security_bits", security_bits)
+    if not isinstance(degree, int) or not 1 <= degree <= n - 1:
+        raise ConfigurationError(
+            f"a graph over {n} clients has degree in [1, {n - 1}], got {degree}"
+        )
+    corrupt = _corrupt_count(n, corrupt_fraction)
+    quorum = active_quorum(n, corrupt_fraction)
+    if degree == n - 1:
+        threshold = active_threshold(n - 1, corrupt)
+        return ActiveServerFloor(n, degree, corrupt, n - 1, threshold, quorum)
+    try:
+        min_degree = secaggplus_params(
+            n, corrupt_fraction, dropout_fraction, security_bits, semi_malicious_server=True
+        ).k
+    except ConfigurationError:
+        min_degree = n - 1  # no sparse graph is safe at these fractions
+    t1 = max_corrupt_neighbours(n, degree, corrupt, security_bits)
+    return ActiveServerFloor(n, degree, corrupt, min_degree, active_threshold(degree, t1), quorum)
+
+
+#: Below this many clients SecAgg+ saves nothing over the complete graph.
+SECAGGPLUS_MIN_COHORT = 16
+
+
+@dataclass(frozen=True)
+class SessionShape:
+    """The graph, Shamir threshold and survivor-set quorum a coordinator proposes for a cohort;
+    clients check them against their own :func:`active_server_floor`."""
+
+    threshold: int
+    neighbours: int | None  # None: the complete graph
+    quorum: int
+
+    @property
+    def min_release(self) -> int:
+        return max(self.threshold, self.quorum)
+
+
+def session_shape(
+    n: int,
+    corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+    dropout_fraction: float = 0.05,
+    *,
+    neighbours: int | None = None,
+    sparse: bool = False,
+    min_threshold: int = 2,
+    security_bits: int = DEFAULT_SECURITY_BITS,
+) -> SessionShape:
+    """The smallest parameters that hold against an active server for n clients.
+
+    ``sparse``: SecAgg+ at the semi-malicious finder's degree when n >= SECAGGPLUS_MIN_COHORT
+    and a sparse graph is safe, else the complete graph. ``neighbours``: SecAgg+ with at least
+    that degree (raised to the finder's when smaller; the complete graph when that covers
+    everyone). ``min_threshold`` raises t, never lowers it. Raises :class:`ConfigurationError`
+    when correctness (n - dropouts survivors) cannot meet the threshold.
+    """
+    _check_n(n)
+    quorum = active_quorum(n, corrupt_fraction)
+    if neighbours is not None or (sparse and n >= SECAGGPLUS_MIN_COHORT):
+        try:
+            plus = secaggplus_params(
+                n, corrupt_fraction, dropout_fraction, security_bits, semi_malicious_server=True
+            )
+            degree = harary_degree(n, max(plus.k, neighbours or 0))
+            if degree < n - 1:
+                floor = active_server_floor(
+                    n, degree, corrupt_fraction, dropout_fraction, security_bits
+                )
+                return SessionShape(max(floor.min_threshold, min_threshold), degree, quorum)
+        except ConfigurationError:
+            pass  # no sparse graph is safe here: the complete graph always is
+    threshold = max(classic_threshold(n, corrupt_fraction, dropout_fraction), min_threshold)
+    if threshold > n:
+        raise ConfigurationError(f"threshold {threshold} exceeds the cohort of {n}")
+    return SessionShape(threshold, None, max(threshold, quorum))

@@ -20,13 +20,13 @@ from secagg.errors import ConfigurationError, ProtocolAbort, SecAggError, Unexpe
 from secagg.keys import Identity, Roster
 from secagg.messages import ClientMessage, ServerMessage, decode_message, encode_message
 from secagg.protocol import (
-    PROTOCOL_STAGES,
     AggregateResult,
     ClientPolicy,
     ClientSession,
     RoundParams,
     ServerSession,
     Stage,
+    SumBackend,
 )
 from secagg.ring import RingArray
 from secagg.transcript import Transcript
@@ -61,6 +61,7 @@ class Simulation:
         policy: ClientPolicy | None = None,
         server_hook: ServerHook | None = None,
         record_masked_inputs: bool = True,
+        server_backend: SumBackend | None = None,
     ) -> None:
         missing = set(params.cohort) - set(inputs)
         if missing:
@@ -80,7 +81,9 @@ class Simulation:
             )
             for u in params.cohort
         }
-        self.server = ServerSession(params, self.roster, record_masked_inputs)
+        self.server = ServerSession(
+            params, self.roster, record_masked_inputs, backend=server_backend
+        )
         self.dropouts = {stage: frozenset(ids) for stage, ids in (dropouts or {}).items()}
         self.server_hook = server_hook
         self.client_aborts: dict[int, str] = {}
@@ -91,14 +94,15 @@ class Simulation:
         server_close_seconds: dict[str, float] = {}
         dropped: set[int] = set()
         inbox: dict[int, bytes] = {}
-        for stage in PROTOCOL_STAGES:
+        stages = self.params.stages
+        for stage in stages:
             begin = time.perf_counter()
             dropped |= self.dropouts.get(stage, frozenset())
             for u, client in self.clients.items():
                 if u in dropped or client.aborted:
                     continue
                 reply: ClientMessage
-                if stage is Stage.ADVERTISE_KEYS:
+                if stage is stages[0]:
                     reply = client.start()
                 elif u in inbox:
                     try:

@@ -60,11 +60,16 @@ class Transcript:
     rejections: list[RejectionRecord] = field(default_factory=list)
     masked_inputs: dict[int, bytes] = field(default_factory=dict)
     min_survivors: int = 0  # RoundParams.min_survivors; 0 in transcripts written before it
+    quorum: int = 0  # RoundParams.signature_quorum; 0 in transcripts written before it
+    # SecAgg+: the graph-seed commitments, the reveals and the seed derived from them.
+    seed_commitments: tuple[tuple[int, bytes], ...] = ()
+    seed_reveals: tuple[tuple[int, bytes], ...] = ()
+    graph_seed: bytes = b""
 
     @property
     def min_release(self) -> int:
         """The fewest contributors the session's release may have."""
-        return max(self.threshold, self.min_survivors)
+        return max(self.threshold, self.min_survivors, self.quorum)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (bytes as hex)."""
@@ -76,6 +81,10 @@ class Transcript:
             "neighbours": self.neighbours,
             "cohort": list(self.cohort),
             "min_survivors": self.min_survivors,
+            "quorum": self.quorum,
+            "seed_commitments": [[v, c.hex()] for v, c in self.seed_commitments],
+            "seed_reveals": [[v, r.hex()] for v, r in self.seed_reveals],
+            "graph_seed": self.graph_seed.hex(),
             "messages": [
                 {
                     "stage": m.stage,
@@ -122,6 +131,12 @@ class Transcript:
             neighbours=None if data["neighbours"] is None else int(data["neighbours"]),
             cohort=tuple(int(x) for x in data["cohort"]),
             min_survivors=int(data.get("min_survivors", 0)),
+            quorum=int(data.get("quorum", 0)),
+            seed_commitments=tuple(
+                (int(v), bytes.fromhex(c)) for v, c in data.get("seed_commitments", [])
+            ),
+            seed_reveals=tuple((int(v), bytes.fromhex(r)) for v, r in data.get("seed_reveals", [])),
+            graph_seed=bytes.fromhex(data.get("graph_seed", "")),
             messages=[
                 MessageRecord(
                     m["stage"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,13 +20,16 @@ import numpy.typing as npt
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from fl_core.cli import UsageError
+
 FloatVector = npt.NDArray[np.float32]
 _GLOBAL = "global"
 _STRATEGY = "strategy/"
 
 
-class CheckpointError(Exception):
-    """A checkpoint file that is missing, unreadable or fails its integrity check."""
+class CheckpointError(UsageError):
+    """A checkpoint file that is missing, unreadable or fails its integrity check (the CLIs
+    print it as one line)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,24 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     finally:
         os.close(directory_fd)
     return final
+
+
+def prune_checkpoints(directory: Path, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` checkpoints (and their ``adapter-NNNNNN``
+    directories); returns the round numbers removed. Call it only after the newest one is
+    committed in the state database, so the checkpoint a restart resumes from always stays."""
+    if keep < 1:
+        return []
+    rounds = sorted(
+        int(p.stem.split("-")[1]) for p in directory.glob("round-*.safetensors") if p.is_file()
+    )
+    removed = rounds[:-keep]
+    for number in removed:
+        checkpoint_path(directory, number).unlink(missing_ok=True)
+        adapter = directory / f"adapter-{number:06d}"
+        if adapter.is_dir():
+            shutil.rmtree(adapter)
+    return removed
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

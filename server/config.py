@@ -4,8 +4,13 @@ Every refusal names the file and the key (see :mod:`fl_core.wire.toml_config`). 
 rules that would otherwise surface mid-round (a threshold above the cohort, a cohort above the
 roster) are checked here, before the server listens.
 
+``[server] workers`` (default: the CPUs this process may run on) is the number of processes
+that remove masks and unpack masked inputs (:mod:`server.parallel_unmask`); 1 keeps that work
+in the server process.
+
 ``[rounds] backend`` selects how the sum is computed: ``"masking"`` (default; pairwise masks,
-``threshold``/``ring_bits``/``neighbours`` apply) or ``"ckks"`` (homomorphic encryption; a
+``ring_bits``/``neighbours``/``threshold``/``corrupt_fraction``/``dropout_fraction`` apply) or
+``"ckks"`` (homomorphic encryption; a
 ``[ckks]`` table names the public context file made by the key dealer and the parameters it
 must have). Keys of the other backend are refused as unknown, not silently ignored. The public
 context is loaded and checked here (dealer's signature against the roster, fingerprint, no
@@ -14,6 +19,7 @@ secret key), so a server that was handed a secret context refuses to start.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,11 +27,12 @@ from typing import TYPE_CHECKING
 from fl_core.adapter_io import load_adapter
 from fl_core.errors import AdapterFormatError
 from fl_core.recipe import EMBEDDED, BaseKind, Recipe, resolve_table
-from fl_core.wire.credentials import load_roster
+from fl_core.wire.credentials import check_key_pair, load_certificates, load_roster
 from fl_core.wire.toml_config import ConfigError, Table, load_toml
 from secagg.encoding import QuantizationParams
 from secagg.errors import ConfigurationError
 from secagg.keys import Roster
+from secagg.params import SessionShape, session_shape
 
 if TYPE_CHECKING:
     from secagg.he import PublicContext
@@ -34,6 +41,9 @@ if TYPE_CHECKING:
 #: client options (a proximal term, control variates) that this wire protocol does not carry.
 SERVER_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 BACKENDS = ("masking", "ckks")
+#: The longest stage or join deadline accepted (one day): longer is a typo, and values near
+#: float's range overflow the clock arithmetic.
+MAX_TIMEOUT_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -49,17 +59,36 @@ class RoundConfig:
     rounds: int
     cohort_size: int
     min_clients: int
-    #: Masking only (0 under ckks): Shamir threshold.
+    #: Masking only (0 under ckks): a floor on the Shamir threshold. Each round uses the
+    #: larger of it and the active-server threshold for the round's cohort (it can raise the
+    #: threshold, never lower it); 0: that threshold.
     threshold: int
     #: Masking only (0 under ckks): bits of the ring Z_{2^b}.
     ring_bits: int
-    #: 0: complete graph (classic SecAgg); k > 0: SecAgg+ neighbourhoods of size k.
+    #: 0: complete graph (classic SecAgg); k > 0: SecAgg+ neighbourhoods of at least k (raised
+    #: to the degree an active server cannot exploit for the round's cohort).
     neighbours: int
     stage_timeout_s: float
     #: Also the upload deadline of a ckks round: clients train before they upload.
     join_timeout_s: float
     seed: int
     backend: str = "masking"
+    #: The fraction of a cohort assumed to collude with the server, and the dropouts a round is
+    #: sized for: they set t, k and the survivor-set quorum (clients check against their own).
+    corrupt_fraction: float = 0.05
+    dropout_fraction: float = 0.05
+    #: Consecutive aborted attempts of one round before the federation stops with the reason.
+    max_attempts: int = 5
+
+    def session_shape(self, cohort: int) -> SessionShape:
+        """The threshold, graph and quorum of a round over ``cohort`` clients."""
+        return session_shape(
+            cohort,
+            self.corrupt_fraction,
+            self.dropout_fraction,
+            neighbours=self.neighbours or None,
+            min_threshold=self.threshold,
+        )
 
 
 @dataclass(frozen=True)
@@ -111,6 +140,17 @@ class ServerConfig:
     rounds: RoundConfig
     task: TaskConfig
     ckks: CkksConfig | None = None
+    #: Checkpoints (and their PEFT adapters) kept after each round, newest first; 0 keeps all.
+    keep_checkpoints: int = 0
+    #: Processes for the O(d) work of a masking round (1: the server process itself).
+    workers: int = 1
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _load_ckks(
@@ -151,16 +191,21 @@ def _load_ckks(
 def load_server_config(path: Path) -> ServerConfig:
     top = load_toml(path)
     server = top.table("server")
-    listen = server.string("listen", default="127.0.0.1:50051")
-    if ":" not in listen:
-        raise ConfigError(f"{path}: server.listen must be host:port, got {listen!r}")
+    listen = server.address("listen", default="127.0.0.1:50051", allow_port_zero=True)
     tls = TlsConfig(
         cert=server.path("tls_cert"),
         key=server.path("tls_key"),
         client_ca=server.path("client_ca") if server.has("client_ca") else None,
     )
+    check_key_pair(tls.cert, tls.key)
+    if tls.client_ca is not None:
+        load_certificates(tls.client_ca, "client CA")
     roster_path = server.path("roster")
     state_dir = server.path("state_dir", default="state", must_exist=False)
+    if state_dir.exists() and not state_dir.is_dir():
+        raise ConfigError(f"{path}: server.state_dir: {state_dir} exists and is not a directory")
+    keep_checkpoints = server.integer("keep_checkpoints", default=0, minimum=0)
+    workers = server.integer("workers", default=default_workers(), minimum=1, maximum=1024)
     server.done()
 
     rounds_table = top.table("rounds")
@@ -170,15 +215,26 @@ def load_server_config(path: Path) -> ServerConfig:
         rounds=rounds_table.integer("count", minimum=1),
         cohort_size=rounds_table.integer("cohort_size", minimum=2),
         min_clients=rounds_table.integer("min_clients", minimum=2),
-        threshold=rounds_table.integer("threshold", minimum=2) if masking else 0,
+        threshold=rounds_table.integer("threshold", default=0, minimum=0) if masking else 0,
         ring_bits=(
             rounds_table.integer("ring_bits", default=32, minimum=8, maximum=64) if masking else 0
         ),
         neighbours=rounds_table.integer("neighbours", default=0, minimum=0) if masking else 0,
-        stage_timeout_s=rounds_table.number("stage_timeout_s", default=30.0, positive=True),
-        join_timeout_s=rounds_table.number("join_timeout_s", default=60.0, positive=True),
+        stage_timeout_s=rounds_table.number(
+            "stage_timeout_s", default=30.0, positive=True, maximum=MAX_TIMEOUT_S
+        ),
+        join_timeout_s=rounds_table.number(
+            "join_timeout_s", default=60.0, positive=True, maximum=MAX_TIMEOUT_S
+        ),
         seed=rounds_table.integer("seed", default=0, minimum=0, maximum=2**63 - 1),
         backend=backend,
+        max_attempts=rounds_table.integer("max_attempts", default=5, minimum=1, maximum=1000),
+        corrupt_fraction=(
+            rounds_table.fraction("corrupt_fraction", default=0.05) if masking else 0.05
+        ),
+        dropout_fraction=(
+            rounds_table.fraction("dropout_fraction", default=0.05) if masking else 0.05
+        ),
     )
     rounds_table.done()
 
@@ -222,12 +278,30 @@ def load_server_config(path: Path) -> ServerConfig:
         )
     if ckks_table is not None:
         ckks = _load_ckks(path, ckks_table, rounds, task, roster)
-        return ServerConfig(listen, tls, roster_path, roster, names, state_dir, rounds, task, ckks)
-    if rounds.threshold >= rounds.min_clients:
-        raise ConfigError(
-            f"{path}: rounds.threshold ({rounds.threshold}) must be < rounds.min_clients "
-            f"({rounds.min_clients}): shares go to the other clients, so t <= n - 1"
+        return ServerConfig(
+            listen,
+            tls,
+            roster_path,
+            roster,
+            names,
+            state_dir,
+            rounds,
+            task,
+            ckks,
+            keep_checkpoints=keep_checkpoints,
+            workers=workers,
         )
+    for size in (rounds.min_clients, rounds.cohort_size):
+        try:
+            shape = rounds.session_shape(size)
+        except ConfigurationError as exc:
+            raise ConfigError(f"{path}: [rounds] for a cohort of {size}: {exc}") from None
+        if shape.min_release > size:
+            raise ConfigError(
+                f"{path}: [rounds] a cohort of {size} cannot release a sum: it needs "
+                f"{shape.min_release} contributors (threshold {shape.threshold}, quorum "
+                f"{shape.quorum}); lower rounds.threshold or raise rounds.min_clients"
+            )
     try:
         QuantizationParams.fit(
             rounds.ring_bits,
@@ -238,6 +312,15 @@ def load_server_config(path: Path) -> ServerConfig:
         )
     except ConfigurationError as exc:
         raise ConfigError(f"{path}: rounds.ring_bits: {exc}") from None
-    if rounds.neighbours and rounds.neighbours < rounds.threshold:
-        raise ConfigError(f"{path}: rounds.neighbours must be 0 (complete) or >= threshold")
-    return ServerConfig(listen, tls, roster_path, roster, names, state_dir, rounds, task)
+    return ServerConfig(
+        listen,
+        tls,
+        roster_path,
+        roster,
+        names,
+        state_dir,
+        rounds,
+        task,
+        keep_checkpoints=keep_checkpoints,
+        workers=workers,
+    )

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_core.adapter_io import AdapterConfig, load_adapter, save_adapter
+from fl_core.errors import AdapterFormatError
 from fl_core.strategies import AggregateInput, Strategy, build_strategy
 from fl_core.updates import LoraLayout
 from fl_core.wire import fedsec_pb2 as pb
@@ -47,7 +48,10 @@ class GlobalModel:
         if task.kind == "train":
             if task.initial_adapter is None:
                 raise ConfigError('task.initial_adapter is required for kind = "train"')
-            tensors, adapter_config = load_adapter(task.initial_adapter)
+            try:
+                tensors, adapter_config = load_adapter(task.initial_adapter)
+            except (AdapterFormatError, OSError) as exc:
+                raise ConfigError(f"task.initial_adapter: {exc}") from None
             full = LoraLayout.from_tensors(tensors)
             layout = (
                 full.select(lambda name: ".lora_B." in name) if task.lora_mode == "ffa" else full

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from fl_core.wire import fedsec_pb2 as pb
 
@@ -48,7 +49,11 @@ class Outbox:
             self._items.pop(self._first, None)
             self._first += 1
 
-    def get(self, seq: int, timeout_s: float) -> tuple[pb.ServerItem, bytes] | None:
+    def get(
+        self, seq: int, timeout_s: float, alive: Callable[[], bool] | None = None
+    ) -> tuple[pb.ServerItem, bytes] | None:
+        """The item at ``seq``, waiting up to ``timeout_s``; ``alive`` (the poll's RPC still
+        open) is checked every half second, so a client that died stops counting as polling."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             self.polling += 1
@@ -60,9 +65,9 @@ class Outbox:
                     if wanted < self._next:
                         return self._items[wanted]
                     left = deadline - time.monotonic()
-                    if left <= 0:
+                    if left <= 0 or (alive is not None and not alive()):
                         return None
-                    self._cond.wait(left)
+                    self._cond.wait(min(left, 0.5))
             finally:
                 self.polling -= 1
                 self.last_poll = time.monotonic()

@@ -8,16 +8,21 @@ refused as late; the loop wakes as soon as the last expected message of a stage 
 the stage deadline, and continues with whoever answered (clients that died are simply missing).
 
 Crash safety: at start the store marks any attempt left ``running`` as aborted, and the round is
-rerun under a fresh random session id and fresh neighbour-graph seed, so nothing a client sent
+rerun under a fresh random session id (and, under SecAgg+, a fresh graph seed the clients fix
+inside the session), so nothing a client sent
 in the aborted attempt can be combined with anything later; the aborted session's running sum
 lived only in memory and is gone. The global vector is reloaded from the last completed
 checkpoint. Any failed attempt releases nothing (``ServerSession`` wipes its sum) and is rerun.
 
 Backends (``[rounds] backend``): both share sampling, RoundStart, deadlines, the store, the
 strategy step and checkpoints; only the middle differs. ``masking`` drives the
-:class:`ServerSession` stages; ``ckks`` drives a :class:`server.ckks_round.CkksRound`: uploads
-until the join deadline (clients train first), then the aggregate to one decryptor after another
-until one answers within ``stage_timeout_s``. Under ckks the server never holds a key that
+:class:`ServerSession` stages; ``ckks`` drives a :class:`secagg.he.HeServerSession` built from
+the round config at the edge (:func:`fl_core.wire.he_round.ckks_spec_from_config`): uploads until
+the join deadline (clients train first), then the aggregate to the round's one decryptor (the
+lowest cohort id, named by every contributor's pads), which must answer within
+``stage_timeout_s``; otherwise the attempt aborts and the round is rerun under a fresh session.
+There is no second decryptor in a session: two decryptors of one session could be handed sums
+over different sets, whose difference is one upload. Under ckks the server never holds a key that
 decrypts anything; the loop applies the sum a client released.
 
 What a round computes and how the released sum updates the model: :mod:`server.global_model`.
@@ -35,16 +40,29 @@ from collections.abc import Callable
 from typing import cast
 
 import grpc
+import numpy as np
 
 from fl_core.strategies import AggregateInput
 from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.convert import KIND_OF, params_from_config, upload_limit
-from fl_core.wire.he_round import he_upload_limit
-from secagg.errors import MessageFormatError, ProtocolAbort, SecAggError, SessionMismatch
+from fl_core.wire.convert import (
+    KIND_OF,
+    REFUSAL_MAX_BYTES,
+    params_from_config,
+    upload_limit,
+)
+from fl_core.wire.he_round import ckks_spec_from_config, decode_release, he_upload_limit
+from secagg.errors import (
+    MessageFormatError,
+    ProtocolAbort,
+    SecAggError,
+    SessionMismatch,
+    SumBackendFailure,
+)
+from secagg.he import HeServerSession, HeStage, NoDecryptor
 from secagg.messages import ClientMessage, decode_message, encode_message
-from secagg.protocol import PROTOCOL_STAGES, ServerSession, Stage
+from secagg.protocol import ServerSession, Stage, SumBackend
 from server.admission import Refusal
-from server.ckks_round import CkksRound, CkksStage
+from server.checkpoints import prune_checkpoints
 from server.config import ServerConfig
 from server.global_model import GlobalModel
 from server.outbox import Mailboxes
@@ -56,20 +74,46 @@ log = logging.getLogger("fedsec.server")
 ONLINE_WITHIN_S = 15.0
 #: Submit kinds of the ckks backend; every other kind is a masking protocol message.
 HE_KINDS = (pb.HE_UPDATE, pb.HE_DECRYPTED_SUM)
+#: How much of a client's ROUND_REFUSAL reason is logged and kept.
+_REFUSAL_LOGGED_CHARS = 500
+#: Cohorts up to this size are listed in the round's log lines; larger ones are counted.
+_COHORT_LISTED = 12
+
+
+def _ids_text(ids: tuple[int, ...] | list[int]) -> str:
+    """A cohort or contributor list for a log line: listed when short, counted when long."""
+    ids = list(ids)
+    if len(ids) <= _COHORT_LISTED:
+        return str(ids)
+    return f"{len(ids)} clients (ids {ids[0]}..{ids[-1]})"
+
+
+class FederationStopped(Exception):
+    """The same round aborted ``max_attempts`` times in a row: retrying will not help."""
 
 
 class RoundRunner:
-    def __init__(self, config: ServerConfig, store: Store, mailboxes: Mailboxes) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        mailboxes: Mailboxes,
+        sum_backend: SumBackend | None = None,
+    ) -> None:
         self._config = config
+        self._sum_backend = sum_backend  # None: the session's own, in this process
         self._store = store
         self._mailboxes = mailboxes
         self._cond = threading.Condition()
         self._session: ServerSession | None = None
-        self._ckks: CkksRound | None = None
+        self._ckks: HeServerSession | None = None
         self._stop = threading.Event()
         self.checkpoint_dir = config.state_dir / "checkpoints"
         self.model = GlobalModel(config)
         self.next_round = 0
+        self._attempt: int | None = None
+        #: Why the federation stopped early (None while it runs or after it completed).
+        self.stopped_because: str | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -98,7 +142,7 @@ class RoundRunner:
         self._check_session(session.params.session_id, session_id)
         return session
 
-    def _current_ckks(self, session_id: bytes) -> CkksRound:
+    def _current_ckks(self, session_id: bytes) -> HeServerSession:
         ckks = self._ckks
         if ckks is None:
             raise Refusal(
@@ -110,8 +154,22 @@ class RoundRunner:
         self._check_session(ckks.session_id, session_id)
         return ckks
 
+    def _cohort_of(self, session_id: bytes) -> frozenset[int]:
+        """The current round's cohort, whichever backend runs it (lock held)."""
+        if self._ckks is not None:
+            return self._current_ckks(session_id).cohort
+        return frozenset(self._current(session_id).params.cohort)
+
     def upload_limit(self, client_id: int, header: pb.SubmitHeader) -> int:
         """Bytes this upload may carry; refuses a wrong session or kind before allocation."""
+        if header.kind == pb.ROUND_REFUSAL:
+            with self._cond:
+                cohort = self._cohort_of(header.session_id)
+            if client_id not in cohort:
+                raise Refusal(
+                    grpc.StatusCode.PERMISSION_DENIED, f"client {client_id} is not in this cohort"
+                )
+            return REFUSAL_MAX_BYTES
         if header.kind in HE_KINDS:
             with self._cond:
                 ckks = self._current_ckks(header.session_id)
@@ -119,7 +177,7 @@ class RoundRunner:
                 raise Refusal(
                     grpc.StatusCode.PERMISSION_DENIED, f"client {client_id} is not in this cohort"
                 )
-            return he_upload_limit(header.kind, ckks.params, ckks.config.dim)
+            return he_upload_limit(header.kind, ckks.params, ckks.spec.dim)
         with self._cond:
             params = self._current(header.session_id).params
         if header.kind not in KIND_OF.values():
@@ -131,6 +189,9 @@ class RoundRunner:
         return upload_limit(header.kind, params.ring_bits, params.dim, len(params.cohort))
 
     def deliver(self, client_id: int, header: pb.SubmitHeader, raw: bytes) -> None:
+        if header.kind == pb.ROUND_REFUSAL:
+            self._on_refusal(client_id, header, raw)
+            return
         if header.kind in HE_KINDS:
             self._deliver_ckks(client_id, header, raw)
             return
@@ -152,6 +213,26 @@ class RoundRunner:
             session = self._current(header.session_id)
             self._absorb(lambda: session.receive(cast(ClientMessage, message)))
 
+    def _on_refusal(self, client_id: int, header: pb.SubmitHeader, raw: bytes) -> None:
+        """A client leaves the round and says why: log it with the institution, keep it, and
+        stop waiting for that client."""
+        text = raw.decode("utf-8", errors="replace")
+        reason = "".join(c if c.isprintable() else " " for c in text)[:_REFUSAL_LOGGED_CHARS]
+        with self._cond:
+            self._cohort_of(header.session_id)  # refuses a stale or foreign session
+            if self._session is not None:
+                self._session.withdraw(client_id)
+            if self._ckks is not None:
+                self._ckks.withdraw(client_id)
+            attempt = self._attempt
+            self._cond.notify_all()
+        name = self._config.names.get(client_id, f"client-{client_id}")
+        log.warning(
+            "client %d (%s) left round %d: %s", client_id, name, header.round_number, reason
+        )
+        if attempt is not None:
+            self._store.record_refusal(attempt, client_id, reason)
+
     def _deliver_ckks(self, client_id: int, header: pb.SubmitHeader, raw: bytes) -> None:
         # The sender is the authenticated client: a CKKS upload names no sender of its own.
         # Checking and adding a ciphertext happens under the lock, as a masked input is added
@@ -161,7 +242,11 @@ class RoundRunner:
             if header.kind == pb.HE_UPDATE:
                 self._absorb(lambda: ckks.receive_update(client_id, raw))
             else:
-                self._absorb(lambda: ckks.receive_release(client_id, raw))
+                self._absorb(
+                    lambda: ckks.receive_release(
+                        client_id, decode_release(raw, ckks.session_id, ckks.spec.dim)
+                    )
+                )
                 log.info("decrypted sum released by client %d", client_id)
 
     def _absorb(self, receive: Callable[[], None]) -> None:
@@ -170,6 +255,9 @@ class RoundRunner:
             receive()
         except SessionMismatch as exc:
             raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        except SumBackendFailure as exc:
+            # The server's own worker failed, not the upload: the session is aborted.
+            raise Refusal(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}") from None
         except SecAggError as exc:
             raise Refusal(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}"
@@ -197,14 +285,39 @@ class RoundRunner:
             log.info("resuming after completed round %d (%s)", last.round_number, last.checkpoint)
 
     def run(self) -> None:
-        self.recover()
+        """The round loop (call :meth:`recover` first). A round that aborts
+        ``[rounds] max_attempts`` times in a row stops the federation with the reasons
+        (:attr:`stopped_because`): every client refusing the parameters, or every update being
+        refused, does not change by retrying."""
+        failures: list[str] = []
         while self.next_round < self._config.rounds.rounds and not self._stop.is_set():
             # Cohorts are drawn from the OS CSPRNG: who takes part in a round should not be
             # predictable (or steerable) from the public config.
-            if self._run_attempt(self.next_round, random.SystemRandom()):
+            outcome = self._run_attempt(self.next_round, random.SystemRandom())
+            if outcome is True:
                 self.next_round += 1
+                failures = []
+            elif isinstance(outcome, str):
+                failures.append(outcome)
+                if len(failures) >= self._config.rounds.max_attempts:
+                    self._give_up(self.next_round, failures)
+                    return
         if not self._stop.is_set():
             log.info("all %d rounds completed", self._config.rounds.rounds)
+
+    def _give_up(self, round_number: int, failures: list[str]) -> None:
+        distinct = list(dict.fromkeys(failures))
+        self.stopped_because = (
+            f"round {round_number} aborted {len(failures)} times in a row "
+            f"([rounds] max_attempts); last reason: {failures[-1]}"
+        )
+        log.error(
+            "stopping the federation: %s%s",
+            self.stopped_because,
+            "" if len(distinct) == 1 else f" (earlier: {'; '.join(distinct[:-1])})",
+        )
+        end = pb.RoundEnd(round_number=round_number, reason=self.stopped_because, final=True)
+        self._broadcast_end(end, ())
 
     def _wait_for_clients(self) -> list[int] | None:
         rounds = self._config.rounds
@@ -230,11 +343,12 @@ class RoundRunner:
         config.cohort.extend(sorted(cohort))
         ckks = self._config.ckks
         if ckks is None:
+            shape = rounds.session_shape(len(cohort))
             config.backend = pb.BACKEND_MASKING
             config.ring_bits = rounds.ring_bits
-            config.threshold = rounds.threshold
-            config.neighbours = rounds.neighbours
-            config.graph_seed = os.urandom(32)
+            config.threshold = shape.threshold
+            config.neighbours = shape.neighbours or 0
+            config.quorum = shape.quorum
         else:
             params = ckks.public.params
             config.backend = pb.BACKEND_CKKS
@@ -246,18 +360,27 @@ class RoundRunner:
         payload = self.model.fill_round(config)
         return config, payload
 
-    def _run_attempt(self, round_number: int, rng: random.Random) -> bool:
+    def _run_attempt(self, round_number: int, rng: random.Random) -> bool | str | None:
+        """True: the round completed; a string: it aborted, why; None: the server is stopping."""
         online = self._wait_for_clients()
         if online is None:
-            return False
+            return None
+        began = time.monotonic()
         cohort = sorted(rng.sample(online, min(len(online), self._config.rounds.cohort_size)))
         config, model_payload = self._round_config(round_number, cohort)
         # The backend's round state is built (and its parameters checked) before the attempt is
         # recorded, and installed before RoundStart goes out: a client may answer at once.
         drive: Callable[[], tuple[AggregateInput, tuple[int, ...]]]
         ckks_config = self._config.ckks
-        ckks = None if ckks_config is None else CkksRound(ckks_config.public, config)
-        session = None if ckks else ServerSession(params_from_config(config), self._config.roster)
+        ckks = (
+            None
+            if ckks_config is None
+            else HeServerSession(ckks_config.public, ckks_spec_from_config(config))
+        )
+        session: ServerSession | None = None
+        if ckks is None:
+            params = params_from_config(config)
+            session = ServerSession(params, self._config.roster, backend=self._sum_backend)
         attempt = self._store.begin_round(
             round_number, config.session_id, tuple(config.cohort), self._config.rounds.backend
         )
@@ -267,10 +390,10 @@ class RoundRunner:
             attempt,
             self._config.rounds.backend,
             config.session_id[:8].hex(),
-            list(config.cohort),
+            _ids_text(config.cohort),
         )
         with self._cond:
-            self._session, self._ckks = session, ckks
+            self._session, self._ckks, self._attempt = session, ckks, attempt
         if ckks is not None:
             drive = functools.partial(self._drive_ckks, attempt, ckks)
         elif session is not None:
@@ -284,22 +407,33 @@ class RoundRunner:
             released, contributors = drive()
         except ProtocolAbort as exc:
             cohort_ids = tuple(config.cohort)
-            self._end_attempt(attempt, cohort_ids, round_number, f"{type(exc).__name__}: {exc}")
-            return False
+            reason = f"{type(exc).__name__}: {exc}"
+            refused = self._store.refusals(attempt)
+            if refused:
+                reason += f" (refusals: {'; '.join(f'{c}: {why}' for c, why in refused[:5])})"
+            self._end_attempt(attempt, cohort_ids, round_number, reason)
+            return reason
         finally:
             with self._cond:
                 self._session = None
                 self._ckks = None
+                self._attempt = None
         if self._stop.is_set():
-            return False
+            return None
         self.model.apply_sum(released)
         path = self.model.save(self.checkpoint_dir, round_number)
         self._store.complete_round(attempt, contributors, path.name)
+        pruned = prune_checkpoints(self.checkpoint_dir, self._config.keep_checkpoints)
+        if pruned:
+            log.info("removed checkpoints of rounds %s (keep_checkpoints)", _ids_text(pruned))
+        dropped = sorted(set(config.cohort) - set(contributors))
         log.info(
-            "round %d completed: %d contributors %s, checkpoint %s",
+            "round %d completed in %.1f s: %d contributors %s, %s, checkpoint %s",
             round_number,
+            time.monotonic() - began,
             len(contributors),
-            list(contributors),
+            _ids_text(contributors),
+            f"dropped {_ids_text(dropped)}" if dropped else "none dropped",
             path.name,
         )
         final = round_number + 1 >= self._config.rounds.rounds
@@ -312,10 +446,12 @@ class RoundRunner:
     def _drive_masking(
         self, attempt: int, config: pb.RoundConfig, session: ServerSession
     ) -> tuple[AggregateInput, tuple[int, ...]]:
-        for stage in PROTOCOL_STAGES:
+        stages = session.params.stages
+        for stage in stages:
+            # Clients train before their first message: the first stage waits for that.
             timeout = (
                 self._config.rounds.join_timeout_s
-                if stage is Stage.ADVERTISE_KEYS
+                if stage is stages[0]
                 else self._config.rounds.stage_timeout_s
             )
             self._run_stage(attempt, session, stage, timeout)
@@ -351,50 +487,56 @@ class RoundRunner:
 
     # --- ckks -------------------------------------------------------------------------------
 
-    def _drive_ckks(self, attempt: int, ckks: CkksRound) -> tuple[AggregateInput, tuple[int, ...]]:
+    def _drive_ckks(
+        self, attempt: int, ckks: HeServerSession
+    ) -> tuple[AggregateInput, tuple[int, ...]]:
         rounds = self._config.rounds
         began = time.monotonic()
         with self._cond:
             self._wait_while(lambda: ckks.pending, began + rounds.join_timeout_s, None)
             missing = sorted(ckks.pending)
             try:
-                ckks.close_uploads()
+                # TooFewSurvivors / NoDecryptor (ProtocolAbort): the attempt ends, nothing out.
+                aggregate = ckks.close_uploads()
             finally:
-                arrived = len(ckks.contributors)
                 self._store.record_stage(
                     attempt,
-                    CkksStage.UPLOAD.value,
+                    HeStage.UPLOAD.value,
                     len(ckks.cohort),
-                    arrived,
+                    len(ckks.contributors),
                     bool(missing),
                     time.monotonic() - began,
                 )
-        self._log_stage(CkksStage.UPLOAD.value, len(ckks.cohort), missing)
-        while True:
-            # NoDecryptor (a ProtocolAbort) once the bounded list of decryptors is used up.
-            with self._cond:
-                decryptor, aggregate = ckks.next_decryptor()
-            log.info(
-                "asking client %d to decrypt the sum of %s", decryptor, list(ckks.contributors)
+        self._log_stage(HeStage.UPLOAD.value, len(ckks.cohort), missing)
+        decryptor = ckks.decryptor
+        log.info("asking client %d to decrypt the sum of %s", decryptor, list(ckks.contributors))
+        self._mailboxes.of(decryptor).push(
+            pb.ServerItem(he_aggregate=pb.HeAggregate(session_id=ckks.session_id)), aggregate
+        )
+        began = time.monotonic()
+        with self._cond:
+            self._wait_while(lambda: ckks.pending, began + rounds.stage_timeout_s, ckks.abort)
+            done = ckks.stage is HeStage.DONE
+            self._store.record_stage(
+                attempt,
+                f"{HeStage.DECRYPT.value}:{decryptor}",
+                1,
+                int(done),
+                not done,
+                time.monotonic() - began,
             )
-            self._mailboxes.of(decryptor).push(
-                pb.ServerItem(he_aggregate=pb.HeAggregate(session_id=ckks.session_id)), aggregate
-            )
-            began = time.monotonic()
-            with self._cond:
-                self._wait_while(lambda: ckks.pending, began + rounds.stage_timeout_s, None)
-                done = ckks.stage is CkksStage.DONE
-                self._store.record_stage(
-                    attempt,
-                    f"{CkksStage.DECRYPT.value}:{decryptor}",
-                    1,
-                    int(done),
-                    not done,
-                    time.monotonic() - began,
+            if ckks.stage is HeStage.ABORTED:
+                raise NoDecryptor(
+                    f"decryptor {decryptor}'s release was refused: {ckks.abort_reason}"
                 )
-            if done:
-                return ckks.result, ckks.contributors
-            log.warning("decryptor %d missed its deadline", decryptor)
+            if not done:
+                ckks.abort("the decryptor missed its deadline")
+                raise NoDecryptor(f"decryptor {decryptor} missed its deadline; nothing is released")
+        released = ckks.result
+        agg = AggregateInput(
+            released.total.astype(np.float64), released.weight, released.contributors
+        )
+        return agg, ckks.contributors
 
     # --- shared -----------------------------------------------------------------------------
 
@@ -419,7 +561,7 @@ class RoundRunner:
     @staticmethod
     def _log_stage(stage: str, expected: int, missing: list[int]) -> None:
         if missing:
-            log.warning("stage %s closed at its deadline without %s", stage, missing)
+            log.warning("stage %s closed at its deadline without %s", stage, _ids_text(missing))
         else:
             log.info("stage %s complete (%d clients)", stage, expected)
 

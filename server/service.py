@@ -9,12 +9,14 @@ larger arrives in chunks whose total was declared and checked first.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
 
+from fl_core.cli import UsageError
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire import fedsec_pb2_grpc as pb_grpc
 from fl_core.wire.credentials import cert_sha256
@@ -25,6 +27,7 @@ from fl_core.wire.framing import (
     read_upload,
     server_frames,
 )
+from secagg.protocol import SumBackend
 from server.admission import Admission, Refusal
 from server.config import ServerConfig
 from server.outbox import Mailboxes
@@ -32,6 +35,11 @@ from server.rounds import RoundRunner
 from server.store import Store
 
 log = logging.getLogger("fedsec.server")
+
+
+class ListenError(UsageError):
+    """The configured address cannot be bound (printed as one line by the CLI)."""
+
 
 #: Longest a Poll may wait for an item before returning Idle.
 MAX_POLL_WAIT_MS = 10_000
@@ -71,7 +79,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def Authenticate(self, request: pb.AuthenticateRequest, context: Any) -> pb.AuthenticateReply:
         try:
             token = self._admission.authenticate(
-                request.client_id, request.nonce, request.server_cert_sha256, request.signature
+                request.client_id,
+                request.nonce,
+                request.server_cert_sha256,
+                request.signature,
+                request.instance,
+                polling=self._mailboxes.of(request.client_id).polling > 0,
             )
         except Refusal as refusal:
             self._refuse(context, "Authenticate", request.client_id, refusal)
@@ -88,7 +101,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self._refuse(context, "Poll", None, refusal)
             raise
         wait_s = min(request.wait_ms, MAX_POLL_WAIT_MS) / 1000.0
-        got = self._mailboxes.of(client_id).get(request.seq, wait_s)
+        got = self._mailboxes.of(client_id).get(request.seq, wait_s, context.is_active)
         if got is None:
             yield pb.ServerFrame(item=pb.ServerItem(seq=request.seq, idle=pb.Idle()))
             return
@@ -117,8 +130,34 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         raise failure
 
 
-def build_server(config: ServerConfig, store: Store) -> tuple[Any, RoundRunner, int]:
-    """A started gRPC server (TLS), its round runner (not yet running) and the bound port."""
+def _check_bindable(listen: str) -> None:
+    """Bind the address once ourselves, so a port in use or a foreign address is reported with
+    the operating system's reason instead of gRPC's opaque "Failed to bind"."""
+    host, port = listen.rsplit(":", 1)
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {listen}: {exc.strerror} (server.listen)") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As gRPC does: a port whose old connections linger in TIME_WAIT (a restarted server)
+        # is free; one another process listens on is not (no SO_REUSEPORT on either side).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {listen}: {exc.strerror} (server.listen)"
+            ) from None
+
+
+def build_server(
+    config: ServerConfig, store: Store, sum_backend: SumBackend | None = None
+) -> tuple[Any, RoundRunner, int]:
+    """A started gRPC server (TLS), its round runner (not yet running) and the bound port.
+
+    ``sum_backend`` does the masking rounds' O(d) work (the caller owns its lifetime)."""
     cert_pem = config.tls.cert.read_bytes()
     credentials = grpc.ssl_server_credentials(
         [(config.tls.key.read_bytes(), cert_pem)],
@@ -126,15 +165,22 @@ def build_server(config: ServerConfig, store: Store) -> tuple[Any, RoundRunner, 
         require_client_auth=config.tls.client_ca is not None,
     )
     mailboxes = Mailboxes()
-    runner = RoundRunner(config, store, mailboxes)
+    runner = RoundRunner(config, store, mailboxes, sum_backend)
     admission = Admission(config.roster, cert_sha256(cert_pem))
     # Long polls hold a worker each: one per institution plus room for concurrent uploads.
     workers = 2 * len(config.roster) + 16
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=grpc_options())
+    # No SO_REUSEPORT: a second server on a port another one holds must fail, not silently
+    # share it (institutions would split between the two and both wait forever).
+    options = [*grpc_options(), ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
     register: Any = pb_grpc.add_CoordinatorServicer_to_server  # generated, untyped
     register(CoordinatorService(config, admission, mailboxes, runner, store), server)
-    port = server.add_secure_port(config.listen, credentials)
+    _check_bindable(config.listen)
+    try:
+        port = server.add_secure_port(config.listen, credentials)
+    except RuntimeError:
+        port = 0  # grpcio raises "Failed to bind" where older versions returned 0
     if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+        raise ListenError(f"cannot listen on {config.listen} (server.listen)")
     server.start()
     return server, runner, port

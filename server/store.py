@@ -17,6 +17,8 @@ round loop records stages.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -24,10 +26,20 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-_SCHEMA_VERSION = 2
-#: Version 1 -> 2: each attempt records its aggregation backend (masking before there was a
-#: choice). ALTER TABLE appends the column, so the column order matches a fresh database.
-_MIGRATIONS = {1: "ALTER TABLE rounds ADD COLUMN backend TEXT NOT NULL DEFAULT 'masking'"}
+from fl_core.cli import UsageError
+
+_SCHEMA_VERSION = 3
+#: Version v -> v + 1, applied in order. 1 -> 2: each attempt records its aggregation backend
+#: (masking before there was a choice). 2 -> 3: participants count the rounds they contributed
+#: to, and the refusals clients report are kept. ALTER TABLE appends columns, so the column
+#: order matches a fresh database.
+_MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
+    1: (("rounds", "backend", "TEXT NOT NULL DEFAULT 'masking'"),),
+    2: (
+        ("participants", "rounds_contributed", "INTEGER NOT NULL DEFAULT 0"),
+        ("participants", "last_contributed", "INTEGER"),
+    ),
+}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
     attempt       INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -47,7 +59,15 @@ CREATE TABLE IF NOT EXISTS participants (
     name          TEXT    NOT NULL,
     first_seen    REAL    NOT NULL,
     last_seen     REAL    NOT NULL,
-    rounds_joined INTEGER NOT NULL DEFAULT 0
+    rounds_joined INTEGER NOT NULL DEFAULT 0,
+    rounds_contributed INTEGER NOT NULL DEFAULT 0,
+    last_contributed   INTEGER
+);
+CREATE TABLE IF NOT EXISTS refusals (
+    attempt       INTEGER NOT NULL REFERENCES rounds(attempt),
+    client_id     INTEGER NOT NULL,
+    reason        TEXT    NOT NULL,
+    at            REAL    NOT NULL
 );
 CREATE TABLE IF NOT EXISTS stages (
     attempt       INTEGER NOT NULL REFERENCES rounds(attempt),
@@ -61,14 +81,58 @@ CREATE TABLE IF NOT EXISTS stages (
 """
 
 
+class StateDirLock:
+    """An exclusive lock on a state directory, held for the server's lifetime.
+
+    Two servers on one state directory would interleave rounds in one database and overwrite
+    each other's checkpoints; the second is refused with the first one's pid. The lock is an
+    ``flock`` on ``server.lock``, released by the kernel when the process dies, so a crash never
+    leaves a stale lock behind.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._path = state_dir / "server.lock"
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise StoreError(
+                f"{state_dir}: another fedsec server (pid {holder}) is using this state "
+                "directory; stop it first, or give this server its own state_dir"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self._fd)
+
+
+def check_history(state_dir: Path, store: Store) -> None:
+    """Refuse to start a federation afresh over checkpoints of an earlier one: an empty or
+    missing state database next to existing checkpoints would restart at round 0 and overwrite
+    them."""
+    checkpoints = sorted((state_dir / "checkpoints").glob("round-*.safetensors"))
+    if checkpoints and store.last_completed() is None:
+        raise StoreError(
+            f"{state_dir / 'state.db'} records no completed round, but {state_dir / 'checkpoints'}"
+            f" holds {len(checkpoints)} checkpoint(s) up to {checkpoints[-1].name}: the history "
+            "of an earlier federation would be overwritten. Restore its state.db, or to start "
+            "afresh deliberately move the checkpoints directory away first"
+        )
+
+
 class RoundStatus(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     ABORTED = "aborted"
 
 
-class StoreError(Exception):
-    """A state database that cannot be opened, or a transition the record does not allow."""
+class StoreError(UsageError):
+    """A state database that cannot be opened, or a transition the record does not allow
+    (a :class:`~fl_core.cli.UsageError`: the CLIs print it as one line)."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +157,8 @@ class ParticipantRecord:
     first_seen: float
     last_seen: float
     rounds_joined: int
+    rounds_contributed: int = 0
+    last_contributed: int | None = None  # round number
 
 
 @dataclass(frozen=True)
@@ -124,15 +190,25 @@ class Store:
                 self._db = sqlite3.connect(
                     f"file:{path}?mode=ro", uri=True, check_same_thread=False
                 )
+                self._check_integrity(path)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = FULL")
                 self._db.execute("PRAGMA foreign_keys = ON")
+                self._check_integrity(path)
                 self._migrate(path)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{path}: cannot open the state database: {exc}") from None
+            raise StoreError(
+                f"{path}: cannot open the state database ({exc}); restore it from a backup "
+                "(see docs/operations.md)"
+            ) from None
+
+    def _check_integrity(self, path: Path) -> None:
+        verdict = self._db.execute("PRAGMA quick_check").fetchone()[0]
+        if verdict != "ok":
+            raise StoreError(f"{path}: the state database is damaged ({verdict})")
 
     def _migrate(self, path: Path) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -140,8 +216,12 @@ class Store:
             raise StoreError(
                 f"{path}: schema version {version}, this server knows {_SCHEMA_VERSION}"
             )
-        if version in _MIGRATIONS:
-            self._db.execute(_MIGRATIONS[version])
+        while version and version < _SCHEMA_VERSION:
+            for table, column, kind in _MIGRATIONS[version]:
+                columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if columns and column not in columns:  # a missing table is created below
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            version += 1
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
@@ -213,6 +293,33 @@ class Store:
             checkpoint=checkpoint,
             reason=None,
         )
+        number = self.attempt(attempt).round_number
+        with self._lock:
+            self._db.executemany(
+                "UPDATE participants SET rounds_contributed = rounds_contributed + 1, "
+                "last_contributed = ? WHERE client_id = ?",
+                [(number, c) for c in contributors],
+            )
+
+    def record_refusal(self, attempt: int, client_id: int, reason: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO refusals VALUES (?, ?, ?, ?)",
+                (attempt, client_id, reason, time.time()),
+            )
+
+    def refusals(self, attempt: int) -> list[tuple[int, str]]:
+        """(client, reason) of every refusal reported during ``attempt`` (none in a read-only
+        look at a database from before refusals were kept)."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT client_id, reason FROM refusals WHERE attempt = ? ORDER BY at",
+                    (attempt,),
+                ).fetchall()
+            except sqlite3.OperationalError:
+                return []
+        return [(int(c), str(r)) for c, r in rows]
 
     def abort_round(self, attempt: int, reason: str) -> None:
         self._end(attempt, RoundStatus.ABORTED, reason=reason)
@@ -287,8 +394,18 @@ class Store:
     def participants(self) -> list[ParticipantRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM participants ORDER BY client_id").fetchall()
+        # A read-only look at an older database has fewer columns: missing counts are unknown.
         return [
-            ParticipantRecord(int(a), str(b), float(c), float(d), int(e)) for a, b, c, d, e in rows
+            ParticipantRecord(
+                int(row[0]),
+                str(row[1]),
+                float(row[2]),
+                float(row[3]),
+                int(row[4]),
+                int(row[5]) if len(row) > 5 else 0,
+                None if len(row) <= 6 or row[6] is None else int(row[6]),
+            )
+            for row in rows
         ]
 
     def stages(self, attempt: int) -> list[StageRecord]:

@@ -9,7 +9,9 @@ import pytest
 from secagg.errors import ConfigurationError
 from secagg.params import (
     NeighbourhoodParams,
+    active_threshold,
     classic_threshold,
+    max_corrupt_neighbours,
     release_floor,
     secaggplus_params,
 )
@@ -57,11 +59,17 @@ def test_more_semi_honest_points(n: int, corrupt: float, dropout: float, k: int,
 
 def test_semi_malicious_server_needs_larger_parameters() -> None:
     params = secaggplus_params(1000, 0.33, 0.05, semi_malicious_server=True)
-    assert (params.k, params.t) == (132, 109)
+    # The reference finder gives (132, 109); it omits the share of b_u each client keeps of
+    # itself, so its t is one short whenever k + t1 is odd: here t must be 110 at k = 132,
+    # which fails correctness there, and the search moves on to k = 138.
+    assert (params.k, params.t) == (138, 114)
     honest = secaggplus_params(1000, 0.33, 0.05)
     assert params.k > honest.k and params.t > honest.t
-    # A lying server must not collect t shares from both halves of a neighbourhood.
-    assert 2 * params.t > params.k
+    # A lying server must not collect t shares of b_u from both halves of a neighbourhood:
+    # 2t > k + t1 + 1, with t1 the largest non-negligible number of corrupt neighbours.
+    t1 = max_corrupt_neighbours(1000, params.k, 330, 40)
+    assert params.t == active_threshold(params.k, t1)
+    assert 2 * params.t > params.k + t1 + 1 >= 2 * (params.t - 1)  # the smallest such t
 
 
 def _hypergeometric_tail(n: int, marked: int, k: int, at_least: int) -> float:

@@ -19,6 +19,7 @@ from secagg.messages import (
     ClientMessage,
     ConsistencySignature,
     MaskedInput,
+    SeedCommit,
     ShareKeys,
     UnmaskResponse,
 )
@@ -33,8 +34,11 @@ HEADER_ALLOWANCE = 256
 PER_PEER_BYTES = 512
 #: The largest global model a client accepts, in float32 elements (1 GiB).
 MAX_MODEL_DIM = 1 << 28
+#: The longest reason a client's ROUND_REFUSAL may carry (UTF-8).
+REFUSAL_MAX_BYTES = 1024
 
 KIND_OF: dict[type, pb.MessageKind] = {
+    SeedCommit: pb.SEED_COMMIT,
     AdvertiseKeys: pb.ADVERTISE_KEYS,
     ShareKeys: pb.SHARE_KEYS,
     MaskedInput: pb.MASKED_INPUT,
@@ -74,5 +78,5 @@ def params_from_config(config: pb.RoundConfig) -> RoundParams:
         threshold=config.threshold,
         cohort=tuple(config.cohort),
         neighbours=config.neighbours or None,
-        graph_seed=config.graph_seed,
+        quorum=config.quorum,
     )

@@ -123,6 +123,47 @@ def load_roster(path: Path) -> tuple[Roster, dict[int, str]]:
 # --- TLS -----------------------------------------------------------------------------------
 
 
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: the {what} is a directory, not a file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+
+
+def load_certificates(path: Path, what: str) -> list[x509.Certificate]:
+    """The PEM certificates in ``path`` (a chain or a CA bundle); refuses anything else with one
+    line, before gRPC turns it into an opaque handshake failure."""
+    try:
+        certificates = x509.load_pem_x509_certificates(_read(path, what))
+    except ValueError:
+        raise ConfigError(f"{path}: the {what} is not a PEM certificate") from None
+    now = dt.datetime.now(dt.UTC)
+    for cert in certificates:
+        if cert.not_valid_after_utc < now:
+            raise ConfigError(
+                f"{path}: the {what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+            )
+    return certificates
+
+
+def check_key_pair(cert_path: Path, key_path: Path) -> None:
+    """The private key in ``key_path`` is the one of the first certificate in ``cert_path``."""
+    leaf = load_certificates(cert_path, "TLS certificate")[0]
+    try:
+        key = serialization.load_pem_private_key(_read(key_path, "TLS key"), password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"{key_path}: the TLS key is not an unencrypted PEM private key"
+        ) from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, public) != (
+        leaf.public_key().public_bytes(serialization.Encoding.DER, public)
+    ):
+        raise ConfigError(f"{key_path}: the TLS key does not match the certificate {cert_path}")
+
+
 def cert_sha256(pem_or_der: bytes) -> bytes:
     """SHA-256 of a certificate's DER encoding: the channel binding clients sign."""
     if pem_or_der.lstrip().startswith(b"-----BEGIN"):

@@ -22,6 +22,8 @@ class MessageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNMASK_RESPONSE: _ClassVar[MessageKind]
     HE_UPDATE: _ClassVar[MessageKind]
     HE_DECRYPTED_SUM: _ClassVar[MessageKind]
+    SEED_COMMIT: _ClassVar[MessageKind]
+    ROUND_REFUSAL: _ClassVar[MessageKind]
 BACKEND_MASKING: Backend
 BACKEND_CKKS: Backend
 MESSAGE_KIND_UNSPECIFIED: MessageKind
@@ -32,6 +34,8 @@ CONSISTENCY_SIGNATURE: MessageKind
 UNMASK_RESPONSE: MessageKind
 HE_UPDATE: MessageKind
 HE_DECRYPTED_SUM: MessageKind
+SEED_COMMIT: MessageKind
+ROUND_REFUSAL: MessageKind
 
 class ChallengeRequest(_message.Message):
     __slots__ = ("client_id",)
@@ -46,16 +50,18 @@ class ChallengeReply(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class AuthenticateRequest(_message.Message):
-    __slots__ = ("client_id", "nonce", "server_cert_sha256", "signature")
+    __slots__ = ("client_id", "nonce", "server_cert_sha256", "signature", "instance")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SERVER_CERT_SHA256_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     nonce: bytes
     server_cert_sha256: bytes
     signature: bytes
-    def __init__(self, client_id: _Optional[int] = ..., nonce: _Optional[bytes] = ..., server_cert_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    instance: bytes
+    def __init__(self, client_id: _Optional[int] = ..., nonce: _Optional[bytes] = ..., server_cert_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., instance: _Optional[bytes] = ...) -> None: ...
 
 class AuthenticateReply(_message.Message):
     __slots__ = ("token", "next_seq")
@@ -76,7 +82,7 @@ class PollRequest(_message.Message):
     def __init__(self, token: _Optional[bytes] = ..., seq: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("round_number", "session_id", "ring_bits", "dim", "threshold", "cohort", "neighbours", "graph_seed", "model_dim", "random", "train", "clip", "scale", "weighted", "backend", "ckks")
+    __slots__ = ("round_number", "session_id", "ring_bits", "dim", "threshold", "cohort", "neighbours", "model_dim", "random", "train", "clip", "scale", "weighted", "backend", "ckks", "quorum")
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RING_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -84,7 +90,6 @@ class RoundConfig(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     COHORT_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
-    GRAPH_SEED_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIM_FIELD_NUMBER: _ClassVar[int]
     RANDOM_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +98,7 @@ class RoundConfig(_message.Message):
     WEIGHTED_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     CKKS_FIELD_NUMBER: _ClassVar[int]
+    QUORUM_FIELD_NUMBER: _ClassVar[int]
     round_number: int
     session_id: bytes
     ring_bits: int
@@ -100,7 +106,6 @@ class RoundConfig(_message.Message):
     threshold: int
     cohort: _containers.RepeatedScalarFieldContainer[int]
     neighbours: int
-    graph_seed: bytes
     model_dim: int
     random: RandomTask
     train: TrainTask
@@ -109,7 +114,8 @@ class RoundConfig(_message.Message):
     weighted: bool
     backend: Backend
     ckks: CkksRound
-    def __init__(self, round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ..., ring_bits: _Optional[int] = ..., dim: _Optional[int] = ..., threshold: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., neighbours: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., model_dim: _Optional[int] = ..., random: _Optional[_Union[RandomTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., weighted: _Optional[bool] = ..., backend: _Optional[_Union[Backend, str]] = ..., ckks: _Optional[_Union[CkksRound, _Mapping]] = ...) -> None: ...
+    quorum: int
+    def __init__(self, round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ..., ring_bits: _Optional[int] = ..., dim: _Optional[int] = ..., threshold: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., neighbours: _Optional[int] = ..., model_dim: _Optional[int] = ..., random: _Optional[_Union[RandomTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., weighted: _Optional[bool] = ..., backend: _Optional[_Union[Backend, str]] = ..., ckks: _Optional[_Union[CkksRound, _Mapping]] = ..., quorum: _Optional[int] = ...) -> None: ...
 
 class CkksRound(_message.Message):
     __slots__ = ("poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits", "min_contributors", "fingerprint")

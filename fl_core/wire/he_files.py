@@ -6,17 +6,21 @@ Who holds what (see :mod:`secagg.he` for the trust model):
   that issued TLS certificates): it generates the federation's CKKS keys, seals the secret
   context to each institution and writes the *public context file* for the coordinator.
 - Each institution announces an X25519 key signed with its Ed25519 identity, opens the sealed
-  secret context addressed to it and stores it in its own directory, mode 0600.
+  secret context (CKKS secret key and the federation's tag key, :mod:`secagg.he.keys`) addressed
+  to it and stores it in its own directory, mode 0600.
 - The coordinator only ever reads the public context file; it carries the dealer's signed
   announcement, so the coordinator (and anyone auditing it) checks against the roster that the
   context is the one a listed institution generated.
 
 Files (all start with a 4-byte magic and a version byte, so a file handed to the wrong step
-is refused by name rather than misparsed):
+is refused by name rather than misparsed; the two that carry the secret are at version 2, which
+added the tag key, so a key dealt before it is refused rather than used without one):
 
-- public context ``FSHP``: dealer announcement | TenSEAL context without secret key.
-- sealed context ``FSHS``: dealer announcement | recipient u32 | CKKS shape | AEAD blob.
-- secret context ``FSHK``: fingerprint | CKKS shape | TenSEAL context with the secret key.
+- public context ``FSHP`` (v1): dealer announcement | TenSEAL context without secret key.
+- sealed context ``FSHS`` (v2): dealer announcement | recipient u32 | CKKS shape | AEAD blob of
+  (fingerprint | tag key | secret context).
+- secret context ``FSHK`` (v2): fingerprint | tag key | CKKS shape | TenSEAL context with the
+  secret key.
 - agreement key ``FSHA``: key-distribution session id | X25519 private key (deleted on open).
 - announcement ``FSHN``: one institution's :class:`KeyAnnouncement`.
 """
@@ -43,9 +47,12 @@ from secagg.he import (
     open_secret_context,
     seal_secret_context,
 )
+from secagg.he.keys import TAG_KEY_BYTES
 from secagg.keys import AgreementKeyPair, Identity, Roster
 
 _VERSION = 1
+#: Kinds whose layout changed: the secret-bearing files gained the tag key in version 2.
+_VERSIONS = {b"FSHS": 2, b"FSHK": 2}
 _ANNOUNCEMENT = struct.Struct(">32sI32s32s64s")
 _SESSION_BYTES = 32
 _FINGERPRINT_BYTES = 32
@@ -102,12 +109,13 @@ class CkksShape:
 
 
 def _header(magic: bytes) -> bytes:
-    return magic + bytes([_VERSION])
+    return magic + bytes([_VERSIONS.get(magic, _VERSION)])
 
 
 def _body(data: bytes, magic: bytes, where: Path, what: str) -> bytes:
-    if data[:4] != magic or data[4:5] != bytes([_VERSION]):
-        raise KeyFileError(f"{where}: not a version-{_VERSION} fedsec {what} file")
+    version = _VERSIONS.get(magic, _VERSION)
+    if data[:4] != magic or data[4:5] != bytes([version]):
+        raise KeyFileError(f"{where}: not a version-{version} fedsec {what} file")
     return data[5:]
 
 
@@ -250,11 +258,17 @@ def open_sealed(
 
 
 def save_secret_context(secret: SecretContext, path: Path) -> None:
-    """Store an institution's secret context, owner-readable only; never overwrites."""
+    """Store an institution's secret context and tag key, owner-readable only; never
+    overwrites."""
     context = secret.context.serialize(
         save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
     )
-    data = _header(b"FSHK") + secret.fingerprint + CkksShape.of(secret.params).to_bytes()
+    data = (
+        _header(b"FSHK")
+        + secret.fingerprint
+        + secret.tag_key
+        + CkksShape.of(secret.params).to_bytes()
+    )
     _write_new(path, data + bytes(context), "secret context")
 
 
@@ -264,6 +278,7 @@ class HeldSecret:
 
     context: ts.Context
     fingerprint: bytes
+    tag_key: bytes
     shape: CkksShape
 
     def for_round(self, params: CKKSParams) -> SecretContext:
@@ -273,20 +288,23 @@ class HeldSecret:
                 f"the round's CKKS parameters {CkksShape.of(params)} are not those of this "
                 f"institution's key {self.shape}"
             )
-        return SecretContext(self.context, params, self.fingerprint)
+        return SecretContext(self.context, params, self.fingerprint, self.tag_key)
 
 
 def load_secret_context(path: Path) -> HeldSecret:
     body = _body(_read(path, "secret context"), b"FSHK", path, "secret context")
     fingerprint = body[:_FINGERPRINT_BYTES]
-    shape, offset = CkksShape.from_bytes(body, _FINGERPRINT_BYTES, path)
+    tag_key = body[_FINGERPRINT_BYTES : _FINGERPRINT_BYTES + TAG_KEY_BYTES]
+    if len(tag_key) != TAG_KEY_BYTES:
+        raise KeyFileError(f"{path}: truncated secret context")
+    shape, offset = CkksShape.from_bytes(body, _FINGERPRINT_BYTES + TAG_KEY_BYTES, path)
     try:
         context = ts.context_from(body[offset:])
     except (ValueError, RuntimeError, TypeError) as exc:
         raise KeyFileError(f"{path}: not a TenSEAL context: {exc}") from None
     if not context.is_private() or context.global_scale != float(2**shape.scale_bits):
         raise KeyFileError(f"{path}: does not hold a secret key at scale 2^{shape.scale_bits}")
-    return HeldSecret(context, fingerprint, shape)
+    return HeldSecret(context, fingerprint, tag_key, shape)
 
 
 def write_public_context(data: bytes, path: Path) -> None:

@@ -1,7 +1,9 @@
 """What server and client must compute identically in a CKKS round (``backend = "ckks"``).
 
 - :func:`ckks_params_from_config`: the :class:`secagg.he.CKKSParams` a ``RoundConfig`` describes
-  (``max_clients`` is the cohort size, so both ends size the overflow check the same way).
+  (``max_clients`` is the cohort size, so both ends size the overflow check the same way), and
+  :func:`ckks_spec_from_config`: the :class:`secagg.he.HeRoundSpec` both ends build their
+  sessions from. Protobuf goes no further in than these two.
 - :func:`he_upload_limit` / :func:`aggregate_download_limit`: byte budgets of the CKKS uploads
   and of the aggregate sent to the decryptor, from the round parameters alone, checked before a
   payload is allocated.
@@ -21,7 +23,7 @@ import numpy as np
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire.framing import WireFormatError
 from secagg.errors import ConfigurationError, SessionMismatch
-from secagg.he import CKKSParams, DecryptedSum
+from secagg.he import CKKSParams, DecryptedSum, HeRoundSpec
 
 _RELEASE_MAGIC = b"FSDS"
 _RELEASE_VERSION = 1
@@ -51,12 +53,26 @@ def ckks_params_from_config(config: pb.RoundConfig) -> CKKSParams:
     )
 
 
+def ckks_spec_from_config(config: pb.RoundConfig) -> HeRoundSpec:
+    """The round as both sessions see it: parameters, session id, cohort, dimension and the
+    federation fingerprint the config names. :class:`ConfigurationError` for an invalid one."""
+    return HeRoundSpec(
+        ckks_params_from_config(config),
+        config.session_id,
+        tuple(config.cohort),
+        config.dim,
+        config.ckks.fingerprint,
+    )
+
+
 def _envelope_limit(params: CKKSParams, dim: int) -> int:
     # Two polynomials of N coefficients per data prime, 8 bytes a coefficient, per ciphertext:
-    # the uncompressed size; SEAL's compressed serialization is never larger.
+    # the uncompressed size; SEAL's compressed serialization is never larger. An aggregate
+    # names up to max_clients (the cohort) contributors, 4 bytes each.
     data_primes = len(params.coeff_mod_bit_sizes) - 1
     per_ciphertext = 2 * params.poly_modulus_degree * data_primes * 8 + CIPHERTEXT_SLACK
-    return ENVELOPE_ALLOWANCE + params.chunk_count(dim) * per_ciphertext
+    ids = 4 * params.max_clients
+    return ENVELOPE_ALLOWANCE + ids + params.chunk_count(dim) * per_ciphertext
 
 
 def release_size(dim: int) -> int:

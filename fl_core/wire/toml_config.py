@@ -9,6 +9,9 @@ instead of a traceback.
 
 from __future__ import annotations
 
+import ipaddress
+import math
+import re
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,9 +32,51 @@ def load_toml(path: Path) -> Table:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as exc:
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
     return Table(data, path, "")
+
+
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def check_host(host: str) -> str | None:
+    """None if ``host`` is a DNS name or an IP address, else why not."""
+    if not host:
+        return "the host is empty"
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return None
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(host):
+        return f"{host!r} is neither a host name nor an IP address"
+    return None
+
+
+def split_address(value: str, *, allow_port_zero: bool) -> tuple[str, int] | str:
+    """(host, port) of ``host:port`` or a reason it is not one."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        return f"must be host:port, got {value!r}"
+    problem = check_host(host)
+    if problem is not None:
+        return problem
+    if not port_text.isdigit():
+        return f"port {port_text!r} is not a number"
+    port = int(port_text)
+    low = 0 if allow_port_zero else 1
+    if not low <= port <= 65535:
+        return f"port {port} is outside [{low}, 65535]"
+    return host, port
 
 
 class Table:
@@ -123,13 +168,39 @@ class Table:
                 )
         return tuple(value)
 
-    def number(self, key: str, default: Any = _MISSING, positive: bool = False) -> float:
+    def number(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        positive: bool = False,
+        maximum: float | None = None,
+    ) -> float:
+        """A finite number (inf and nan are refused: no setting means "unbounded")."""
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{self._where(key)} must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{self._where(key)} must be a finite number, got {value}")
         if positive and not value > 0:
             raise ConfigError(f"{self._where(key)} must be > 0, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{self._where(key)} must be <= {maximum:g}, got {value:g}")
         return float(value)
+
+    def address(self, key: str, default: Any = _MISSING, allow_port_zero: bool = False) -> str:
+        """``host:port`` with a valid host name or IP address and a port in range."""
+        value = self.string(key, default)
+        checked = split_address(value, allow_port_zero=allow_port_zero)
+        if isinstance(checked, str):
+            raise ConfigError(f"{self._where(key)}: {checked}")
+        return value
+
+    def fraction(self, key: str, default: Any = _MISSING) -> float:
+        """A number in [0, 1) (a share of a cohort)."""
+        value = self.number(key, default)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{self._where(key)} must be in [0, 1), got {value}")
+        return value
 
     def boolean(self, key: str, default: Any = _MISSING) -> bool:
         value = self._get(key, default)

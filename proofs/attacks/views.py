@@ -106,7 +106,7 @@ def aggregate_dp_view(
     """View (d): the decoded sum of the clients' DP-encoded updates.
 
     The noise is calibrated by :func:`secagg.dp.calibration.calibrate` so that this one round,
-    with every client participating (sampling rate 1) and none dropping out, is
+    with every client participating and none dropping out, is
     (``epsilon``, ``delta``)-DP at the client level: the most favourable accounting for the
     attacker, who sees the round's sum before any other round's noise adds up.
     """
@@ -120,8 +120,7 @@ def aggregate_dp_view(
         mechanism=mechanism,
         epsilon=epsilon,
         delta=delta,
-        rounds=1,
-        sampling_rate=1.0,
+        participations=1,
         expected_cohort=len(updates),
         dropouts=0,
         ring_bits=ring_bits,

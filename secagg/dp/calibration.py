@@ -1,8 +1,22 @@
 """Choose the DP noise, scale and ring check for a privacy target, and state the utility cost.
 
-Input: (epsilon, delta) over ``rounds`` rounds with client sampling rate q, the expected cohort
-and the number of dropouts tolerated, the ring, the clip norm and the dimension. Output: the
-round's public :class:`~secagg.dp.encoder.DpParams` and a :class:`Calibration` report.
+Input: (epsilon, delta) for a client whose update is in ``participations`` released sums, the
+expected cohort and the number of dropouts tolerated, the ring, the clip norm and the dimension.
+Output: the round's public :class:`~secagg.dp.encoder.DpParams` and a :class:`Calibration`
+report.
+
+Threat model: the epsilon is the one *against the server*. The server picks or sees every
+cohort (fedsec's cohorts are fixed-size and drawn from the run's public seed), so sampling
+hides nothing from it: each round a client takes part in composes at full rate, and a round it
+is not in does not touch its data. No subsampling amplification is claimed, for anyone: it
+would need Poisson sampling with coins the observer cannot see, which fedsec does not do.
+
+Adjacency: zero-out, client level -- one institution's clipped update replaced by zero, with
+the cohort, the contributor count and every client's noise unchanged (each contribution is
+clipped and conditionally rounded to L2 norm at most ``DpParams.l2_sensitivity`` and L1 norm at
+most ``l1_sensitivity``, which is exactly the sum's change when one is zeroed). Replacing one
+institution's data by any other is two zero-out steps: the same mechanism at twice the
+sensitivity (:func:`proofs.accountant.replace_one`).
 
 Worst case for privacy: each client's share of the noise is sized so that the *fewest*
 contributors the round accepts (expected cohort minus tolerated dropouts) still add enough;
@@ -16,15 +30,11 @@ the scale grows; the scale is therefore the largest one for which the noisy sum 
 with the stated wrap probability and the per-client noise fits the sampler's table. It is found
 by a fixed-point iteration on the (nearly linear in the scale) magnitude bound, then verified.
 
-Subsampling: the Skellam and distributed discrete Gaussian curves are amplified with Zhu-Wang's
-general bound (see :mod:`proofs.accountant`), as TFF's distributed DP accounting does; it is
-looser than the exact sampled-Gaussian series at large q (at q = 0.1, T = 100 it needs about
-twice the noise multiplier for the same epsilon), and rigorous where the Gaussian series is not.
-
 Sampler precision is charged as well: :meth:`secagg.dp.noise.SamplerDeviation.adjust` with
-samples = rounds x max cohort x padded dimension turns the ideal mechanism's guarantee into the
-implemented one's; the calibration targets the ideal mechanism at the reduced budget so that the
-implemented guarantee meets (epsilon, delta).
+samples = participations x max cohort x padded dimension (the noise in the releases that hold
+the client's update) turns the ideal mechanism's guarantee into the implemented one's; the
+calibration targets the ideal mechanism at the reduced budget so that the implemented
+guarantee meets (epsilon, delta).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from secagg.dp.encoder import (
     check_no_wrap,
     sum_magnitude_bound,
 )
+from secagg.dp.events import DistributedDiscreteGaussianDpEvent, DpEvent, SkellamDpEvent
 from secagg.dp.noise import DEVIATION_BOUND, MAX_STDDEV, Mechanism, NoiseSpec, sampler_for
 from secagg.dp.rdp import (
     DEFAULT_RDP_ORDERS,
@@ -50,6 +61,10 @@ from secagg.dp.rdp import (
 )
 from secagg.dp.rotation import padded_dim
 from secagg.errors import ConfigurationError
+
+#: Who the calibrated epsilon holds against, and for which neighbouring datasets (module doc).
+THREAT_MODEL = "server"
+ADJACENCY = "zero-out"
 
 #: Smallest per-client stddev considered (integer units); below it the noise is meaningless.
 _MIN_STDDEV = 1e-3
@@ -65,18 +80,18 @@ def round_epsilon(
     local_stddev: float,
     n_contributors: int,
     dim: int,
-    sampling_rate: float,
-    rounds: int,
+    participations: int,
     delta: float,
 ) -> tuple[float, float]:
-    """(epsilon, order) of ``rounds`` Poisson-sampled rounds of the ideal distributed mechanism
-    with ``n_contributors`` clients each adding noise of scale ``local_stddev``."""
+    """(epsilon, order) of ``participations`` releases of the ideal distributed mechanism with
+    ``n_contributors`` clients each adding noise of scale ``local_stddev``, composed at full
+    rate (no subsampling amplification: see the module doc)."""
     curve = (
         skellam_curve(l2_sensitivity, l1_sensitivity, n_contributors * local_stddev**2)
         if mechanism == "skellam"
         else ddgauss_curve(l2_sensitivity, l1_sensitivity, local_stddev, n_contributors, dim)
     )
-    rdp = rounds * rdp_integer_mechanism(curve, sampling_rate, DEFAULT_RDP_ORDERS)
+    rdp = participations * rdp_integer_mechanism(curve, 1.0, DEFAULT_RDP_ORDERS)
     return epsilon_from_rdp(DEFAULT_RDP_ORDERS, rdp.tolist(), delta)
 
 
@@ -87,7 +102,8 @@ class Calibration:
 
     params: DpParams
     min_contributors: int
-    epsilon: float  # guarantee of the implemented mechanism (sampler deviation included)
+    participations: int  # most released sums one client's update is in (each at full rate)
+    epsilon: float  # against the server, implemented mechanism (sampler deviation included)
     delta: float
     order: float  # RDP order the ideal mechanism's epsilon came from
     noise_multiplier: float  # central noise std / L2 sensitivity, worst case (fewest clients)
@@ -104,6 +120,9 @@ class Calibration:
         return {
             "mechanism": p.noise.mechanism,
             "epsilon": self.epsilon,
+            "threat_model": THREAT_MODEL,
+            "adjacency": ADJACENCY,
+            "participations": self.participations,
             "delta": self.delta,
             "order": self.order,
             "scale": p.scale,
@@ -120,26 +139,22 @@ class Calibration:
         }
 
 
-def accounting_record(
-    params: DpParams, n_contributors: int, sampling_rate: float
-) -> dict[str, Any]:
-    """The fields a metrics record needs for ``proofs`` to account one round with
-    ``n_contributors`` actual contributors (the accountant's event parameters)."""
-    record: dict[str, Any] = {
-        "mechanism": "skellam" if params.noise.mechanism == "skellam" else "ddgauss",
-        "sampling_rate": sampling_rate,
-        "l2_sensitivity": params.l2_sensitivity,
-        "l1_sensitivity": params.l1_sensitivity,
-    }
+def release_event(params: DpParams, n_contributors: int) -> DpEvent:
+    """The privacy event of one release of ``n_contributors`` clients' noised sum (at full
+    rate: zero-out, against the server), for the run record and the audit."""
     if params.noise.mechanism == "skellam":
-        record["variance"] = n_contributors * params.noise.variance
-    else:
-        record.update(
-            local_stddev=params.noise.stddev,
-            num_clients=n_contributors,
-            dim=params.encoded_dim,
+        return SkellamDpEvent(
+            params.l2_sensitivity,
+            params.l1_sensitivity,
+            n_contributors * params.noise.variance,
         )
-    return record
+    return DistributedDiscreteGaussianDpEvent(
+        params.l2_sensitivity,
+        params.l1_sensitivity,
+        params.noise.stddev,
+        n_contributors,
+        params.encoded_dim,
+    )
 
 
 def calibrate(
@@ -147,8 +162,7 @@ def calibrate(
     mechanism: Mechanism,
     epsilon: float,
     delta: float,
-    rounds: int,
-    sampling_rate: float,
+    participations: int,
     expected_cohort: int,
     dropouts: int,
     ring_bits: int,
@@ -159,8 +173,10 @@ def calibrate(
     beta: float = DEFAULT_BETA,
     wrap_probability: float = WRAP_PROBABILITY,
 ) -> Calibration:
-    """Noise and scale meeting (epsilon, delta) after ``rounds`` rounds; see the module doc."""
-    _check_target(epsilon, delta, rounds, sampling_rate)
+    """Noise and scale meeting (epsilon, delta) against the server for a client whose update is
+    in ``participations`` released sums (the most rounds any one client takes part in); see
+    the module doc."""
+    _check_target(epsilon, delta, participations)
     if expected_cohort < 1 or not 0 <= dropouts < expected_cohort:
         raise ConfigurationError(
             f"need 0 <= dropouts < expected cohort, got {dropouts} of {expected_cohort}"
@@ -172,7 +188,7 @@ def calibrate(
     n_pad = padded_dim(dim)
 
     # Sampler precision: reduce the ideal mechanism's budget so the implemented one meets it.
-    samples = rounds * n_max * n_pad
+    samples = participations * n_max * n_pad
     ideal_eps, ideal_delta = _ideal_budget(epsilon, delta, samples)
 
     def params_for(scale: float, stddev: float) -> DpParams:
@@ -195,7 +211,7 @@ def calibrate(
 
         def ok(stddev: float) -> bool:
             eps, _ = round_epsilon(
-                mechanism, l2, l1, stddev, n_min, n_pad, sampling_rate, rounds, ideal_delta
+                mechanism, l2, l1, stddev, n_min, n_pad, participations, ideal_delta
             )
             return eps <= ideal_eps
 
@@ -240,7 +256,8 @@ def calibrate(
     if chosen is None:
         raise ConfigurationError(
             f"no scale fits the noisy sum of {n_max} clients in a {ring_bits}-bit ring with "
-            f"(epsilon={epsilon}, delta={delta}) over {rounds} rounds: use more ring bits, a "
+            f"(epsilon={epsilon}, delta={delta}) over {participations} rounds per client: use "
+            "more ring bits, a "
             "larger privacy budget or fewer clients per round"
         )
     scale, stddev = chosen
@@ -253,8 +270,7 @@ def calibrate(
         stddev,
         n_min,
         n_pad,
-        sampling_rate,
-        rounds,
+        participations,
         ideal_delta,
     )
     final_eps, final_delta = sampler_for(params.noise).deviation.adjust(
@@ -265,6 +281,7 @@ def calibrate(
     return Calibration(
         params=params,
         min_contributors=n_min,
+        participations=participations,
         epsilon=final_eps,
         delta=final_delta,
         order=order,
@@ -278,15 +295,15 @@ def calibrate(
     )
 
 
-def _check_target(epsilon: float, delta: float, rounds: int, sampling_rate: float) -> None:
+def _check_target(epsilon: float, delta: float, participations: int) -> None:
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise ConfigurationError(f"epsilon must be positive, got {epsilon!r}")
     if not (math.isfinite(delta) and 0 < delta < 1):
         raise ConfigurationError(f"delta must be in (0, 1), got {delta!r}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ConfigurationError(f"rounds must be a positive integer, got {rounds!r}")
-    if not (math.isfinite(sampling_rate) and 0 < sampling_rate <= 1):
-        raise ConfigurationError(f"sampling rate must be in (0, 1], got {sampling_rate!r}")
+    if isinstance(participations, bool) or not isinstance(participations, int):
+        raise ConfigurationError(f"participations must be an integer, got {participations!r}")
+    if participations < 1:
+        raise ConfigurationError(f"participations must be at least 1, got {participations!r}")
 
 
 def _ideal_budget(epsilon: float, delta: float, samples: int) -> tuple[float, float]:
@@ -303,7 +320,7 @@ def _ideal_budget(epsilon: float, delta: float, samples: int) -> tuple[float, fl
     ideal_delta = spare / math.exp(eta) * (1 - 2.0**-30)
     if ideal_eps <= 0.5 * epsilon or ideal_delta <= 0.5 * delta:
         raise ConfigurationError(
-            f"{samples:.3g} noise samples exceed what the sampler's float64 precision can "
-            "support at this (epsilon, delta): fewer rounds, clients or coordinates"
+            f"{samples:.3g} noise samples exceed what the sampler's precision can support at "
+            "this (epsilon, delta): fewer rounds per client, clients or coordinates"
         )
     return ideal_eps, ideal_delta

@@ -167,6 +167,10 @@ def check_no_wrap(
     return min(1.0, wrap_probability * params.encoded_dim)
 
 
+class NonFiniteUpdateError(EncodingError):
+    """An update with a NaN or an infinity: it has no norm to clip to, so it is refused."""
+
+
 @dataclass(frozen=True)
 class EncodingStats:
     """What one encode did, for the client's own logs (never sent: the norm is private)."""
@@ -195,12 +199,11 @@ class DpEncoder:
             raise EncodingError(f"update has {update.size} coordinates, the round expects {p.dim}")
         if not np.isfinite(update).all():
             bad = int(np.flatnonzero(~np.isfinite(update))[0])
-            raise EncodingError(f"update has a NaN or Inf value (first at index {bad})")
-        values = update.astype(np.float64)
-        norm = float(np.linalg.norm(values))
-        clipped = norm > p.clip
-        if clipped:
-            values *= p.clip / norm
+            raise NonFiniteUpdateError(
+                f"update has a NaN or Inf value (first at index {bad}): its norm is undefined, "
+                "so it cannot be clipped; check the local training for divergence"
+            )
+        values, clipped = _clip(update.astype(np.float64), p.clip)
         scaled = rotate(values, p.seed)
         scaled *= p.scale
         words = CsprngWords()
@@ -227,6 +230,21 @@ class DpEncoder:
         centred = ring.to_signed(summed).astype(np.float64)
         centred *= 1.0 / p.scale
         return unrotate(centred, p.seed, p.dim).astype(np.float32)
+
+
+def _clip(values: npt.NDArray[np.float64], clip: float) -> tuple[npt.NDArray[np.float64], bool]:
+    """``values`` scaled to L2 norm ``clip`` if longer (and whether it was). The norm is taken
+    of ``values / max|values|`` (at most sqrt(d)): the plain norm of a finite float64 vector
+    can overflow to inf (1e200 squared), and clip / inf would silently zero the update."""
+    peak = float(np.abs(values).max())
+    if peak == 0.0:
+        return values, False
+    unit = values / peak
+    unit_norm = float(np.linalg.norm(unit))
+    if unit_norm <= clip / peak:  # ||values|| = peak * unit_norm <= clip
+        return values, False
+    unit *= clip / unit_norm
+    return unit, True
 
 
 def _conditional_round(

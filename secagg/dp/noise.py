@@ -10,27 +10,29 @@ threshold; only on equality (probability 2^-(32-L) per sample) are 64 - (32 - L)
 bits drawn and compared with the rest of the threshold. That is the same decision as a full
 64-bit coin, so the implemented distribution is exactly the table's; all steps are whole-array
 numpy operations on cache-sized chunks. The table is built once per distribution (cached)
-in *exact integer arithmetic*: the float64 PMF values are converted to exact rationals,
-normalised exactly and floored to units of 2^-64/m, so the implemented distribution is known
-exactly and is ``W_k / (m 2^64)``.
+in *exact integer arithmetic* from rigorous brackets on the PMF (:mod:`secagg.dp.exact_pmf`:
+interval arithmetic on 256-bit fixed point, Miller's backward recurrence for the Skellam's
+Bessel functions): the lower ends of the brackets are normalised exactly and floored to units
+of 2^-64/m, so the implemented distribution is known exactly and is ``W_k / (m 2^64)``.
 
-Deviation from the ideal distribution P (stated, tested, and charged by the calibration):
+Deviation from the ideal distribution P (computed for each table, charged by the calibration
+through :data:`DEVIATION_BOUND`, which every table is checked against when it is built):
 
 * ``tail``: K is the smallest support with a Chernoff bound on P(|X| > K) below 2^-80 per
   side (Skellam: ``exp(sqrt(v^2+K^2) - v - K asinh(K/v))``; discrete Gaussian, which is
-  sigma^2-sub-Gaussian (Canonne, Kamath, Steinke, NeurIPS'20): ``exp(-K^2/(2 sigma^2))``).
-* ``tv_additive`` (total variation, additive): flooring loses less than one unit per atom and
-  the deficit (< #atoms units) goes to the mode, at most 2 * 2^-64 in all (#atoms <= m); plus
-  the float64 error on the far-tail atoms (PMF below 2^-50, at most 2^18 of them, so at most
-  2^-32 of mass) allowed a relative error of 2^-30: at most 2^-62. Together below 2^-61.
-* ``pmf_relative_error`` (multiplicative): on the core atoms (PMF >= 2^-50) the float64
-  evaluation (scipy's ``ive`` for Skellam, ``exp`` for the discrete Gaussian) is within a factor
-  exp(+-2^-40) of the exact value; measured against 200-bit mpmath in the tests (a few 1e-14
-  at variance 2500; 1e-16 to 4e-13 at variance 2.5e5 for k up to 10 sigma, the error growing
-  with k). The exact renormalisation can double it: eta = 2^-39.
+  sigma^2-sub-Gaussian (Canonne, Kamath, Steinke, NeurIPS'20): ``exp(-K^2/(2 sigma^2))``),
+  cut further to the atoms whose bracket is above 2^-256 of the mode (only at tiny stddevs);
+  charged with a factor 1 + 2^-20 for the float evaluation of the bound.
+* ``pmf_relative_error`` (multiplicative, enters epsilon): the normalised lower ends are within
+  a factor exp(+-rho) of P restricted to [-K, K] and renormalised, with rho the brackets'
+  largest relative width (about 2^-167 at stddev 4096). The float64 PMF used before (scipy's
+  ``ive``) was off by up to 6.6e-12 relative at the stddevs calibration picks (1,500-4,096),
+  more than the 2^-39 charged for it then.
+* ``tv_additive`` (total variation, enters delta): the flooring to table units and the deficit
+  given to the mode, computed exactly for each table; below 2^-64 (under one unit per atom
+  each, at most m atoms).
 
-The additive terms enter delta, the multiplicative one epsilon: see
-:meth:`SamplerDeviation.adjust` for the resulting (epsilon, delta) of the implemented
+See :meth:`SamplerDeviation.adjust` for the resulting (epsilon, delta) of the implemented
 mechanism.
 """
 
@@ -39,27 +41,25 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from scipy import special
 
+from secagg.dp.exact_pmf import PmfBracket, discrete_gaussian_bracket, skellam_bracket
 from secagg.errors import ConfigurationError
 
 Mechanism = Literal["skellam", "discrete_gaussian"]
 MECHANISMS: tuple[Mechanism, ...] = ("skellam", "discrete_gaussian")
 
 TAIL_BITS = 80
-#: Atoms with a PMF below this are the far tail: their float error is counted as additive.
-FAR_TAIL_PMF = 2.0**-50
-#: Relative error of the float64 PMF allowed on the core / far-tail atoms (module docstring).
-CORE_RELATIVE_ERROR = 2.0**-40
-FAR_TAIL_RELATIVE_ERROR = 2.0**-30
-#: Multiplicative deviation of the sampler on its support, renormalisation included.
-PMF_RELATIVE_ERROR = 2 * CORE_RELATIVE_ERROR
+#: Relative float error allowed for in a Chernoff tail bound: its exponent is computed in
+#: float64 with an absolute error below 2^-24 up to stddev 4096 (the sqrt(v^2 + K^2) - v
+#: term, both near v = 2^24), which moves exp by a factor below 1 + 2^-23.
+_TAIL_ROUNDING = 2.0**-20
 #: Largest per-client standard deviation the alias table is built for (2^17 buckets, ~2 MB).
 MAX_STDDEV = 4096.0
 #: Elements per sampling chunk: its scratch buffers (~0.8 MB) stay in L2.
@@ -167,11 +167,10 @@ def support_bound(spec: NoiseSpec) -> int:
     return tail_quantile(spec.mechanism, spec.variance, 2.0**-TAIL_BITS)
 
 
-def pmf(spec: NoiseSpec, ks: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-    """The ideal PMF at integers ``ks`` (unnormalised for the discrete Gaussian)."""
-    if spec.mechanism == "skellam":
-        return np.asarray(special.ive(np.abs(ks).astype(np.float64), spec.variance))
-    return np.exp(-(ks.astype(np.float64) ** 2) / (2 * spec.variance))
+def pmf_bracket(spec: NoiseSpec) -> PmfBracket:
+    """Rigorous brackets on PMF(k) / PMF(0), k = 0..:func:`support_bound` (exact arithmetic)."""
+    build = skellam_bracket if spec.mechanism == "skellam" else discrete_gaussian_bracket
+    return build(spec.variance, support_bound(spec))
 
 
 @dataclass(frozen=True)
@@ -179,8 +178,8 @@ class SamplerDeviation:
     """How far one sample of the implemented sampler is from the ideal distribution."""
 
     tail: float  # mass of the ideal distribution outside [-K, K]
-    tv_additive: float  # TV part: quantisation and far-tail float error
-    pmf_relative_error: float  # multiplicative error of the float64 PMF
+    tv_additive: float  # total variation of the table's flooring and mode deficit
+    pmf_relative_error: float  # |log| of the table's PMF ratio to P on [-K, K], before flooring
 
     def adjust(self, epsilon: float, delta: float, samples: int) -> tuple[float, float]:
         """(epsilon, delta) of the implemented mechanism, given those of the ideal one and the
@@ -198,13 +197,19 @@ class SamplerDeviation:
         return eps, math.exp(eta) * delta + tau * (1 + math.exp(eps)) + math.exp(epsilon + eta) * t
 
 
-#: What any sampler built here can deviate by (its own ``deviation`` is at most this): the
-#: calibration budgets for it before the noise scale, and so the table, is known.
+#: What any sampler built here can deviate by (each table's own ``deviation`` is checked to be
+#: at most this when it is built): the calibration budgets for it before the noise scale, and
+#: so the table, is known.
 DEVIATION_BOUND = SamplerDeviation(
-    tail=2 * 2.0**-TAIL_BITS,
-    tv_additive=2.0**-61,
-    pmf_relative_error=PMF_RELATIVE_ERROR,
+    tail=2 * 2.0**-TAIL_BITS * (1 + _TAIL_ROUNDING),
+    tv_additive=2.0**-64,
+    pmf_relative_error=2.0**-128,
 )
+
+
+class SamplerPrecisionError(ConfigurationError):
+    """A table whose computed deviation exceeds :data:`DEVIATION_BOUND` (the calibration's
+    budget): refused rather than sampled."""
 
 
 class AliasSampler:
@@ -212,12 +217,16 @@ class AliasSampler:
 
     def __init__(self, spec: NoiseSpec) -> None:
         self.spec = spec
-        k_max = support_bound(spec)
+        bracket = pmf_bracket(spec)
+        # Atoms below 2^-256 of the mode (tiny stddevs only) are left to the tail term.
+        k_max = max(k for k, lo in enumerate(bracket.lo) if lo > 0)
+        lows = bracket.lo[: k_max + 1]
         atoms = 2 * k_max + 1
         bits = max((atoms - 1).bit_length(), 1)
         buckets = 1 << bits
         values = np.arange(-k_max, k_max + 1, dtype=np.int64)
-        weights = self._integer_weights(pmf(spec, values), buckets)
+        mirrored = [*lows[:0:-1], *lows]
+        weights, quantisation = self._integer_weights(mirrored, buckets)
         threshold, alias = _vose(weights, buckets)
         self.support = k_max
         self._bits = bits
@@ -239,27 +248,35 @@ class AliasSampler:
             [np.arange(-k_max, buckets - k_max, dtype=np.int32), self._alias], axis=1
         ).reshape(-1)
         self.deviation = SamplerDeviation(
-            tail=2 * tail_bound(spec, k_max + 1),
-            tv_additive=DEVIATION_BOUND.tv_additive,
-            pmf_relative_error=DEVIATION_BOUND.pmf_relative_error,
+            tail=math.nextafter(2 * tail_bound(spec, k_max + 1) * (1 + _TAIL_ROUNDING), math.inf),
+            tv_additive=quantisation,
+            pmf_relative_error=PmfBracket(lows, bracket.hi[: k_max + 1]).relative_width(),
         )
+        bound = DEVIATION_BOUND
+        if (
+            self.deviation.tail > bound.tail
+            or self.deviation.tv_additive > bound.tv_additive
+            or self.deviation.pmf_relative_error > bound.pmf_relative_error
+        ):
+            raise SamplerPrecisionError(
+                f"the {spec.mechanism} table for stddev {spec.stddev!r} deviates by "
+                f"{self.deviation}, more than the calibration's budget {bound}"
+            )
         # The exact implemented probabilities, kept for tests and audits.
         self.implemented = (values, weights[:atoms], buckets << 64)
 
     @staticmethod
-    def _integer_weights(probs: npt.NDArray[np.float64], buckets: int) -> list[int]:
-        """Floor of the exactly normalised PMF in units of 2^-64/buckets; deficit to the mode."""
-        # Every float64 is an exact dyadic rational; over a common power-of-two denominator the
-        # normalisation and the flooring are exact integer operations.
-        parts = [float(p).as_integer_ratio() for p in probs]
-        common = max(den for _, den in parts)
-        numerators = [num * (common // den) for num, den in parts]
-        total = sum(numerators)
+    def _integer_weights(lows: list[int], buckets: int) -> tuple[list[int], float]:
+        """Floor of the exactly normalised ``lows`` in units of 2^-64/buckets, the deficit
+        given to the mode (the middle atom); and the exact total variation distance from the
+        normalised ``lows`` to that table, rounded up to a float."""
         capacity = buckets << 64
-        weights = [num * capacity // total for num in numerators]
-        mode = int(np.argmax(probs))
-        weights[mode] += capacity - sum(weights)
-        return weights + [0] * (buckets - len(weights))
+        total = sum(lows)
+        weights = [low * capacity // total for low in lows]
+        weights[len(lows) // 2] += capacity - sum(weights)
+        l1 = sum(abs(w * total - low * capacity) for w, low in zip(weights, lows, strict=True))
+        tv = Fraction(l1, 2 * capacity * total)
+        return weights + [0] * (buckets - len(weights)), math.nextafter(float(tv), math.inf)
 
     def add_into(self, acc: IntArray, words: CsprngWords | None = None) -> IntArray:
         """``acc += noise`` in place, one independent sample per element; returns ``acc``.

@@ -5,11 +5,16 @@ the OS CSPRNG inside SEAL). Encryption is symmetric: clients encrypt with the se
 hold, so the server, which holds no key at all, cannot forge a contribution by encrypting values
 of its own choosing (a public-key context would let it).
 
-- Institutions receive the *secret context* from the dealer, relayed by the server but sealed
-  with :func:`secagg.aead.seal` under ``derive_pair_key(X25519(dealer, recipient), session_id,
-  b"he-secret-context", dealer, recipient, 32)``. Both X25519 keys are announced in
-  :class:`KeyAnnouncement` objects signed with the institutions' Ed25519 identities and checked
-  against the roster, so a server that substitutes its own X25519 key is caught.
+- The dealer also draws the federation's 32-byte *tag key* (``os.urandom``), from which every
+  contributor derives the integrity pads of its uploads (:mod:`secagg.he.session`). It travels
+  and is stored with the secret key and never reaches the server: the server, which adds the
+  ciphertexts, must not be able to predict a pad.
+- Institutions receive the *secret context* (CKKS secret key and tag key) from the dealer,
+  relayed by the server but sealed with :func:`secagg.aead.seal` under
+  ``derive_pair_key(X25519(dealer, recipient), session_id, b"he-secret-context", dealer,
+  recipient, 32)``. Both X25519 keys are announced in :class:`KeyAnnouncement` objects signed
+  with the institutions' Ed25519 identities and checked against the roster, so a server that
+  substitutes its own X25519 key is caught.
 - The server receives the *public (evaluation) context*: parameters and relinearisation keys,
   serialized without the secret key. Its SHA-256 is the federation's *fingerprint*; the dealer
   signs it, institutions check the secret context they open carries it, and every ciphertext
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +41,7 @@ from secagg.ids import check_client_id, check_session_id, id_bytes
 from secagg.keys import PUBLIC_KEY_BYTES, AgreementKeyPair, Roster, derive_pair_key
 
 FINGERPRINT_BYTES = 32
+TAG_KEY_BYTES = 32
 NO_FINGERPRINT = bytes(FINGERPRINT_BYTES)
 SECRET_CONTEXT_PURPOSE = b"he-secret-context"
 _ANNOUNCE_DOMAIN = b"fedsec/secagg/he/v1/key-announcement"
@@ -129,16 +136,31 @@ class PublicContext:
     def to_bytes(self) -> bytes:
         return self._data
 
+    def for_params(self, params: CKKSParams) -> PublicContext:
+        """The same keys under a round's parameters (see :meth:`SecretContext.for_params`)."""
+        return PublicContext(self._data, params, self.context)
+
 
 class SecretContext:
-    """What an institution holds: the federation's secret key (encrypts and decrypts)."""
+    """What an institution holds: the federation's secret key (encrypts and decrypts) and its
+    tag key (derives the integrity pads of every upload)."""
 
-    def __init__(self, context: ts.Context, params: CKKSParams, fingerprint: bytes) -> None:
+    def __init__(
+        self, context: ts.Context, params: CKKSParams, fingerprint: bytes, tag_key: bytes
+    ) -> None:
         if not context.is_private():
             raise ConfigurationError("a secret context must hold the secret key")
+        if not isinstance(tag_key, bytes) or len(tag_key) != TAG_KEY_BYTES:
+            raise ConfigurationError(f"a tag key is {TAG_KEY_BYTES} bytes")
         self.context = context
         self.params = params
         self.fingerprint = fingerprint
+        self.tag_key = tag_key
+
+    def for_params(self, params: CKKSParams) -> SecretContext:
+        """The same keys under a round's parameters (clip, cohort size and weighting are per
+        round; the key depends only on the ring, the moduli and the scale)."""
+        return SecretContext(self.context, params, self.fingerprint, self.tag_key)
 
     def _secret_bytes(self) -> bytes:
         return bytes(
@@ -168,7 +190,8 @@ def generate_federation_keys(params: CKKSParams) -> FederationKeys:
     context = _make_context(params)
     public_data = _public_bytes(context)
     public = PublicContext.from_bytes(public_data, params)
-    return FederationKeys(SecretContext(context, params, public.fingerprint), public)
+    secret = SecretContext(context, params, public.fingerprint, os.urandom(TAG_KEY_BYTES))
+    return FederationKeys(secret, public)
 
 
 # --- distribution to the other institutions ------------------------------------------------
@@ -258,7 +281,7 @@ def seal_secret_context(
         dealer_announcement.client_id,
         recipient.client_id,
     )
-    plaintext = keys.fingerprint + keys.secret._secret_bytes()
+    plaintext = keys.fingerprint + keys.secret.tag_key + keys.secret._secret_bytes()
     return seal(key, plaintext, session_id, dealer_announcement.client_id, recipient.client_id)
 
 
@@ -270,8 +293,9 @@ def open_secret_context(
     roster: Roster,
     params: CKKSParams,
 ) -> SecretContext:
-    """An institution opens the sealed secret context; checks the dealer's signature, the AEAD
-    tag (session, dealer, recipient) and that the context carries the signed fingerprint."""
+    """An institution opens the sealed secret context (secret key and tag key); checks the
+    dealer's signature, the AEAD tag (session, dealer, recipient) and that the context carries
+    the signed fingerprint."""
     session_id = dealer_announcement.session_id
     dealer_announcement.verify(roster, session_id)
     if dealer_announcement.fingerprint == NO_FINGERPRINT:
@@ -284,8 +308,10 @@ def open_secret_context(
         own_id,
     )
     plaintext = open_sealed(key, sealed, session_id, dealer_announcement.client_id, own_id)
-    fingerprint, secret = plaintext[:FINGERPRINT_BYTES], plaintext[FINGERPRINT_BYTES:]
+    fingerprint = plaintext[:FINGERPRINT_BYTES]
+    tag_key = plaintext[FINGERPRINT_BYTES : FINGERPRINT_BYTES + TAG_KEY_BYTES]
+    secret = plaintext[FINGERPRINT_BYTES + TAG_KEY_BYTES :]
     if fingerprint != dealer_announcement.fingerprint:
         raise ContextMismatch("the sealed secret context names another fingerprint")
     context = _load_context(secret, params, "secret context")
-    return SecretContext(context, params, fingerprint)
+    return SecretContext(context, params, fingerprint, tag_key)

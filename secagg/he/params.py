@@ -10,7 +10,16 @@ below 128 bits with :class:`ConfigurationError` before TenSEAL is ever called.
 Only addition is needed, so the modulus chain is one data prime (which carries the values) plus
 the special prime SEAL needs for key switching. With scale 2^S and data prime q0 the decrypted
 value must satisfy |sum| < 2^(log2 q0 - S - 1); :class:`CKKSParams` checks that the worst-case sum
-of ``max_clients`` clipped, weighted updates fits with one more bit of headroom.
+of ``max_clients`` clipped, weighted updates *and their integrity pads* fits with one more bit of
+headroom.
+
+Integrity pads (:mod:`secagg.he.session`): every slot of every ciphertext carries a pseudorandom
+pad, uniform on a grid of 2^48 points in [-R, R) with R = :attr:`CKKSParams.pad_bound`, and the
+last :data:`TAG_SLOTS` slots of every ciphertext carry the pad alone (*tag slots*). R is the power
+of two at or above 16 times the largest sum of real values a slot can hold, so a forged combination
+shows in the data slots too (``proofs/SPEC.md`` §9); :attr:`CKKSParams.forgery_bits` is the
+per-attempt bound the tag slots alone give, and parameters giving less than
+:data:`MIN_INTEGRITY_BITS` are refused.
 
 Precision: a fresh symmetric CKKS encryption adds an error polynomial with coefficients of
 standard deviation sigma = 3.2 (SEAL's default) plus the encoding's rounding (variance 1/12). In
@@ -39,6 +48,17 @@ ERROR_SIGMA = 3.2
 #: SEAL's limits on one prime of the coefficient modulus.
 MIN_PRIME_BITS = 20
 MAX_PRIME_BITS = 60
+#: Slots at the end of every ciphertext that hold an integrity pad and no data.
+TAG_SLOTS = 4
+#: Pads are integers k in [-2^(PAD_BITS-1), 2^(PAD_BITS-1)) times R / 2^(PAD_BITS-1): exact in
+#: float64 and summable exactly in int64 for up to 2^(64-PAD_BITS) contributors.
+PAD_BITS = 48
+#: The most contributors whose pads the decryptor can sum exactly in int64.
+MAX_PADDED_CLIENTS = 2 ** (63 - PAD_BITS)
+#: The pad bound is this many times the largest honest |sum| of one data slot (SPEC.md §9).
+PAD_FACTOR = 16
+#: Parameters whose tag slots bound a forgery above 2^-MIN_INTEGRITY_BITS per attempt are refused.
+MIN_INTEGRITY_BITS = 40
 
 
 def security_level(poly_modulus_degree: int, total_modulus_bits: int) -> int:
@@ -113,13 +133,23 @@ class CKKSParams:
                 f"scale_bits must be in [{MIN_PRIME_BITS}, {self.coeff_mod_bit_sizes[0]}) so the "
                 "values fit under the data prime"
             )
+        if self.max_clients > MAX_PADDED_CLIENTS:
+            raise ConfigurationError(
+                f"max_clients is at most {MAX_PADDED_CLIENTS} (integrity pads are summed in int64)"
+            )
         headroom_bits = self.data_modulus_bits - self.scale_bits - 2  # sign bit + one spare bit
-        worst = self.max_clients * self.max_weight * max(self.clip, 1.0)
+        worst = worst_slot_value(self.max_clients, self.max_weight, self.clip)
         if worst >= 2.0**headroom_bits:
             raise ConfigurationError(
-                f"the sum of {self.max_clients} clients can reach {worst:g}, beyond the "
-                f"±2^{headroom_bits} a {self.data_modulus_bits}-bit data modulus holds at scale "
-                f"2^{self.scale_bits}: lower scale_bits, clip, max_weight or max_clients"
+                f"the sum of {self.max_clients} clients and their integrity pads can reach "
+                f"{worst:g}, beyond the ±2^{headroom_bits} a {self.data_modulus_bits}-bit data "
+                f"modulus holds at scale 2^{self.scale_bits}: lower scale_bits, clip, max_weight "
+                "or max_clients"
+            )
+        if self.forgery_bits < MIN_INTEGRITY_BITS:
+            raise ConfigurationError(
+                f"these parameters bound a forged aggregate only by 2^-{self.forgery_bits:.1f} "
+                f"per attempt, less than 2^-{MIN_INTEGRITY_BITS}: raise scale_bits"
             )
 
     @property
@@ -140,12 +170,47 @@ class CKKSParams:
     def scale(self) -> float:
         return float(2**self.scale_bits)
 
+    @property
+    def data_slots(self) -> int:
+        """Slots of one ciphertext that carry data; the other :data:`TAG_SLOTS` are tag slots."""
+        return self.slots - TAG_SLOTS
+
+    @property
+    def client_bound(self) -> float:
+        """The largest |value| one client puts in a data slot (clipped and weighted, or the
+        weight itself)."""
+        return self.max_weight * max(self.clip, 1.0)
+
+    @property
+    def pad_bound(self) -> float:
+        """R: pads are uniform in [-R, R); the power of two at or above
+        ``PAD_FACTOR * max_clients * client_bound``."""
+        return _pad_bound(self.max_clients, self.max_weight, self.clip)
+
+    @property
+    def pad_step(self) -> float:
+        """The grid of pad values: R / 2^(PAD_BITS - 1)."""
+        return self.pad_bound / 2.0 ** (PAD_BITS - 1)
+
+    def tag_tolerance(self, contributors: int) -> float:
+        """How far an honest tag slot (after the expected pads are subtracted) may be from 0."""
+        return self.sum_error_bound(contributors)
+
+    @property
+    def forgery_bits(self) -> float:
+        """-log2 of the chance that an aggregate which is not the honest sum of the claimed
+        uploads (any integer combination of any ciphertexts, plus any plaintext) passes the tag
+        slots of one ciphertext: ``(tol / R + 2^-PAD_BITS)^TAG_SLOTS`` at the widest tolerance
+        (``max_clients`` contributors). See ``proofs/SPEC.md`` §9."""
+        per_slot = self.tag_tolerance(self.max_clients) / self.pad_bound + 2.0**-PAD_BITS
+        return -TAG_SLOTS * math.log2(per_slot)
+
     def encoded_dim(self, dim: int) -> int:
         return dim + 1 if self.weighted else dim
 
     def chunk_count(self, dim: int) -> int:
         """Ciphertexts per update of ``dim`` coordinates (weight slot included)."""
-        return max(1, -(-self.encoded_dim(dim) // self.slots))
+        return max(1, -(-self.encoded_dim(dim) // self.data_slots))
 
     def sum_error_bound(self, contributors: int) -> float:
         """Bound on |decrypted - exact| per slot for a sum of ``contributors`` fresh ciphertexts,
@@ -171,6 +236,22 @@ class CKKSParams:
             "total_modulus_bits": sum(self.coeff_mod_bit_sizes),
             "scale_bits": self.scale_bits,
             "slots_per_ciphertext": self.slots,
+            "tag_slots_per_ciphertext": TAG_SLOTS,
+            "pad_bound": self.pad_bound,
+            "forgery_bits_per_attempt": round(self.forgery_bits, 1),
             "security_bits": self.security_bits,
             "security_reference": "HomomorphicEncryption.org standard, classical, ternary secret",
         }
+
+
+def _pad_bound(max_clients: int, max_weight: int, clip: float) -> float:
+    """R of :attr:`CKKSParams.pad_bound`, from the fields it depends on."""
+    honest = max_clients * max_weight * max(clip, 1.0)
+    return float(2.0 ** math.ceil(math.log2(PAD_FACTOR * honest)))
+
+
+def worst_slot_value(max_clients: int, max_weight: int, clip: float) -> float:
+    """The largest |value| a slot of an honest sum can hold: every client's clipped, weighted
+    value (or weight) plus its pad."""
+    per_client = max_weight * max(clip, 1.0) + _pad_bound(max_clients, max_weight, clip)
+    return max_clients * per_client

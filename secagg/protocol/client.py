@@ -1,15 +1,23 @@
 """The client side of one secure-aggregation session, as a pure state machine.
 
-``start()`` gives the AdvertiseKeys message; ``handle(server_message)`` gives the reply for each
-later stage. Nothing here does I/O, so the same object runs in the in-process simulation and
-behind the gRPC transport.
+``start()`` gives the first message (SecAgg+: the graph-seed commitment; classic SecAgg: the
+key advert); ``handle(server_message)`` gives the reply for each later stage. Nothing here does
+I/O, so the same object runs in the in-process simulation and behind the gRPC transport.
 
-Fail closed: every check that fails raises a specific :class:`ProtocolAbort` subclass, after
-which the session is aborted for good — its secrets are dropped and every further call raises —
-so an abort never releases anything. The checks that matter most are in :meth:`_unmask`: the
-server may learn, for each neighbour v, *either* the share of v's self-mask seed (if v's masked
-input is in the signed survivor set U3) *or* the share of v's masking key (if v dropped after
-sharing), never both, and the client answers one unmask request per session only.
+Fail closed: every check that fails raises a specific :class:`ProtocolAbort` subclass (any other
+failure while handling a message becomes :class:`SessionFailure`), after which the session is
+aborted for good — every secret it held (input, masking key, self-mask seed, share-decryption
+key, the shares it holds) is dropped and every further call raises — so an abort never releases
+anything. The checks against an active server:
+
+* before signing a survivor set U3 (:meth:`_consistency`): the client itself is in U3, every
+  neighbour in U3 is one whose shares it received (it masked with exactly those), and it keeps
+  at least t - 1 surviving neighbours — otherwise the server could unmask its input alone
+  (isolation: hide honest neighbours' shares from it, or call them dropped);
+* before revealing anything (:meth:`_unmask`): the survivor set is the one it signed and at least
+  ``signature_quorum`` cohort members in U3 signed the same (session digest, U3), so no other
+  survivor set can be attested to any honest client; then, per neighbour, *either* the share of
+  its self-mask seed (in U3) *or* of its masking key (not in U3), never both, once per session.
 """
 
 from __future__ import annotations
@@ -17,16 +25,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from secagg import aead, shamir
 from secagg.errors import (
     ConfigurationError,
     ConsistencyError,
     DuplicateClient,
+    GraphSeedError,
     InconsistentSharesError,
     ProtocolAbort,
+    SessionFailure,
     SessionMismatch,
     ShareRequestRefused,
+    SurvivorSetRefused,
     TooFewSurvivors,
     UnexpectedMessage,
     UnknownClient,
@@ -40,6 +52,8 @@ from secagg.messages import (
     ConsistencySignature,
     KeysBroadcast,
     MaskedInput,
+    SeedCommit,
+    SeedCommitments,
     ServerMessage,
     ShareKeys,
     SharesDelivery,
@@ -49,14 +63,19 @@ from secagg.messages import (
 from secagg.packing import pack
 from secagg.prg import accumulate_masks
 from secagg.protocol.common import (
+    SEED_REVEAL_BYTES,
     ClientPolicy,
     RoundParams,
     Stage,
     advert_signed_bytes,
+    commitments_digest,
     consistency_signed_bytes,
     context_digest,
+    graph_seed,
+    seed_commitment,
     self_mask_commitment,
     self_mask_key,
+    session_digest,
 )
 from secagg.ring import RingArray
 
@@ -102,15 +121,20 @@ class ClientSession:
         self._roster = roster
         self._input: RingArray | None = input_vector
         self._digest = context_digest(params, context)
-        self._neighbours = frozenset(params.graph.neighbours(client_id))
-        self._encryption = AgreementKeyPair.generate()
+        self._neighbours: frozenset[int] = frozenset()
+        if params.is_complete:
+            self._neighbours = frozenset(params.graph(None).neighbours(client_id))
+        self._encryption: AgreementKeyPair | None = AgreementKeyPair.generate()
         self._masking: AgreementKeyPair | None = AgreementKeyPair.generate()
         self._seed: bytes | None = random_seed(32)
+        self._seed_reveal = b"" if params.is_complete else random_seed(SEED_REVEAL_BYTES)
+        self._seed_commitments: tuple[tuple[int, bytes], ...] = ()
         self._peers: dict[int, _Peer] = {}
         self._own_seed_share = b""
         self._delivered: tuple[int, ...] = ()
         self._survivors: tuple[int, ...] = ()
-        self.stage = Stage.ADVERTISE_KEYS
+        self.stage = params.stages[0]
+        self.graph_seed: bytes | None = None
         self.mask_seconds = 0.0
         self.mask_count = 0
         self.pack_seconds = 0.0
@@ -118,44 +142,45 @@ class ClientSession:
 
     # --- public API ---------------------------------------------------------------------------
 
-    def start(self) -> AdvertiseKeys:
-        self._expect(Stage.ADVERTISE_KEYS)
-        enc_pk = self._encryption.public_bytes
-        mask_pk = self._masking_pair().public_bytes
-        signed = advert_signed_bytes(
-            self.params.session_id, self.client_id, enc_pk, mask_pk, self._digest
-        )
-        self.stage = Stage.SHARE_KEYS
-        return AdvertiseKeys(
-            self.params.session_id,
-            self.client_id,
-            enc_pk,
-            mask_pk,
-            self._digest,
-            self._identity.sign(signed),
+    def start(self) -> SeedCommit | AdvertiseKeys:
+        """The first message: the graph-seed commitment (SecAgg+) or the key advert."""
+        if self.params.is_complete:
+            self._expect(Stage.ADVERTISE_KEYS)
+            return self._advertise()
+        self._expect(Stage.SEED_COMMIT)
+        self.stage = Stage.ADVERTISE_KEYS
+        sid = self.params.session_id
+        return SeedCommit(
+            sid, self.client_id, seed_commitment(sid, self.client_id, self._seed_reveal)
         )
 
     def handle(self, message: ServerMessage) -> ClientMessage:
         """Process one server message and return the reply; raises and aborts on any violation."""
         if self.stage is Stage.ABORTED:
             raise ProtocolAbort(f"client {self.client_id}: session already aborted")
-        handlers: dict[type, tuple[Stage, Callable[..., ClientMessage]]] = {
-            KeysBroadcast: (Stage.SHARE_KEYS, self._share_keys),
-            SharesDelivery: (Stage.MASKED_INPUT, self._masked_input),
-            ConsistencyRequest: (Stage.CONSISTENCY_CHECK, self._consistency),
-            UnmaskRequest: (Stage.UNMASK, self._unmask),
-        }
         try:
-            expected_stage, handler = handlers[type(message)]
+            entry = self._HANDLERS.get(type(message))
+            if entry is None:
+                raise UnexpectedMessage(
+                    f"{type(message).__name__} is not a message a server sends to a client"
+                )
+            expected_stage, handler = entry
             if self.stage is not expected_stage:
                 raise UnexpectedMessage(
                     f"{type(message).__name__} arrived while client is at stage {self.stage.value}"
                 )
             self._check_envelope(message)
-            return handler(message)
+            return handler(self, message)
         except ProtocolAbort as exc:
             self._abort(str(exc))
             raise
+        except Exception as exc:  # fail closed: any other failure ends the session too
+            failure = SessionFailure(
+                f"client {self.client_id}: {type(exc).__name__} while handling "
+                f"{type(message).__name__}: {exc}"
+            )
+            self._abort(str(failure))
+            raise failure from exc
 
     @property
     def aborted(self) -> bool:
@@ -163,32 +188,110 @@ class ClientSession:
 
     # --- stages -------------------------------------------------------------------------------
 
+    def _seed_list(self, msg: SeedCommitments) -> AdvertiseKeys:
+        """SecAgg+: check our commitment is in the list, fold the list into the session digest
+        (every advert and survivor-set signature covers it), then reveal in the advert."""
+        sid = self.params.session_id
+        listed = dict(msg.commitments)
+        mine = seed_commitment(sid, self.client_id, self._seed_reveal)
+        if listed.get(self.client_id) != mine:
+            raise GraphSeedError(
+                "the list of graph-seed commitments omits or alters ours: the server could "
+                "choose the neighbour graph"
+            )
+        outside = sorted(set(listed) - set(self.params.cohort))
+        if outside:
+            raise UnknownClient(
+                f"graph-seed commitments from clients outside the cohort: {outside}"
+            )
+        if len(listed) < self.params.min_release:
+            raise TooFewSurvivors(
+                f"only {len(listed)} clients committed to the graph seed; a release needs "
+                f"{self.params.min_release}"
+            )
+        self._seed_commitments = msg.commitments
+        self._digest = session_digest(self._digest, commitments_digest(sid, msg.commitments))
+        return self._advertise()
+
+    def _advertise(self) -> AdvertiseKeys:
+        enc_pk = self._encryption_pair().public_bytes
+        mask_pk = self._masking_pair().public_bytes
+        sid = self.params.session_id
+        signed = advert_signed_bytes(
+            sid, self.client_id, enc_pk, mask_pk, self._digest, self._seed_reveal
+        )
+        self.stage = Stage.SHARE_KEYS
+        return AdvertiseKeys(
+            sid,
+            self.client_id,
+            enc_pk,
+            mask_pk,
+            self._digest,
+            self._identity.sign(signed),
+            self._seed_reveal,
+        )
+
+    def _fix_graph(self, msg: KeysBroadcast) -> None:
+        """SecAgg+: every committed client revealed, each reveal opens its commitment; the seed
+        is the hash of all of them, so it is uniform as long as our own reveal is."""
+        sid = self.params.session_id
+        committed = dict(self._seed_commitments)
+        revealed = dict(msg.seed_reveals)
+        if set(revealed) != set(committed):
+            missing = sorted(set(committed) - set(revealed))
+            extra = sorted(set(revealed) - set(committed))
+            raise GraphSeedError(
+                f"graph-seed reveals do not match the commitments (missing {missing[:10]}, "
+                f"uncommitted {extra[:10]})"
+            )
+        if revealed[self.client_id] != self._seed_reveal:
+            raise GraphSeedError("the server altered our graph-seed reveal")
+        wrong = [v for v, r in msg.seed_reveals if seed_commitment(sid, v, r) != committed[v]]
+        if wrong:
+            raise GraphSeedError(
+                f"graph-seed reveals of {wrong[:10]} do not open their commitments"
+            )
+        self.graph_seed = graph_seed(sid, msg.seed_reveals)
+        self._neighbours = frozenset(self.params.graph(self.graph_seed).neighbours(self.client_id))
+
     def _share_keys(self, msg: KeysBroadcast) -> ShareKeys:
         sid = self.params.session_id
+        if self.params.is_complete:
+            if msg.seed_reveals:
+                raise UnexpectedMessage("graph-seed reveals in a complete-graph session")
+        else:
+            self._fix_graph(msg)
+        seed_reveals = dict(msg.seed_reveals)
         for advert in msg.adverts:
             v = advert.client_id
             if v not in self._neighbours:
                 raise UnknownClient(f"server forwarded keys of client {v}, not a neighbour")
+            if advert.context_digest != self._digest:
+                raise ConsistencyError(
+                    f"client {v} was given a different global model, round config or list of "
+                    "graph-seed commitments (session digests differ): the server is inconsistent"
+                )
             self._roster.verify(
                 v,
                 advert.signature,
                 advert_signed_bytes(
-                    sid, v, advert.encryption_public, advert.masking_public, advert.context_digest
+                    sid,
+                    v,
+                    advert.encryption_public,
+                    advert.masking_public,
+                    advert.context_digest,
+                    seed_reveals.get(v, b""),
                 ),
                 "AdvertiseKeys",
             )
-            if advert.context_digest != self._digest:
-                raise ConsistencyError(
-                    f"client {v} was given a different global model or round config "
-                    "(context digests differ): the server is inconsistent"
-                )
         keys = {a.masking_public for a in msg.adverts} | {a.encryption_public for a in msg.adverts}
         if len(keys) != 2 * len(msg.adverts):
             raise DuplicateClient("two neighbours advertised the same public key")
         self._require(len(msg.adverts) + 1, "parties (neighbours that advertised keys and us)")
+        encryption = self._encryption_pair()
         peers = {}
         for advert in msg.adverts:
-            shared = self._encryption.exchange(advert.encryption_public)
+            shared = encryption.exchange(advert.encryption_public)
             key = derive_pair_key(
                 shared, sid, KeyPurpose.SHARE_ENCRYPTION, self.client_id, advert.client_id, 32
             )
@@ -264,16 +367,14 @@ class ClientSession:
         survivors = frozenset(self._survivors)
         signers = set()
         for v, signature in msg.signatures:
-            if v not in survivors or (v not in self._neighbours and v != self.client_id):
-                raise UnknownClient(
-                    f"consistency signature from client {v}, not a surviving neighbour"
-                )
+            if v not in survivors:
+                raise UnknownClient(f"consistency signature from client {v}, not a survivor")
             self._roster.verify(v, signature, signed, "ConsistencySignature")
             signers.add(v)
-        if len(signers) < self.params.threshold:
+        if len(signers) < self.params.signature_quorum:
             raise ConsistencyError(
-                f"only {len(signers)} neighbours attest to the survivor set, "
-                f"{self.params.threshold} needed"
+                f"only {len(signers)} survivors attest to the survivor set, "
+                f"{self.params.signature_quorum} needed"
             )
         self_for, key_for = set(msg.reveal_self_mask_for), set(msg.reveal_key_for)
         both = self_for & key_for
@@ -305,6 +406,14 @@ class ClientSession:
         self.stage = Stage.DONE  # one answer per session: a second request is refused
         return response
 
+    _HANDLERS: ClassVar[dict[type, tuple[Stage, Callable[..., ClientMessage]]]] = {
+        SeedCommitments: (Stage.ADVERTISE_KEYS, _seed_list),
+        KeysBroadcast: (Stage.SHARE_KEYS, _share_keys),
+        SharesDelivery: (Stage.MASKED_INPUT, _masked_input),
+        ConsistencyRequest: (Stage.CONSISTENCY_CHECK, _consistency),
+        UnmaskRequest: (Stage.UNMASK, _unmask),
+    }
+
     # --- helpers ------------------------------------------------------------------------------
 
     def _check_envelope(self, msg: ServerMessage) -> None:
@@ -319,6 +428,8 @@ class ClientSession:
             )
 
     def _check_survivors(self, survivors: tuple[int, ...]) -> None:
+        """The checks before signing U3 (the round-3 check of Bonawitz et al., with SecAgg+
+        neighbourhoods): see the module docstring."""
         cohort = set(self.params.cohort)
         outside = [v for v in survivors if v not in cohort]
         if outside:
@@ -326,11 +437,28 @@ class ClientSession:
         floor = self.params.min_release
         if len(survivors) < floor:
             why = (
-                f"the DP floor {floor} the noise was calibrated for"
-                if floor > self.params.threshold
-                else f"the threshold {floor}"
+                f"the release floor {floor} (threshold {self.params.threshold}, "
+                f"quorum {self.params.signature_quorum}, DP floor {self.params.min_survivors})"
             )
             raise TooFewSurvivors(f"{len(survivors)} survivors, fewer than {why}")
+        u3 = frozenset(survivors)
+        if self.client_id not in u3:
+            raise SurvivorSetRefused(
+                "the survivor set omits us although we sent a masked input: signing it would "
+                "let the server reconstruct our masking key and our self mask from two groups"
+            )
+        not_delivered = sorted((u3 & self._neighbours) - set(self._delivered))
+        if not_delivered:
+            raise SurvivorSetRefused(
+                f"the survivor set names neighbours {not_delivered[:10]} whose shares never "
+                "reached us, so our input is not masked with theirs (isolation attempt)"
+            )
+        surviving_neighbours = len(u3 & self._neighbours)
+        if surviving_neighbours + 1 < self.params.threshold:
+            raise SurvivorSetRefused(
+                f"only {surviving_neighbours} of our neighbours survive; the threshold "
+                f"{self.params.threshold} needs {self.params.threshold - 1}"
+            )
 
     def _seed_share_of(self, v: int) -> bytes:
         return self._own_seed_share if v == self.client_id else self._peers[v].seed_share
@@ -348,14 +476,22 @@ class ClientSession:
             raise ProtocolAbort("masking key already erased")
         return self._masking
 
+    def _encryption_pair(self) -> AgreementKeyPair:
+        if self._encryption is None:
+            raise ProtocolAbort("share-decryption key already erased")
+        return self._encryption
+
     def _seed_value(self) -> bytes:
         if self._seed is None:
             raise ProtocolAbort("self-mask seed already erased")
         return self._seed
 
     def _forget(self) -> None:
+        """Drop every secret: with the share-decryption key gone, the share ciphertexts the
+        server stored no longer open, so erased shares stay erased."""
         self._input = None
         self._masking = None
+        self._encryption = None
         self._seed = None
         self._own_seed_share = b""
         self._peers = {}

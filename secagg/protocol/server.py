@@ -3,41 +3,58 @@
 The transport feeds every client message to :meth:`ServerSession.receive` (bytes or a decoded
 message) and calls :meth:`ServerSession.close_stage` when all expected senders have answered or
 the stage deadline has passed; ``close_stage`` returns the messages to send for the next stage.
+The stages are ``params.stages``: SecAgg+ sessions start with the graph-seed commitment, and
+the neighbour graph is fixed only when every committed client has revealed (a missing reveal
+aborts: letting the server choose which reveals count would let it grind the graph).
 A bad message from one client raises a specific error and is discarded (the round goes on with
 the others); too few survivors at any stage (below t, or up to the masked inputs below the
 release floor ``RoundParams.min_release``) aborts the session, and an aborted session releases
 nothing — the running sum is wiped.
 
-Masked inputs are summed as they arrive, so the server never holds more than one vector
-besides the sum. Unmasking removes every self mask of a survivor and every pair mask between a
-survivor and a neighbour that dropped after sharing, in one chunked pass
+Masked inputs are summed as they arrive, straight from their packed bytes, so the server never
+holds a vector besides the sum. Unmasking removes every self mask of a survivor and every pair
+mask between a survivor and a neighbour that dropped after sharing, in one chunked pass
 (:func:`secagg.prg.accumulate_masks`), so it runs close to the AES-CTR speed limit.
+
+The heavy steps go through a :class:`SumBackend`: adding each masked input, the unmask stage's
+reconstructions (one :class:`UnmaskJob` per secret, :func:`unmask_keys`), and mask removal. By
+default they run in this process (:class:`InProcessSum`); the server injects one that spreads
+them over worker processes (:mod:`server.parallel_unmask`), which keeps this module free of
+processes and threads.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
-
-import numpy as np
+from typing import ClassVar, Protocol, TypeVar
 
 from secagg import shamir
 from secagg.errors import (
     DuplicateClient,
+    GraphSeedError,
     InconsistentSharesError,
     MessageFormatError,
     ProtocolAbort,
     SecAggError,
     SessionMismatch,
+    SumBackendFailure,
     TooFewSurvivors,
     UnexpectedMessage,
     UnknownClient,
 )
-from secagg.keys import AgreementKeyPair, KeyPurpose, Roster, derive_pair_key
+from secagg.graph import NeighbourGraph
+from secagg.keys import (
+    AgreementKeyPair,
+    KeyPurpose,
+    Roster,
+    check_agreement_public_key,
+    derive_pair_key,
+)
 from secagg.messages import (
     SERVER,
+    SERVER_MESSAGE_TYPES,
     AdvertiseKeys,
     ClientMessage,
     ConsistencyRequest,
@@ -45,6 +62,8 @@ from secagg.messages import (
     KeysBroadcast,
     MaskedInput,
     PeerAdvert,
+    SeedCommit,
+    SeedCommitments,
     ServerMessage,
     ShareKeys,
     SharesDelivery,
@@ -53,17 +72,19 @@ from secagg.messages import (
     decode_message,
     encode_message,
 )
-from secagg.packing import unpack
+from secagg.packing import add_packed
 from secagg.prg import accumulate_masks
 from secagg.protocol.common import (
     RoundParams,
     Stage,
     advert_signed_bytes,
     consistency_signed_bytes,
+    graph_seed,
+    seed_commitment,
     self_mask_commitment,
     self_mask_key,
 )
-from secagg.ring import RingArray
+from secagg.ring import Ring, RingArray
 from secagg.transcript import (
     MessageRecord,
     RejectionRecord,
@@ -73,12 +94,125 @@ from secagg.transcript import (
 )
 
 _EXPECTED_KIND: dict[Stage, type] = {
+    Stage.SEED_COMMIT: SeedCommit,
     Stage.ADVERTISE_KEYS: AdvertiseKeys,
     Stage.SHARE_KEYS: ShareKeys,
     Stage.MASKED_INPUT: MaskedInput,
     Stage.CONSISTENCY_CHECK: ConsistencySignature,
     Stage.UNMASK: UnmaskResponse,
 }
+
+
+_Job = TypeVar("_Job")
+_Result = TypeVar("_Result")
+
+
+class SumBackend(Protocol):
+    """Where the server's heavy work runs: adding a masked input, reconstructing the secrets
+    of the unmask stage, removing the masks.
+
+    ``total`` is the session's running sum (a 1-D array of the ring's dtype, wrapping, not
+    reduced). A backend checks a payload before it adds anything, and leaves ``total`` unchanged
+    when it raises; one that cannot complete a step raises :class:`SumBackendFailure`, which
+    aborts the session.
+    """
+
+    def map(self, function: Callable[[_Job], _Result], jobs: Sequence[_Job]) -> list[_Result]:
+        """``[function(job) for job in jobs]``. ``function`` is a module-level function and the
+        jobs plain data, so they may run in other processes; a :class:`SecAggError` a job
+        raises is raised as it is (the first one in job order)."""
+        ...
+
+    def add_packed(self, total: RingArray, payload: bytes, ring: Ring) -> None:
+        """``total += unpack(payload)``; a malformed payload is a ``MessageFormatError``."""
+        ...
+
+    def remove_masks(
+        self,
+        total: RingArray,
+        ring: Ring,
+        add_keys: Sequence[bytes],
+        subtract_keys: Sequence[bytes],
+    ) -> None:
+        """``total += Σ PRG(add_keys) − Σ PRG(subtract_keys)`` (mod 2^b), as
+        :func:`secagg.prg.accumulate_masks` computes it."""
+        ...
+
+
+@dataclass(frozen=True)
+class SelfMaskJob:
+    """Reconstruct survivor ``owner``'s self-mask seed b_u and derive the key of its mask."""
+
+    session_id: bytes
+    owner: int
+    shares: tuple[tuple[int, bytes], ...]  # (holder, share of b_u)
+    threshold: int
+    commitment: bytes  # H(b_u), sent by the owner with its shares
+
+
+@dataclass(frozen=True)
+class DroppedKeyJob:
+    """Reconstruct dropped client ``owner``'s masking key and derive its pair-mask keys with
+    each surviving neighbour."""
+
+    session_id: bytes
+    owner: int
+    shares: tuple[tuple[int, bytes], ...]  # (holder, share of s_v^SK)
+    threshold: int
+    masking_public: bytes  # the s_v it advertised
+    survivors: tuple[tuple[int, bytes], ...]  # (u, s_u) for its neighbours u in U3
+
+
+UnmaskJob = SelfMaskJob | DroppedKeyJob
+
+
+def unmask_keys(job: UnmaskJob) -> tuple[list[bytes], list[bytes]]:
+    """The mask keys one reconstruction yields: (keys to add, keys to subtract) at unmasking.
+
+    A pure function of plain data, so a :class:`SumBackend` may run many at once in other
+    processes; a reconstruction that fails or does not match its commitment raises
+    :class:`InconsistentSharesError` (or :class:`TooFewSurvivors`).
+    """
+    sid, v = job.session_id, job.owner
+    if isinstance(job, SelfMaskJob):
+        seed = shamir.reconstruct(dict(job.shares), job.threshold, f"self mask of {v}")
+        if self_mask_commitment(sid, v, seed) != job.commitment:
+            raise InconsistentSharesError(
+                f"reconstructed self-mask seed of client {v} does not match its commitment"
+            )
+        return [], [self_mask_key(sid, v, seed)]
+    secret = shamir.reconstruct(dict(job.shares), job.threshold, f"masking key of {v}")
+    pair = AgreementKeyPair.from_private_bytes(secret)
+    if pair.public_bytes != job.masking_public:
+        raise InconsistentSharesError(
+            f"reconstructed masking key of dropped client {v} does not match its advert"
+        )
+    add: list[bytes] = []
+    subtract: list[bytes] = []
+    for u, public in job.survivors:
+        key = derive_pair_key(pair.exchange(public), sid, KeyPurpose.MASK, u, v, 16)
+        # u added PRG(s_uv) when v > u and subtracted it when v < u: undo that.
+        (subtract if v > u else add).append(key)
+    return add, subtract
+
+
+class InProcessSum:
+    """The default :class:`SumBackend`: everything in the calling thread."""
+
+    def add_packed(self, total: RingArray, payload: bytes, ring: Ring) -> None:
+        add_packed(total, payload, ring)
+
+    def map(self, function: Callable[[_Job], _Result], jobs: Sequence[_Job]) -> list[_Result]:
+        return [function(job) for job in jobs]
+
+    def remove_masks(
+        self,
+        total: RingArray,
+        ring: Ring,
+        add_keys: Sequence[bytes],
+        subtract_keys: Sequence[bytes],
+    ) -> None:
+        accumulate_masks(total, ring, add_keys, subtract_keys)
 
 
 @dataclass(frozen=True)
@@ -91,19 +225,28 @@ class ServerSession:
     """The server's run of one session over ``params.cohort``."""
 
     def __init__(
-        self, params: RoundParams, roster: Roster, record_masked_inputs: bool = True
+        self,
+        params: RoundParams,
+        roster: Roster,
+        record_masked_inputs: bool = True,
+        *,
+        backend: SumBackend | None = None,
     ) -> None:
         missing = [u for u in params.cohort if u not in roster]
         if missing:
             raise UnknownClient(f"cohort members missing from the roster: {missing[:10]}")
         self.params = params
         self._roster = roster
-        self._graph = params.graph
+        self._cohort = frozenset(params.cohort)
+        # SecAgg+: fixed once every committed client revealed (see _close_advertise).
+        self._graph: NeighbourGraph | None = params.graph(None) if params.is_complete else None
         self._record_masked = record_masked_inputs
-        self.stage = Stage.ADVERTISE_KEYS
+        self._backend: SumBackend = backend or InProcessSum()
+        self.stage = params.stages[0]
         self.abort_reason: str | None = None
         self._expected: frozenset[int] = frozenset(params.cohort)
         self._got: set[int] = set()  # senders accepted in the current stage
+        self._seed_commitments: dict[int, bytes] = {}
         self._adverts: dict[int, AdvertiseKeys] = {}
         self._key_owner: dict[bytes, int] = {}  # advertised public key -> client (O(1) reuse check)
         self._shares: dict[int, ShareKeys] = {}
@@ -123,6 +266,7 @@ class ServerSession:
             params.neighbours,
             params.cohort,
             min_survivors=params.min_survivors,
+            quorum=params.signature_quorum,
         )
 
     # --- public API ---------------------------------------------------------------------------
@@ -152,10 +296,8 @@ class ServerSession:
             else:
                 decoded = data
                 raw = encode_message(data)
-            if isinstance(decoded, KeysBroadcast | SharesDelivery | ConsistencyRequest):
+            if isinstance(decoded, SERVER_MESSAGE_TYPES):
                 raise UnexpectedMessage(f"{type(decoded).__name__} is a server message")
-            if isinstance(decoded, UnmaskRequest):
-                raise UnexpectedMessage("UnmaskRequest is a server message")
             msg: ClientMessage = decoded
             self._check_envelope(msg)
             self._HANDLERS[type(msg)](self, msg)
@@ -181,6 +323,7 @@ class ServerSession:
     def close_stage(self) -> list[ServerMessage]:
         """End the current stage with whoever answered; returns the next stage's messages."""
         closers: dict[Stage, Callable[[], list[ServerMessage]]] = {
+            Stage.SEED_COMMIT: self._close_seed_commit,
             Stage.ADVERTISE_KEYS: self._close_advertise,
             Stage.SHARE_KEYS: self._close_share,
             Stage.MASKED_INPUT: self._close_masked,
@@ -189,7 +332,8 @@ class ServerSession:
         }
         closer = closers.get(self.stage)
         if closer is None:
-            raise UnexpectedMessage(f"the session is {self.stage.value}; no stage to close")
+            why = f" ({self.abort_reason})" if self.abort_reason else ""
+            raise UnexpectedMessage(f"the session is {self.stage.value}{why}; no stage to close")
         try:
             return closer()
         except ProtocolAbort as exc:
@@ -199,6 +343,12 @@ class ServerSession:
     def abort(self, reason: str) -> None:
         """Abandon the session (e.g. the transport gave up); nothing is released."""
         self._abort(reason)
+
+    def withdraw(self, client: int) -> None:
+        """``client`` said it leaves the session (it refused the round or aborted): the current
+        stage stops waiting for it, exactly as if it had dropped out."""
+        if client not in self._got:
+            self._expected = self._expected - {client}
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -212,7 +362,7 @@ class ServerSession:
             )
         if msg.recipient != SERVER:
             raise UnexpectedMessage(f"message from {msg.sender} is addressed to {msg.recipient}")
-        if msg.sender not in self._graph:
+        if msg.sender not in self._cohort:
             raise UnknownClient(f"client {msg.sender} is not in this session's cohort")
         expected = _EXPECTED_KIND[self.stage]
         if not isinstance(msg, expected):
@@ -228,6 +378,9 @@ class ServerSession:
                 f"client {msg.sender} did not complete the previous stage of this session"
             )
 
+    def _on_seed_commit(self, msg: SeedCommit) -> None:
+        self._seed_commitments[msg.sender] = msg.commitment
+
     def _on_advertise(self, msg: AdvertiseKeys) -> None:
         signed = advert_signed_bytes(
             msg.session_id,
@@ -235,8 +388,21 @@ class ServerSession:
             msg.encryption_public,
             msg.masking_public,
             msg.context_digest,
+            msg.seed_reveal,
         )
         self._roster.verify(msg.sender, msg.signature, signed, "AdvertiseKeys")
+        if self.params.is_complete:
+            if msg.seed_reveal:
+                raise MessageFormatError("a graph-seed reveal in a complete-graph session")
+        elif (
+            seed_commitment(msg.session_id, msg.sender, msg.seed_reveal)
+            != (self._seed_commitments[msg.sender])
+        ):
+            raise GraphSeedError(
+                f"client {msg.sender}'s graph-seed reveal does not open its commitment"
+            )
+        check_agreement_public_key(msg.encryption_public, f"client {msg.sender}'s encryption key")
+        check_agreement_public_key(msg.masking_public, f"client {msg.sender}'s masking key")
         keys = {msg.masking_public, msg.encryption_public}
         reused = [self._key_owner[k] for k in keys if k in self._key_owner]
         if len(keys) != 2 or reused:
@@ -248,7 +414,7 @@ class ServerSession:
         self._adverts[msg.sender] = msg
 
     def _on_share(self, msg: ShareKeys) -> None:
-        expected = set(self._graph.neighbours(msg.sender)) & self._expected
+        expected = set(self._fixed_graph().neighbours(msg.sender)) & self._expected
         recipients = {v for v, _ in msg.ciphertexts}
         if recipients != expected:
             raise MessageFormatError(
@@ -258,10 +424,14 @@ class ServerSession:
         self._shares[msg.sender] = msg
 
     def _on_masked(self, msg: MaskedInput) -> None:
-        vector = unpack(msg.payload, self.params.ring, self.params.dim)
         if self._sum is None:
             raise UnexpectedMessage("the session holds no running sum")
-        np.add(self._sum, vector, out=self._sum)  # wraps mod 2^32/2^64; reduced at the end
+        try:
+            # Wraps mod 2^32/2^64; reduced at the end. A malformed payload adds nothing.
+            self._backend.add_packed(self._sum, msg.payload, self.params.ring)
+        except SumBackendFailure as exc:
+            self._abort(str(exc))
+            raise
         self._masked.append(msg.sender)
         if self._record_masked:
             self.transcript.masked_inputs[msg.sender] = msg.payload
@@ -283,6 +453,7 @@ class ServerSession:
         self._responses[msg.sender] = msg
 
     _HANDLERS: ClassVar[dict[type, Callable[[ServerSession, ClientMessage], None]]] = {
+        SeedCommit: _on_seed_commit,  # type: ignore[dict-item]
         AdvertiseKeys: _on_advertise,  # type: ignore[dict-item]
         ShareKeys: _on_share,  # type: ignore[dict-item]
         MaskedInput: _on_masked,  # type: ignore[dict-item]
@@ -305,9 +476,10 @@ class ServerSession:
 
     def _floor_text(self, floor: int) -> str:
         if floor > self.params.threshold:
+            p = self.params
             return (
-                f"the release floor is {floor} (the DP noise is calibrated for at least that "
-                f"many contributors; Shamir threshold {self.params.threshold})"
+                f"the release floor is {floor} (Shamir threshold {p.threshold}, survivor-set "
+                f"quorum {p.signature_quorum}, DP floor {p.min_survivors or 'none'})"
             )
         return f"the threshold is {floor}"
 
@@ -315,9 +487,38 @@ class ServerSession:
     # from the first stage (a smaller U1 can never reach it) and is final once U3 is fixed.
     # Signers and unmask responders only need to hold t shares.
 
+    def _fixed_graph(self) -> NeighbourGraph:
+        if self._graph is None:
+            raise UnexpectedMessage("the SecAgg+ graph seed is not fixed yet")
+        return self._graph
+
+    def _close_seed_commit(self) -> list[ServerMessage]:
+        u0 = tuple(sorted(self._seed_commitments))
+        self._advance(
+            u0, "committed to the graph seed", Stage.ADVERTISE_KEYS, self.params.min_release
+        )
+        commitments = tuple((u, self._seed_commitments[u]) for u in u0)
+        self.transcript.seed_commitments = commitments
+        return [SeedCommitments(self.params.session_id, u, commitments) for u in u0]
+
     def _close_advertise(self) -> list[ServerMessage]:
         u1 = tuple(sorted(self._adverts))
+        reveals: tuple[tuple[int, bytes], ...] = ()
+        if not self.params.is_complete:
+            silent = sorted(set(self._seed_commitments) - set(u1))
+            if silent:
+                raise GraphSeedError(
+                    f"clients {silent[:10]} committed to the graph seed but did not reveal; the "
+                    "seed needs every committed reveal (choosing among them would let the server "
+                    "grind the graph), so this session ends and is rerun under a new one"
+                )
+            reveals = tuple((u, self._adverts[u].seed_reveal) for u in u1)
+            seed = graph_seed(self.params.session_id, reveals)
+            self._graph = self.params.graph(seed)
+            self.transcript.graph_seed = seed
+            self.transcript.seed_reveals = reveals
         self._advance(u1, "advertised keys", Stage.SHARE_KEYS, self.params.min_release)
+        graph = self._fixed_graph()
         out: list[ServerMessage] = []
         for u in u1:
             adverts = tuple(
@@ -328,10 +529,10 @@ class ServerSession:
                     self._adverts[v].context_digest,
                     self._adverts[v].signature,
                 )
-                for v in self._graph.neighbours(u)
+                for v in graph.neighbours(u)
                 if v in self._adverts
             )
-            out.append(KeysBroadcast(self.params.session_id, u, adverts))
+            out.append(KeysBroadcast(self.params.session_id, u, adverts, reveals))
         return out
 
     def _close_share(self) -> list[ServerMessage]:
@@ -353,17 +554,21 @@ class ServerSession:
 
     def _close_consistency(self) -> list[ServerMessage]:
         u4 = tuple(sorted(self._signatures))
-        self._advance(u4, "signed the survivor set", Stage.UNMASK, self.params.threshold)
+        quorum = self.params.signature_quorum
+        self._advance(u4, "signed the survivor set", Stage.UNMASK, quorum)
+        # Every client checks the same quorum of signatures over (session digest, U3): the
+        # first `quorum` signers by id, wherever they sit in the graph.
+        attestation = tuple((v, self._signatures[v]) for v in u4[:quorum])
         u2, u3 = set(self._shares), set(self._u3)
+        graph = self._fixed_graph()
         out: list[ServerMessage] = []
         for u in u4:
-            neighbours = self._graph.neighbours(u)
-            signers = sorted({u, *neighbours} & set(u4))
+            neighbours = graph.neighbours(u)
             request = UnmaskRequest(
                 self.params.session_id,
                 u,
                 self._u3,
-                tuple((v, self._signatures[v]) for v in signers),
+                attestation,
                 tuple(sorted({u, *neighbours} & u3)),
                 tuple(v for v in neighbours if v in u2 and v not in u3),
             )
@@ -386,40 +591,41 @@ class ServerSession:
                 f"only {len(self._responses)} clients answered the unmask request; "
                 f"the threshold is {self.params.threshold}"
             )
-        shares_by_owner = self._index_shares()
-        subtract_keys: list[bytes] = []
-        for u in self._u3:
-            seed = shamir.reconstruct(
-                shares_by_owner["self"].get(u, {}), self.params.threshold, f"self mask of {u}"
-            )
-            if self_mask_commitment(sid, u, seed) != self._shares[u].self_mask_commitment:
-                raise InconsistentSharesError(
-                    f"reconstructed self-mask seed of client {u} does not match its commitment"
-                )
-            subtract_keys.append(self_mask_key(sid, u, seed))
-        add_keys: list[bytes] = []
+        shares = self._index_shares()
         u3 = set(self._u3)
-        for v in sorted(set(self._shares) - u3):
-            secret = shamir.reconstruct(
-                shares_by_owner["key"].get(v, {}), self.params.threshold, f"masking key of {v}"
+        graph = self._fixed_graph()
+        jobs: list[UnmaskJob] = [
+            SelfMaskJob(
+                sid,
+                u,
+                tuple(shares["self"].get(u, {}).items()),
+                self.params.threshold,
+                self._shares[u].self_mask_commitment,
             )
-            pair = AgreementKeyPair.from_private_bytes(secret)
-            if pair.public_bytes != self._adverts[v].masking_public:
-                raise InconsistentSharesError(
-                    f"reconstructed masking key of dropped client {v} does not match its advert"
-                )
-            for u in self._graph.neighbours(v):
-                if u not in u3:
-                    continue
-                shared = pair.exchange(self._adverts[u].masking_public)
-                key = derive_pair_key(shared, sid, KeyPurpose.MASK, u, v, 16)
-                # u added PRG(s_uv) when v > u and subtracted it when v < u: undo that.
-                (subtract_keys if v > u else add_keys).append(key)
+            for u in self._u3
+        ]
+        jobs += [
+            DroppedKeyJob(
+                sid,
+                v,
+                tuple(shares["key"].get(v, {}).items()),
+                self.params.threshold,
+                self._adverts[v].masking_public,
+                tuple((u, self._adverts[u].masking_public) for u in graph.neighbours(v) if u in u3),
+            )
+            for v in sorted(set(self._shares) - u3)
+        ]
+        add_keys: list[bytes] = []
+        subtract_keys: list[bytes] = []
+        for added, subtracted in self._backend.map(unmask_keys, jobs):
+            add_keys += added
+            subtract_keys += subtracted
         if self._sum is None:
             raise UnexpectedMessage("the session holds no running sum")
         total = ring.reduce(self._sum)
         self.masks_removed = len(add_keys) + len(subtract_keys)
-        accumulate_masks(total, ring, add_keys, subtract_keys)
+        self._backend.remove_masks(total, ring, add_keys, subtract_keys)
+        ring.reduce(total)
         self._result = AggregateResult(total, self._u3)
         self._sum = None
         self.transcript.releases.append(ReleaseRecord(sid, self._u3, self.params.min_release))

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
-from secagg.dp.calibration import Calibration, accounting_record, calibrate, round_epsilon
+from proofs.accountant import (
+    DistributedDiscreteGaussianDpEvent,
+    DpEvent,
+    RdpAccountant,
+    SkellamDpEvent,
+)
+from secagg.dp.calibration import Calibration, calibrate, release_event, round_epsilon
 from secagg.dp.encoder import DpEncoder, check_no_wrap, sum_magnitude_bound
 from secagg.errors import ConfigurationError
 
@@ -15,8 +22,7 @@ SEED = bytes(range(32))
 BASE = {
     "epsilon": 4.0,
     "delta": 1e-5,
-    "rounds": 50,
-    "sampling_rate": 0.2,
+    "participations": 50,
     "expected_cohort": 20,
     "dropouts": 5,
     "ring_bits": 32,
@@ -46,7 +52,6 @@ def test_calibration_meets_the_target_for_the_fewest_contributors(
         0.98 * p.noise.stddev,
         15,
         p.encoded_dim,
-        0.2,
         50,
         1e-5,
     )
@@ -59,7 +64,6 @@ def test_calibration_meets_the_target_for_the_fewest_contributors(
         p.noise.stddev,
         20,
         p.encoded_dim,
-        0.2,
         50,
         1e-5,
     )
@@ -70,6 +74,25 @@ def test_calibration_meets_the_target_for_the_fewest_contributors(
     assert cal.noise_std_over_clip == pytest.approx(math.sqrt(15) * p.noise.stddev / p.scale / 0.5)
     assert 1 <= cal.sensitivity_inflation < 1.01
     assert cal.rounding_std_over_clip < 0.01 * cal.noise_std_over_clip
+
+
+def test_the_target_holds_against_the_server_without_amplification(
+    calibrated: Calibration,
+) -> None:
+    # The accountant of the audit, fed the 50 releases of one client at full rate (the server
+    # knows the cohorts), with the fewest contributors a release may have.
+    cal, p = calibrated, calibrated.params
+    event: DpEvent
+    if p.noise.mechanism == "skellam":
+        event = SkellamDpEvent(p.l2_sensitivity, p.l1_sensitivity, 15 * p.noise.variance)
+    else:
+        event = DistributedDiscreteGaussianDpEvent(
+            p.l2_sensitivity, p.l1_sensitivity, p.noise.stddev, 15, p.encoded_dim
+        )
+    assert RdpAccountant().compose(event, 50).get_epsilon(1e-5) <= cal.epsilon <= 4.0
+    summary = cal.summary()
+    assert summary["threat_model"] == "server" and summary["adjacency"] == "zero-out"
+    assert summary["participations"] == cal.participations == 50
 
 
 def test_calibrated_encoder_runs_end_to_end(calibrated: Calibration) -> None:
@@ -84,17 +107,18 @@ def test_calibrated_encoder_runs_end_to_end(calibrated: Calibration) -> None:
     assert float(error.std()) == pytest.approx(cal.noise_std_over_clip * 0.5, rel=0.1)
 
 
-def test_accounting_record_names_the_events_fields(calibrated: Calibration) -> None:
+def test_the_release_event_is_what_the_audit_reads_back(calibrated: Calibration) -> None:
     params = calibrated.params
-    record = accounting_record(params, 17, 0.2)
-    assert record["sampling_rate"] == 0.2
-    assert record["l2_sensitivity"] == params.l2_sensitivity
+    event = release_event(params, 17)
+    assert DpEvent.from_dict(json.loads(json.dumps(event.to_dict()))) == event
     if params.noise.mechanism == "skellam":
-        assert record["mechanism"] == "skellam"
-        assert record["variance"] == pytest.approx(17 * params.noise.variance)
+        assert isinstance(event, SkellamDpEvent)
+        assert event.variance == pytest.approx(17 * params.noise.variance)
+        assert event.l2_sensitivity == params.l2_sensitivity
     else:
-        assert record["mechanism"] == "ddgauss" and record["num_clients"] == 17
-        assert record["dim"] == 8192 and record["local_stddev"] == params.noise.stddev
+        assert isinstance(event, DistributedDiscreteGaussianDpEvent)
+        assert event.num_clients == 17 and event.dim == 8192
+        assert event.local_stddev == params.noise.stddev
 
 
 @pytest.mark.parametrize(
@@ -104,9 +128,8 @@ def test_accounting_record_names_the_events_fields(calibrated: Calibration) -> N
         ({"dropouts": 20}, "dropouts"),
         ({"epsilon": -1.0}, "epsilon"),
         ({"delta": 1.0}, "delta"),
-        ({"sampling_rate": 0.0}, "sampling rate"),
-        ({"rounds": 0}, "rounds"),
-        ({"rounds": 10**9}, "samples"),
+        ({"participations": 0}, "participations"),
+        ({"participations": 10**9}, "samples"),
     ],
 )
 def test_impossible_targets_are_refused(overrides: dict[str, object], match: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 from secagg.dp.encoder import (
     DpEncoder,
     DpParams,
+    NonFiniteUpdateError,
     _conditional_round,
     check_no_wrap,
     rounded_l1_bound,
@@ -68,6 +69,29 @@ def test_updates_above_the_clip_are_scaled_down() -> None:
     assert np.linalg.norm(decoded - clipped) < math.sqrt(params.encoded_dim) / params.scale
 
 
+@pytest.mark.parametrize(
+    ("dtype", "value", "where"),
+    [
+        (np.float64, 1e200, [0]),  # its squared norm overflows float64
+        (np.float64, np.finfo(np.float64).max, slice(None)),  # even its norm overflows
+        (np.float32, 3e38, [0]),  # float32's largest values: squared in float64, no overflow
+    ],
+    ids=["float64-1e200", "float64-max-everywhere", "float32-3e38"],
+)
+def test_huge_finite_updates_are_clipped_not_zeroed(
+    dtype: type[np.floating], value: float, where: object
+) -> None:
+    params = _params(noise=NoiseSpec("discrete_gaussian", 0.05))
+    encoder = DpEncoder(params)
+    update = np.zeros(params.dim, dtype=dtype)
+    update[where] = value  # type: ignore[index]
+    decoded = encoder.decode_sum(encoder.encode(update), 1)
+    assert encoder.last_stats is not None and encoder.last_stats.clipped
+    direction = (update != 0).astype(np.float64)
+    clipped = params.clip * direction / np.linalg.norm(direction)
+    assert np.linalg.norm(decoded - clipped) < math.sqrt(params.encoded_dim) / params.scale
+
+
 def test_negative_sums_wrap_and_decode_correctly() -> None:
     params = _params(noise=NoiseSpec("discrete_gaussian", 0.05), max_clients=3)
     encoder = DpEncoder(params)
@@ -118,7 +142,9 @@ def test_a_ring_too_small_is_refused_with_the_bits_needed() -> None:
         (np.zeros((2, 1500), dtype=np.float32), EncodingError),
         (np.zeros(3000, dtype=np.int32), EncodingError),
         (np.zeros(2999, dtype=np.float32), EncodingError),
-        (np.array([np.nan] + [0.0] * 2999, dtype=np.float32), EncodingError),
+        (np.array([np.nan] + [0.0] * 2999, dtype=np.float32), NonFiniteUpdateError),
+        (np.array([0.0] * 2999 + [np.inf], dtype=np.float64), NonFiniteUpdateError),
+        (np.array([-np.inf] + [1e200] * 2999, dtype=np.float64), NonFiniteUpdateError),
     ],
 )
 def test_bad_updates_are_refused(update: np.ndarray, error: type[Exception]) -> None:

@@ -30,6 +30,7 @@ from fl_core.federation import (
 from fl_core.run_dir import RunWriter
 from fl_core.strategies import ClientOptions
 from secagg.errors import TooFewSurvivors
+from secagg.he import NoDecryptor
 from secagg.transcript import Transcript
 
 DIM = 64
@@ -110,16 +111,16 @@ def test_ckks_gives_the_masking_global_vector_within_the_stated_bounds() -> None
 @pytest.mark.parametrize("backend", ["masking", "ckks"])
 def test_a_client_that_drops_does_not_stop_the_round(backend: str) -> None:
     fed, trainer = federation(backend)
-    outcome = fed.run_round(0, dropouts=("alpha",))
+    outcome = fed.run_round(0, dropouts=("delta",))
     m = outcome.metrics
-    survivors = ("bravo", "charlie", "delta")
+    survivors = ("alpha", "bravo", "charlie")
     assert m.cohort == NAMES and m.contributors == survivors
     expected = trainer.fedavg(np.zeros(DIM, np.float32), survivors)
     assert np.max(np.abs(outcome.global_vector - expected)) <= m.quantization_bound + 1e-7
     assert m.secure_vs_plain_max_abs_diff <= m.quantization_bound
     if backend == "ckks":
         assert isinstance(outcome.transcript, CkksRoundRecord)
-        assert outcome.transcript.decryptor == 2  # the lowest surviving id decrypts
+        assert outcome.transcript.decryptor == 1  # the lowest id of the cohort decrypts
         assert m.upload_bytes["total"] == 3 * m.upload_bytes["per_client_mean"]
     # Below the threshold (3 of 4) nothing is released and the global vector does not move.
     before = fed.global_vector.copy()
@@ -130,6 +131,17 @@ def test_a_client_that_drops_does_not_stop_the_round(backend: str) -> None:
         fed.run_round(1, dropouts=("zulu",))
 
 
+def test_a_ckks_round_whose_decryptor_drops_releases_nothing() -> None:
+    """The decryptor is fixed before the uploads (the lowest cohort id, bound into every
+    contributor's pads); if it is lost the round ends with nothing released, as no other client
+    may open this session's aggregate."""
+    fed, _ = federation("ckks")
+    before = fed.global_vector.copy()
+    with pytest.raises(NoDecryptor, match="client 1, did not upload"):
+        fed.run_round(0, dropouts=("alpha",))
+    np.testing.assert_array_equal(fed.global_vector, before)
+
+
 def test_the_server_side_holds_no_secret_key() -> None:
     fed, _ = federation("ckks")
     assert isinstance(fed.backend, CkksBackend)
@@ -137,6 +149,7 @@ def test_the_server_side_holds_no_secret_key() -> None:
     assert not server.context.is_private()
     assert not hasattr(server, "secret")
     assert not ts.context_from(server.to_bytes()).is_private()
+    assert fed.backend._secrets[1].tag_key not in server.to_bytes()
     run = fed.describe()
     assert run["backend"] == "ckks" and "secagg" not in run and run["dp"] is None
     assert run["ckks"]["security_bits"] >= 128 and run["ckks"]["poly_modulus_degree"] == 8192
@@ -198,6 +211,8 @@ def test_audit_of_a_ckks_run_applies_what_still_makes_sense(tmp_path: Path) -> N
         "release_threshold": "passed",
         "session_isolation": "passed",
         "record_integrity": "not applicable",
+        "graph_seed": "not applicable",
+        "active_server_parameters": "not applicable",
         "masked_input_uniformity": "not applicable",
         "run_consistency": "passed",
         "dp_accounting": "not tested",
@@ -218,6 +233,15 @@ def test_audit_of_a_ckks_run_applies_what_still_makes_sense(tmp_path: Path) -> N
     assert set(failed) == {"release_threshold", "run_consistency"}
     assert "round 1" in failed["release_threshold"][0]
     assert "threshold t = 3" in failed["release_threshold"][0]
+
+    # A release opened by another client than the round's one decryptor fails it too.
+    record = json.loads((out / "transcripts" / "round_0000.json").read_text())
+    record["decryptor"] = 2
+    (out / "transcripts" / "round_0000.json").write_text(json.dumps(record))
+    assert main(["audit", str(out)]) == 1
+    privacy = json.loads((out / "privacy.json").read_text())
+    failed = {c["name"]: c["reasons"] for c in privacy["checks"] if c["status"] == "failed"}
+    assert any("the round's decryptor is the lowest" in r for r in failed["release_threshold"])
 
 
 def test_a_masking_run_audit_names_no_backend(tmp_path: Path) -> None:

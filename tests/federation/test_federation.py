@@ -15,18 +15,21 @@ import pytest
 from fl_core.adapter_io import AdapterConfig, load_adapter
 from fl_core.cli import main
 from fl_core.federation import (
-    SECAGGPLUS_MIN_COHORT,
     ClientUpdate,
     DpSettings,
     Federation,
     FederationConfig,
     FederationConfigError,
+    PrivacyBudgetExhausted,
     SecAggSettings,
     choose_graph,
 )
 from fl_core.run_dir import RunDirectoryError, RunWriter
 from fl_core.strategies import ClientOptions
+from proofs.accountant import RdpAccountant, SkellamDpEvent, epsilon_for_rounds
+from secagg.dp.events import DpEvent
 from secagg.errors import TooFewSurvivors
+from secagg.params import SECAGGPLUS_MIN_COHORT, SessionShape
 
 DIM = 64
 NAMES = ("alpha", "bravo", "charlie", "delta")
@@ -130,13 +133,74 @@ def test_dp_round_records_what_the_accountant_needs() -> None:
     m = fed.run_round(0).metrics
     record = m.to_json()
     assert record["mechanism"] == "skellam"
-    assert record["sampling_rate"] == 1.0 and record["delta"] == 1e-5
-    assert record["noise_multiplier"] > 0 and record["variance"] > 0
+    assert "sampling_rate" not in record and record["delta"] == 1e-5
+    event = DpEvent.from_dict(record["dp_event"])  # what calibration emitted, read back
+    assert isinstance(event, SkellamDpEvent) and event.variance > 0
+    assert record["noise_multiplier"] > 0
     # Secure aggregation adds the noised ring vectors exactly.
     assert m.secure_vs_plain_max_abs_diff == 0.0 and m.quantization_bound == 0.0
 
 
 DP = DpSettings(epsilon=8.0, delta=1e-5, clip=0.1)
+
+
+def test_issue_example_amplification_by_public_cohorts_understated_epsilon_threefold() -> None:
+    # 100 institutions, cohorts of 10 from the public seed, 100 rounds, target epsilon 4.
+    names = tuple(f"inst-{i:03d}" for i in range(100))
+    config = FederationConfig(
+        names, 100, SecAggSettings(clip=0.2), cohort_size=10, dp=DpSettings(4.0), seed=0
+    )
+    # Expected 10 rounds each, but with seed 0 the busiest institution is in 20 cohorts, and
+    # the server (anyone who knows the seed) knows which.
+    assert config.participations() == 20
+    trainer = TargetTrainer(names)
+    fed = Federation(config, trainer, trainer.evaluate, np.zeros(DIM, np.float32), 1)
+    cal = fed.calibration
+    assert cal is not None and cal.participations == 20
+    p, n = cal.params, cal.min_contributors
+
+    def release(stddev: float) -> SkellamDpEvent:
+        return SkellamDpEvent(p.l2_sensitivity, p.l1_sensitivity, n * stddev**2)
+
+    # Before: the noise was sized so that 100 rounds Poisson-subsampled at q = 10/100 spend 4.
+    lo, hi = 1.0, p.noise.stddev
+    while hi / lo > 1 + 1e-9:
+        mid = (lo * hi) ** 0.5
+        lo, hi = (
+            (lo, mid) if epsilon_for_rounds(release(mid), 0.1, 100, 1e-5)[0] <= 4 else (mid, hi)
+        )
+    reported, _ = epsilon_for_rounds(release(hi), 0.1, 100, 1e-5)
+    actual = RdpAccountant().compose(release(hi), 20).get_epsilon(1e-5)
+    assert reported == pytest.approx(4.0, abs=1e-6)
+    assert actual == pytest.approx(12.5, abs=0.1)  # the issue's figure
+    # After: calibrated so that the busiest institution's 20 releases, at full rate, spend 4.
+    against_server = RdpAccountant().compose(release(p.noise.stddev), 20).get_epsilon(1e-5)
+    assert against_server <= cal.epsilon <= 4.0
+    # The honest cost: about 2.6 times the noise the amplified figure relied on.
+    assert p.noise.stddev / hi == pytest.approx(2.63, abs=0.02)
+    assert fed.describe()["sampling"]["rounds_per_institution_max"] == 20
+
+
+def test_an_institution_is_never_in_more_releases_than_calibrated() -> None:
+    names = tuple(f"inst-{i}" for i in range(12))
+    trainer = TargetTrainer(names)
+    config = FederationConfig(names, 6, SecAggSettings(clip=0.2), cohort_size=4, dp=DP, seed=5)
+    fed = Federation(config, trainer, trainer.evaluate, np.zeros(DIM, np.float32), 1)
+    assert fed.calibration is not None
+    most = fed.calibration.participations
+    assert most == config.participations() == 3  # cohorts of 4 of 12: 3 of the 6 rounds at most
+    fed.run()
+    assert max(fed.contributions.values()) == most
+    # A server replaying a round whose cohort holds an institution at its count is refused
+    # before anyone trains; nothing changes.
+    busy = next(
+        r for r, c in enumerate(config.schedule()) if any(fed.contributions[n] == most for n in c)
+    )
+    before, trained = fed.global_vector.copy(), len(trainer.seen)
+    with pytest.raises(PrivacyBudgetExhausted, match=f"already in {most} released sums"):
+        fed.run_round(busy)
+    assert len(trainer.seen) == trained
+    np.testing.assert_array_equal(fed.global_vector, before)
 
 
 def test_dp_noise_is_calibrated_for_the_enforced_floor_not_the_secaggplus_threshold() -> None:
@@ -148,8 +212,10 @@ def test_dp_noise_is_calibrated_for_the_enforced_floor_not_the_secaggplus_thresh
         return Federation(config, trainer, trainer.evaluate, np.zeros(DIM, np.float32), 1)
 
     plain, noised = build(None), build(DP)
-    assert plain.graph.threshold == noised.graph.threshold == 7  # SecAgg+ neighbourhoods
-    assert plain.min_release == 7 and plain.describe()["secagg"]["min_release"] == 7
+    # SecAgg+ against an active server: (k, t) = (20, 14) per neighbourhood, and a survivor set
+    # must be signed by floor((128 + 6)/2) + 1 = 68 clients, so no release has fewer.
+    assert plain.graph == noised.graph == SessionShape(14, 20, 68)
+    assert plain.min_release == 68 and plain.describe()["secagg"]["min_release"] == 68
     # 5% of 128 drop at most (7 rounded up): the noise is sized for 121 contributors, and that
     # is the floor every session enforces and what run.json reports.
     assert noised.calibration is not None
@@ -240,6 +306,12 @@ def test_run_directory_passes_fedsec_audit(tmp_path: Path) -> None:
             assert privacy["differential_privacy"]["epsilon_unbounded"]
         else:
             assert 0 < privacy["differential_privacy"]["epsilon_total"] <= 4.0
+            figures = privacy["differential_privacy"]["figures"]
+            assert figures[0]["name"] == "against the server" and figures[0]["applicable"]
+            assert not figures[2]["applicable"]
+            assert "every institution takes part in every round" in figures[2]["basis"]
+            target = next(c for c in privacy["checks"] if c["name"] == "dp_target")
+            assert target["status"] == "passed"
         with pytest.raises(RunDirectoryError, match="already holds a run"):
             RunWriter(out, {})
 
@@ -248,7 +320,9 @@ def test_large_cohorts_use_secaggplus_neighbourhoods() -> None:
     settings = SecAggSettings(clip=1.0)
     assert choose_graph(4, settings).neighbours is None
     large = choose_graph(100, settings)
-    assert large.neighbours == 12 and large.threshold == 6  # DESIGN.md's reference point
+    # DESIGN.md's semi-honest reference point is (12, 6); against an active server every
+    # client demands the semi-malicious finder's degree and 2t > k + t1 + 1.
+    assert (large.neighbours, large.threshold, large.quorum) == (18, 13, 53)
     names = tuple(f"inst-{i:02d}" for i in range(SECAGGPLUS_MIN_COHORT + 4))
     trainer = TargetTrainer(names)
     config = FederationConfig(names, 1, settings)

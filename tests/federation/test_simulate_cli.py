@@ -87,6 +87,26 @@ def test_simulate_writes_a_run_directory_that_passes_the_audit(
 
 
 @pytest.mark.usefixtures("tiny_defaults")
+def test_simulate_with_dp_says_which_epsilon_it_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["simulate", "--institutions", "3", "--rounds", "1", "--local-steps", "1"]
+    assert main([*argv, "--dp-epsilon", "8", "--out", str(out), "--quiet"]) == 0
+    banner = capsys.readouterr().out
+    assert "against the server (zero-out, client level; no amplification by sampling" in banner
+    assert "in at most 1 released sums" in banner
+    run = json.loads((out / "run.json").read_text())
+    assert run["dp"]["threat_model"] == "server" and run["dp"]["adjacency"] == "zero-out"
+    assert run["dp"]["participations"] == 1 and run["dp"]["epsilon"] <= 8
+    assert "against the server (client level, zero-out adjacency" in (out / "report.md").read_text()
+    assert main(["audit", str(out)]) == 0
+    audit = capsys.readouterr().out
+    assert "total epsilon against the server" in audit and "no amplification" in audit
+    assert "| amplified by sampling |" in (out / "privacy.md").read_text()
+
+
+@pytest.mark.usefixtures("tiny_defaults")
 def test_simulate_with_a_local_model_and_jsonl_data(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -111,7 +131,7 @@ def test_simulate_with_a_local_model_and_jsonl_data(tmp_path: Path) -> None:
     run = json.loads((out / "run.json").read_text())
     assert run["model"] == str(model) and run["lora_mode"] == "ffa"
     # A local directory is a pretrained base: its defaults, not the embedded model's.
-    assert run["recipe"]["lr"] == 2e-4 and run["base_model"]["path"] == str(model.resolve())
+    assert run["recipe"]["lr"] == 1e-3 and run["base_model"]["path"] == str(model.resolve())
     _, adapter = load_adapter(out / "adapters" / "round_0000")
     assert adapter.base_model_name_or_path == str(model.resolve())
     assert not (out / "base").exists()

@@ -32,7 +32,7 @@ def parse(*argv: str) -> dict[str, object]:
 
 def test_defaults_depend_on_the_base() -> None:
     assert defaults_for("embedded") is EMBEDDED and defaults_for("pretrained") is PRETRAINED
-    assert EMBEDDED.lr == 1e-2 and PRETRAINED.lr == 2e-4
+    assert EMBEDDED.lr == 1e-2 and PRETRAINED.lr == 1e-3
     assert EMBEDDED.lora_targets == PRETRAINED.lora_targets == ("all-linear",)
 
 

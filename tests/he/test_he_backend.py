@@ -24,7 +24,9 @@ from secagg.he import (
     ContextMismatch,
     FederationKeys,
     HEAggregator,
-    HEClient,
+    HeClientSession,
+    HeRoundSpec,
+    HeServerSession,
     KeyAnnouncement,
     PublicContext,
     generate_federation_keys,
@@ -32,9 +34,15 @@ from secagg.he import (
     seal_secret_context,
     security_level,
 )
+from secagg.he.backend import unpack
+from secagg.he.params import TAG_SLOTS
 from secagg.keys import AgreementKeyPair, Identity, Roster
+from secagg.protocol import ClientPolicy
 
 DIM = 5000  # two ciphertexts at N = 8192, the second partly filled
+COHORT = tuple(range(1, 13))
+#: These tests exercise the arithmetic, also with cohorts of 2 (the default policy needs 3).
+POLICY = ClientPolicy(min_cohort=2)
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +55,24 @@ def keys(params: CKKSParams) -> FederationKeys:
     return generate_federation_keys(params)
 
 
-def _server(
-    keys: FederationKeys, params: CKKSParams, session: bytes, dim: int = DIM
-) -> HEAggregator:
+def _spec(
+    keys: FederationKeys,
+    params: CKKSParams,
+    cohort: tuple[int, ...] = COHORT,
+    dim: int = DIM,
+    session: bytes | None = None,
+) -> HeRoundSpec:
+    return HeRoundSpec(params, session or os.urandom(32), cohort, dim, keys.fingerprint)
+
+
+def _server(keys: FederationKeys, spec: HeRoundSpec) -> HeServerSession:
     # The server loads the public context from the bytes the dealer sent, like a real server.
-    public = PublicContext.from_bytes(keys.public.to_bytes(), params, keys.fingerprint)
-    return HEAggregator(public, session, dim)
+    public = PublicContext.from_bytes(keys.public.to_bytes(), spec.params, keys.fingerprint)
+    return HeServerSession(public, spec)
+
+
+def _clients(keys: FederationKeys, spec: HeRoundSpec) -> dict[int, HeClientSession]:
+    return {u: HeClientSession(u, keys.secret, spec, policy=POLICY) for u in spec.cohort}
 
 
 def _allowed_error(params: CKKSParams, n: int, exact: npt.NDArray[np.float64]) -> np.ndarray:
@@ -66,14 +86,14 @@ def test_sum_matches_plaintext_within_ckks_bound(
     keys: FederationKeys, params: CKKSParams, n: int
 ) -> None:
     rng = np.random.default_rng(n)
-    session = os.urandom(32)
-    client = HEClient(keys.secret, session, DIM)
-    server = _server(keys, params, session)
-    updates = [rng.normal(0, 0.3, DIM).astype(np.float32) for _ in range(n)]
-    for sender, update in enumerate(updates, start=1):
-        server.add(sender, client.encrypt_update(update))
-    result = client.decrypt_sum(server.aggregate())
-    exact = np.clip(np.array(updates, dtype=np.float64), -1.0, 1.0).sum(axis=0)
+    spec = _spec(keys, params, cohort=tuple(range(1, n + 1)))
+    clients = _clients(keys, spec)
+    server = _server(keys, spec)
+    updates = {u: rng.normal(0, 0.3, DIM).astype(np.float32) for u in spec.cohort}
+    for u, update in updates.items():
+        server.receive_update(u, clients[u].encrypt(update))
+    result = clients[spec.decryptor].decrypt(server.close_uploads())
+    exact = np.clip(np.array(list(updates.values()), dtype=np.float64), -1.0, 1.0).sum(axis=0)
     assert result.total.dtype == np.float32 and result.total.shape == (DIM,)
     assert result.contributors == n and result.weight == n
     error = np.abs(result.total.astype(np.float64) - exact)
@@ -85,28 +105,29 @@ def test_sum_matches_plaintext_within_ckks_bound(
 
 
 def test_values_outside_clip_are_clipped(keys: FederationKeys, params: CKKSParams) -> None:
-    session = os.urandom(32)
-    client = HEClient(keys.secret, session, DIM)
-    server = _server(keys, params, session)
+    spec = _spec(keys, params, cohort=(1, 2))
+    clients = _clients(keys, spec)
+    server = _server(keys, spec)
     big = np.full(DIM, 7.5, dtype=np.float32)
-    server.add(1, client.encrypt_update(big))
-    server.add(2, client.encrypt_update(-big / 10))
-    total = client.decrypt_sum(server.aggregate()).total
+    server.receive_update(1, clients[1].encrypt(big))
+    server.receive_update(2, clients[2].encrypt(-big / 10))
+    total = clients[1].decrypt(server.close_uploads()).total
     np.testing.assert_allclose(total, 1.0 - 0.75, atol=1e-6)
 
 
 def test_weighted_average() -> None:
-    params = CKKSParams(clip=2.0, max_clients=4, max_weight=1000, weighted=True)
+    # Weights up to 1000 and their pads need 4 bits of scale less than the default 2^40.
+    params = CKKSParams(clip=2.0, max_clients=4, max_weight=1000, weighted=True, scale_bits=36)
     keys = generate_federation_keys(params)
-    session = os.urandom(32)
-    client = HEClient(keys.secret, session, DIM)
-    server = _server(keys, params, session)
+    spec = _spec(keys, params, cohort=(1, 2, 3))
+    clients = _clients(keys, spec)
+    server = _server(keys, spec)
     rng = np.random.default_rng(7)
     updates = [rng.uniform(-1, 1, DIM).astype(np.float32) for _ in range(3)]
     weights = [10, 250, 999]
     for sender, (update, weight) in enumerate(zip(updates, weights, strict=True), start=1):
-        server.add(sender, client.encrypt_update(update, weight))
-    result = client.decrypt_sum(server.aggregate())
+        server.receive_update(sender, clients[sender].encrypt(update, weight))
+    result = clients[1].decrypt(server.close_uploads())
     assert result.weight == sum(weights)
     expected = np.sum(
         [w * u.astype(np.float64) for u, w in zip(updates, weights, strict=True)], axis=0
@@ -114,64 +135,74 @@ def test_weighted_average() -> None:
     assert (np.abs(result.total - expected) <= _allowed_error(params, 3, expected)).all()
     np.testing.assert_allclose(result.average(), expected / sum(weights), atol=1e-6)
     with pytest.raises(EncodingError):
-        client.encrypt_update(updates[0], 1001)
+        HeClientSession(2, keys.secret, spec, policy=POLICY).encrypt(updates[0], 1001)
 
 
 def test_dropped_client_does_not_stop_the_round(keys: FederationKeys, params: CKKSParams) -> None:
-    session = os.urandom(32)
-    client = HEClient(keys.secret, session, DIM)
-    server = _server(keys, params, session)
+    spec = _spec(keys, params, cohort=(1, 2, 3, 4))
+    clients = _clients(keys, spec)
+    server = _server(keys, spec)
     rng = np.random.default_rng(3)
     updates = {cid: rng.normal(0, 0.1, DIM).astype(np.float32) for cid in (1, 2, 3, 4)}
     for cid in (1, 2, 4):  # client 3 never uploads
-        server.add(cid, client.encrypt_update(updates[cid]))
-    assert server.contributors == (1, 2, 4)
-    result = client.decrypt_sum(server.aggregate())
+        server.receive_update(cid, clients[cid].encrypt(updates[cid]))
+    assert server.contributors == (1, 2, 4) and server.pending == {3}
+    result = clients[1].decrypt(server.close_uploads())
     assert result.contributors == 3
     exact = np.sum([updates[c].astype(np.float64) for c in (1, 2, 4)], axis=0)
     assert (np.abs(result.total - exact) <= _allowed_error(params, 3, exact)).all()
 
 
 def test_too_few_uploads_release_nothing(keys: FederationKeys, params: CKKSParams) -> None:
-    session = os.urandom(32)
-    client = HEClient(keys.secret, session, DIM)
-    server = _server(keys, params, session)
-    server.add(1, client.encrypt_update(np.zeros(DIM, dtype=np.float32)))
+    spec = _spec(keys, params, cohort=(1, 2, 3))
+    clients = _clients(keys, spec)
+    server = _server(keys, spec)
+    server.receive_update(1, clients[1].encrypt(np.zeros(DIM, dtype=np.float32)))
     with pytest.raises(TooFewSurvivors):
-        server.aggregate()
+        server.close_uploads()
 
 
 def test_server_cannot_decrypt(keys: FederationKeys, params: CKKSParams) -> None:
-    session = os.urandom(32)
-    client = HEClient(keys.secret, session, DIM)
-    server = _server(keys, params, session)
-    server.add(1, client.encrypt_update(np.ones(DIM, dtype=np.float32)))
-    server.add(2, client.encrypt_update(np.ones(DIM, dtype=np.float32)))
-    context = server.public.context
-    assert not context.is_private()
+    spec = _spec(keys, params, cohort=(1, 2))
+    clients = _clients(keys, spec)
+    server = _server(keys, spec)
+    ones = np.ones(DIM, dtype=np.float32)
+    upload = clients[1].encrypt(ones)
+    server.receive_update(1, upload)
+    server.receive_update(2, clients[2].encrypt(ones))
+    public = PublicContext.from_bytes(keys.public.to_bytes(), params, keys.fingerprint)
+    context = public.context
+    assert not context.is_private() and not context.has_galois_keys()
     # What the server would store on disk: reload it and it still holds no secret key.
-    stored = server.public.to_bytes()
-    assert not ts.context_from(stored).is_private()
-    # Decrypting the aggregate with the server's context fails.
-    aggregate = server.aggregate()
-    chunk = client.encrypt_update(np.ones(DIM, dtype=np.float32))
-    vector = ts.ckks_vector_from(context, _first_chunk(chunk))
+    assert not ts.context_from(public.to_bytes()).is_private()
+    # Decrypting an upload with the server's context fails.
+    envelope = unpack(upload, params, 1, spec.session_id, DIM, 1)
+    vector = ts.ckks_vector_from(context, envelope.chunks[0])
     with pytest.raises(ValueError, match="secret"):
         vector.decrypt()
     # A context carrying the secret key is refused as a server context.
     secret_bytes = keys.secret.context.serialize(save_secret_key=True)
     with pytest.raises(ConfigurationError, match="secret key"):
         PublicContext.from_bytes(secret_bytes, params)
-    assert client.decrypt_sum(aggregate).contributors == 2
+    # The tag key is in no byte the server holds.
+    assert keys.secret.tag_key not in public.to_bytes()
+    assert clients[1].decrypt(server.close_uploads()).contributors == 2
 
 
-def _first_chunk(envelope: bytes) -> bytes:
-    # Envelope layout: 4+1+1+32+32+4+4+4 header bytes, then one u32 length per chunk.
-    header = 82
-    count = int.from_bytes(envelope[78:82], "big")
-    first = int.from_bytes(envelope[header : header + 4], "big")
-    start = header + 4 * count
-    return envelope[start : start + first]
+def test_every_ciphertext_is_full_with_tag_slots(keys: FederationKeys, params: CKKSParams) -> None:
+    """Layout: data fills the first N/2 - TAG_SLOTS slots of each ciphertext; all slots exist."""
+    assert params.data_slots == params.slots - TAG_SLOTS
+    assert params.chunk_count(params.data_slots) == 1
+    assert params.chunk_count(params.data_slots + 1) == 2
+    spec = _spec(keys, params, cohort=(1, 2), dim=10)
+    upload = HeClientSession(1, keys.secret, spec, policy=POLICY).encrypt(np.ones(10))
+    (chunk,) = unpack(upload, params, 1, spec.session_id, 10, 1).chunks
+    loaded = ts.ckks_vector_from(keys.secret.context, chunk)
+    assert loaded.size() == params.slots
+    # Every slot, data or not, carries the pad: none decrypts to its plain value.
+    plain = np.asarray(loaded.decrypt())
+    assert np.abs(plain[:10] - 1.0).min() > 1e-3 and np.abs(plain[10:]).min() > 1e-3
+    assert np.abs(plain).max() <= params.pad_bound + 1.0
 
 
 def test_ciphertext_from_another_context_rejected_before_adding(
@@ -179,56 +210,71 @@ def test_ciphertext_from_another_context_rejected_before_adding(
 ) -> None:
     other = generate_federation_keys(params)
     assert other.fingerprint != keys.fingerprint
-    session = os.urandom(32)
-    server = _server(keys, params, session)
-    ours = HEClient(keys.secret, session, DIM)
-    theirs = HEClient(other.secret, session, DIM)
-    server.add(1, ours.encrypt_update(np.full(DIM, 0.5, dtype=np.float32)))
+    spec = _spec(keys, params, cohort=(1, 2, 3))
+    theirs_spec = _spec(other, params, cohort=(1, 2, 3), session=spec.session_id)
+    server = _server(keys, spec)
+    ours = _clients(keys, spec)
+    theirs = _clients(other, theirs_spec)
+    server.receive_update(1, ours[1].encrypt(np.full(DIM, 0.5, dtype=np.float32)))
     with pytest.raises(ContextMismatch):
-        server.add(2, theirs.encrypt_update(np.full(DIM, 0.25, dtype=np.float32)))
-    server.add(3, ours.encrypt_update(np.full(DIM, 0.25, dtype=np.float32)))
+        server.receive_update(2, theirs[2].encrypt(np.full(DIM, 0.25, dtype=np.float32)))
+    server.receive_update(3, ours[3].encrypt(np.full(DIM, 0.25, dtype=np.float32)))
     assert server.contributors == (1, 3)
-    np.testing.assert_allclose(ours.decrypt_sum(server.aggregate()).total, 0.75, atol=1e-6)
-    # The other federation's key holder cannot open our aggregate either.
+    aggregate = server.close_uploads()
+    # The other federation's key holder cannot open our aggregate.
+    theirs[1].encrypt(np.zeros(DIM, dtype=np.float32))
     with pytest.raises(ContextMismatch):
-        theirs.decrypt_sum(server.aggregate())
+        theirs[1].decrypt(aggregate)
+    np.testing.assert_allclose(ours[1].decrypt(aggregate).total, 0.75, atol=1e-6)
+    # A session is only ever built over the federation key it names.
+    with pytest.raises(ContextMismatch):
+        HeClientSession(1, other.secret, spec, policy=POLICY)
+    with pytest.raises(ContextMismatch):
+        HeServerSession(other.public, spec)
 
 
 def test_garbled_and_misrouted_uploads_give_clear_errors(
     keys: FederationKeys, params: CKKSParams
 ) -> None:
-    session = os.urandom(32)
-    client = HEClient(keys.secret, session, DIM)
-    server = _server(keys, params, session)
-    good = client.encrypt_update(np.full(DIM, 0.5, dtype=np.float32))
+    spec = _spec(keys, params, cohort=(1, 2, 9))
+    clients = _clients(keys, spec)
+    server = _server(keys, spec)
+    good = clients[1].encrypt(np.full(DIM, 0.5, dtype=np.float32))
     body = bytearray(good)
     body[200:260] = os.urandom(60)  # inside the first ciphertext's serialization
     bad_inputs = [b"", good[:50], good[:-1], good + b"\x00", bytes(body), b"XXXX" + good[4:]]
+    aggregator = HEAggregator(server_public(keys, params), spec.session_id, DIM)
     for bad in bad_inputs:
         with pytest.raises(CiphertextFormatError):
-            server.add(9, bad)
+            aggregator.add(1, bad)
+    with pytest.raises(CiphertextFormatError, match="names client 1 as its sender"):
+        aggregator.add(9, good)  # client 1's upload claimed by client 9
     with pytest.raises(CiphertextFormatError):
-        HEAggregator(server.public, session, DIM + 1).add(9, good)
+        HEAggregator(server_public(keys, params), spec.session_id, DIM + 1).add(1, good)
     with pytest.raises(SessionMismatch):
-        HEAggregator(server.public, os.urandom(32), DIM).add(9, good)
-    assert server.contributors == ()
-    server.add(1, good)
+        HEAggregator(server_public(keys, params), os.urandom(32), DIM).add(1, good)
+    assert aggregator.contributors == ()
+    server.receive_update(1, good)
     with pytest.raises(DuplicateClient):
-        server.add(1, good)
-    server.add(2, good)
-    np.testing.assert_allclose(client.decrypt_sum(server.aggregate()).total, 1.0, atol=1e-6)
+        server.receive_update(1, good)
+    server.receive_update(2, clients[2].encrypt(np.full(DIM, 0.5, dtype=np.float32)))
+    np.testing.assert_allclose(clients[1].decrypt(server.close_uploads()).total, 1.0, atol=1e-6)
 
 
-def test_bad_updates_refused(keys: FederationKeys) -> None:
-    client = HEClient(keys.secret, os.urandom(32), DIM)
-    with pytest.raises(EncodingError):
-        client.encrypt_update(np.zeros(DIM + 1, dtype=np.float32))
-    with pytest.raises(EncodingError):
-        client.encrypt_update(np.full(DIM, np.nan, dtype=np.float32))
-    with pytest.raises(EncodingError):
-        client.encrypt_update(np.zeros(DIM, dtype=np.int32))
-    with pytest.raises(EncodingError):
-        client.encrypt_update(np.zeros(DIM, dtype=np.float32), weight=2)  # unweighted round
+def server_public(keys: FederationKeys, params: CKKSParams) -> PublicContext:
+    return PublicContext.from_bytes(keys.public.to_bytes(), params, keys.fingerprint)
+
+
+def test_bad_updates_refused(keys: FederationKeys, params: CKKSParams) -> None:
+    spec = _spec(keys, params, cohort=(1, 2))
+    for bad, weight in [
+        (np.zeros(DIM + 1, dtype=np.float32), 1),
+        (np.full(DIM, np.nan, dtype=np.float32), 1),
+        (np.zeros(DIM, dtype=np.int32), 1),
+        (np.zeros(DIM, dtype=np.float32), 2),  # unweighted round
+    ]:
+        with pytest.raises(EncodingError):
+            HeClientSession(1, keys.secret, spec, policy=POLICY).encrypt(bad, weight)
 
 
 def test_parameters_below_128_bits_refused() -> None:
@@ -241,15 +287,17 @@ def test_parameters_below_128_bits_refused() -> None:
         CKKSParams(clip=1.0, max_clients=2, poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 50))
     with pytest.raises(ConfigurationError):
         CKKSParams(clip=1.0, max_clients=2, poly_modulus_degree=3000)
-    # The data modulus must hold the worst-case sum at the chosen scale.
+    # The data modulus must hold the worst-case sum, pads included, at the chosen scale.
     with pytest.raises(ConfigurationError, match="scale_bits"):
         CKKSParams(clip=1.0, max_clients=100, max_weight=10**4, weighted=True)
+    with pytest.raises(ConfigurationError, match="integrity pads"):
+        CKKSParams(clip=1.0, max_clients=200)  # 200 pads of 2^12 do not fit at scale 2^40
     assert CKKSParams(clip=1.0, max_clients=10).security_bits == 192
 
 
 def test_secret_context_distribution() -> None:
     params = CKKSParams(clip=1.0, max_clients=4)
-    dealer_id, member_id, session = 7, 11, os.urandom(32)
+    dealer_id, member_id, session = 11, 7, os.urandom(32)
     dealer_identity, member_identity = Identity.generate(), Identity.generate()
     roster = Roster(
         {dealer_id: dealer_identity.public_bytes, member_id: member_identity.public_bytes}
@@ -262,20 +310,21 @@ def test_secret_context_distribution() -> None:
     member_ann = KeyAnnouncement.create(member_identity, session, member_id, member_x)
     sealed = seal_secret_context(keys, dealer_x, dealer_ann, member_ann, roster)
     assert keys.secret.context.serialize(save_secret_key=True)[:64] not in sealed
+    assert keys.secret.tag_key not in sealed
     secret = open_secret_context(sealed, member_x, member_id, dealer_ann, roster, params)
     assert secret.context.is_private() and secret.fingerprint == keys.fingerprint
+    assert secret.tag_key == keys.secret.tag_key  # the same pads: the same federation
 
-    # The member's key opens what the dealer's clients encrypt: same federation key.
-    round_session = os.urandom(32)
-    server = HEAggregator(
-        PublicContext.from_bytes(keys.public.to_bytes(), params, dealer_ann.fingerprint),
-        round_session,
-        10,
+    # The member's key opens what the dealer encrypts: same federation key and tag key.
+    spec = HeRoundSpec(params, os.urandom(32), (member_id, dealer_id), 10, keys.fingerprint)
+    server = HeServerSession(
+        PublicContext.from_bytes(keys.public.to_bytes(), params, dealer_ann.fingerprint), spec
     )
-    server.add(dealer_id, HEClient(keys.secret, round_session, 10).encrypt_update(np.ones(10)))
-    server.add(member_id, HEClient(secret, round_session, 10).encrypt_update(np.ones(10)))
-    total = HEClient(secret, round_session, 10).decrypt_sum(server.aggregate()).total
-    np.testing.assert_allclose(total, 2.0, atol=1e-6)
+    dealer = HeClientSession(dealer_id, keys.secret, spec, policy=POLICY)
+    server.receive_update(dealer_id, dealer.encrypt(np.ones(10)))
+    member = HeClientSession(member_id, secret, spec, policy=POLICY)  # lowest id: decryptor
+    server.receive_update(member_id, member.encrypt(np.ones(10)))
+    np.testing.assert_allclose(member.decrypt(server.close_uploads()).total, 2.0, atol=1e-6)
 
     # A server that swaps in its own X25519 key cannot produce a valid member announcement.
     server_x = AgreementKeyPair.generate()

@@ -75,12 +75,13 @@ class Deployment:
     def __init__(self, root: Path, clients: int, **rounds: object) -> None:
         self.root = root
         self.procs: list[Proc] = []
-        assert fedsec(["keygen", "--out", str(root), "--clients", str(clients), "--port", "0"]) == 0
+        assert fedsec(["keygen", "--out", str(root), "--clients", str(clients), "--port", "1"]) == 0
         self.settings: dict[str, object] = {
             "count": 2,
             "cohort_size": clients,
             "min_clients": clients - 1,
             "threshold": 3,
+            "neighbours": 0,
             "stage_timeout_s": 5.0,
             # Rounds start as soon as the whole cohort is online; the join timeout only matters
             # when someone is missing, and must outlast process start-up on a loaded machine.
@@ -109,6 +110,7 @@ count = {s["count"]}
 cohort_size = {s["cohort_size"]}
 min_clients = {s["min_clients"]}
 threshold = {s["threshold"]}
+neighbours = {s["neighbours"]}
 ring_bits = 32
 stage_timeout_s = {s["stage_timeout_s"]}
 join_timeout_s = {s["join_timeout_s"]}
@@ -136,7 +138,7 @@ dim = {s["dim"]}
         path.write_text(
             f"""[client]
 id = {client_id}
-server = "127.0.0.1:{self.port}"
+server = "127.0.0.1:{self.port or 1}"
 ca_cert = "../pki/ca.pem"
 identity = "identity.key"
 roster = "../roster.toml"

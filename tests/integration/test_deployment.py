@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +67,25 @@ def test_five_clients_two_rounds_equal_the_in_process_simulation(
     ]
     assert status["last_checkpoint"] == "round-000001.safetensors"
     np.testing.assert_array_equal(d.checkpoint(1), expected_global([[1, 2, 3, 4, 5]] * 2))
+
+
+def test_secaggplus_round_fixes_its_graph_seed_over_the_wire(
+    deploy: Callable[..., Deployment],
+) -> None:
+    """SecAgg+ (a 5-cycle, t = 2, quorum 3): the extra seed-commitment stage runs over gRPC and
+    the sum equals the in-process one."""
+    d = deploy(5, count=1, threshold=0, neighbours=2, min_clients=5)
+    server = d.start_server()
+    clients = [d.start_client(c) for c in range(1, 6)]
+    assert server.wait_exit(90) == 0
+    for proc in clients:
+        assert proc.wait_exit(30) == 0
+    assert "stage seed_commit complete" in server.text()
+    status = d.status()
+    assert [(r["status"], r["contributors"]) for r in status["rounds"]] == [
+        ("completed", [1, 2, 3, 4, 5])
+    ]
+    np.testing.assert_array_equal(d.checkpoint(0), expected_global([[1, 2, 3, 4, 5]]))
 
 
 def test_clients_killed_during_masked_input_and_unmask(deploy: Callable[..., Deployment]) -> None:
@@ -183,14 +204,35 @@ def test_refusals_get_a_status_and_a_log_line_and_the_round_goes_on(
     server.wait_for(
         "Challenge refused for client 99: PERMISSION_DENIED: client 99 is not in the roster"
     )
-    # A listed id, but not its key.
-    assert _code(lambda: _admit(stub, d, 2, Identity.generate())) == grpc.StatusCode.UNAUTHENTICATED
-    server.wait_for(
-        "Authenticate refused for client 2: UNAUTHENTICATED: .*signature does not verify"
+    # A listed id, but not its key: a permanent refusal.
+    assert (
+        _code(lambda: _admit(stub, d, 2, Identity.generate())) == grpc.StatusCode.PERMISSION_DENIED
     )
+    server.wait_for(
+        "Authenticate refused for client 2: PERMISSION_DENIED: .*signature does not verify"
+    )
+    # A client process with the wrong identity key gives up at once, with the reason.
+    impostor = d.root / "client-1" / "impostor.toml"
+    impostor.write_text(
+        d.client_config(1).read_text().replace('"identity.key"', '"../client-2/identity.key"')
+    )
+    refused_key = d.start_client_from(impostor)
+    assert refused_key.wait_exit(30) == 1
+    assert "admission refused by the server" in refused_key.text()
+    assert "signature does not verify" in refused_key.text()
 
-    # Client 5's own identity (its process is stalled): uploads that must each be refused.
-    token = _admit(stub, d, 5, load_identity(d.root / "client-5" / "identity.key"))
+    # Client 5's own identity (its process is stalled): uploads that must each be refused. The
+    # server keeps a second process of an institution out while the first was active in the
+    # last 5 s, so this stand-in waits for the stalled one to fall silent.
+    identity5 = load_identity(d.root / "client-5" / "identity.key")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            token = _admit(stub, d, 5, identity5)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.ALREADY_EXISTS and time.monotonic() < deadline
+            time.sleep(1)
 
     def submit(session_id: bytes, payload: bytes, chunk: int = CHUNK_BYTES) -> None:
         header = pb.SubmitHeader(token=token, session_id=session_id, kind=pb.MASKED_INPUT)
@@ -224,8 +266,9 @@ def test_refusals_get_a_status_and_a_log_line_and_the_round_goes_on(
         .replace("give_up_after_s = 60.0", "give_up_after_s = 2.0")
     )
     refused = d.start_client_from(wrong)
-    assert refused.wait_exit(60) == 1
-    assert "CERTIFICATE_VERIFY_FAILED" in refused.text()
+    assert refused.wait_exit(60) == 1  # at once: a permanent refusal, not an outage
+    assert "the server's certificate does not verify against" in refused.text()
+    assert "certificate signature failure" in refused.text()
 
     # The honest clients' round completes regardless.
     assert server.wait_exit(60) == 0
@@ -252,10 +295,34 @@ def test_mutual_tls_refuses_a_client_certificate_from_another_ca(
     wrong.write_text(wrong.read_text().replace("give_up_after_s = 60.0", "give_up_after_s = 2.0"))
     refused = d.start_client_from(wrong)
     assert refused.wait_exit(60) == 1
-    assert "server unreachable (UNAVAILABLE" in refused.text()
+    assert "the server refused our TLS handshake" in refused.text()
     server.wait_for("Handshake failed .*certificate signature failure")
     # join_timeout passes with 3 of 4 online; the round runs with the three certified clients.
     assert server.wait_exit(60) == 0
     for proc in honest:
         assert proc.wait_exit(30) == 0
     np.testing.assert_array_equal(d.checkpoint(0), expected_global([[1, 2, 3]]))
+
+
+def test_refusals_reach_the_server_and_a_hopeless_round_stops_the_federation(
+    deploy: Callable[..., Deployment],
+) -> None:
+    """Every institution assumes more collusion than the server's parameters allow: each tells
+    the server why it leaves, and after max_attempts aborts the federation stops, with the
+    reason, instead of retrying forever."""
+    d = deploy(3, count=2, threshold=0, min_clients=3, stage_timeout_s=30.0)
+    text = (d.root / "server.toml").read_text()
+    (d.root / "server.toml").write_text(text.replace("[rounds]\n", "[rounds]\nmax_attempts = 2\n"))
+    server = d.start_server()
+    clients = [
+        d.start_client(c, "[policy]\nmin_cohort = 2\ncorrupt_fraction = 0.5\n") for c in (1, 2, 3)
+    ]
+    assert server.wait_exit(120) == 1
+    log = server.text()
+    assert re.search(r"client 1 \(client-1\) left round 0: PolicyViolation: .*threshold 2 < 3", log)
+    assert "round 0 aborted 2 times in a row" in log
+    for proc in clients:
+        assert proc.wait_exit(30) == 1
+        assert "the server stopped the federation" in proc.text()
+    status = d.status()
+    assert status["rounds"][0]["refusals"][0]["reason"].startswith("PolicyViolation")

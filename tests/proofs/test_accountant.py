@@ -15,9 +15,12 @@ from proofs.accountant import (
     GaussianDpEvent,
     PoissonSampledDpEvent,
     RdpAccountant,
+    SelfComposedDpEvent,
     SkellamDpEvent,
+    composition,
     epsilon_for_rounds,
     rdp_sampled_gaussian,
+    replace_one,
     skellam_rdp,
     subsampled_rdp_upper_bound,
 )
@@ -58,6 +61,8 @@ def test_composition_and_ledger() -> None:
     np.testing.assert_allclose(once.rdp, split.rdp)
     assert once.ledger[0].to_dict()["count"] == 10
     assert once.ledger[0].to_dict()["event"]["event"]["noise_multiplier"] == 1.0
+    assert once.ledger[0].to_dict()["type"] == "SelfComposedDpEvent"
+    assert once.ledger[0].to_dict()["event"]["type"] == "PoissonSampledDpEvent"
 
 
 def test_skellam_approaches_gaussian_for_large_variance() -> None:
@@ -108,3 +113,33 @@ def test_ddgauss_large_scale_is_gaussian() -> None:
 def test_bad_parameters_are_refused(make: object) -> None:
     with pytest.raises(AccountingError):
         make()  # type: ignore[operator]
+
+
+def test_composition_groups_equal_events_without_changing_the_rdp() -> None:
+    a, b = SkellamDpEvent(100.0, 900.0, 4e4), SkellamDpEvent(100.0, 900.0, 5e4)
+    events = [a, b, a, a]
+    grouped = composition(events)
+    assert grouped == ComposedDpEvent((SelfComposedDpEvent(a, 3), b))
+    assert composition([a, a]) == SelfComposedDpEvent(a, 2) and composition([b]) == b
+    one_by_one = RdpAccountant()
+    for event in events:
+        one_by_one.compose(event)
+    np.testing.assert_allclose(RdpAccountant().compose(grouped).rdp, one_by_one.rdp)
+
+
+def test_replace_one_is_the_mechanism_at_twice_the_sensitivity() -> None:
+    # Swapping one clipped update for another moves the sum by up to twice the clip: the same
+    # noise at twice the sensitivity (two zero-out steps).
+    skellam = SkellamDpEvent(100.0, 900.0, 4e4)
+    assert replace_one(skellam) == SkellamDpEvent(200.0, 1800.0, 4e4)
+    assert replace_one(GaussianDpEvent(2.0)) == GaussianDpEvent(1.0)
+    ddg = DistributedDiscreteGaussianDpEvent(10.0, 30.0, 5.0, 8, 64)
+    assert replace_one(ddg) == DistributedDiscreteGaussianDpEvent(20.0, 60.0, 5.0, 8, 64)
+    assert replace_one(SelfComposedDpEvent(skellam, 3)) == SelfComposedDpEvent(
+        replace_one(skellam), 3
+    )
+    zero_out = RdpAccountant().compose(skellam, 10).get_epsilon(1e-5)
+    swapped = RdpAccountant().compose(replace_one(skellam), 10).get_epsilon(1e-5)
+    assert zero_out < swapped
+    with pytest.raises(AccountingError, match="replace-one"):
+        replace_one(PoissonSampledDpEvent(0.1, skellam))

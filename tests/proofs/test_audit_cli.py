@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from fl_core.cli import main
 from proofs.accountant import GaussianDpEvent, epsilon_for_rounds
-from secagg.dp.calibration import accounting_record, round_epsilon
+from secagg.dp.calibration import release_event, round_epsilon
 from secagg.dp.encoder import DpParams
 from secagg.dp.noise import NoiseSpec
 from secagg.protocol import RoundParams, Stage
@@ -26,17 +27,24 @@ NOISE, RATE, DELTA = 1.1, 0.5, 1e-5
 
 
 def write_run(
-    directory: Path, rounds: int = 3, dp: dict[str, Any] | None = None, dropped_in: int = 1
+    directory: Path,
+    rounds: int = 3,
+    dp: dict[str, Any] | None = None,
+    dropped_in: int = 1,
+    cohorts: Sequence[tuple[int, ...]] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> Path:
-    """A run directory as 'fedsec simulate' writes it, from real secure-aggregation sessions."""
+    """A run directory as 'fedsec simulate' writes it, from real secure-aggregation sessions
+    (``cohorts``: one per round, default COHORT every round)."""
     ring = Ring(32)
     (directory / "transcripts").mkdir(parents=True)
-    config = {"secagg": {"ring_bits": 32, "threshold": 4}, "dp": dp}
-    (directory / "run.json").write_text(json.dumps(config))
+    run = {"secagg": {"ring_bits": 32, "threshold": 4}, "dp": dp, **(config or {})}
+    (directory / "run.json").write_text(json.dumps(run))
     lines = []
     for rnd in range(rounds):
-        params = RoundParams(os.urandom(32), ring.bits, DIM, 4, COHORT)
-        inputs = {u: ring.from_signed(np.full(DIM, u - 3, dtype=np.int64)) for u in COHORT}
+        cohort = COHORT if cohorts is None else cohorts[rnd]
+        params = RoundParams(os.urandom(32), ring.bits, DIM, 4, cohort)
+        inputs = {u: ring.from_signed(np.full(DIM, u - 3, dtype=np.int64)) for u in cohort}
         dropouts = {Stage.MASKED_INPUT: [6]} if rnd == dropped_in else None
         result = simulate_round(params, inputs, dropouts=dropouts)
         path = directory / "transcripts" / f"round_{rnd:04d}.json"
@@ -44,7 +52,7 @@ def write_run(
         contributors = list(result.transcript.releases[0].contributors)
         record: dict[str, Any] = {
             "round": rnd,
-            "cohort": list(COHORT),
+            "cohort": list(cohort),
             "contributors": contributors,
             "clip_fraction": 0.25,
         }
@@ -59,6 +67,8 @@ def gaussian() -> dict[str, Any]:
     return {
         "mechanism": "gaussian",
         "noise_multiplier": NOISE,
+        # Written by earlier versions, which amplified by it; the server knows the cohorts, so
+        # the audit must ignore it.
         "sampling_rate": RATE,
         "delta": DELTA,
     }
@@ -75,14 +85,18 @@ def test_dp_run_reports_epsilon_per_round_and_in_total(tmp_path: Path) -> None:
     report, markdown = read_report(run_dir)
     assert report["passed"]
     dp = report["differential_privacy"]
-    expected, _ = epsilon_for_rounds(GaussianDpEvent(NOISE), RATE, 3, DELTA)
+    # Clients 1-5 are in all three releases, each at full rate: no amplification by RATE.
+    expected, _ = epsilon_for_rounds(GaussianDpEvent(NOISE), 1.0, 3, DELTA)
+    amplified, _ = epsilon_for_rounds(GaussianDpEvent(NOISE), RATE, 3, DELTA)
+    assert expected > 1.4 * amplified
     assert dp["enabled"] and dp["delta"] == DELTA
     assert dp["epsilon_total"] == pytest.approx(expected, rel=1e-9)
+    assert dp["most_releases_per_institution"] == 3
     rounds = report["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     cumulative = [r["epsilon_cumulative"] for r in rounds]
     assert cumulative == sorted(cumulative) and cumulative[-1] == dp["epsilon_total"]
-    single, _ = epsilon_for_rounds(GaussianDpEvent(NOISE), RATE, 1, DELTA)
+    single, _ = epsilon_for_rounds(GaussianDpEvent(NOISE), 1.0, 1, DELTA)
     assert rounds[0]["epsilon_round"] == pytest.approx(single, rel=1e-9)
     assert rounds[0]["epsilon_cumulative"] == pytest.approx(single, rel=1e-9)
     # The dropout in round 1 is the smallest released aggregate.
@@ -96,9 +110,12 @@ def test_dp_run_reports_epsilon_per_round_and_in_total(tmp_path: Path) -> None:
         "release_threshold": "passed",
         "session_isolation": "passed",
         "record_integrity": "passed",
+        "graph_seed": "not applicable",
+        "active_server_parameters": "passed",
         "masked_input_uniformity": "passed",
         "run_consistency": "passed",
         "dp_accounting": "passed",
+        "dp_target": "not tested",  # the fixture's records carry no epsilon_target
     }
     assert "**Verdict: ALL CHECKS PASSED.**" in markdown
     assert "The server refused no message." in markdown
@@ -114,7 +131,7 @@ def test_run_without_dp_states_unbounded_epsilon(tmp_path: Path) -> None:
     assert not dp["enabled"]
     assert dp["epsilon_total"] is None and dp["epsilon_unbounded"]
     assert "Differential privacy was OFF" in dp["statement"]
-    assert "Total ε: **∞**" in markdown
+    assert "Total ε against the server: **∞**" in markdown
     assert all(r["epsilon_round"] is None for r in report["rounds"])
 
 
@@ -186,7 +203,11 @@ def test_skellam_record_from_the_calibration_is_accounted_like_the_calibration(
     tmp_path: Path,
 ) -> None:
     params = DpParams(32, DIM, 1.0, 256.0, NoiseSpec("skellam", 300.0), os.urandom(32), 6)
-    dp = {**accounting_record(params, len(COHORT), RATE), "delta": DELTA}
+    dp = {
+        "mechanism": "skellam",
+        "dp_event": release_event(params, len(COHORT)).to_dict(),
+        "delta": DELTA,
+    }
     run_dir = write_run(tmp_path / "run", rounds=1, dp=dp)
     assert main(["audit", str(run_dir)]) == 0
     report, markdown = read_report(run_dir)
@@ -197,7 +218,6 @@ def test_skellam_record_from_the_calibration_is_accounted_like_the_calibration(
         params.noise.stddev,
         len(COHORT),
         params.encoded_dim,
-        RATE,
         1,
         DELTA,
     )
@@ -219,3 +239,126 @@ def test_not_a_run_directory_is_a_one_line_error(
     assert "metrics.jsonl:2: not JSON" in capsys.readouterr().err
     assert main(["audit", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+FIXED_SIZE = {
+    "institutions": [f"inst-{u}" for u in range(1, 9)],
+    "cohort_size": 4,
+    "sampling": {"scheme": "fixed-size", "coins": "public (the run's seed)"},
+}
+#: Four rounds of cohorts of 4 out of 8: every institution is in exactly two releases.
+TWICE_EACH = [(1, 2, 3, 4), (5, 6, 7, 8), (1, 2, 5, 6), (3, 4, 7, 8)]
+
+
+def test_each_figure_names_the_observer_it_holds_against(tmp_path: Path) -> None:
+    run_dir = write_run(
+        tmp_path / "run",
+        rounds=4,
+        dp=gaussian(),
+        dropped_in=-1,
+        cohorts=TWICE_EACH,
+        config=FIXED_SIZE,
+    )
+    assert main(["audit", str(run_dir)]) == 0
+    report, markdown = read_report(run_dir)
+    dp = report["differential_privacy"]
+    assert dp["threat_model"] == "server"
+    figures = {f["name"]: f for f in dp["figures"]}
+    assert list(figures) == [
+        "against the server",
+        "against the server, replace-one",
+        "amplified by sampling",
+    ]
+    server = figures["against the server"]
+    assert server["applicable"] and "server" in server["observer"]
+    assert server["adjacency"].startswith("zero-out")
+    assert server["epsilon"] == dp["epsilon_total"]
+    assert "no amplification" in server["basis"]
+    assert server["event"] == {
+        "type": "SelfComposedDpEvent",
+        "event": {"type": "GaussianDpEvent", "noise_multiplier": NOISE},
+        "count": 2,
+    }
+    swapped = figures["against the server, replace-one"]
+    assert swapped["adjacency"].startswith("replace-one")
+    expected, _ = epsilon_for_rounds(GaussianDpEvent(NOISE / 2), 1.0, 2, DELTA)
+    assert swapped["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert swapped["epsilon"] > server["epsilon"]
+    amplified = figures["amplified by sampling"]
+    assert not amplified["applicable"] and amplified["epsilon"] is None
+    assert "observer of the released models only" in amplified["observer"]
+    assert "Poisson" in amplified["basis"] and "public seed" in amplified["basis"]
+    # privacy.md shows the same three rows with their threat models.
+    assert "| figure | holds against | neighbouring datasets | ε | δ | basis |" in markdown
+    assert "| against the server | the coordinating server" in markdown
+    assert "| amplified by sampling | an observer of the released models only" in markdown
+    assert "n/a" in markdown and "zero-out" in markdown and "replace-one" in markdown
+
+
+def test_epsilon_against_the_server_composes_each_institutions_own_releases(
+    tmp_path: Path,
+) -> None:
+    # Every institution is in two of the four releases: epsilon is two releases at full rate,
+    # not four (rounds without an institution do not touch its data) and not amplified.
+    spread = write_run(
+        tmp_path / "spread",
+        rounds=4,
+        dp=gaussian(),
+        dropped_in=-1,
+        cohorts=TWICE_EACH,
+        config=FIXED_SIZE,
+    )
+    assert main(["audit", str(spread)]) == 0
+    report, _ = read_report(spread)
+    two, _ = epsilon_for_rounds(GaussianDpEvent(NOISE), 1.0, 2, DELTA)
+    assert report["differential_privacy"]["epsilon_total"] == pytest.approx(two, rel=1e-9)
+    assert report["differential_privacy"]["most_releases_per_institution"] == 2
+    # A server that puts institution 1 into every round: its epsilon is four releases.
+    busy = [(1, 2, 3, 4), (1, 6, 7, 8), (1, 2, 5, 6), (1, 4, 7, 8)]
+    skewed = write_run(tmp_path / "skewed", rounds=4, dp=gaussian(), dropped_in=-1, cohorts=busy)
+    assert main(["audit", str(skewed)]) == 0
+    report, _ = read_report(skewed)
+    four, _ = epsilon_for_rounds(GaussianDpEvent(NOISE), 1.0, 4, DELTA)
+    assert report["differential_privacy"]["epsilon_total"] == pytest.approx(four, rel=1e-9)
+
+
+def test_a_release_count_beyond_the_calibrated_target_fails_the_audit(tmp_path: Path) -> None:
+    two, _ = epsilon_for_rounds(GaussianDpEvent(NOISE), 1.0, 2, DELTA)
+    three, _ = epsilon_for_rounds(GaussianDpEvent(NOISE), 1.0, 3, DELTA)
+    dp = {**gaussian(), "epsilon_target": (two + three) / 2}  # noise sized for two releases
+    fair = write_run(tmp_path / "fair", rounds=4, dp=dp, dropped_in=-1, cohorts=TWICE_EACH)
+    assert main(["audit", str(fair)]) == 0
+    busy = [(1, 2, 3, 4), (1, 6, 7, 8), (1, 2, 5, 6), (3, 4, 7, 8)]
+    skewed = write_run(tmp_path / "skewed", rounds=4, dp=dp, dropped_in=-1, cohorts=busy)
+    assert main(["audit", str(skewed)]) == 1
+    report, _ = read_report(skewed)
+    check = next(c for c in report["checks"] if c["name"] == "dp_target")
+    assert check["status"] == "failed"
+    assert "in 3 released sums" in check["reasons"][0]
+
+
+def test_two_releases_in_one_session_cannot_be_accounted(tmp_path: Path) -> None:
+    # The noise is sized for one release per round: a second sum over a different set of
+    # contributors would reveal their difference with only part of the noise.
+    run_dir = write_run(tmp_path / "run", rounds=1, dp=gaussian(), dropped_in=-1)
+    path = run_dir / "transcripts" / "round_0000.json"
+    record = json.loads(path.read_text())
+    record["releases"].append({**record["releases"][0], "contributors": [1, 2, 3, 4, 5]})
+    path.write_text(json.dumps(record))
+    assert main(["audit", str(run_dir)]) == 1
+    report, _ = read_report(run_dir)
+    check = next(c for c in report["checks"] if c["name"] == "dp_accounting")
+    assert check["status"] == "failed"
+    assert "2 sums released in one session" in check["reasons"][0]
+    assert report["differential_privacy"]["epsilon_total"] is None
+
+
+def test_privacy_md_says_what_each_secure_aggregation_figure_holds_against(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run")
+    assert main(["audit", str(run)]) == 0
+    text = (run / "privacy.md").read_text()
+    assert "## What the figures hold against" in text
+    # 6 institutions, t = 4: the recorded quorum (4) keeps U3 unique with one colluder.
+    assert "an active server colluding with up to 1 institution(s) per round" in text
+    crypto = json.loads((run / "privacy.json").read_text())["cryptography"]
+    assert crypto["survivor_set_quorum"] == [4] and crypto["colluders_tolerated"] == [1]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fl_core.cli import main
-from proofs.accountant import SkellamDpEvent, epsilon_for_rounds
+from proofs.accountant import GaussianDpEvent, SkellamDpEvent, epsilon_for_rounds
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
@@ -36,6 +36,30 @@ def test_gaussian_budget_matches_dp_accounting(capsys: pytest.CaptureFixture[str
     assert record["mechanism"] == "gaussian" and record["delta"] == 1e-6
     assert record["noise_multiplier"] == 1.3 and record["sampling_rate"] == 0.02
     assert record["rounds"] == 500
+    # The amplified figure says what it assumes, and the figure without it is beside it.
+    assert "Poisson" in record["amplification_assumes"]
+    assert "cannot see" in record["amplification_assumes"]
+    unamplified, _ = epsilon_for_rounds(GaussianDpEvent(1.3), 1.0, 500, 1e-6)
+    assert record["epsilon_without_amplification"] == pytest.approx(unamplified)
+    assert record["epsilon_without_amplification"] > 10 * record["epsilon"]
+    assert record["adjacency"].startswith("zero-out")
+
+
+def test_help_says_the_amplified_figure_assumes_secret_poisson_coins(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["privacy-budget", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "assumes Poisson sampling with coins the observer cannot see" in text
+    code, out, _ = _run(
+        capsys,
+        ["privacy-budget", "--sampling-rate", "1", "--rounds", "20", "--noise-multiplier", "5"],
+    )
+    assert code == 0
+    record = json.loads(out)
+    assert record["amplification_assumes"] == "none (q = 1)"
+    assert record["epsilon"] == record["epsilon_without_amplification"]
 
 
 def test_skellam_budget_uses_the_sensitivities(capsys: pytest.CaptureFixture[str]) -> None:

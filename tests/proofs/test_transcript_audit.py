@@ -54,7 +54,7 @@ def honest_transcript(
     ring = Ring(bits)
     cohort = tuple(range(1, n + 1))
     survivors = tuple(u for u in cohort if u not in dropped)
-    t = Transcript(session, bits, dim, threshold, None, cohort)
+    t = Transcript(session, bits, dim, threshold, None, cohort, quorum=max(threshold, n // 2 + 1))
     for u in survivors:
         payload = pack(uniform_vector(ring, dim), ring)
         t.masked_inputs[u] = payload
@@ -74,7 +74,10 @@ def test_honest_transcript_passes_every_check() -> None:
     report = audit_transcript(honest_transcript())
     assert report.passed, report.findings
     assert {c.name for c in report.checks} == set(CHECK_DESCRIPTIONS)
-    assert all(c.status == "passed" for c in report.checks)
+    statuses = {c.name: c.status for c in report.checks}
+    assert statuses.pop("graph_seed") == "not applicable"  # a complete-graph session
+    assert set(statuses.values()) == {"passed"}
+    assert "up to 0 colluding" in report.check("active_server_parameters").note
     assert report.vectors_tested == 4
 
 
@@ -131,14 +134,14 @@ def test_release_under_a_lowered_threshold_is_flagged() -> None:
 
 
 def test_release_below_the_dp_survivor_floor_is_flagged_even_above_t() -> None:
-    # The session promised at least 5 contributors (its DP noise is sized for 5); 4 >= t = 3.
-    t = honest_transcript(n=6, threshold=3, dropped=(5, 6))
+    # The session promised at least 5 contributors (its DP noise is sized for 5); 4 >= t = 4.
+    t = honest_transcript(n=6, threshold=4, dropped=(5, 6))
     t.min_survivors = 5
     t.releases = [dataclasses.replace(t.releases[0], threshold=5)]
     (finding,) = audit_transcript(t).check("release_threshold").findings
     assert "4 distinct contributors, release floor 5" in finding.detail
     # Released under t instead of the session's floor: flagged even with enough contributors.
-    ok = honest_transcript(n=6, threshold=3, dropped=(6,))
+    ok = honest_transcript(n=6, threshold=4, dropped=(6,))
     ok.min_survivors = 5
     assert failed(audit_transcript(ok)) == {"release_threshold"}
     ok.releases = [dataclasses.replace(ok.releases[0], threshold=5)]
@@ -151,6 +154,44 @@ def test_transcript_recorded_before_the_floor_existed_loads_without_one() -> Non
     t = Transcript.from_dict(data)
     assert t.min_survivors == 0 and t.min_release == t.threshold
     assert audit_transcript(t).passed
+
+
+def test_a_session_from_before_the_active_server_defences_is_flagged() -> None:
+    data = honest_transcript().to_dict()
+    for key in ("quorum", "seed_commitments", "seed_reveals", "graph_seed"):
+        del data[key]
+    report = audit_transcript(Transcript.from_dict(data))
+    assert failed(report) == {"active_server_parameters"}
+    assert "no survivor-set quorum" in report.findings[0].detail
+
+
+def test_a_splittable_threshold_or_a_small_quorum_is_flagged() -> None:
+    t = dataclasses.replace(honest_transcript(n=6, threshold=3), quorum=3)
+    report = audit_transcript(t)
+    assert failed(report) == {"active_server_parameters"}
+    details = " ".join(f.detail for f in report.findings)
+    assert "threshold 3 < 4" in details and "quorum 3 < 4" in details
+
+
+def test_a_server_chosen_or_ground_graph_seed_is_flagged() -> None:
+    from secagg.params import secaggplus_params
+    from secagg.protocol import RoundParams
+    from secagg.simulate import simulate_round
+
+    plus = secaggplus_params(30, 0.05, 0.05, semi_malicious_server=True)
+    params = RoundParams(os.urandom(32), 32, 64, plus.t, tuple(range(1, 31)), plus.k)
+    ring = params.ring
+    inputs = {u: ring.zeros(64) for u in params.cohort}
+    honest = simulate_round(params, inputs).transcript
+    report = audit_transcript(honest)
+    assert report.check("graph_seed").status == "passed", report.findings
+    assert report.check("active_server_parameters").status == "passed"
+    chosen = dataclasses.replace(honest, graph_seed=os.urandom(32))
+    assert "not the hash of the reveals" in audit_transcript(chosen).findings[0].detail
+    withheld = dataclasses.replace(honest, seed_reveals=honest.seed_reveals[1:])
+    assert failed(audit_transcript(withheld)) >= {"graph_seed"}
+    none = dataclasses.replace(honest, seed_commitments=(), seed_reveals=())
+    assert "may have chosen the graph" in audit_transcript(none).findings[0].detail
 
 
 def test_mixed_session_ids_are_flagged() -> None:

@@ -1,9 +1,11 @@
+import dataclasses
 import os
 
 import pytest
 
 from secagg.errors import MessageFormatError
 from secagg.messages import (
+    VERSION,
     AdvertiseKeys,
     ConsistencyRequest,
     ConsistencySignature,
@@ -11,6 +13,8 @@ from secagg.messages import (
     MaskedInput,
     Message,
     PeerAdvert,
+    SeedCommit,
+    SeedCommitments,
     ShareKeys,
     SharesDelivery,
     UnmaskRequest,
@@ -23,6 +27,12 @@ SID = os.urandom(32)
 ADVERT = PeerAdvert(7, os.urandom(32), os.urandom(32), os.urandom(32), os.urandom(64))
 SAMPLES: list[Message] = [
     AdvertiseKeys(SID, 3, os.urandom(32), os.urandom(32), os.urandom(32), os.urandom(64)),
+    AdvertiseKeys(
+        SID, 3, os.urandom(32), os.urandom(32), os.urandom(32), os.urandom(64), os.urandom(32)
+    ),
+    SeedCommit(SID, 3, os.urandom(32)),
+    SeedCommitments(SID, 3, ((1, os.urandom(32)), (3, os.urandom(32)))),
+    KeysBroadcast(SID, 3, (ADVERT,), ((1, os.urandom(32)), (7, os.urandom(32)))),
     ShareKeys(SID, 3, os.urandom(32), ((1, b"ct1"), (9, b"ct9"))),
     MaskedInput(SID, 3, os.urandom(1000)),
     ConsistencySignature(SID, 3, os.urandom(64)),
@@ -58,7 +68,7 @@ def test_header_checks() -> None:
     data[3] = 99
     with pytest.raises(MessageFormatError, match="version"):
         decode_message(bytes(data))
-    data[3], data[4] = 1, 77
+    data[3], data[4] = VERSION, 77
     with pytest.raises(MessageFormatError, match="unknown message type"):
         decode_message(bytes(data))
 
@@ -77,3 +87,14 @@ def test_non_canonical_lists_refused() -> None:
         encode_message(ShareKeys(SID, 3, bytes(32), ((1, b"a"), (1, b"b"))))
     with pytest.raises(MessageFormatError, match="32 bytes"):
         encode_message(AdvertiseKeys(SID, 3, b"short", bytes(32), bytes(32), bytes(64)))
+
+
+def test_a_seed_reveal_of_the_wrong_size_is_refused() -> None:
+    advert = AdvertiseKeys(SID, 3, os.urandom(32), os.urandom(32), os.urandom(32), os.urandom(64))
+    with pytest.raises(MessageFormatError, match="seed reveal"):
+        encode_message(dataclasses.replace(advert, seed_reveal=b"short"))
+    good = encode_message(dataclasses.replace(advert, seed_reveal=bytes(32)))
+    # Rewrite the reveal's length field (the last 36 bytes are length + reveal) to 31 + 1 spare.
+    bad = good[:-36] + (31).to_bytes(4, "big") + good[-32:-1]
+    with pytest.raises(MessageFormatError):
+        decode_message(bad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from secagg.errors import (
     ProtocolAbort,
     SessionMismatch,
     ShareRequestRefused,
+    SumBackendFailure,
     TooFewSurvivors,
     UnknownClient,
 )
@@ -42,10 +44,11 @@ from secagg.messages import (
     encode_message,
 )
 from secagg.packing import pack, unpack
+from secagg.params import active_server_floor, secaggplus_params
 from secagg.protocol import (
-    PROTOCOL_STAGES,
     ClientPolicy,
     ClientSession,
+    InProcessSum,
     RoundParams,
     Stage,
     context_digest,
@@ -53,7 +56,8 @@ from secagg.protocol import (
 from secagg.ring import Ring, RingArray
 from secagg.simulate import Simulation, make_identities, simulate_round
 
-PERMISSIVE = ClientPolicy(min_threshold=2, min_cohort=2, min_ring_bits=1)
+# No assumed collusion: the smallest thresholds and degrees any client accepts.
+PERMISSIVE = ClientPolicy(min_threshold=2, min_cohort=2, min_ring_bits=1, corrupt_fraction=0.0)
 
 
 def _inputs(params: RoundParams, seed: int = 0) -> dict[int, RingArray]:
@@ -75,7 +79,7 @@ def _exact_sum(inputs: dict[int, RingArray], ids: tuple[int, ...], ring: Ring) -
 def _params(
     n: int = 6, t: int = 3, dim: int = 64, bits: int = 32, k: int | None = None
 ) -> RoundParams:
-    return RoundParams(os.urandom(32), bits, dim, t, tuple(range(1, n + 1)), k, os.urandom(32))
+    return RoundParams(os.urandom(32), bits, dim, t, tuple(range(1, n + 1)), k)
 
 
 # --- correctness ------------------------------------------------------------------------------
@@ -84,17 +88,26 @@ def _params(
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_sum_is_exact_with_dropouts_at_every_stage(data: st.DataObject) -> None:
-    n = data.draw(st.integers(3, 12), label="n")
+    n = data.draw(st.integers(3, 40), label="n")
     k = data.draw(st.one_of(st.none(), st.integers(2, n - 1)), label="k")
-    params0 = _params(n, 2, data.draw(st.integers(1, 40)), data.draw(st.integers(1, 64)), k)
-    degree = params0.graph.degree
-    t = data.draw(st.integers(2, degree + 1), label="t")
+    bits = data.draw(st.integers(1, 64))
+    params0 = _params(n, 2, data.draw(st.integers(1, 40)), bits, k)
+    floor = active_server_floor(n, params0.degree, 0.0, 0.05)
+    if params0.degree < floor.min_degree or floor.min_threshold > params0.degree + 1:
+        params0 = dataclasses.replace(params0, neighbours=None)
+        floor = active_server_floor(n, n - 1, 0.0, 0.05)
+    t = data.draw(st.integers(floor.min_threshold, params0.degree + 1), label="t")
     params = dataclasses.replace(params0, threshold=t)
     inputs = _inputs(params, data.draw(st.integers(0, 2**16)))
-    budget = n - t  # dropouts the protocol must tolerate with a complete graph
+    # Dropouts the protocol must tolerate with a complete graph: down to the release floor
+    # (t and the survivor-set quorum); before any masked input SecAgg+ needs every reveal.
+    budget = n - params.min_release
     dropouts: dict[Stage, set[int]] = {}
     alive = list(params.cohort)
-    for stage in PROTOCOL_STAGES:
+    for stage in params.stages:
+        if stage is Stage.ADVERTISE_KEYS and not params.is_complete:
+            dropouts[stage] = set()
+            continue
         count = data.draw(st.integers(0, budget), label=f"drop@{stage.value}")
         gone = set(data.draw(st.permutations(alive))[:count]) if count else set()
         dropouts[stage] = gone
@@ -104,12 +117,13 @@ def test_sum_is_exact_with_dropouts_at_every_stage(data: st.DataObject) -> None:
         outcome = simulate_round(params, inputs, dropouts=dropouts, policy=PERMISSIVE)
     except TooFewSurvivors:
         # Only possible for sparse graphs, where a neighbourhood can fall below t.
-        assert not params.graph.is_complete
+        assert not params.is_complete
         return
     contributors = outcome.result.contributors
-    dropped_before_input = set().union(*(dropouts[st_] for st_ in PROTOCOL_STAGES[:3]))
+    before_input = [s for s in params.stages if s not in (Stage.CONSISTENCY_CHECK, Stage.UNMASK)]
+    dropped_before_input = set().union(*(dropouts[s] for s in before_input))
     expected = set(params.cohort) - dropped_before_input
-    if params.graph.is_complete:
+    if params.is_complete:
         assert set(contributors) == expected
     else:  # a client whose neighbourhood fell below t refuses to go on, and says so
         assert set(contributors) <= expected
@@ -118,7 +132,8 @@ def test_sum_is_exact_with_dropouts_at_every_stage(data: st.DataObject) -> None:
 
 
 def test_secaggplus_neighbourhoods_with_dropouts() -> None:
-    params = _params(n=40, t=5, dim=500, bits=24, k=8)
+    plus = secaggplus_params(40, 0.05, 0.05, semi_malicious_server=True)
+    params = _params(n=40, t=plus.t, dim=500, bits=24, k=plus.k)
     inputs = _inputs(params, 3)
     outcome = simulate_round(
         params, inputs, dropouts={Stage.MASKED_INPUT: {3, 17}, Stage.UNMASK: {9}}
@@ -129,7 +144,7 @@ def test_secaggplus_neighbourhoods_with_dropouts() -> None:
     )
     # SecAgg+: each client's key and share messages scale with k, not n.
     share_sizes = [m.size for m in outcome.transcript.messages if m.kind == "ShareKeys"]
-    assert max(share_sizes) < 8 * 200
+    assert max(share_sizes) < (plus.k + 1) * 200
 
 
 def test_fewer_than_t_survivors_aborts_and_releases_nothing() -> None:
@@ -152,16 +167,71 @@ def test_too_few_unmask_answers_aborts() -> None:
     assert not sim.server.transcript.releases
 
 
+class _FailingBackend(InProcessSum):
+    """A sum backend whose worker 'dies' at a chosen step (as a process-pool backend's may)."""
+
+    def __init__(self, fail_add_after: int | None = None, fail_unmask: bool = False) -> None:
+        self.adds = 0
+        self.fail_add_after = fail_add_after
+        self.fail_unmask = fail_unmask
+
+    def add_packed(self, total: RingArray, payload: bytes, ring: Ring) -> None:
+        if self.adds == self.fail_add_after:
+            raise SumBackendFailure("worker 2 died")
+        self.adds += 1
+        super().add_packed(total, payload, ring)
+
+    def remove_masks(
+        self,
+        total: RingArray,
+        ring: Ring,
+        add_keys: Sequence[bytes],
+        subtract_keys: Sequence[bytes],
+    ) -> None:
+        if self.fail_unmask:
+            raise SumBackendFailure("worker 1 died")
+        super().remove_masks(total, ring, add_keys, subtract_keys)
+
+
+@pytest.mark.parametrize("bits", [20, 32, 64])
+def test_an_injected_backend_computes_the_sum(bits: int) -> None:
+    params = _params(n=7, t=4, dim=301, bits=bits)
+    inputs = _inputs(params, 5)
+    backend = _FailingBackend()
+    sim = Simulation(params, inputs, dropouts={Stage.MASKED_INPUT: {2}}, server_backend=backend)
+    outcome = sim.run()
+    assert backend.adds == 6
+    np.testing.assert_array_equal(
+        outcome.result.sum, _exact_sum(inputs, outcome.result.contributors, params.ring)
+    )
+
+
+@pytest.mark.parametrize("where", ["add", "unmask"])
+def test_a_failing_sum_backend_aborts_the_session_and_releases_nothing(where: str) -> None:
+    params = _params(n=5, t=3)
+    backend = (
+        _FailingBackend(fail_add_after=2) if where == "add" else _FailingBackend(fail_unmask=True)
+    )
+    sim = Simulation(params, _inputs(params), server_backend=backend)
+    with pytest.raises(ProtocolAbort, match="died"):
+        sim.run()
+    assert sim.server.stage is Stage.ABORTED
+    assert sim.server.abort_reason is not None and "died" in sim.server.abort_reason
+    assert not sim.server.transcript.releases
+    with pytest.raises(ProtocolAbort):
+        _ = sim.server.result
+
+
 # --- the DP survivor floor --------------------------------------------------------------------
 
 
-def _floored(n: int = 6, t: int = 3, floor: int = 5) -> RoundParams:
+def _floored(n: int = 6, t: int = 4, floor: int = 5) -> RoundParams:
     return dataclasses.replace(_params(n=n, t=t), min_survivors=floor)
 
 
 def test_survivor_floor_above_t_aborts_at_the_server_when_too_many_drop() -> None:
     params = _floored()
-    # 4 of 6 masked inputs would meet t = 3, but the noise is sized for at least 5.
+    # 4 of 6 masked inputs would meet t = 4, but the noise is sized for at least 5.
     sim = Simulation(params, _inputs(params), dropouts={Stage.MASKED_INPUT: {1, 2}})
     with pytest.raises(TooFewSurvivors, match="release floor is 5"):
         sim.run()
@@ -194,15 +264,13 @@ def test_client_refuses_a_survivor_set_below_the_floor_even_if_the_server_sends_
 @pytest.mark.parametrize("floor", [2, 7, -1])
 def test_survivor_floor_outside_threshold_and_cohort_is_refused(floor: int) -> None:
     with pytest.raises(ConfigurationError, match="min_survivors"):
-        _floored(n=6, t=3, floor=floor)
+        _floored(n=6, t=4, floor=floor)
 
 
 def test_the_floor_is_bound_into_what_clients_sign() -> None:
-    plain = _params(n=6, t=3)
+    plain = _params(n=6, t=4)
     floored = dataclasses.replace(plain, min_survivors=5)
-    assert plain.min_release == 3 and floored.min_release == 5
-    # No floor: the v1 encoding, unchanged for deployments and records that never set one.
-    assert plain.canonical_bytes().startswith(b"fedsec/secagg/v1/round-params" + plain.session_id)
+    assert plain.min_release == 4 and floored.min_release == 5
     # A server cannot hand some clients a lower floor: their signed digests would differ.
     assert context_digest(plain, b"model") != context_digest(floored, b"model")
     assert context_digest(floored, b"model") != context_digest(
@@ -452,7 +520,8 @@ def test_consistency_signature_forgery_rejected() -> None:
         ({"t": 2}, ClientPolicy(min_threshold=3), "threshold 2 < policy minimum 3"),
         ({"n": 4}, ClientPolicy(min_cohort=10), "cohort of 4 < policy minimum 10"),
         ({"bits": 12}, ClientPolicy(min_ring_bits=16), "ring of 12 bits"),
-        ({"n": 10, "t": 3}, ClientPolicy(min_threshold_fraction=0.5), "below 50%"),
+        ({"n": 10, "t": 5}, ClientPolicy(), "threshold 5 < 6"),
+        ({"n": 10, "t": 6}, ClientPolicy(corrupt_fraction=0.2), "threshold 6 < 7"),
     ],
 )
 def test_client_refuses_parameters_below_policy(

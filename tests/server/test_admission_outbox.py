@@ -62,7 +62,7 @@ def test_each_bad_admission_is_refused_with_its_reason(setup: tuple[Admission, I
     wrong_key = _refusal(
         lambda: admission.authenticate(1, nonce, CERT, _sign(Identity.generate(), nonce))
     )
-    assert wrong_key.code is grpc.StatusCode.UNAUTHENTICATED
+    assert wrong_key.code is grpc.StatusCode.PERMISSION_DENIED  # permanent: do not retry
     assert "does not verify" in str(wrong_key)
     # The nonce was consumed by the failed attempt: a correct signature over it is now useless.
     replay = _refusal(lambda: admission.authenticate(1, nonce, CERT, _sign(identity, nonce)))
@@ -134,3 +134,63 @@ def test_upload_limits_follow_the_round_parameters() -> None:
     assert upload_limit(pb.SHARE_KEYS, 32, 10**6, 5) < 4096  # small messages stay small
     with pytest.raises(WireFormatError):
         upload_limit(pb.MESSAGE_KIND_UNSPECIFIED, 32, 1000, 5)
+
+
+def test_an_outsider_asking_for_challenges_cannot_keep_a_client_out(
+    setup: tuple[Admission, Identity],
+) -> None:
+    """Anyone who reaches the port may request challenges for any id; before, each request
+    replaced the institution's pending nonce, so a loop of them locked it out."""
+    admission, identity = setup
+    nonce = admission.challenge(1)
+    for _ in range(50):
+        admission.challenge(1)  # the outsider, between the client's two calls
+    token = admission.authenticate(1, nonce, CERT, _sign(identity, nonce))
+    assert admission.client_of(token) == 1
+    # Outstanding nonces stay single use and bound to their id.
+    replay = _refusal(lambda: admission.authenticate(1, nonce, CERT, _sign(identity, nonce)))
+    assert "already used" in str(replay)
+    forged = bytes(32)
+    assert "not issued" in str(
+        _refusal(lambda: admission.authenticate(1, forged, CERT, _sign(identity, forged)))
+    )
+
+
+def test_a_second_process_of_one_institution_is_refused_while_the_first_is_live(
+    setup: tuple[Admission, Identity],
+) -> None:
+    admission, identity = setup
+
+    def admit(instance: bytes, polling: bool = False) -> bytes:
+        nonce = admission.challenge(1)
+        return admission.authenticate(
+            1, nonce, CERT, _sign(identity, nonce), instance, polling=polling
+        )
+
+    first = admit(b"A")
+    admission.client_of(first)  # the first process polls
+    duplicate = _refusal(lambda: admit(b"B"))
+    assert duplicate.code is grpc.StatusCode.ALREADY_EXISTS and "running twice" in str(duplicate)
+    assert admission.client_of(first) == 1  # the first one keeps its login
+    again = admit(b"A")  # the same process re-admitting (it lost its token) is let in
+    assert admission.client_of(again) == 1
+    with pytest.raises(Refusal):
+        admission.client_of(first)
+
+
+def test_a_restarted_process_is_admitted_once_the_old_one_is_silent(
+    setup: tuple[Admission, Identity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.admission as module
+
+    admission, identity = setup
+    nonce = admission.challenge(1)
+    admission.authenticate(1, nonce, CERT, _sign(identity, nonce), b"old")
+    monkeypatch.setattr(module, "ACTIVE_WITHIN_S", 0.0)
+    time.sleep(0.01)
+    nonce = admission.challenge(1)
+    with pytest.raises(Refusal):  # ... unless a poll of the old one is still in flight
+        admission.authenticate(1, nonce, CERT, _sign(identity, nonce), b"new", polling=True)
+    nonce = admission.challenge(1)
+    token = admission.authenticate(1, nonce, CERT, _sign(identity, nonce), b"new")
+    assert admission.client_of(token) == 1

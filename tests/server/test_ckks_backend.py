@@ -1,8 +1,10 @@
-"""The ckks backend without processes: config refusals, the server's round state, the runner's
-dispatch, the client's refusals, the institutions' key files and the store's backend column."""
+"""The ckks backend without processes: config refusals, the server's session, the runner's
+dispatch, the client's refusals (a forged aggregate, a replayed round), the institutions' key
+files and the store's backend column."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -14,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import tenseal as ts
 
 from clients.client_config import load_client_config
 from clients.transport import ClientTransport, random_update
@@ -28,20 +31,28 @@ from fl_core.wire.he_files import (
     load_public_context,
     load_secret_context,
 )
-from fl_core.wire.he_round import ckks_params_from_config, encode_release, he_upload_limit
+from fl_core.wire.he_round import (
+    ckks_params_from_config,
+    ckks_spec_from_config,
+    decode_release,
+    encode_release,
+    he_upload_limit,
+)
 from fl_core.wire.toml_config import ConfigError
 from secagg.errors import TooFewSurvivors, UnexpectedMessage
 from secagg.he import (
     DecryptedSum,
-    HEClient,
+    HeClientSession,
+    HeServerSession,
     KeyAnnouncement,
-    SecretContext,
+    NoDecryptor,
+    PublicContext,
     generate_federation_keys,
 )
+from secagg.he.backend import KIND_AGGREGATE, KIND_UPDATE, Envelope, pack, unpack
 from secagg.he.errors import AggregateIntegrityError, ContextMismatch
 from secagg.keys import AgreementKeyPair
 from server.admission import Refusal
-from server.ckks_round import CkksRound, NoDecryptor
 from server.config import load_server_config
 from server.outbox import Mailboxes
 from server.rounds import RoundRunner
@@ -63,19 +74,23 @@ def runner(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> RoundRunne
     return RoundRunner(config, Store(tmp_path_factory.mktemp("state") / "s.db"), Mailboxes())
 
 
-def _round(runner: RoundRunner, cohort: list[int]) -> CkksRound:
+def _round(runner: RoundRunner, cohort: list[int]) -> tuple[HeServerSession, pb.RoundConfig]:
     config, _ = runner._round_config(0, cohort)
     assert runner._config.ckks is not None
-    return CkksRound(runner._config.ckks.public, config)
+    return HeServerSession(runner._config.ckks.public, ckks_spec_from_config(config)), config
 
 
-def _client(bundle: Path, client_id: int, ckks: CkksRound) -> HEClient:
+def _client(bundle: Path, client_id: int, config: pb.RoundConfig) -> HeClientSession:
     held = load_secret_context(bundle / f"client-{client_id}" / "he-secret.ctx")
-    return HEClient(held.for_round(ckks.params), ckks.session_id, ckks.config.dim)
+    spec = ckks_spec_from_config(config)
+    return HeClientSession(client_id, held.for_round(spec.params), spec, b"model")
 
 
-def _upload(bundle: Path, client_id: int, ckks: CkksRound) -> bytes:
-    return _client(bundle, client_id, ckks).encrypt_update(random_update(ckks.config, client_id))
+def _uploads(
+    bundle: Path, config: pb.RoundConfig, cohort: tuple[int, ...]
+) -> tuple[dict[int, HeClientSession], dict[int, bytes]]:
+    clients = {c: _client(bundle, c, config) for c in cohort}
+    return clients, {c: clients[c].encrypt(random_update(config, c)) for c in cohort}
 
 
 # --- config -------------------------------------------------------------------------------
@@ -163,72 +178,76 @@ def test_a_public_context_file_holding_the_secret_key_is_refused(bundle: Path) -
 def test_uploads_are_added_foreign_ones_refused_and_the_release_applied(
     bundle: Path, runner: RoundRunner
 ) -> None:
-    ckks = _round(runner, [1, 2, 3, 4])
-    assert ckks.config.backend == pb.BACKEND_CKKS and ckks.config.dim == DIM
+    ckks, config = _round(runner, [1, 2, 3, 4])
+    assert config.backend == pb.BACKEND_CKKS and config.dim == DIM
+    clients, uploads = _uploads(bundle, config, (1, 2, 3))
     for c in (1, 2, 3):
-        upload = _upload(bundle, c, ckks)
-        assert len(upload) <= he_upload_limit(pb.HE_UPDATE, ckks.params, DIM)
-        ckks.receive_update(c, upload)
+        assert len(uploads[c]) <= he_upload_limit(pb.HE_UPDATE, ckks.params, DIM)
+        ckks.receive_update(c, uploads[c])
     foreign = generate_federation_keys(CkksShape().key_params())
-    rogue = HEClient(
-        SecretContext(foreign.secret.context, ckks.params, foreign.fingerprint),
-        ckks.session_id,
-        DIM,
-    ).encrypt_update(random_update(ckks.config, 4))
+    foreign_spec = dataclasses.replace(ckks.spec, fingerprint=foreign.fingerprint)
+    rogue = HeClientSession(
+        4, foreign.secret.for_params(ckks.params), foreign_spec, b"model"
+    ).encrypt(random_update(config, 4))
     with pytest.raises(ContextMismatch):
         ckks.receive_update(4, rogue)
     assert ckks.pending == frozenset()  # its only upload failed: no longer awaited
     assert ckks.contributors == (1, 2, 3)
 
-    ckks.close_uploads()
-    decryptor, aggregate = ckks.next_decryptor()
-    assert decryptor == 1
-    released = _client(bundle, 1, ckks).decrypt_sum(aggregate)
+    aggregate = ckks.close_uploads()
+    assert ckks.decryptor == 1 and ckks.pending == {1}
+    released = clients[1].decrypt(aggregate)
+    wire = decode_release(encode_release(ckks.session_id, released), ckks.session_id, DIM)
     with pytest.raises(UnexpectedMessage):
-        ckks.receive_release(2, encode_release(ckks.session_id, released))
-    ckks.receive_release(1, encode_release(ckks.session_id, released))
-    exact = sum(random_update(ckks.config, c).astype(np.float64) for c in (1, 2, 3))
+        ckks.receive_release(2, wire)
+    ckks.receive_release(1, wire)
+    exact = sum(random_update(config, c).astype(np.float64) for c in (1, 2, 3))
     result = ckks.result
-    assert result.weight_sum == 3 and result.num_contributors == 3
+    assert result.weight == 3 and result.contributors == 3
     bound = ckks.params.release_step(3) + 4 * np.finfo(np.float32).eps
-    assert np.abs(result.contribution_sum - exact).max() <= bound
+    assert np.abs(result.total - exact).max() <= bound
 
 
-def test_too_few_uploads_abort_and_decryptors_are_bounded(
+def test_too_few_uploads_or_a_lost_decryptor_abort_with_nothing_released(
     bundle: Path, runner: RoundRunner
 ) -> None:
-    few = _round(runner, [1, 2, 3, 4])
+    few, config = _round(runner, [1, 2, 3, 4])
+    _, uploads = _uploads(bundle, config, (1, 2))
     for c in (1, 2):  # min_contributors is 3
-        few.receive_update(c, _upload(bundle, c, few))
+        few.receive_update(c, uploads[c])
     with pytest.raises(TooFewSurvivors):
         few.close_uploads()
 
-    ckks = _round(runner, [1, 2, 3, 4])
-    for c in (1, 2, 3, 4):
-        ckks.receive_update(c, _upload(bundle, c, ckks))
-    ckks.close_uploads()
-    assert [ckks.next_decryptor()[0] for _ in range(3)] == [1, 2, 3]
-    with pytest.raises(NoDecryptor):
-        ckks.next_decryptor()
+    # The decryptor is the lowest id of the cohort, fixed before the uploads; if it did not
+    # upload the attempt ends at once: no other client is asked (two decryptors of one session
+    # could be handed different sums).
+    ckks, config = _round(runner, [1, 2, 3, 4])
+    _, uploads = _uploads(bundle, config, (2, 3, 4))
+    for c in (2, 3, 4):
+        ckks.receive_update(c, uploads[c])
+    with pytest.raises(NoDecryptor, match="client 1, did not upload"):
+        ckks.close_uploads()
+    assert ckks.stage.value == "aborted"
 
 
 def test_a_release_that_miscounts_contributors_is_refused(
     bundle: Path, runner: RoundRunner
 ) -> None:
-    ckks = _round(runner, [1, 2, 3])
+    ckks, config = _round(runner, [1, 2, 3])
+    _, uploads = _uploads(bundle, config, (1, 2, 3))
     for c in (1, 2, 3):
-        ckks.receive_update(c, _upload(bundle, c, ckks))
+        ckks.receive_update(c, uploads[c])
     ckks.close_uploads()
-    decryptor, _ = ckks.next_decryptor()
     forged = DecryptedSum(np.zeros(DIM, np.float32), 2.0, 2)
     with pytest.raises(AggregateIntegrityError, match="counts 2 contributors"):
-        ckks.receive_release(decryptor, encode_release(ckks.session_id, forged))
+        ckks.receive_release(ckks.decryptor, forged)
+    assert ckks.stage.value == "aborted"
 
 
 def test_runner_refuses_uploads_of_the_other_backend_or_from_outside_the_cohort(
     runner: RoundRunner,
 ) -> None:
-    ckks = _round(runner, [1, 2, 3])
+    ckks, _ = _round(runner, [1, 2, 3])
     runner._ckks = ckks  # as the round loop installs it
     try:
         header = pb.SubmitHeader(session_id=ckks.session_id, kind=pb.MASKED_INPUT)
@@ -284,8 +303,15 @@ def _transport(bundle: Path, client_id: int, backend: str | None = None) -> Clie
         path.write_text(text[: text.index("[ckks]")])
     transport = ClientTransport(load_client_config(path))
     sent: list[int] = []
-    transport._send = lambda kind, payload: sent.append(kind)  # type: ignore[method-assign]
+    payloads: list[bytes] = []
+
+    def send(kind: int, payload: bytes) -> None:
+        sent.append(kind)
+        payloads.append(payload)
+
+    transport._send = send  # type: ignore[method-assign, assignment]
     transport.sent = sent  # type: ignore[attr-defined]
+    transport.payloads = payloads  # type: ignore[attr-defined]
     return transport
 
 
@@ -315,6 +341,68 @@ def test_client_refuses_a_round_of_another_backend_or_key_without_uploading(
 
     ckks_client._start_round(ckks_config.SerializeToString(), b"")
     assert ckks_client.sent == [pb.HE_UPDATE]  # type: ignore[attr-defined]
+
+
+def _scaled(public: PublicContext, config: pb.RoundConfig, upload: bytes, k: int) -> bytes:
+    """What a server can make alone: one upload added to itself k times, claimed as 1..k."""
+    params = ckks_params_from_config(config)
+    envelope = unpack(upload, params, KIND_UPDATE, config.session_id, config.dim, 1)
+    chunks = []
+    for chunk in envelope.chunks:
+        total = ts.ckks_vector_from(public.context, chunk)
+        for _ in range(k - 1):
+            total.add_(ts.ckks_vector_from(public.context, chunk))
+        chunks.append(bytes(total.serialize()))
+    ids = tuple(range(1, k + 1))
+    return pack(
+        Envelope(
+            KIND_AGGREGATE,
+            config.session_id,
+            envelope.fingerprint,
+            envelope.encoded_dim,
+            ids,
+            tuple(chunks),
+        )
+    )
+
+
+def test_the_decryptor_client_releases_the_honest_sum_and_nothing_forged(
+    bundle: Path, runner: RoundRunner
+) -> None:
+    """Through the deployed client: a server that sends client 2's upload three times as the sum
+    of clients 1, 2, 3 gets no release (the client leaves the round); the honest sum of the same
+    round shape is released; a RoundStart replayed under a used session id is refused."""
+    assert runner._config.ckks is not None
+    public = runner._config.ckks.public
+    transports = {c: _transport(bundle, c) for c in (1, 2, 3)}
+
+    config, payload = runner._round_config(0, [1, 2, 3])
+    for t in transports.values():
+        t._start_round(config.SerializeToString(), payload)
+    uploads = {c: t.payloads[0] for c, t in transports.items()}  # type: ignore[attr-defined]
+    forged = _scaled(public, config, uploads[2], 3)
+    decryptor = transports[1]
+    decryptor._on_he_aggregate(config.session_id, forged)
+    assert decryptor.sent == [pb.HE_UPDATE]  # type: ignore[attr-defined]
+    assert decryptor._round is None and decryptor.stats.rounds_aborted == 1
+
+    # The same session id again: refused before training, nothing uploaded (the round in
+    # flight is dropped, the replay refused: two aborts).
+    transports[2]._start_round(config.SerializeToString(), payload)
+    assert transports[2].sent == [pb.HE_UPDATE]  # type: ignore[attr-defined]
+    assert transports[2].stats.rounds_aborted == 2
+
+    config, payload = runner._round_config(1, [1, 2, 3])
+    server = HeServerSession(public, ckks_spec_from_config(config))
+    for c, t in transports.items():
+        t._start_round(config.SerializeToString(), payload)
+        server.receive_update(c, t.payloads[-1])  # type: ignore[attr-defined]
+    decryptor._on_he_aggregate(config.session_id, server.close_uploads())
+    assert decryptor.sent[-1] == pb.HE_DECRYPTED_SUM  # type: ignore[attr-defined]
+    release = decode_release(decryptor.payloads[-1], config.session_id, DIM)  # type: ignore[attr-defined]
+    server.receive_release(1, release)
+    exact = sum(random_update(config, c).astype(np.float64) for c in (1, 2, 3))
+    assert np.abs(server.result.total - exact).max() <= 1e-6
 
 
 # --- the institutions' key files ------------------------------------------------------------

@@ -13,8 +13,9 @@ from clients.client_config import load_client_config
 from fl_core.cli import UsageError, main
 from fl_core.wire.credentials import load_identity, load_roster
 from fl_core.wire.toml_config import ConfigError
+from secagg.params import SessionShape
 from server import keygen_cli
-from server.config import load_server_config
+from server.config import default_workers, load_server_config
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_bundle_configs_load_and_identities_match_the_roster(bundle: Path) -> None:
     server = load_server_config(bundle / "server.toml")
     assert sorted(server.roster) == [1, 2, 3, 4]
-    assert server.rounds.cohort_size == 4 and server.rounds.threshold == 3
+    assert server.rounds.cohort_size == 4 and server.rounds.threshold == 0  # derived per round
+    assert server.rounds.session_shape(4).threshold == 3 and server.rounds.corrupt_fraction == 0.05
     for client_id in (1, 2, 3, 4):
         client = load_client_config(bundle / f"client-{client_id}" / "client.toml")
         assert client.client_id == client_id
@@ -80,15 +82,17 @@ def _edit(bundle: Path, tmp_path: Path, old: str, new: str) -> Path:
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("threshold = 3", "treshold = 3", r"rounds.threshold is required"),
+        ("ring_bits = 32", "ring_bits = 32\ntreshold = 3", r"unknown key\(s\) rounds.treshold"),
         ("count = 2", "count = 2\nbogus = 1", r"unknown key\(s\) rounds.bogus"),
-        ("threshold = 3", "threshold = 4", r"must be < rounds.min_clients"),
+        ("ring_bits = 32", "ring_bits = 32\nthreshold = 5", r"of 4: threshold 5 exceeds"),
+        ("corrupt_fraction = 0.05", "corrupt_fraction = 1.5", r"must be in \[0, 1\)"),
         ("cohort_size = 4", "cohort_size = 9", r"exceeds the 4 institutions"),
         ("ring_bits = 32", "ring_bits = 65", r"rounds.ring_bits must be <= 64"),
         ("count = 2", 'count = "2"', r"rounds.count must be an integer"),
         ('kind = "random"', 'kind = "magic"', r"task.kind must be one of random, train"),
         ('roster = "roster.toml"', 'roster = "nope.toml"', r"server.roster: .* does not exist"),
         ("[task]", "[task", r"not valid TOML"),
+        ('state_dir = "state"', 'state_dir = "state"\nworkers = 0', r"server.workers must be >= 1"),
     ],
 )
 def test_server_config_errors_name_the_key(
@@ -96,6 +100,12 @@ def test_server_config_errors_name_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load_server_config(_edit(bundle, tmp_path, old, new))
+
+
+def test_server_workers_default_to_the_cpus_and_can_be_set(bundle: Path, tmp_path: Path) -> None:
+    assert load_server_config(bundle / "server.toml").workers == default_workers() >= 1
+    edited = _edit(bundle, tmp_path, 'state_dir = "state"', 'state_dir = "state"\nworkers = 3')
+    assert load_server_config(edited).workers == 3
 
 
 def test_roster_with_a_bad_key_is_refused(tmp_path: Path) -> None:
@@ -114,3 +124,22 @@ def test_client_config_refuses_a_non_ed25519_identity(bundle: Path, tmp_path: Pa
     path.write_text(text.replace('"identity.key"', '"../pki/server.key"'))
     with pytest.raises(ConfigError, match="must be Ed25519"):
         load_client_config(path)
+
+
+def test_the_server_config_can_raise_the_threshold_never_lower_it(
+    bundle: Path, tmp_path: Path
+) -> None:
+    lowered = load_server_config(
+        _edit(bundle, tmp_path, "ring_bits = 32", "ring_bits = 32\nthreshold = 2")
+    )
+    assert lowered.rounds.session_shape(4).threshold == 3  # the active-server floor for n = 4
+    raised = load_server_config(
+        _edit(bundle, tmp_path, "ring_bits = 32", "ring_bits = 32\nthreshold = 4")
+    )
+    assert raised.rounds.session_shape(4).threshold == 4
+    sparse = load_server_config(
+        _edit(bundle, tmp_path, "ring_bits = 32", "ring_bits = 32\nneighbours = 2")
+    )
+    # With no corrupt client assumed in 4 (5 %), a 4-cycle with t = 2 is safe: 2t > k + 0 + 1.
+    assert sparse.rounds.session_shape(4) == SessionShape(2, 2, 3)
+    assert sparse.rounds.session_shape(40).neighbours == 8  # raised to the finder's degree

@@ -59,7 +59,7 @@ def test_the_coordinator_sends_its_recipe_and_the_scheduled_lr(root: Path) -> No
 
 
 def test_defaults_follow_the_adapters_base(root: Path) -> None:
-    for adapter, lr in (("embedded", 1e-2), ("pretrained", 2e-4)):
+    for adapter, lr in (("embedded", 1e-2), ("pretrained", 1e-3)):
         path = server_with(root, f'[task]\nkind = "train"\ninitial_adapter = "{adapter}"\n')
         assert load_server_config(path).task.recipe.lr == lr
 

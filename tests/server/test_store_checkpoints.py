@@ -10,7 +10,13 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from server.checkpoints import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from server.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from server.store import RoundStatus, Store, StoreError
 
 
@@ -98,3 +104,18 @@ def test_checkpoint_round_trip_and_tamper_detection(tmp_path: Path) -> None:
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "none.safetensors")
+
+
+def test_checkpoint_retention_keeps_the_newest_and_their_adapters(tmp_path: Path) -> None:
+    for number in range(5):
+        save_checkpoint(tmp_path, Checkpoint(number, np.full(4, number, dtype=np.float32)))
+        (tmp_path / f"adapter-{number:06d}").mkdir()
+    assert prune_checkpoints(tmp_path, 0) == []  # 0: keep everything
+    assert prune_checkpoints(tmp_path, 2) == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter-000003",
+        "adapter-000004",
+        "round-000003.safetensors",
+        "round-000004.safetensors",
+    ]
+    assert load_checkpoint(tmp_path / "round-000004.safetensors").global_vector[0] == 4
