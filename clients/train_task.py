@@ -3,14 +3,21 @@
 Per round: load the global trainable LoRA vector the server sent, train locally
 (:func:`clients.trainer.train_local`), and encode ``delta`` with weight ``n`` (the local sample
 count) for the secure sum, so the server can form the sample-weighted FedAvg mean without
-learning any single ``n``. Under the ckks backend the transport encrypts the same ``delta`` and
-``n`` (:meth:`LocalTrainer.local_update`) instead of quantizing them. The training seed is
+learning any single ``n``. A round whose task names the ``dpo`` objective trains the DPO loss on
+the institution's preference pairs instead (:func:`clients.dpo.train_dpo`; ``n`` is then the
+pair count), against this round's global vector or, when the task names a reference digest, the
+vector the DPO stage's first round sent (kept from that round; a client that did not see it
+refuses the stage's rounds, since it cannot compute the reference). Under the ckks backend the
+transport encrypts the same ``delta`` and ``n`` (:meth:`LocalTrainer.local_update`) instead of
+quantizing them. The training seed is
 (round seed, round number, client id): a run can be reproduced exactly in one process, which the
 integration test does.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -18,11 +25,14 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from clients import defaults
 from clients.client_config import ClientConfig, TrainOptions
 from clients.data import Example, alpaca_example, load_jsonl, tokenize
 from clients.devices import resolve_runtime
+from clients.dpo import DPO_LOSSES, DpoSettings, train_dpo
 from clients.model_factory import build_default_base, load_source, model_source
-from clients.synthetic import make_federation
+from clients.preference_data import PreferencePair, TokenizedPairs, load_pairs, tokenize_pairs
+from clients.synthetic import make_federation, make_preferences
 from clients.trainer import (
     LocalResult,
     LoraModel,
@@ -52,6 +62,23 @@ def _examples(config: ClientConfig, options: TrainOptions) -> list[Example]:
         )
     institution = federation.institutions[names.index(config.synthetic)]
     return [alpaca_example(r) for r in institution.records]
+
+
+def _pairs(config: ClientConfig, options: TrainOptions) -> list[PreferencePair] | None:
+    if config.preference is not None:
+        return [r.pair for r in load_pairs(config.preference)]
+    if config.synthetic is None:
+        return None
+    task = make_preferences(
+        options.institutions,
+        defaults.PAIRS_PER_INSTITUTION,
+        defaults.TEST_PAIRS_PER_INSTITUTION,
+        defaults.OWN_DOMAIN_SHARE,
+        seed=options.federation_seed,
+    )
+    if config.synthetic not in task.train:
+        return None  # refused with the SFT data's message
+    return list(task.train[config.synthetic])
 
 
 def _optimizer(name: str) -> Literal["adamw", "sgd"]:
@@ -96,10 +123,19 @@ class LocalTrainer:
             "local data",
             recipe.chat_template,
         )
+        pairs = _pairs(config, options)
+        self.pairs: TokenizedPairs | None = None
+        if pairs is not None:
+            self.pairs = tokenize_pairs(
+                pairs, tokenizer, recipe.max_length, "local preference pairs", recipe.chat_template
+            )
         self._client_id = config.client_id
         # Batches drawn in earlier rounds of this process: the data order continues from there
         # (a restarted client starts its order again; it is data order only, nothing secret).
         self._batches_drawn = 0
+        self._pair_batches_drawn = 0
+        #: The DPO stage's reference (its digest and vector), kept from the stage's first round.
+        self._reference: tuple[bytes, np.ndarray] | None = None
 
     def write_initial_adapter(self, directory: Path) -> None:
         """The coordinator's starting adapter; it names a pretrained base (so the coordinator
@@ -127,9 +163,57 @@ class LocalTrainer:
             data_offset=self._batches_drawn,
             grad_accum=min(self.recipe.grad_accum, task.batch_size),
         )
-        result = train_local(self.lm, global_vector, self.data, settings, self.pad_id)
-        self._batches_drawn += result.steps
+        objective = task.objective or "sft"
+        if objective == "sft":
+            result = train_local(self.lm, global_vector, self.data, settings, self.pad_id)
+            self._batches_drawn += result.steps
+            return result
+        if objective != "dpo":
+            raise ConfigurationError(
+                f"the round asks for objective {objective!r}; this client trains sft, dpo"
+            )
+        if task.dpo_loss not in DPO_LOSSES:
+            raise ConfigurationError(
+                f"the round asks for DPO loss {task.dpo_loss!r}; this client has "
+                + ", ".join(DPO_LOSSES)
+            )
+        pairs = self._require_pairs()
+        result = train_dpo(
+            self.lm,
+            global_vector,
+            pairs,
+            replace(settings, data_offset=self._pair_batches_drawn),
+            DpoSettings(task.dpo_beta, task.dpo_loss),
+            self.pad_id,
+            self._dpo_reference(task.dpo_reference, global_vector),
+        )
+        self._pair_batches_drawn += result.steps
         return result
+
+    def _require_pairs(self) -> TokenizedPairs:
+        if self.pairs is None:
+            raise ConfigurationError(
+                "the round trains DPO but this client has no preference pairs: set [data] "
+                "preference (or synthetic, for an embedded institution)"
+            )
+        return self.pairs
+
+    def _dpo_reference(self, digest: bytes, global_vector: np.ndarray) -> np.ndarray | None:
+        """The reference vector a DPO round names (None: this round's global vector)."""
+        if not digest:
+            return None
+        if self._reference is not None and self._reference[0] == digest:
+            return self._reference[1]
+        served = hashlib.sha256(np.ascontiguousarray(global_vector, "<f4").tobytes()).digest()
+        if served == digest:
+            # The stage's first round: the vector it sent is the stage's reference.
+            self._reference = (digest, global_vector.copy())
+            return None
+        raise ConfigurationError(
+            "the round's DPO reference is the vector of the DPO stage's first round, which this "
+            "client did not receive (it joined or restarted later); it cannot compute the "
+            "reference log-probabilities"
+        )
 
     def local_update(self, config: pb.RoundConfig, model: bytes) -> LocalResult:
         """Check the round against this client, train, and return ``delta`` and the weight."""
@@ -138,9 +222,10 @@ class LocalTrainer:
             raise ConfigurationError(
                 f"global model of {len(model)} bytes for {self.lm.layout.size} coordinates"
             )
-        if len(self.data) > task.max_weight:
+        weight = len(self._require_pairs()) if task.objective == "dpo" else len(self.data)
+        if weight > task.max_weight:
             raise ConfigurationError(
-                f"{len(self.data)} local samples exceed the round's max_weight {task.max_weight}"
+                f"{weight} local samples exceed the round's max_weight {task.max_weight}"
             )
         return self.train(config, np.frombuffer(model, dtype="<f4").astype(np.float32))
 

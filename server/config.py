@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from fl_core.adapter_io import load_adapter
 from fl_core.errors import AdapterFormatError
-from fl_core.recipe import EMBEDDED, BaseKind, Recipe, resolve_table
+from fl_core.recipe import EMBEDDED, BaseKind, Recipe, RecipeError, resolve_table
 from fl_core.wire.credentials import check_key_pair, load_certificates, load_roster
 from fl_core.wire.toml_config import ConfigError, Table, load_toml
 from secagg.encoding import QuantizationParams
@@ -251,6 +251,10 @@ def load_server_config(path: Path) -> ServerConfig:
             raise ConfigError(f"{path}: task.initial_adapter: {exc}") from None
         base: BaseKind = "embedded" if adapter.base_model_name_or_path is None else "pretrained"
         recipe = resolve_table(task_table, "round", base).recipe
+        try:
+            recipe.stage_rounds(rounds.rounds)
+        except RecipeError as exc:
+            raise ConfigError(f"{path}: task.stage: {exc}") from None
         if recipe.strategy not in SERVER_STRATEGIES:
             raise ConfigError(
                 f"{path}: task.strategy {recipe.strategy} needs per-client options this wire "

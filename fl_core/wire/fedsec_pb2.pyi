@@ -138,7 +138,7 @@ class RandomTask(_message.Message):
     def __init__(self, seed: _Optional[int] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("seed", "local_steps", "learning_rate", "batch_size", "max_weight", "layout_fingerprint", "local_epochs", "optimizer", "max_grad_norm")
+    __slots__ = ("seed", "local_steps", "learning_rate", "batch_size", "max_weight", "layout_fingerprint", "local_epochs", "optimizer", "max_grad_norm", "objective", "dpo_beta", "dpo_loss", "dpo_reference")
     SEED_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,10 @@ class TrainTask(_message.Message):
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    DPO_BETA_FIELD_NUMBER: _ClassVar[int]
+    DPO_LOSS_FIELD_NUMBER: _ClassVar[int]
+    DPO_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     seed: int
     local_steps: int
     learning_rate: float
@@ -157,7 +161,11 @@ class TrainTask(_message.Message):
     local_epochs: int
     optimizer: str
     max_grad_norm: float
-    def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_weight: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., local_epochs: _Optional[int] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+    objective: str
+    dpo_beta: float
+    dpo_loss: str
+    dpo_reference: bytes
+    def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_weight: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., local_epochs: _Optional[int] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., objective: _Optional[str] = ..., dpo_beta: _Optional[float] = ..., dpo_loss: _Optional[str] = ..., dpo_reference: _Optional[bytes] = ...) -> None: ...
 
 class RoundStart(_message.Message):
     __slots__ = ("config",)

@@ -179,5 +179,5 @@ def test_stage_settings_are_checked() -> None:
         "dpo_loss": "ipo",
     }
     # Every DPO setting is the coordinator's: an institution's [train] table refuses it.
-    with pytest.raises(RecipeError, match="coordinator's: set it in server.toml \\[task\\]"):
+    with pytest.raises(RecipeError, match=r"coordinator's: set it in server\.toml \[task\]"):
         overrides_from_mapping({"dpo_beta": 0.2}, "local")
