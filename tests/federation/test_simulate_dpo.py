@@ -64,7 +64,7 @@ def test_sft_then_dpo_in_one_run_is_aggregated_securely_and_audited(
         "dpo_start": 1,
         "beta": 0.1,
         "loss": "sigmoid",
-        "reference": "round",
+        "reference": "sft",
         "lr": 0.005,
     }
     assert run["pairs"] == dict.fromkeys(institutions, 16)
@@ -73,6 +73,33 @@ def test_sft_then_dpo_in_one_run_is_aggregated_securely_and_audited(
     assert "| 1 | dpo | 3 |" in report and "within the bound" in report
     assert (out / "loss.png").is_file()
     assert main(["audit", str(out)]) == 0
+
+
+@pytest.mark.usefixtures("tiny_defaults")
+@pytest.mark.parametrize(
+    "privacy", [["--backend", "ckks"], ["--dp-epsilon", "8", "--dp-clip", "0.5"]], ids=str
+)
+def test_dpo_rounds_under_ckks_or_dp_match_the_plaintext_sum_and_pass_the_audit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], privacy: list[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["simulate", "--institutions", "3", "--rounds", "2", "--local-steps", "1", *TINY]
+    argv += ["--stage", "dpo", "--dpo-lr", "0.005", *PAIRS, *privacy, "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
+    records = _records(out)
+    assert [r["objective"] for r in records] == ["dpo", "dpo"]
+    for r in records:
+        # CKKS: within its decryption bound; DP: the secure sum is the plaintext ring sum of
+        # the same noised vectors, exactly (bound 0).
+        assert r["secure_vs_plain_max_abs_diff"] <= r["quantization_bound"]  # type: ignore[operator]
+    assert main(["audit", str(out)]) == 0
+    assert "all checks passed" in capsys.readouterr().out
+    audit = json.loads((out / "privacy.json").read_text())
+    assert audit["passed"] and audit["differential_privacy"]["enabled"] == (
+        "--dp-epsilon" in privacy
+    )
+    if "--dp-epsilon" in privacy:  # both DPO rounds accounted, within the run's target
+        assert audit["differential_privacy"]["epsilon_total"] <= 8.0
 
 
 @pytest.mark.usefixtures("tiny_defaults")
