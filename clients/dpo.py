@@ -11,8 +11,9 @@ the per-token means of the same log-ratios and the squared loss
 ``(delta - 1 / (2 beta))^2``, as TRL does (``loss_type="ipo"``; tests/clients/test_dpo.py checks
 both losses against TRL's implementation).
 
-The reference is the same base with another LoRA vector: the global adapter the round started
-from (the default), or the one the DPO stage started from (``dpo_reference = "sft"``). It is never
+The reference is the same base with another LoRA vector: the adapter the DPO stage started from
+(``dpo_reference = "sft"``, the recipe's default: after SFT rounds, the SFT adapter), or the
+global adapter each round starts from (``"round"``, :func:`train_dpo` without one). It is never
 a second copy of the model: before the first step, the LoRA model is set to the reference vector
 and the log-probabilities of every pair the round's batches will use are computed once, without
 gradients and in eval mode (no LoRA dropout); training then starts from the global vector on the
