@@ -73,11 +73,11 @@ from fl_core.aggregation import (
 from fl_core.aggregation import SecureAggregateMismatch as SecureAggregateMismatch
 from fl_core.aggregation import quantization_bound as quantization_bound
 from fl_core.errors import FLError
-from fl_core.round import EncodingSpec, client_contribution, round_context
+from fl_core.round import EncodingSpec, client_contribution, release_record, round_context
 from fl_core.sampling import ClientSampler
 from fl_core.strategies import ClientOptions, Strategy, build_strategy
 from fl_core.updates import check_finite
-from secagg.dp.calibration import Calibration, calibrate, release_event
+from secagg.dp.calibration import Calibration, calibrate
 from secagg.dp.noise import Mechanism
 from secagg.errors import ConfigurationError
 from secagg.params import SessionShape, release_floor, session_shape
@@ -427,14 +427,12 @@ class Federation:
         uploads = [aggregate.upload[u] for u in aggregate.contributors]
         dp_fields = None
         if self.calibration is not None and self.config.dp is not None:
-            event = release_event(self.calibration.params, len(aggregate.contributors))
-            dp_fields = {
-                "mechanism": self.calibration.params.noise.mechanism,
-                "dp_event": event.to_dict(),
-                "noise_multiplier": self.calibration.noise_multiplier,
-                "delta": self.config.dp.delta,
-                "epsilon_target": self.config.dp.epsilon,
-            }
+            dp_fields = release_record(
+                self.calibration,
+                len(aggregate.contributors),
+                self.config.dp.delta,
+                self.config.dp.epsilon,
+            )
         metrics = RoundMetrics(
             round=round_index,
             backend=self.backend.name,

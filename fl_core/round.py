@@ -27,11 +27,13 @@ import hashlib
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from fl_core.strategies import AggregateInput, ClientOptions, Strategy
+from secagg.dp.calibration import Calibration, release_event
 from secagg.dp.encoder import DpEncoder, DpParams
 from secagg.encoding import QuantizationParams, decode_sum, encode
 from secagg.errors import ConfigurationError
@@ -200,6 +202,21 @@ class EncodingSpec:
             self.ring_bits, self.clip, cohort_size, self.max_weight, weighted=self.weighted
         )
         return RoundCodec(self.contribution_size, quant=quant)
+
+
+def release_record(
+    calibration: Calibration, contributors: int, delta: float, epsilon_target: float
+) -> dict[str, Any]:
+    """The DP fields of a released round's metrics record: the release's privacy event (what
+    the audit composes), and the calibration it came from."""
+    event = release_event(calibration.params, contributors)
+    return {
+        "mechanism": calibration.params.noise.mechanism,
+        "dp_event": event.to_dict(),
+        "noise_multiplier": calibration.noise_multiplier,
+        "delta": delta,
+        "epsilon_target": epsilon_target,
+    }
 
 
 def client_contribution(

@@ -183,14 +183,23 @@ class RunWriter:
         adapter_config: AdapterConfig,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        record = {**outcome.metrics.to_json(), **(extra or {})}
-        name = round_name(outcome.metrics.round)
-        transcript = json.dumps(outcome.transcript.to_dict())
-        (self.directory / TRANSCRIPT_DIR / f"{name}.json").write_text(transcript + "\n")
-        save_adapter(self.directory / ADAPTER_DIR / name, adapter, adapter_config)
+        self.record({**outcome.metrics.to_json(), **(extra or {})}, outcome.transcript)
+        self.save_adapter(outcome.metrics.round, adapter, adapter_config)
+
+    def record(self, record: Mapping[str, Any], transcript: Transcript | CkksRoundRecord) -> None:
+        """One released round: its metrics line (``record["round"]``) and the server's record
+        of the session. The in-process federation and the deployed server both write here."""
+        name = round_name(int(record["round"]))
+        text = json.dumps(transcript.to_dict())
+        (self.directory / TRANSCRIPT_DIR / f"{name}.json").write_text(text + "\n")
         with (self.directory / METRICS_FILE).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        self.records.append(record)
+            handle.write(json.dumps(dict(record)) + "\n")
+        self.records.append(dict(record))
+
+    def save_adapter(
+        self, round_index: int, adapter: Mapping[str, np.ndarray], config: AdapterConfig
+    ) -> None:
+        save_adapter(self.directory / ADAPTER_DIR / round_name(round_index), adapter, config)
 
     def finish(
         self,

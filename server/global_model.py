@@ -32,11 +32,14 @@ import numpy as np
 
 from fl_core.adapter_io import AdapterConfig, load_adapter, save_adapter
 from fl_core.errors import AdapterFormatError
+from fl_core.round import EncodingSpec
 from fl_core.strategies import AggregateInput, Strategy, build_strategy
 from fl_core.updates import LoraLayout
 from fl_core.wire import fedsec_pb2 as pb
+from fl_core.wire.convert import codec_from_config, codec_to_config
 from fl_core.wire.toml_config import ConfigError
-from secagg.encoding import QuantizationParams, decode_sum
+from secagg.dp.calibration import Calibration, calibrate
+from secagg.errors import ConfigurationError
 from secagg.protocol import AggregateResult
 from server.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from server.config import ServerConfig
@@ -48,6 +51,31 @@ DPO_REFERENCE_FILE = "dpo-reference.sha256"
 def vector_digest(vector: np.ndarray) -> bytes:
     """SHA-256 of a global vector as it travels (little-endian float32)."""
     return hashlib.sha256(np.ascontiguousarray(vector, "<f4").tobytes()).digest()
+
+
+def _calibrate(config: ServerConfig, contribution_size: int) -> Calibration:
+    """The run's DP noise: against the server, each institution may be in every round (the
+    coordinator draws cohorts from whoever is online), no amplification; sized for the
+    fewest contributors a round may release, which every session enforces."""
+    dp, rounds = config.dp, config.rounds
+    if dp is None:
+        raise ConfigError("no [dp] to calibrate")
+    floor = rounds.dp_floor(rounds.cohort_size)
+    try:
+        return calibrate(
+            mechanism=dp.mechanism,
+            epsilon=dp.epsilon,
+            delta=dp.delta,
+            participations=rounds.rounds,
+            expected_cohort=rounds.cohort_size,
+            dropouts=rounds.cohort_size - floor,
+            ring_bits=dp.ring_bits,
+            clip=dp.clip,
+            dim=contribution_size,
+            seed=os.urandom(32),
+        )
+    except ConfigurationError as exc:
+        raise ConfigError(f"[dp]: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -77,48 +105,53 @@ class GlobalModel:
             self.vector = layout.flatten({k: tensors[k] for k in layout.names})
         else:
             self.vector = np.zeros(task.dim, dtype=np.float32)
-        self.strategy: Strategy = build_strategy(
-            task.recipe.strategy, self.vector.size, task.recipe.params()
+        hparams = dict(task.recipe.params()) if task.kind == "train" else {}
+        if task.recipe.strategy == "scaffold":
+            hparams.setdefault("num_clients", len(config.roster))  # N: the whole population
+        self.strategy: Strategy = build_strategy(task.recipe.strategy, self.vector.size, hparams)
+        weighted = self.strategy.client_weight(2) != self.strategy.client_weight(1)
+        self.calibration: Calibration | None = None
+        if config.dp is not None:
+            self.calibration = _calibrate(config, self.strategy.contribution_size())
+        self.encoding = EncodingSpec(
+            self.strategy.contribution_size(),
+            config.rounds.ring_bits,
+            task.clip,
+            max_weight=task.max_weight if task.kind == "train" and weighted else 1,
+            weighted=task.kind == "train" and weighted,
+            dp=None if self.calibration is None else self.calibration.params,
         )
-        options = self.strategy.client_options()
-        if options.prox_mu or options.server_control is not None:
-            raise ConfigError(
-                f"strategy {task.recipe.strategy} needs client options; not supported"
-            )
         #: The DPO stage's reference (``dpo_reference = "sft"``), by digest, once it started.
         self.dpo_reference: bytes | None = None
 
     # --- rounds -----------------------------------------------------------------------------
 
-    def quantization(self, cohort_size: int) -> QuantizationParams:
-        rounds, task = self._config.rounds, self._config.task
-        if task.kind == "train":
-            return QuantizationParams.fit(
-                rounds.ring_bits, task.clip, cohort_size, task.max_weight, weighted=True
-            )
-        return QuantizationParams.fit(rounds.ring_bits, task.clip, max_clients=cohort_size)
+    @property
+    def min_survivors(self) -> int:
+        """With DP, the contributors every release must have (the noise is sized for them)."""
+        return 0 if self.calibration is None else self.calibration.min_contributors
 
     def fill_round(self, config: pb.RoundConfig) -> bytes:
-        """Set the task fields of ``config``; returns the payload that follows RoundStart.
+        """Set the task and encoding fields of ``config``; returns the payload that follows
+        RoundStart (the global vector, and SCAFFOLD's server control variate after it).
 
-        Under masking, ``dim`` is the length of the ring vector (plus the weight coordinate in
-        weighted mode) and ``scale`` the fixed-point scale; under ckks, ``dim`` is the model
-        vector's length (the CKKS envelope adds the weight slot itself) and there is no scale.
+        Under masking the round's codec (:class:`fl_core.round.RoundCodec`, plain or DP) goes
+        into the config; under ckks ``dim`` is the model vector's length (the CKKS envelope adds
+        the weight slot itself) and there is no codec.
         """
         task, rounds = self._config.task, self._config.rounds
-        quant = (
-            self.quantization(len(config.cohort)) if config.backend == pb.BACKEND_MASKING else None
-        )
-        config.clip = task.clip
-        if quant is not None:
-            config.scale = quant.scale
+        if config.backend == pb.BACKEND_MASKING:
+            codec_to_config(self.encoding.codec(len(config.cohort)), config)
+            config.min_survivors = self.min_survivors
+        else:
+            config.clip = task.clip
+            config.dim = self.strategy.contribution_size()
+        options = self.strategy.client_options()
         if self._adapter is None:
-            config.dim = self.vector.size
             config.model_dim = 0
             config.random.seed = rounds.seed
             return b""
-        config.weighted = True
-        config.dim = self.vector.size if quant is None else quant.encoded_dim(self.vector.size)
+        config.weighted = config.backend == pb.BACKEND_CKKS or self.encoding.weighted
         config.model_dim = self.vector.size
         config.train.seed = rounds.seed
         recipe = task.recipe
@@ -133,8 +166,14 @@ class GlobalModel:
         config.train.max_grad_norm = recipe.max_grad_norm
         config.train.max_weight = task.max_weight
         config.train.layout_fingerprint = self._adapter.layout.fingerprint()
+        config.train.strategy = self.strategy.name
+        config.train.prox_mu = options.prox_mu
         self._fill_objective(config.train, min(config.round_number, rounds.rounds - 1))
-        return self.vector.astype("<f4").tobytes()
+        payload = self.vector.astype("<f4").tobytes()
+        if options.server_control is not None:
+            config.train.server_control = True
+            payload += options.server_control.astype("<f4").tobytes()
+        return payload
 
     def _fill_objective(self, train: pb.TrainTask, round_number: int) -> None:
         recipe, rounds = self._config.task.recipe, self._config.rounds.rounds
@@ -158,33 +197,23 @@ class GlobalModel:
         train.dpo_reference = self.dpo_reference
 
     def decode(self, config: pb.RoundConfig, result: AggregateResult) -> AggregateInput:
-        """A masking round's released ring sum as floats, ready for :meth:`apply_sum`."""
-        quant = QuantizationParams(
-            config.ring_bits,
-            config.clip,
-            config.scale,
-            max_clients=len(config.cohort),
-            max_weight=config.train.max_weight if config.weighted else 1,
-            weighted=config.weighted,
-        )
-        decoded = decode_sum(result.sum, quant, len(result.contributors))
-        return AggregateInput(
-            decoded.total.astype(np.float64), decoded.weight, len(result.contributors)
-        )
+        """A masking round's released ring sum as the strategy's input, by the codec the round
+        was sent with."""
+        return codec_from_config(config).decode(result.sum, len(result.contributors))
 
     def apply_sum(self, released: AggregateInput) -> None:
-        """Apply the strategy to an already decoded sum (a ckks round's decrypted release)."""
-        if released.contribution_sum.shape != self.vector.shape:
+        """Apply the strategy to a decoded sum (both backends end here)."""
+        if released.contribution_sum.shape != (self.strategy.contribution_size(),):
             raise ConfigError(
-                f"released sum has {released.contribution_sum.size} coordinates, the global "
-                f"model has {self.vector.size}"
+                f"released sum has {released.contribution_sum.size} coordinates, the strategy "
+                f"expects {self.strategy.contribution_size()}"
             )
         self.vector = self.strategy.aggregate(self.vector, released).astype(np.float32)
 
     # --- persistence ------------------------------------------------------------------------
 
-    def save(self, directory: Path, round_number: int) -> Path:
-        """Checkpoint (and, for LoRA, a PEFT adapter directory beside it); returns the file."""
+    def save(self, directory: Path, round_number: int) -> tuple[Path, Path | None]:
+        """Checkpoint, and for LoRA a PEFT adapter directory beside it; returns both paths."""
         state = self.strategy.state_dict()
         path = save_checkpoint(directory, Checkpoint(round_number, self.vector, state))
         reference = directory / DPO_REFERENCE_FILE
@@ -192,11 +221,13 @@ class GlobalModel:
             tmp = reference.with_suffix(".tmp")
             tmp.write_text(self.dpo_reference.hex() + "\n")
             os.replace(tmp, reference)
-        if self._adapter is not None:
-            tensors = dict(self._adapter.tensors)
-            tensors.update(self._adapter.layout.unflatten(self.vector))
-            save_adapter(directory / f"adapter-{round_number:06d}", tensors, self._adapter.config)
-        return path
+        if self._adapter is None:
+            return path, None
+        tensors = dict(self._adapter.tensors)
+        tensors.update(self._adapter.layout.unflatten(self.vector))
+        adapter = directory / f"adapter-{round_number:06d}"
+        save_adapter(adapter, tensors, self._adapter.config)
+        return path, adapter
 
     def restore(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)

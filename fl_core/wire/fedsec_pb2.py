@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66l_core/wire/fedsec.proto\x12\x0e\x66\x65\x64sec.wire.v1\"%\n\x10\x43hallengeRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\"\x1f\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"x\n\x13\x41uthenticateRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x1a\n\x12server_cert_sha256\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x10\n\x08instance\x18\x05 \x01(\x0c\"4\n\x11\x41uthenticateReply\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x10\n\x08next_seq\x18\x02 \x01(\x04\":\n\x0bPollRequest\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"\xa7\x03\n\x0bRoundConfig\x12\x14\n\x0cround_number\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x11\n\tring_bits\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\x04\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x0e\n\x06\x63ohort\x18\x06 \x03(\r\x12\x12\n\nneighbours\x18\x07 \x01(\r\x12\x11\n\tmodel_dim\x18\t \x01(\x04\x12,\n\x06random\x18\n \x01(\x0b\x32\x1a.fedsec.wire.v1.RandomTaskH\x00\x12*\n\x05train\x18\x0b \x01(\x0b\x32\x19.fedsec.wire.v1.TrainTaskH\x00\x12\x0c\n\x04\x63lip\x18\x0c \x01(\x01\x12\r\n\x05scale\x18\r \x01(\x01\x12\x10\n\x08weighted\x18\x0e \x01(\x08\x12(\n\x07\x62\x61\x63kend\x18\x0f \x01(\x0e\x32\x17.fedsec.wire.v1.Backend\x12\'\n\x04\x63kks\x18\x10 \x01(\x0b\x32\x19.fedsec.wire.v1.CkksRound\x12\x0e\n\x06quorum\x18\x11 \x01(\rB\x06\n\x04taskJ\x04\x08\x08\x10\tR\ngraph_seed\"\x88\x01\n\tCkksRound\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1b\n\x13\x63oeff_mod_bit_sizes\x18\x02 \x03(\r\x12\x12\n\nscale_bits\x18\x03 \x01(\r\x12\x18\n\x10min_contributors\x18\x04 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\x0c\"\x1a\n\nRandomTask\x12\x0c\n\x04seed\x18\x01 \x01(\x04\"\x97\x02\n\tTrainTask\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x13\n\x0blocal_steps\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_weight\x18\x05 \x01(\r\x12\x1a\n\x12layout_fingerprint\x18\x06 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x07 \x01(\r\x12\x11\n\toptimizer\x18\x08 \x01(\t\x12\x15\n\rmax_grad_norm\x18\t \x01(\x01\x12\x11\n\tobjective\x18\n \x01(\t\x12\x10\n\x08\x64po_beta\x18\x0b \x01(\x01\x12\x10\n\x08\x64po_loss\x18\x0c \x01(\t\x12\x15\n\rdpo_reference\x18\r \x01(\x0c\"\x1c\n\nRoundStart\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\x0c\" \n\nSecAggItem\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\"!\n\x0bHeAggregate\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\"R\n\x08RoundEnd\x12\x14\n\x0cround_number\x18\x01 \x01(\x04\x12\x11\n\tcompleted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\"\x06\n\x04Idle\"\xa2\x02\n\nServerItem\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12$\n\x04idle\x18\x02 \x01(\x0b\x32\x14.fedsec.wire.v1.IdleH\x00\x12\x31\n\x0bround_start\x18\x03 \x01(\x0b\x32\x1a.fedsec.wire.v1.RoundStartH\x00\x12,\n\x06secagg\x18\x04 \x01(\x0b\x32\x1a.fedsec.wire.v1.SecAggItemH\x00\x12-\n\tround_end\x18\x05 \x01(\x0b\x32\x18.fedsec.wire.v1.RoundEndH\x00\x12\x33\n\x0che_aggregate\x18\x07 \x01(\x0b\x32\x1b.fedsec.wire.v1.HeAggregateH\x00\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x42\x06\n\x04kind\"R\n\x0bServerFrame\x12*\n\x04item\x18\x01 \x01(\x0b\x32\x1a.fedsec.wire.v1.ServerItemH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\x88\x01\n\x0cSubmitHeader\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x14\n\x0cround_number\x18\x02 \x01(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\x0c\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.fedsec.wire.v1.MessageKind\x12\x14\n\x0cpayload_size\x18\x05 \x01(\x04\"V\n\x0b\x43lientFrame\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedsec.wire.v1.SubmitHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\r\n\x0bSubmitReply*0\n\x07\x42\x61\x63kend\x12\x13\n\x0f\x42\x41\x43KEND_MASKING\x10\x00\x12\x10\n\x0c\x42\x41\x43KEND_CKKS\x10\x01*\xda\x01\n\x0bMessageKind\x12\x1c\n\x18MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x44VERTISE_KEYS\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\x10\n\x0cMASKED_INPUT\x10\x03\x12\x19\n\x15\x43ONSISTENCY_SIGNATURE\x10\x04\x12\x13\n\x0fUNMASK_RESPONSE\x10\x05\x12\r\n\tHE_UPDATE\x10\x06\x12\x14\n\x10HE_DECRYPTED_SUM\x10\x07\x12\x0f\n\x0bSEED_COMMIT\x10\x08\x12\x11\n\rROUND_REFUSAL\x10\t2\xbe\x02\n\x0b\x43oordinator\x12M\n\tChallenge\x12 .fedsec.wire.v1.ChallengeRequest\x1a\x1e.fedsec.wire.v1.ChallengeReply\x12V\n\x0c\x41uthenticate\x12#.fedsec.wire.v1.AuthenticateRequest\x1a!.fedsec.wire.v1.AuthenticateReply\x12\x42\n\x04Poll\x12\x1b.fedsec.wire.v1.PollRequest\x1a\x1b.fedsec.wire.v1.ServerFrame0\x01\x12\x44\n\x06Submit\x12\x1b.fedsec.wire.v1.ClientFrame\x1a\x1b.fedsec.wire.v1.SubmitReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66l_core/wire/fedsec.proto\x12\x0e\x66\x65\x64sec.wire.v1\"%\n\x10\x43hallengeRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\"\x1f\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"x\n\x13\x41uthenticateRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x1a\n\x12server_cert_sha256\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x10\n\x08instance\x18\x05 \x01(\x0c\"4\n\x11\x41uthenticateReply\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x10\n\x08next_seq\x18\x02 \x01(\x04\":\n\x0bPollRequest\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"\xfd\x03\n\x0bRoundConfig\x12\x14\n\x0cround_number\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x11\n\tring_bits\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\x04\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x0e\n\x06\x63ohort\x18\x06 \x03(\r\x12\x12\n\nneighbours\x18\x07 \x01(\r\x12\x11\n\tmodel_dim\x18\t \x01(\x04\x12,\n\x06random\x18\n \x01(\x0b\x32\x1a.fedsec.wire.v1.RandomTaskH\x00\x12*\n\x05train\x18\x0b \x01(\x0b\x32\x19.fedsec.wire.v1.TrainTaskH\x00\x12\x0c\n\x04\x63lip\x18\x0c \x01(\x01\x12\r\n\x05scale\x18\r \x01(\x01\x12\x10\n\x08weighted\x18\x0e \x01(\x08\x12(\n\x07\x62\x61\x63kend\x18\x0f \x01(\x0e\x32\x17.fedsec.wire.v1.Backend\x12\'\n\x04\x63kks\x18\x10 \x01(\x0b\x32\x19.fedsec.wire.v1.CkksRound\x12\x0e\n\x06quorum\x18\x11 \x01(\r\x12\x15\n\rmin_survivors\x18\x12 \x01(\r\x12#\n\x02\x64p\x18\x13 \x01(\x0b\x32\x17.fedsec.wire.v1.DpRound\x12\x18\n\x10\x63ontribution_dim\x18\x14 \x01(\x04\x42\x06\n\x04taskJ\x04\x08\x08\x10\tR\ngraph_seed\"\x83\x01\n\x07\x44pRound\x12\x11\n\tmechanism\x18\x01 \x01(\t\x12\x0e\n\x06stddev\x18\x02 \x01(\x01\x12\x0c\n\x04\x63lip\x18\x03 \x01(\x01\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x15\n\rrotation_seed\x18\x05 \x01(\x0c\x12\x13\n\x0bmax_clients\x18\x06 \x01(\r\x12\x0c\n\x04\x62\x65ta\x18\x07 \x01(\x01\"\x88\x01\n\tCkksRound\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1b\n\x13\x63oeff_mod_bit_sizes\x18\x02 \x03(\r\x12\x12\n\nscale_bits\x18\x03 \x01(\r\x12\x18\n\x10min_contributors\x18\x04 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\x0c\"\x1a\n\nRandomTask\x12\x0c\n\x04seed\x18\x01 \x01(\x04\"\xd2\x02\n\tTrainTask\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x13\n\x0blocal_steps\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_weight\x18\x05 \x01(\r\x12\x1a\n\x12layout_fingerprint\x18\x06 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x07 \x01(\r\x12\x11\n\toptimizer\x18\x08 \x01(\t\x12\x15\n\rmax_grad_norm\x18\t \x01(\x01\x12\x10\n\x08strategy\x18\n \x01(\t\x12\x0f\n\x07prox_mu\x18\x0b \x01(\x01\x12\x16\n\x0eserver_control\x18\x0c \x01(\x08\x12\x11\n\tobjective\x18\r \x01(\t\x12\x10\n\x08\x64po_beta\x18\x0e \x01(\x01\x12\x10\n\x08\x64po_loss\x18\x0f \x01(\t\x12\x15\n\rdpo_reference\x18\x10 \x01(\x0c\"\x1c\n\nRoundStart\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\x0c\" \n\nSecAggItem\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\"!\n\x0bHeAggregate\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\"R\n\x08RoundEnd\x12\x14\n\x0cround_number\x18\x01 \x01(\x04\x12\x11\n\tcompleted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\"\x06\n\x04Idle\"\xa2\x02\n\nServerItem\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12$\n\x04idle\x18\x02 \x01(\x0b\x32\x14.fedsec.wire.v1.IdleH\x00\x12\x31\n\x0bround_start\x18\x03 \x01(\x0b\x32\x1a.fedsec.wire.v1.RoundStartH\x00\x12,\n\x06secagg\x18\x04 \x01(\x0b\x32\x1a.fedsec.wire.v1.SecAggItemH\x00\x12-\n\tround_end\x18\x05 \x01(\x0b\x32\x18.fedsec.wire.v1.RoundEndH\x00\x12\x33\n\x0che_aggregate\x18\x07 \x01(\x0b\x32\x1b.fedsec.wire.v1.HeAggregateH\x00\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x42\x06\n\x04kind\"R\n\x0bServerFrame\x12*\n\x04item\x18\x01 \x01(\x0b\x32\x1a.fedsec.wire.v1.ServerItemH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\x88\x01\n\x0cSubmitHeader\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x14\n\x0cround_number\x18\x02 \x01(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\x0c\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.fedsec.wire.v1.MessageKind\x12\x14\n\x0cpayload_size\x18\x05 \x01(\x04\"V\n\x0b\x43lientFrame\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedsec.wire.v1.SubmitHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\r\n\x0bSubmitReply*0\n\x07\x42\x61\x63kend\x12\x13\n\x0f\x42\x41\x43KEND_MASKING\x10\x00\x12\x10\n\x0c\x42\x41\x43KEND_CKKS\x10\x01*\xda\x01\n\x0bMessageKind\x12\x1c\n\x18MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x44VERTISE_KEYS\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\x10\n\x0cMASKED_INPUT\x10\x03\x12\x19\n\x15\x43ONSISTENCY_SIGNATURE\x10\x04\x12\x13\n\x0fUNMASK_RESPONSE\x10\x05\x12\r\n\tHE_UPDATE\x10\x06\x12\x14\n\x10HE_DECRYPTED_SUM\x10\x07\x12\x0f\n\x0bSEED_COMMIT\x10\x08\x12\x11\n\rROUND_REFUSAL\x10\t2\xbe\x02\n\x0b\x43oordinator\x12M\n\tChallenge\x12 .fedsec.wire.v1.ChallengeRequest\x1a\x1e.fedsec.wire.v1.ChallengeReply\x12V\n\x0c\x41uthenticate\x12#.fedsec.wire.v1.AuthenticateRequest\x1a!.fedsec.wire.v1.AuthenticateReply\x12\x42\n\x04Poll\x12\x1b.fedsec.wire.v1.PollRequest\x1a\x1b.fedsec.wire.v1.ServerFrame0\x01\x12\x44\n\x06Submit\x12\x1b.fedsec.wire.v1.ClientFrame\x1a\x1b.fedsec.wire.v1.SubmitReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fl_core.wire.fedsec_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BACKEND']._serialized_start=2038
-  _globals['_BACKEND']._serialized_end=2086
-  _globals['_MESSAGEKIND']._serialized_start=2089
-  _globals['_MESSAGEKIND']._serialized_end=2307
+  _globals['_BACKEND']._serialized_start=2317
+  _globals['_BACKEND']._serialized_end=2365
+  _globals['_MESSAGEKIND']._serialized_start=2368
+  _globals['_MESSAGEKIND']._serialized_end=2586
   _globals['_CHALLENGEREQUEST']._serialized_start=45
   _globals['_CHALLENGEREQUEST']._serialized_end=82
   _globals['_CHALLENGEREPLY']._serialized_start=84
@@ -46,33 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLLREQUEST']._serialized_start=293
   _globals['_POLLREQUEST']._serialized_end=351
   _globals['_ROUNDCONFIG']._serialized_start=354
-  _globals['_ROUNDCONFIG']._serialized_end=777
-  _globals['_CKKSROUND']._serialized_start=780
-  _globals['_CKKSROUND']._serialized_end=916
-  _globals['_RANDOMTASK']._serialized_start=918
-  _globals['_RANDOMTASK']._serialized_end=944
-  _globals['_TRAINTASK']._serialized_start=947
-  _globals['_TRAINTASK']._serialized_end=1226
-  _globals['_ROUNDSTART']._serialized_start=1228
-  _globals['_ROUNDSTART']._serialized_end=1256
-  _globals['_SECAGGITEM']._serialized_start=1258
-  _globals['_SECAGGITEM']._serialized_end=1290
-  _globals['_HEAGGREGATE']._serialized_start=1292
-  _globals['_HEAGGREGATE']._serialized_end=1325
-  _globals['_ROUNDEND']._serialized_start=1327
-  _globals['_ROUNDEND']._serialized_end=1409
-  _globals['_IDLE']._serialized_start=1411
-  _globals['_IDLE']._serialized_end=1417
-  _globals['_SERVERITEM']._serialized_start=1420
-  _globals['_SERVERITEM']._serialized_end=1710
-  _globals['_SERVERFRAME']._serialized_start=1712
-  _globals['_SERVERFRAME']._serialized_end=1794
-  _globals['_SUBMITHEADER']._serialized_start=1797
-  _globals['_SUBMITHEADER']._serialized_end=1933
-  _globals['_CLIENTFRAME']._serialized_start=1935
-  _globals['_CLIENTFRAME']._serialized_end=2021
-  _globals['_SUBMITREPLY']._serialized_start=2023
-  _globals['_SUBMITREPLY']._serialized_end=2036
-  _globals['_COORDINATOR']._serialized_start=2310
-  _globals['_COORDINATOR']._serialized_end=2628
+  _globals['_ROUNDCONFIG']._serialized_end=863
+  _globals['_DPROUND']._serialized_start=866
+  _globals['_DPROUND']._serialized_end=997
+  _globals['_CKKSROUND']._serialized_start=1000
+  _globals['_CKKSROUND']._serialized_end=1136
+  _globals['_RANDOMTASK']._serialized_start=1138
+  _globals['_RANDOMTASK']._serialized_end=1164
+  _globals['_TRAINTASK']._serialized_start=1167
+  _globals['_TRAINTASK']._serialized_end=1505
+  _globals['_ROUNDSTART']._serialized_start=1507
+  _globals['_ROUNDSTART']._serialized_end=1535
+  _globals['_SECAGGITEM']._serialized_start=1537
+  _globals['_SECAGGITEM']._serialized_end=1569
+  _globals['_HEAGGREGATE']._serialized_start=1571
+  _globals['_HEAGGREGATE']._serialized_end=1604
+  _globals['_ROUNDEND']._serialized_start=1606
+  _globals['_ROUNDEND']._serialized_end=1688
+  _globals['_IDLE']._serialized_start=1690
+  _globals['_IDLE']._serialized_end=1696
+  _globals['_SERVERITEM']._serialized_start=1699
+  _globals['_SERVERITEM']._serialized_end=1989
+  _globals['_SERVERFRAME']._serialized_start=1991
+  _globals['_SERVERFRAME']._serialized_end=2073
+  _globals['_SUBMITHEADER']._serialized_start=2076
+  _globals['_SUBMITHEADER']._serialized_end=2212
+  _globals['_CLIENTFRAME']._serialized_start=2214
+  _globals['_CLIENTFRAME']._serialized_end=2300
+  _globals['_SUBMITREPLY']._serialized_start=2302
+  _globals['_SUBMITREPLY']._serialized_end=2315
+  _globals['_COORDINATOR']._serialized_start=2589
+  _globals['_COORDINATOR']._serialized_end=2907
 # @@protoc_insertion_point(module_scope)

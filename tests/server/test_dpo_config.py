@@ -66,7 +66,7 @@ def test_every_round_names_its_objective_and_the_stage_reference(root: Path) -> 
     assert _round(model, 2).train.dpo_reference == digest
     # The digest survives a restart of the coordinator (it sits beside the checkpoints).
     state = root / "dpo-state"
-    checkpoint = model.save(state, 1)
+    checkpoint, _ = model.save(state, 1)
     again = GlobalModel(load_server_config(path))
     again.restore(checkpoint)
     assert _round(again, 2).train.dpo_reference == digest
