@@ -110,6 +110,8 @@ class _EmbeddedRun:
 
     institutions: int
     seed: int
+    records: int
+    eval_records: int
     pairs: int
     eval_pairs: int
     preference_data: str | None
@@ -117,7 +119,8 @@ class _EmbeddedRun:
 
 def _embedded_run(args: argparse.Namespace, n_clients: int) -> _EmbeddedRun:
     """The run.json of ``args.run_dir``, checked to be an embedded run with enough
-    institutions."""
+    institutions. ``fedsec simulate`` keeps its own settings under ``simulation``; a run.json
+    without them is read by its top-level ``model`` and ``data`` names."""
     run_file = args.run_dir / RUN_FILE
     if not run_file.is_file():
         raise UsageError(f"{args.run_dir}: no {RUN_FILE}; is this a fedsec simulate run directory?")
@@ -125,9 +128,15 @@ def _embedded_run(args: argparse.Namespace, n_clients: int) -> _EmbeddedRun:
         run = json.loads(run_file.read_text())
     except json.JSONDecodeError as exc:
         raise UsageError(f"{run_file}: not JSON: {exc}") from exc
-    model = run.get("model")
-    data = run.get("data")
-    if model != "embedded tiny Llama" or data != "embedded synthetic institutions":
+    spec = run.get("simulation")
+    if isinstance(spec, dict):
+        model, data = spec.get("model"), spec.get("data")
+        embedded = model in (None, "embedded") and data is None
+    else:
+        spec = run
+        model, data = run.get("model"), run.get("data")
+        embedded = model == "embedded tiny Llama" and data == "embedded synthetic institutions"
+    if not embedded:
         raise UsageError(
             f"{run_file}: the attack matrix rebuilds runs on the embedded model and data only "
             f"(this run used model={model!r}, data={data!r})"
@@ -137,12 +146,21 @@ def _embedded_run(args: argparse.Namespace, n_clients: int) -> _EmbeddedRun:
         raise UsageError(
             f"{run_file}: the run has {institutions} institutions, --clients asks for {n_clients}"
         )
+
+    def number(key: str, default: int) -> int:
+        value = spec.get(key, default)
+        if not isinstance(value, int):
+            raise UsageError(f"{run_file}: {key} is {value!r}, not a whole number")
+        return value
+
     return _EmbeddedRun(
         institutions=institutions,
-        seed=int(run.get("seed", args.seed)),
-        pairs=int(run.get("pairs", defaults.PAIRS_PER_INSTITUTION)),
-        eval_pairs=int(run.get("eval_pairs", defaults.TEST_PAIRS_PER_INSTITUTION)),
-        preference_data=run.get("preference_data"),
+        seed=number("seed", args.seed),
+        records=number("records", defaults.RECORDS_PER_INSTITUTION),
+        eval_records=number("eval_records", defaults.TEST_RECORDS_PER_INSTITUTION),
+        pairs=number("pairs", defaults.PAIRS_PER_INSTITUTION),
+        eval_pairs=number("eval_pairs", defaults.TEST_PAIRS_PER_INSTITUTION),
+        preference_data=spec.get("preference_data"),
     )
 
 
@@ -171,7 +189,9 @@ def _preference_scenario(args: argparse.Namespace, n_clients: int) -> Preference
             f"{args.run_dir / RUN_FILE}: the run's institutions hold {run.pairs} pairs each, "
             f"--batches asks for {pairs}"
         )
-    return default_preference_scenario(run.institutions, run.seed, run.pairs, run.eval_pairs)
+    return default_preference_scenario(
+        run.institutions, run.seed, run.pairs, run.eval_pairs, run.records, run.eval_records
+    )
 
 
 def _run_preference(args: argparse.Namespace) -> tuple[str, dict[str, object]]:

@@ -168,13 +168,22 @@ def default_preference_scenario(
     seed: int = 0,
     pairs_per_client: int = 16,
     test_pairs_per_client: int = defaults.TEST_PAIRS_PER_INSTITUTION,
+    records_per_client: int = defaults.RECORDS_PER_INSTITUTION,
+    test_records_per_client: int = defaults.TEST_RECORDS_PER_INSTITUTION,
 ) -> PreferenceScenario:
-    """The embedded model and each institution's embedded preference pairs, drawn as
-    ``fedsec simulate`` draws them (so a run's seed and pair counts give the run's own pairs);
-    the public text is the federation's held-out SFT records (as in
+    """The embedded model and each institution's embedded preference pairs, built as
+    ``fedsec simulate`` builds them (so a run's seed and counts give the run's own base model and
+    pairs); the public text is the federation's held-out SFT records of each domain (as in
     :func:`proofs.attacks.matrix.default_scenario`)."""
-    federation = make_federation(num_institutions=n_clients, seed=seed)
-    model, tokenizer = build_default_base(federation.corpus())
+    federation = make_federation(
+        n_clients,
+        records_per_client,
+        defaults.TEST_RECORDS_PER_DOMAIN,
+        defaults.OWN_DOMAIN_SHARE,
+        seed,
+        test_records_per_institution=test_records_per_client,
+    )
+    model, tokenizer = build_default_base(federation.corpus(), defaults.MODEL)
     task = make_preferences(
         n_clients, pairs_per_client, test_pairs_per_client, defaults.OWN_DOMAIN_SHARE, seed
     )

@@ -92,6 +92,11 @@ def test_fedsec_attack_dpo_refuses_what_it_cannot_attack(
     (tmp_path / "run.json").write_text(json.dumps(run))
     assert main([*args[:3], str(tmp_path), "--batches", "1", "--clients", "2"]) == 2
     assert "embedded preference pairs only" in capsys.readouterr().err
+    # fedsec simulate's own settings, under "simulation": a pretrained run cannot be rebuilt.
+    run["simulation"] = {"model": "smollm2-135m", "data": None, "seed": 0, "pairs": 8}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert main([*args[:3], str(tmp_path), "--batches", "1", "--clients", "2"]) == 2
+    assert "model='smollm2-135m'" in capsys.readouterr().err
 
 
 def test_fedsec_attack_dpo_rebuilds_an_embedded_run(tmp_path: Path) -> None:

@@ -73,6 +73,14 @@ def test_sft_then_dpo_in_one_run_is_aggregated_securely_and_audited(
     assert "| 1 | dpo | 3 |" in report and "within the bound" in report
     assert (out / "loss.png").is_file()
     assert main(["audit", str(out)]) == 0
+    # The attack suite rebuilds the run's base model and pairs from run.json.
+    attack = ["attack", str(out), "--objective", "dpo", "--batches", "4", "--clients", "2"]
+    assert main([*attack, "--views", "plaintext,masked", "--attacks", "preference"]) == 0
+    rows = {r["view"]: r for r in json.loads((out / "attacks.json").read_text())["results"]}
+    plain = rows["plaintext"]["recall"]
+    assert plain["chosen_only"] >= 0.5 and plain["rejected_only"] >= 0.5
+    assert plain["prompt_only"] <= 0.1  # prompts are never labels: a stray outlier at most
+    assert rows["masked"]["named"] == 0
 
 
 @pytest.mark.usefixtures("tiny_defaults")
