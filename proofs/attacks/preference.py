@@ -34,7 +34,6 @@ uniform noise and names nothing; so does the DP sum at the default epsilon.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,8 +49,9 @@ from clients.dpo import DpoSettings, train_dpo
 from clients.model_factory import build_default_base
 from clients.preference_data import PreferencePair, TokenizedPairs, tokenize_pairs
 from clients.synthetic import make_federation, make_preferences
-from clients.trainer import LoraModel, LoraSettings, TrainSettings
+from clients.trainer import LoraModel, TrainSettings
 from proofs.attacks.errors import AttackInputError
+from proofs.attacks.matrix import global_adapter
 from proofs.attacks.model_access import Array, Update
 from proofs.attacks.token_leakage import (
     HEAD_SUFFIXES,
@@ -277,20 +277,6 @@ def preference_attack(
     )
 
 
-def _global_adapter(model: nn.Module, config: PreferenceConfig) -> tuple[LoraModel, np.ndarray]:
-    """A copy of the base with an adapter whose B is non-zero (as in any round after the first)."""
-    lm = LoraModel(copy.deepcopy(model), LoraSettings(rank=config.lora_rank))  # type: ignore[arg-type]
-    vector = lm.get_vector().copy()
-    rng = np.random.default_rng(config.seed)  # a public model state, nothing secret
-    offset = 0
-    for name, shape in lm.layout.entries:
-        size = int(np.prod(shape))
-        if ".lora_B." in name:
-            vector[offset : offset + size] = rng.normal(0.0, 0.02, size)
-        offset += size
-    return lm, vector
-
-
 def dpo_update(
     lm: LoraModel,
     start: np.ndarray,
@@ -369,7 +355,7 @@ def run_preference_matrix(
     n_max = max(config.clients)
     if len(scenario.pairs) < n_max:
         raise AttackInputError(f"{n_max} clients asked for, the scenario has {len(scenario.pairs)}")
-    lm, start = _global_adapter(scenario.model, config)
+    lm, start = global_adapter(scenario.model, config.lora_rank, config.seed)
     pad_id = int(scenario.tokenizer.pad_token_id or 0)
     lm.set_vector(start)
     direction = head_direction(lm.model, scenario.public_texts)
