@@ -7,6 +7,10 @@ client derives itself from the cohort size and its own ``corrupt_fraction`` (how
 cohort it assumes may collude with the coordinator; default 0.05) and ``dropout_fraction``, is
 refused by the client's protocol session before it trains, whatever the server says.
 
+``[data]`` holds the institution's training data: ``synthetic`` (an embedded institution, with
+its SFT records and its preference pairs) or ``jsonl`` (SFT records), and ``preference`` (its
+preference pairs, for the DPO rounds of a coordinator whose ``[task] stage`` has them).
+
 ``[client] backend`` (``"masking"`` by default, or ``"ckks"``) is the one aggregation backend
 this institution takes part in; a round of the other backend is refused before anything is
 computed or uploaded. Under ckks, ``[ckks] secret_context`` is the federation's secret context
@@ -113,6 +117,9 @@ class ClientConfig:
     ckks_secret_path: Path | None = None
     #: Under ckks: the loaded secret context (None when loaded with ``load_secret=False``).
     ckks_secret: HeldSecret | None = None
+    #: Local preference pairs for DPO rounds (any file type of :mod:`clients.preference_data`),
+    #: or None (an embedded ``synthetic`` institution has its own pairs).
+    preference: Path | None = None
 
 
 def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
@@ -167,6 +174,7 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
     data = top.table("data", required=False)
     synthetic = data.string("synthetic") if data.has("synthetic") else None
     jsonl = data.path("jsonl") if data.has("jsonl") else None
+    preference = data.path("preference") if data.has("preference") else None
     data.done()
     if synthetic is not None and jsonl is not None:
         raise ConfigError(f"{path}: data.synthetic and data.jsonl are alternatives; set one")
@@ -226,6 +234,7 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
         backend,
         secret_path,
         secret,
+        preference,
     )
 
 

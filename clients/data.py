@@ -59,12 +59,19 @@ class Example:
     ``style`` says how it renders without a chat template: ``instruction`` (Alpaca prompt, the
     first turn is the instruction and ``context`` the optional input), ``completion`` (the
     prompt and the completion as raw text) or ``chat``. ``origin`` is "file:line" for errors.
+    Assistant turns before ``first_trained_turn`` are context, not trained on (a preference
+    pair's earlier turns: only its answer is scored).
     """
 
     turns: tuple[tuple[str, str], ...]
     style: Style = "chat"
     context: str = ""
     origin: str = ""
+    first_trained_turn: int = 0
+
+    def trained(self, index: int) -> bool:
+        """Whether turn ``index`` is trained on (an assistant turn not in the context)."""
+        return self.turns[index][0] == "assistant" and index >= self.first_trained_turn
 
     @property
     def segments(self) -> tuple[tuple[str, bool], ...]:
@@ -76,9 +83,9 @@ class Example:
             (_, prompt), (_, completion) = self.turns
             return ((prompt, False), (completion, True))
         out: list[tuple[str, bool]] = []
-        for role, content in self.turns:
+        for index, (role, content) in enumerate(self.turns):
             out.append((f"<|{role}|>\n", False))
-            out.append((content + "\n", role == "assistant"))
+            out.append((content + "\n", self.trained(index)))
         return tuple(out)
 
     def text(self) -> str:
@@ -132,7 +139,9 @@ class Record:
     fields: Mapping[str, str] = field(default_factory=dict)
 
 
-class _Where:
+class Where:
+    """Where a record sits in its file ("path:line" or "path record n"), for refusals."""
+
     def __init__(self, path: Path, number: int, unit: str) -> None:
         self.path, self.number, self.unit = path, number, unit
 
@@ -147,7 +156,7 @@ class _Where:
         )
 
 
-def _string(obj: Mapping[str, Any], key: str, where: _Where, optional: bool = False) -> str:
+def string_field(obj: Mapping[str, Any], key: str, where: Where, optional: bool = False) -> str:
     value = obj.get(key)
     if value is None:
         if optional:
@@ -159,7 +168,7 @@ def _string(obj: Mapping[str, Any], key: str, where: _Where, optional: bool = Fa
 
 
 def _turns(
-    items: object, key: str, role_key: str, text_key: str, roles: Mapping[str, str], where: _Where
+    items: object, key: str, role_key: str, text_key: str, roles: Mapping[str, str], where: Where
 ) -> Example:
     if not isinstance(items, list) or not items:
         raise where.error(f"field {key!r} must be a non-empty list")
@@ -167,16 +176,16 @@ def _turns(
     for i, message in enumerate(items):
         if not isinstance(message, dict):
             raise where.error(f"{key}[{i}] must be an object")
-        role = _string(message, role_key, where)
+        role = string_field(message, role_key, where)
         if role not in roles:
             raise where.error(f"{key}[{i}] has unknown role {role!r}")
-        turns.append((roles[role], _string(message, text_key, where)))
+        turns.append((roles[role], string_field(message, text_key, where)))
     if not any(role == "assistant" for role, _ in turns):
         raise where.error("no assistant message, so nothing to train on")
     return chat_example(turns, str(where))
 
 
-def _parse(obj: object, where: _Where) -> Example:
+def _parse(obj: object, where: Where) -> Example:
     if not isinstance(obj, dict):
         raise where.error("a record must be a JSON object")
     present = {k: v for k, v in obj.items() if v is not None}
@@ -187,21 +196,21 @@ def _parse(obj: object, where: _Where) -> Example:
         return _turns(present["conversations"], "conversations", "from", "value",
                       _SHAREGPT_ROLES, where)  # fmt: skip
     if "prompt" in present or "completion" in present:
-        turns = (("user", _string(present, "prompt", where)),
-                 ("assistant", _string(present, "completion", where)))  # fmt: skip
+        turns = (("user", string_field(present, "prompt", where)),
+                 ("assistant", string_field(present, "completion", where)))  # fmt: skip
         return Example(turns, "completion", "", str(where))
     if "response" in present:  # Dolly
         record = AlpacaRecord(
-            _string(present, "instruction", where),
-            _string(present, "context", where, optional=True),
-            _string(present, "response", where),
+            string_field(present, "instruction", where),
+            string_field(present, "context", where, optional=True),
+            string_field(present, "response", where),
         )
         return alpaca_example(record, str(where))
     if "instruction" in present or "output" in present:
         record = AlpacaRecord(
-            _string(present, "instruction", where),
-            _string(present, "input", where, optional=True),
-            _string(present, "output", where),
+            string_field(present, "instruction", where),
+            string_field(present, "input", where, optional=True),
+            string_field(present, "output", where),
         )
         return alpaca_example(record, str(where))
     raise where.error(
@@ -213,7 +222,7 @@ def _parse(obj: object, where: _Where) -> Example:
 
 def parse_record(obj: object, path: Path, line: int) -> Example:
     """One record of any supported format (``line`` is 1-based)."""
-    return _parse(obj, _Where(path, line, "line"))
+    return _parse(obj, Where(path, line, "line"))
 
 
 def _scalars(obj: Mapping[str, Any]) -> dict[str, str]:
@@ -262,8 +271,9 @@ def _load_with_datasets(file: Path, builder: str) -> list[dict[str, Any]]:
     return rows
 
 
-def load_records(path: str | Path) -> list[Record]:
-    """Every record of a local data file, parsed (see the module doc for the formats)."""
+def read_rows(path: str | Path) -> list[tuple[Where, Any]]:
+    """Every row of a local data file, unparsed, each with where it is (see the module doc for
+    the file types); the parsers of SFT records and of preference pairs both start here."""
     file = Path(path)
     if not file.is_file():
         raise EmptyDatasetError(f"{file}: data file does not exist")
@@ -291,17 +301,25 @@ def load_records(path: str | Path) -> list[Record]:
         rows = [obj for _, obj in _scan_json_lines(file)]
     if not rows:
         raise EmptyDatasetError(f"{file}: no records")
-    records: list[Record] = []
+    out: list[tuple[Where, Any]] = []
     for index, row in enumerate(rows):
         if numbers is not None:
-            where = _Where(file, numbers[index], "line")
+            where = Where(file, numbers[index], "line")
         elif builder == "csv":
-            where = _Where(file, index + 2, "line")  # line 1 is the header
+            where = Where(file, index + 2, "line")  # line 1 is the header
             row = {k: v if v is None or isinstance(v, str) else str(v) for k, v in row.items()}
         else:
-            where = _Where(file, index + 1, "record")
-        records.append(Record(_parse(row, where), _scalars(row) if isinstance(row, dict) else {}))
-    return records
+            where = Where(file, index + 1, "record")
+        out.append((where, row))
+    return out
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Every record of a local data file, parsed (see the module doc for the formats)."""
+    return [
+        Record(_parse(row, where), _scalars(row) if isinstance(row, dict) else {})
+        for where, row in read_rows(path)
+    ]
 
 
 def load_jsonl(path: str | Path) -> list[Example]:
@@ -380,7 +398,7 @@ def _template_segments(
                 f"{example.origin or name}: the tokenizer's chat template does not render this "
                 "conversation turn by turn (it rewrites earlier turns); use chat_template = off",
             )
-        segments += [(before[len(done) :], False), (through[len(before) :], True)]
+        segments += [(before[len(done) :], False), (through[len(before) :], example.trained(i))]
         done = through
     return segments
 
@@ -398,42 +416,66 @@ def tokenize(
     dropped; if nothing is left the data set is refused (``name`` says which one).
     """
     templated = uses_chat_template(tokenizer, chat_template)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = tokenizer.eos_token_id
     ids_out: list[np.ndarray] = []
     labels_out: list[np.ndarray] = []
     kept: list[Example] = []
     truncated = dropped = 0
     for example in examples:
-        use_template = templated and example.style != "completion"
-        segments = (
-            _template_segments(example, tokenizer, name) if use_template else example.segments
-        )
-        # A template writes its own begin/end markers; plain text gets BOS and EOS here.
-        ids: list[int] = [] if use_template else list(bos)
-        labels: list[int] = [IGNORE_INDEX] * len(ids)
-        for text, trainable in segments:
-            piece = tokenizer.encode(text, add_special_tokens=False)
-            ids += piece
-            labels += piece if trainable else [IGNORE_INDEX] * len(piece)
-        if eos is not None and not use_template:
-            # The model must learn where a response stops.
-            ids.append(eos)
-            labels.append(eos)
-        if len(ids) > max_length:
-            truncated += 1
-            ids, labels = ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels[1:]):
+        encoded = encode_example(example, tokenizer, max_length, name, templated)
+        truncated += encoded.truncated
+        if encoded.labels is None:
             dropped += 1
             continue
-        ids_out.append(np.asarray(ids, dtype=np.int64))
-        labels_out.append(np.asarray(labels, dtype=np.int64))
+        ids_out.append(encoded.ids)
+        labels_out.append(encoded.labels)
         kept.append(example)
     if not ids_out:
         raise EmptyDatasetError(
             f"{name}: no example has response tokens within max_length={max_length}"
         )
     return TokenizedDataset(tuple(ids_out), tuple(labels_out), truncated, dropped, tuple(kept))
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One example's tokens; ``labels`` is None when truncation left no response token."""
+
+    ids: np.ndarray
+    labels: np.ndarray | None
+    truncated: bool
+
+
+def encode_example(
+    example: Example,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    name: str,
+    templated: bool,
+) -> Encoded:
+    """Token ids and labels of one example (``templated``: :func:`uses_chat_template`);
+    segments are encoded separately so the label boundary is exact."""
+    use_template = templated and example.style != "completion"
+    segments = _template_segments(example, tokenizer, name) if use_template else example.segments
+    # A template writes its own begin/end markers; plain text gets BOS and EOS here.
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = tokenizer.eos_token_id
+    ids: list[int] = [] if use_template else list(bos)
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    for text, trainable in segments:
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids += piece
+        labels += piece if trainable else [IGNORE_INDEX] * len(piece)
+    if eos is not None and not use_template:
+        # The model must learn where a response stops.
+        ids.append(eos)
+        labels.append(eos)
+    truncated = len(ids) > max_length
+    if truncated:
+        ids, labels = ids[:max_length], labels[:max_length]
+    array = np.asarray(ids, dtype=np.int64)
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return Encoded(array, None, truncated)
+    return Encoded(array, np.asarray(labels, dtype=np.int64), truncated)
 
 
 def prompt_ids(

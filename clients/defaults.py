@@ -34,6 +34,9 @@ class SimulationDefaults:
     test_records_per_institution: int = 48
     #: Held-out questions per institution answered by generation before and after training.
     generate_per_institution: int = 4
+    #: A DPO stage on the embedded task: preference pairs per institution, and held-out ones.
+    pairs_per_institution: int = 64
+    test_pairs_per_institution: int = 32
     own_domain_share: float = 0.9
     model: TinyLlamaSpec = field(default_factory=TinyLlamaSpec)
     # Distributed DP, when enabled: per-client L2 clip of the update and the target delta.
@@ -58,6 +61,8 @@ RECORDS_PER_INSTITUTION = DEFAULTS.records_per_institution
 TEST_RECORDS_PER_DOMAIN = DEFAULTS.test_records_per_domain
 TEST_RECORDS_PER_INSTITUTION = DEFAULTS.test_records_per_institution
 GENERATE_PER_INSTITUTION = DEFAULTS.generate_per_institution
+PAIRS_PER_INSTITUTION = DEFAULTS.pairs_per_institution
+TEST_PAIRS_PER_INSTITUTION = DEFAULTS.test_pairs_per_institution
 OWN_DOMAIN_SHARE = DEFAULTS.own_domain_share
 MODEL = DEFAULTS.model
 DP_CLIP = DEFAULTS.dp_clip

@@ -1,5 +1,8 @@
 """The institutions' data of a simulation: a folder of files, or one file split into institutions.
 
+The same layouts hold SFT records (:func:`load_data`) and preference pairs
+(:func:`clients.preference_data.load_preference_data`), through :func:`load_institutions`.
+
 * A folder: one data file per institution (``<institution>.jsonl``, ``.json``, ``.parquet`` or
   ``.csv``; the name is the stem); eval sets from ``test/<institution>.<ext>`` when that folder
   exists.
@@ -15,12 +18,18 @@ one (their union).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
-from clients.data import FORMATS, Example, Record, load_records
+from clients.data import FORMATS, Example, load_records
 from clients.errors import EmptyDatasetError
 from clients.partition import PartitionSpec, partition
+
+T = TypeVar("T")
+#: Reads one file: its items, each with the record's scalar string fields (to split by one).
+Reader = Callable[[Path], list[tuple[T, Mapping[str, str]]]]
 
 #: Share of each institution's records held out as its eval set when there is no test/ folder.
 HOLDOUT_SHARE = 0.1
@@ -32,9 +41,12 @@ class DataLayoutError(EmptyDatasetError):
 
 
 @dataclass(frozen=True)
-class InstitutionData:
-    train: dict[str, list[Example]]
-    test: dict[str, list[Example]]  # each institution's own held-out set
+class InstitutionData(Generic[T]):
+    """Per institution: its training items (SFT examples, or preference pairs) and its own
+    held-out ones."""
+
+    train: dict[str, list[T]]
+    test: dict[str, list[T]]  # each institution's own held-out set
     description: str
 
 
@@ -42,8 +54,8 @@ def data_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
 
 
-def _holdout(train: dict[str, list[Example]], where: str) -> dict[str, list[Example]]:
-    test: dict[str, list[Example]] = {}
+def _holdout(train: dict[str, list[T]], where: str) -> dict[str, list[T]]:
+    test: dict[str, list[T]] = {}
     for name, examples in train.items():
         if len(examples) < 2:
             raise DataLayoutError(
@@ -55,51 +67,63 @@ def _holdout(train: dict[str, list[Example]], where: str) -> dict[str, list[Exam
     return test
 
 
-def load_data(path: Path, split: PartitionSpec | None = None) -> InstitutionData:
+def _read_sft(path: Path) -> list[tuple[Example, Mapping[str, str]]]:
+    return [(r.example, r.fields) for r in load_records(path)]
+
+
+def load_data(path: Path, split: PartitionSpec | None = None) -> InstitutionData[Example]:
     """Institutions' training data and their own held-out sets from ``path`` (see module doc)."""
+    return load_institutions(path, split, _read_sft, "--data")
+
+
+def load_institutions(
+    path: Path, split: PartitionSpec | None, read: Reader[T], flag: str
+) -> InstitutionData[T]:
+    """``path`` as institutions' items (see module doc), each file read by ``read``; ``flag``
+    names the option in refusals."""
     if path.is_dir():
         if split is not None:
             raise DataLayoutError(
-                f"--data {path} is a folder of per-institution files; a partition applies to "
+                f"{flag} {path} is a folder of per-institution files; a partition applies to "
                 "one data file"
             )
         files = data_files(path)
         if len(files) < 2:
             raise DataLayoutError(
-                f"--data {path}: need one data file per institution "
+                f"{flag} {path}: need one data file per institution "
                 f"({', '.join(FORMATS)}), found {len(files)}"
             )
         stems = [f.stem for f in files]
         if len(set(stems)) != len(stems):
-            raise DataLayoutError(f"--data {path}: two files name the same institution")
-        train = {f.stem: [r.example for r in load_records(f)] for f in files}
+            raise DataLayoutError(f"{flag} {path}: two files name the same institution")
+        train = {f.stem: [item for item, _ in read(f)] for f in files}
         test_dir = path / TEST_SUBDIR
         if test_dir.is_dir() and data_files(test_dir):
-            test = {f.stem: [r.example for r in load_records(f)] for f in data_files(test_dir)}
+            test = {f.stem: [item for item, _ in read(f)] for f in data_files(test_dir)}
             unknown = sorted(set(test) - set(train))
             if unknown:
                 raise DataLayoutError(
-                    f"--data {test_dir}: eval sets of unknown institutions: {', '.join(unknown)}"
+                    f"{flag} {test_dir}: eval sets of unknown institutions: {', '.join(unknown)}"
                 )
             return InstitutionData(train, test, f"{path} ({len(files)} files, {TEST_SUBDIR}/)")
-        test = _holdout(train, f"--data {path}")
+        test = _holdout(train, f"{flag} {path}")
         return InstitutionData(train, test, f"{path} ({len(files)} files, last 10% held out)")
     if not path.is_file():
-        raise DataLayoutError(f"--data {path}: no such file or folder")
+        raise DataLayoutError(f"{flag} {path}: no such file or folder")
     if split is None:
         raise DataLayoutError(
-            f"--data {path} is one file: say how to split it into institutions with "
+            f"{flag} {path} is one file: say how to split it into institutions with "
             "--partition iid|field|dirichlet"
         )
-    records: list[Record] = load_records(path)
-    labels = [r.fields.get(split.field) if split.field else "" for r in records]
+    records = read(path)
+    labels = [fields.get(split.field) if split.field else "" for _, fields in records]
     parts = partition(labels, split)
-    train = {name: [records[i].example for i in rows] for name, rows in parts.items()}
-    for name, examples in train.items():
+    train = {name: [records[i][0] for i in rows] for name, rows in parts.items()}
+    for name, items in train.items():
         # An institution's records are in file order; shuffle them (seeded) so that its
         # held-out tail is not, say, the file's last few topics.
-        random.Random(f"{split.seed}:{name}").shuffle(examples)
-    test = _holdout(train, f"--data {path}")
+        random.Random(f"{split.seed}:{name}").shuffle(items)
+    test = _holdout(train, f"{flag} {path}")
     how = f"{split.scheme}" + (f" by {split.field}" if split.field else "")
     if split.scheme == "dirichlet":
         how += f", alpha {split.alpha:g}"

@@ -16,6 +16,15 @@ which ``--resume RUN_DIR`` continues after an interruption.
 Every institution is scored on its own held-out set, besides the pooled one (their union), and
 answers a few held-out questions by generation before and after training (exact match and
 ROUGE-L beside the loss).
+
+``--stage dpo`` or ``sft+dpo`` (a recipe field) aligns the model with DPO on each institution's
+private preference pairs (:mod:`clients.dpo`): the embedded task's own pairs
+(:func:`clients.synthetic.make_preferences`), or ``--preference-data`` (a folder of files or one
+file split like ``--data``; without ``--data``, the SFT stage trains on the chosen answers). DPO
+updates go through the same strategy, encoding and secure aggregation as SFT updates. From the
+DPO stage's start on, every round also scores each institution's held-out pairs (preference
+accuracy and reward margin against the adapter the stage started from) beside the SFT eval
+loss, which alignment must not wreck.
 """
 
 from __future__ import annotations
@@ -43,6 +52,15 @@ from clients.data import (
     tokenize,
 )
 from clients.devices import DeviceError, Runtime, resolve_runtime
+from clients.dpo import (
+    DpoConfigError,
+    DpoSettings,
+    PairLogps,
+    PreferenceScore,
+    pair_logps,
+    score_preferences,
+    train_dpo,
+)
 from clients.errors import ChatTemplateError, DataFormatError, EmptyDatasetError, ModelLoadError
 from clients.generation import GenerationScore, answer_questions
 from clients.local_data import InstitutionData, load_data
@@ -55,7 +73,13 @@ from clients.model_factory import (
     save_base,
 )
 from clients.partition import SCHEMES, PartitionError, PartitionSpec
-from clients.synthetic import make_federation
+from clients.preference_data import (
+    PreferencePair,
+    TokenizedPairs,
+    load_preference_data,
+    tokenize_pairs,
+)
+from clients.synthetic import make_federation, make_preferences
 from clients.trainer import (
     LoraModel,
     LoraSettings,
@@ -114,6 +138,10 @@ class Workload:
     max_length: int = defaults.MAX_LENGTH
     #: The embedded base as built, before LoRA was injected (what the run directory saves).
     embedded_base: PreTrainedModel | None = None
+    #: With a DPO stage: each institution's preference pairs and its own held-out pairs.
+    pair_train: dict[str, TokenizedPairs] = field(default_factory=dict)
+    pair_test: dict[str, TokenizedPairs] = field(default_factory=dict)
+    preference_description: str = ""
 
     def pooled(self, losses: Mapping[str, float]) -> float:
         """Token-weighted loss over the union of the held-out sets."""
@@ -131,6 +159,20 @@ class Workload:
             "eval_examples": sum(len(d) + d.dropped for d in test),
             "eval_truncated": sum(d.truncated for d in test),
             "eval_dropped": sum(d.dropped for d in test),
+            **self.pair_truncation(),
+        }
+
+    def pair_truncation(self) -> dict[str, int]:
+        if not self.pair_train:
+            return {}
+        train, test = self.pair_train.values(), self.pair_test.values()
+        return {
+            "train_pairs": sum(len(d) + d.dropped for d in train),
+            "train_pairs_truncated": sum(d.truncated for d in train),
+            "train_pairs_dropped": sum(d.dropped for d in train),
+            "eval_pairs": sum(len(d) + d.dropped for d in test),
+            "eval_pairs_truncated": sum(d.truncated for d in test),
+            "eval_pairs_dropped": sum(d.dropped for d in test),
         }
 
 
@@ -156,6 +198,11 @@ class SimulationSpec:
     eval_records: int = defaults.TEST_RECORDS_PER_INSTITUTION
     #: Held-out questions per institution answered by generation (0: none).
     generate: int = defaults.GENERATE_PER_INSTITUTION
+    #: A DPO stage's pairs: a folder or file (None: the embedded task's own pairs).
+    preference_data: Path | None = None
+    #: Embedded pairs only: training and held-out pairs per institution.
+    pairs: int = defaults.PAIRS_PER_INSTITUTION
+    eval_pairs: int = defaults.TEST_PAIRS_PER_INSTITUTION
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -187,6 +234,11 @@ class SimulationSpec:
             "records": self.records,
             "eval_records": self.eval_records,
             "generate": self.generate,
+            "preference_data": None
+            if self.preference_data is None
+            else str(self.preference_data.resolve()),
+            "pairs": self.pairs,
+            "eval_pairs": self.eval_pairs,
         }
 
     @classmethod
@@ -206,12 +258,17 @@ class SimulationSpec:
             records=data["records"],
             eval_records=data["eval_records"],
             generate=data["generate"],
+            preference_data=None
+            if data.get("preference_data") is None
+            else Path(data["preference_data"]),
+            pairs=data.get("pairs", defaults.PAIRS_PER_INSTITUTION),
+            eval_pairs=data.get("eval_pairs", defaults.TEST_PAIRS_PER_INSTITUTION),
         )
 
 
 def _embedded_data(
     institutions: int, spec: SimulationSpec
-) -> tuple[InstitutionData, dict[str, list[Example]], list[str]]:
+) -> tuple[InstitutionData[Example], dict[str, list[Example]], list[str]]:
     fed = make_federation(
         institutions,
         spec.records,
@@ -231,6 +288,44 @@ def _embedded_data(
     return InstitutionData(train, test, description), domains, list(fed.corpus())
 
 
+def _embedded_pairs(institutions: int, spec: SimulationSpec) -> InstitutionData[PreferencePair]:
+    task = make_preferences(
+        institutions, spec.pairs, spec.eval_pairs, defaults.OWN_DOMAIN_SHARE, spec.seed
+    )
+    description = (
+        f"embedded preference pairs ({spec.pairs} each, {spec.eval_pairs} held out; chosen "
+        "answers follow the domain's rules, rejected ones break one: a forbidden statement or "
+        "another entity's fact)"
+    )
+    return InstitutionData(
+        {n: list(ps) for n, ps in task.train.items()},
+        {n: list(ps) for n, ps in task.test.items()},
+        description,
+    )
+
+
+def _chosen_answers(pairs: InstitutionData[PreferencePair]) -> InstitutionData[Example]:
+    """SFT data made of the preferred answers (the DPO paper's recipe when there is no SFT
+    data: fit the reference to the chosen completions first)."""
+
+    def chosen(items: Sequence[PreferencePair]) -> list[Example]:
+        return [pair.examples()[0] for pair in items]
+
+    return InstitutionData(
+        {n: chosen(ps) for n, ps in pairs.train.items()},
+        {n: chosen(ps) for n, ps in pairs.test.items()},
+        f"the chosen answers of {pairs.description}",
+    )
+
+
+def _check_institutions(spec: SimulationSpec, count: int, flag: str, path: Path) -> None:
+    if spec.institutions is not None and spec.institutions != count:
+        raise UsageError(
+            f"--institutions {spec.institutions} but {flag} {path} gives {count} institutions; "
+            "drop --institutions or make them agree"
+        )
+
+
 def build_workload(
     spec: SimulationSpec, lora: LoraSettings | None = None, runtime: Runtime | None = None
 ) -> Workload:
@@ -240,17 +335,35 @@ def build_workload(
     lora = lora or LoraSettings.from_recipe(recipe, spec.seed)
     source = model_source(spec.model)
     domains: dict[str, list[Example]] = {}
+    pairs: InstitutionData[PreferencePair] | None = None
+    if spec.preference_data is not None:
+        if not recipe.has_dpo:
+            raise UsageError("--preference-data goes with --stage dpo or sft+dpo")
+        pairs = load_preference_data(spec.preference_data, spec.partition)
+        _check_institutions(spec, len(pairs.train), "--preference-data", spec.preference_data)
+    elif recipe.has_dpo and spec.data is not None:
+        raise UsageError(
+            f"--stage {recipe.stage} with --data needs the institutions' preference pairs: "
+            "give --preference-data (the embedded task has its own)"
+        )
+    corpus: list[str] = []
     if spec.data is not None:
         data = load_data(spec.data, spec.partition)
-        if spec.institutions is not None and spec.institutions != len(data.train):
-            raise UsageError(
-                f"--institutions {spec.institutions} but --data {spec.data} gives "
-                f"{len(data.train)} institutions; drop --institutions or make them agree"
-            )
-        corpus: list[str] = []
+        _check_institutions(spec, len(data.train), "--data", spec.data)
+    elif pairs is not None:
+        data = _chosen_answers(pairs)
     else:
         count = spec.institutions or defaults.INSTITUTIONS
         data, domains, corpus = _embedded_data(count, spec)
+        pairs = _embedded_pairs(count, spec) if recipe.has_dpo else None
+    if pairs is not None and sorted(pairs.train) != sorted(data.train):
+        raise UsageError(
+            "the preference data's institutions ("
+            + ", ".join(sorted(pairs.train))
+            + ") are not the SFT data's ("
+            + ", ".join(sorted(data.train))
+            + "); name the files (or split fields) alike"
+        )
     base: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     if source.kind == "embedded":
@@ -259,8 +372,12 @@ def build_workload(
                 "quantization 4bit (QLoRA) needs a pretrained base (--model smollm2-135m or a "
                 "model directory); the embedded model is built in float32"
             )
-        corpus = corpus or [e.text() for es in (*data.train.values(), *data.test.values())
-                            for e in es]  # fmt: skip
+        if not corpus:
+            # The tokenizer of the embedded model is trained on the run's own text.
+            corpus = [e.text() for es in (*data.train.values(), *data.test.values()) for e in es]
+            if pairs is not None:
+                corpus += [e.text() for ps in (*pairs.train.values(), *pairs.test.values())
+                           for p in ps for e in p.examples()]  # fmt: skip
         base, tokenizer = build_default_base(corpus, defaults.MODEL)
         pristine: PreTrainedModel | None = copy.deepcopy(base)
     else:
@@ -271,6 +388,9 @@ def build_workload(
 
     def tok(examples: Sequence[Example], name: str) -> TokenizedDataset:
         return tokenize(list(examples), tokenizer, recipe.max_length, name, use)
+
+    def tok_pairs(items: Sequence[PreferencePair], name: str) -> TokenizedPairs:
+        return tokenize_pairs(items, tokenizer, recipe.max_length, name, use)
 
     return Workload(
         lm,
@@ -283,7 +403,18 @@ def build_workload(
         data.description,
         recipe.max_length,
         pristine,
+        {}
+        if pairs is None
+        else {n: tok_pairs(ps, f"pairs of {n}") for n, ps in pairs.train.items()},
+        {}
+        if pairs is None
+        else {n: tok_pairs(ps, f"held-out pairs of {n}") for n, ps in pairs.test.items()},
+        "" if pairs is None else pairs.description,
     )
+
+
+#: The name of the pooled preference score beside the institutions'.
+POOLED = "pooled"
 
 
 @dataclass
@@ -291,7 +422,11 @@ class TorchTrainer:
     """Local LoRA training of every institution on one shared model (clients run in turn).
 
     ``settings`` is the template of every client's round (its lr is the default one);
-    ``lr_at(round)`` gives a round's scheduled lr when the strategy does not set one.
+    ``lr_at(round)`` gives a round's scheduled lr when the strategy does not set one. With a
+    recipe, each round trains its stage's objective (:meth:`Recipe.objective_at`): SFT on the
+    institution's examples or DPO on its pairs. ``dpo_start`` is the global vector the DPO stage
+    started from: the reference of ``dpo_reference = "sft"`` and of the held-out preference
+    scores.
     """
 
     work: Workload
@@ -301,38 +436,63 @@ class TorchTrainer:
     batches_drawn: dict[str, int] = field(default_factory=dict)  # per client, all rounds so far
     rounds: int | None = None  # with a recipe: the lr schedule runs over this many rounds
     recipe: Recipe | None = None
+    pair_batches_drawn: dict[str, int] = field(default_factory=dict)  # DPO batches, per client
+    dpo_start: np.ndarray | None = None
+    _reference_scores: dict[str, PairLogps] = field(default_factory=dict)
 
     def round_lr(self, round_index: int) -> float:
         if self.recipe is None or self.rounds is None:
             return self.settings.lr
         return self.recipe.lr_at(round_index, self.rounds)
 
+    def objective(self, round_index: int) -> str:
+        if self.recipe is None or self.rounds is None:
+            return "sft"
+        return self.recipe.objective_at(round_index, self.rounds)
+
     def train(
         self, client: str, round_index: int, global_vector: np.ndarray, options: ClientOptions
     ) -> ClientUpdate:
         index = sorted(self.work.train_sets).index(client)
+        dpo = self.objective(round_index) == "dpo"
+        drawn = self.pair_batches_drawn if dpo else self.batches_drawn
         settings = replace(
             self.settings,
             lr=options.lr if options.lr is not None else self.round_lr(round_index),
             # One data order per client, reproducible from the run seed, continued across
             # rounds (see TrainSettings): each example once per epoch of the client's data.
             seed=self.seed * 1_000_003 + index,
-            data_offset=self.batches_drawn.get(client, 0),
+            data_offset=drawn.get(client, 0),
             prox_mu=options.prox_mu,
         )
         scaffold = None
         if options.server_control is not None:
             mine = self.controls.get(client, np.zeros_like(options.server_control))
             scaffold = ScaffoldControls(options.server_control, mine)
-        result = train_local(
-            self.work.lm,
-            global_vector,
-            self.work.train_sets[client],
-            settings,
-            self.work.pad_id,
-            scaffold,
-        )
-        self.batches_drawn[client] = self.batches_drawn.get(client, 0) + result.steps
+        if dpo:
+            if self.recipe is None:
+                raise DpoConfigError("a DPO round needs the run's recipe")
+            self.begin_dpo(global_vector)
+            result = train_dpo(
+                self.work.lm,
+                global_vector,
+                self.work.pair_train[client],
+                settings,
+                DpoSettings.from_recipe(self.recipe),
+                self.work.pad_id,
+                self.dpo_start if self.recipe.dpo_reference == "sft" else None,
+                scaffold,
+            )
+        else:
+            result = train_local(
+                self.work.lm,
+                global_vector,
+                self.work.train_sets[client],
+                settings,
+                self.work.pad_id,
+                scaffold,
+            )
+        drawn[client] = drawn.get(client, 0) + result.steps
         if result.new_client_control is not None:
             self.controls[client] = result.new_client_control
         return ClientUpdate(
@@ -342,6 +502,35 @@ class TorchTrainer:
     def evaluate(self, vector: np.ndarray) -> dict[str, float]:
         return evaluate(self.work.lm, vector, self.work.test_sets, self.work.pad_id)
 
+    def begin_dpo(self, vector: np.ndarray) -> None:
+        """The DPO stage starts from ``vector`` (once; later calls keep the first)."""
+        if self.dpo_start is not None:
+            return
+        if not self.work.pair_train:
+            raise DpoConfigError("a DPO stage needs the institutions' preference pairs")
+        self.dpo_start = vector.astype(np.float32).copy()
+
+    def preference_scores(self, vector: np.ndarray) -> dict[str, PreferenceScore]:
+        """Each institution's held-out pairs under ``vector`` against the DPO stage's start, and
+        the pooled score over their union (:data:`POOLED`)."""
+        if self.recipe is None or self.dpo_start is None:
+            raise DpoConfigError("preference scores need a DPO stage that has started")
+        work, beta = self.work, self.recipe.dpo_beta
+        if not self._reference_scores:
+            self._reference_scores = {
+                n: pair_logps(work.lm, self.dpo_start, d, work.pad_id)
+                for n, d in work.pair_test.items()
+            }
+        policy = {n: pair_logps(work.lm, vector, d, work.pad_id) for n, d in work.pair_test.items()}
+        out = {n: score_preferences(policy[n], self._reference_scores[n], beta) for n in policy}
+        names = sorted(policy)
+        out[POOLED] = score_preferences(
+            PairLogps.concat([policy[n] for n in names]),
+            PairLogps.concat([self._reference_scores[n] for n in names]),
+            beta,
+        )
+        return out
+
     def adapter_tensors(self, vector: np.ndarray) -> dict[str, np.ndarray]:
         """The full PEFT adapter (A and B) with ``vector`` as its trainable part."""
         self.work.lm.set_vector(vector)
@@ -350,19 +539,33 @@ class TorchTrainer:
     def client_state(self) -> dict[str, dict[str, np.ndarray]]:
         out: dict[str, dict[str, np.ndarray]] = {}
         for name in self.work.train_sets:
-            arrays = {"batches_drawn": np.array([self.batches_drawn.get(name, 0)], np.int64)}
+            arrays = {
+                "batches_drawn": np.array([self.batches_drawn.get(name, 0)], np.int64),
+                "pair_batches_drawn": np.array([self.pair_batches_drawn.get(name, 0)], np.int64),
+            }
             if name in self.controls:
                 arrays["control"] = self.controls[name]
             out[name] = arrays
         return out
 
-    def restore(self, clients: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    def shared_state(self) -> dict[str, np.ndarray]:
+        return {} if self.dpo_start is None else {"dpo_start": self.dpo_start}
+
+    def restore(
+        self,
+        clients: Mapping[str, Mapping[str, np.ndarray]],
+        shared: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         for name, arrays in clients.items():
             if name not in self.work.train_sets:
                 raise RunDirectoryError(f"run state has an unknown institution {name!r}")
             self.batches_drawn[name] = int(arrays["batches_drawn"][0])
+            if "pair_batches_drawn" in arrays:
+                self.pair_batches_drawn[name] = int(arrays["pair_batches_drawn"][0])
             if "control" in arrays:
                 self.controls[name] = arrays["control"].astype(np.float32)
+        if shared and "dpo_start" in shared:
+            self.dpo_start = shared["dpo_start"].astype(np.float32)
 
 
 def default_clip(settings: TrainSettings, strategy: str, steps: int | None = None) -> float:
@@ -438,7 +641,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or one file to split with --partition",
     )
     parser.add_argument(
-        "--partition", default=None, choices=SCHEMES, help="how to split one --data file"
+        "--preference-data",
+        type=Path,
+        default=None,
+        help="--stage dpo/sft+dpo: the institutions' preference pairs ({prompt, chosen, "
+        "rejected} or chat message lists), a folder with one file per institution or one file "
+        "to split with --partition (default: the embedded task's pairs; without --data the SFT "
+        "stage trains on the chosen answers)",
+    )
+    parser.add_argument(
+        "--partition",
+        default=None,
+        choices=SCHEMES,
+        help="how to split one --data (or --preference-data) file",
     )
     parser.add_argument(
         "--partition-field", default=None, help="the record field of --partition field|dirichlet"
@@ -459,6 +674,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"embedded data: held-out records per institution (default "
         f"{d.TEST_RECORDS_PER_INSTITUTION})",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help=f"embedded data, DPO stage: preference pairs per institution (default "
+        f"{d.PAIRS_PER_INSTITUTION})",
+    )
+    parser.add_argument(
+        "--eval-pairs",
+        type=int,
+        default=None,
+        help=f"embedded data, DPO stage: held-out pairs per institution (default "
+        f"{d.TEST_PAIRS_PER_INSTITUTION})",
     )
     parser.add_argument(
         "--generate",
@@ -498,7 +727,12 @@ def spec_from_args(args: argparse.Namespace) -> tuple[SimulationSpec, tuple[str,
         raise UsageError(
             f"--institutions must be >= 3 for secure aggregation, got {args.institutions}"
         )
-    for flag, value in (("--rounds", args.rounds), ("--records", args.records)):
+    for flag, value in (
+        ("--rounds", args.rounds),
+        ("--records", args.records),
+        ("--pairs", args.pairs),
+        ("--eval-pairs", args.eval_pairs),
+    ):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
     for flag, value in (("--eval-records", args.eval_records), ("--generate", args.generate)):
@@ -522,6 +756,8 @@ def spec_from_args(args: argparse.Namespace) -> tuple[SimulationSpec, tuple[str,
         raise UsageError(str(exc)) from exc
     if args.data is not None and not args.data.exists():
         raise UsageError(f"--data {args.data}: not a directory or file")
+    if args.preference_data is not None and not args.preference_data.exists():
+        raise UsageError(f"--preference-data {args.preference_data}: not a directory or file")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a directory")
     split = None
@@ -539,10 +775,23 @@ def spec_from_args(args: argparse.Namespace) -> tuple[SimulationSpec, tuple[str,
             raise UsageError(f"--partition {args.partition}: {exc}") from exc
     elif args.partition_field is not None or args.dirichlet_alpha is not None:
         raise UsageError("--partition-field and --dirichlet-alpha go with --partition")
+    rounds = args.rounds or defaults.ROUNDS
     try:
         resolved = recipes.resolve(source.base_kind, recipes.overrides_from_args(args))
+        resolved.recipe.stage_rounds(rounds)
     except RecipeError as exc:
         raise UsageError(str(exc)) from exc
+    recipe = resolved.recipe
+    if recipe.has_dpo:
+        if args.data is not None and args.preference_data is None:
+            raise UsageError(
+                f"--stage {recipe.stage} with --data needs the institutions' preference pairs: "
+                "give --preference-data (the embedded task has its own)"
+            )
+    elif args.preference_data is not None or args.pairs is not None or args.eval_pairs:
+        raise UsageError(
+            "--preference-data, --pairs and --eval-pairs go with --stage dpo or sft+dpo"
+        )
     dp = None
     if args.dp_epsilon is not None:
         dp = DpSettings(
@@ -550,8 +799,8 @@ def spec_from_args(args: argparse.Namespace) -> tuple[SimulationSpec, tuple[str,
         )
     spec = SimulationSpec(
         institutions=args.institutions,
-        rounds=args.rounds or defaults.ROUNDS,
-        recipe=resolved.recipe,
+        rounds=rounds,
+        recipe=recipe,
         dp=dp,
         seed=defaults.SEED if args.seed is None else args.seed,
         model=source.name,
@@ -561,6 +810,9 @@ def spec_from_args(args: argparse.Namespace) -> tuple[SimulationSpec, tuple[str,
         records=args.records or defaults.RECORDS_PER_INSTITUTION,
         eval_records=args.eval_records or defaults.TEST_RECORDS_PER_INSTITUTION,
         generate=defaults.GENERATE_PER_INSTITUTION if args.generate is None else args.generate,
+        preference_data=args.preference_data,
+        pairs=args.pairs or defaults.PAIRS_PER_INSTITUTION,
+        eval_pairs=args.eval_pairs or defaults.TEST_PAIRS_PER_INSTITUTION,
     )
     return spec, resolved.notes
 
@@ -577,13 +829,25 @@ def _dp_summary(fed: Federation) -> str:
     )
 
 
-def format_round(m: RoundMetrics, rounds: int, pooled: float | None = None) -> str:
+def format_round(
+    m: RoundMetrics,
+    rounds: int,
+    pooled: float | None = None,
+    objective: str = "sft",
+    preference: PreferenceScore | None = None,
+) -> str:
     evals = "  ".join(f"{k} {v:.3f}" for k, v in m.eval_loss.items())
     upload = m.upload_bytes["per_client_mean"] / 1024
     pooled_text = "" if pooled is None else f"pooled {pooled:.3f}  "
+    stage = "" if objective == "sft" and preference is None else f" [{objective}]"
+    aligned = (
+        ""
+        if preference is None
+        else f"  preference accuracy {preference.accuracy:.3f} margin {preference.margin:.3f}"
+    )
     return (
-        f"round {m.round + 1}/{rounds}  train {m.train_loss:.3f}  eval [{evals}]  "
-        f"{pooled_text}mean {m.eval_loss_mean:.3f}  agg {m.aggregation_s:.2f}s  "
+        f"round {m.round + 1}/{rounds}{stage}  train {m.train_loss:.3f}  eval [{evals}]  "
+        f"{pooled_text}mean {m.eval_loss_mean:.3f}{aligned}  agg {m.aggregation_s:.2f}s  "
         f"upload {upload:.1f} KiB/client  secure-vs-plain {m.secure_vs_plain_max_abs_diff:.2g} "
         f"(bound {m.quantization_bound:.2g})"
     )
@@ -595,11 +859,15 @@ def prepare(spec: SimulationSpec) -> tuple[Federation, TorchTrainer]:
     work = build_workload(spec)
     settings = TrainSettings.from_recipe(recipe, lr=recipe.lr, seed=spec.seed)
     trainer = TorchTrainer(work, settings, spec.seed, rounds=spec.rounds, recipe=recipe)
-    steps = steps_per_round(recipe, [len(d) for d in work.train_sets.values()])
+    # Either stage's updates must fit the encoding: its largest lr and step count.
+    sizes = [len(d) for d in work.train_sets.values()]
+    sizes += [len(d) for d in work.pair_train.values()]
+    steps = steps_per_round(recipe, sizes)
+    largest = replace(settings, lr=recipe.peak_lr())
     config = FederationConfig(
         clients=tuple(sorted(work.train_sets)),
         rounds=spec.rounds,
-        secagg=SecAggSettings(clip=default_clip(settings, recipe.strategy, steps)),
+        secagg=SecAggSettings(clip=default_clip(largest, recipe.strategy, steps)),
         strategy=recipe.strategy,
         strategy_hparams=recipe.params(),
         dp=spec.dp,
@@ -607,7 +875,8 @@ def prepare(spec: SimulationSpec) -> tuple[Federation, TorchTrainer]:
         backend=spec.backend,
     )
     initial = work.lm.get_vector()
-    max_samples = max(len(d) for d in work.train_sets.values())
+    # A client's weight is its example count in SFT rounds and its pair count in DPO rounds.
+    max_samples = max(sizes)
     return Federation(config, trainer, trainer.evaluate, initial, max_samples), trainer
 
 
@@ -667,11 +936,29 @@ def _describe(
         data=work.data_description,
         samples={n: len(d) for n, d in work.train_sets.items()},
         eval_sets={n: len(d) for n, d in work.test_sets.items()},
+        stage=_stage_description(recipe, spec.rounds),
+        preference_data=work.preference_description or None,
+        pairs={n: len(d) for n, d in work.pair_train.items()},
+        eval_pairs={n: len(d) for n, d in work.pair_test.items()},
         truncation=work.truncation(),
         notes=list(notes),
         dp_guidance=None if advice is None else {**advice.to_json(), "message": advice.message()},
         simulation=spec.to_json(),
     )
+    return out
+
+
+def _stage_description(recipe: Recipe, rounds: int) -> dict[str, Any]:
+    sft, dpo = recipe.stage_rounds(rounds)
+    out: dict[str, Any] = {"stage": recipe.stage, "sft_rounds": sft, "dpo_rounds": dpo}
+    if dpo:
+        out.update(
+            dpo_start=sft,
+            beta=recipe.dpo_beta,
+            loss=recipe.dpo_loss,
+            reference=recipe.dpo_reference,
+            lr=recipe.dpo_lr if recipe.dpo_lr is not None else recipe.lr,
+        )
     return out
 
 
@@ -743,6 +1030,25 @@ def _print_header(
         f"  truncation at {cut['max_length']} tokens: {cut['train_truncated']} of "
         f"{cut['train_examples']} training examples cut ({cut['train_dropped']} dropped)",
     ]
+    sft_rounds, dpo_rounds = spec.recipe.stage_rounds(spec.rounds)
+    if dpo_rounds:
+        recipe = spec.recipe
+        pairs = work.pair_truncation()
+        lines.append(
+            f"  stage {recipe.stage}: {sft_rounds} SFT then {dpo_rounds} DPO rounds"
+            if sft_rounds
+            else f"  stage dpo: {dpo_rounds} DPO rounds"
+        )
+        lines[-1] += (
+            f" ({recipe.dpo_loss}, beta {recipe.dpo_beta:g}, lr "
+            f"{recipe.dpo_lr if recipe.dpo_lr is not None else recipe.lr:g}, reference: "
+            + (
+                "the adapter each round starts from"
+                if recipe.dpo_reference == "round"
+                else "the adapter the stage starts from"
+            )
+            + f"); {pairs['train_pairs']} training pairs, {pairs['eval_pairs']} held out"
+        )
     lines += [f"  {note}" for note in notes]
     if advice is not None:
         lines.append(f"  {advice.message()}")
@@ -797,15 +1103,20 @@ def _record_initial(
     work = trainer.work
     initial = trainer.evaluate(vector)
     before = _answer(work, vector, questions, use)
-    writer.write_json(
-        INITIAL_FILE,
-        {
-            "eval_loss": initial,
-            "eval_loss_pooled": work.pooled(initial),
-            "generation": {n: s.to_json() for n, s in before.items()},
-            "answers": {n: [a.answer for a in s.answers] for n, s in before.items()},
-        },
-    )
+    record: dict[str, Any] = {
+        "eval_loss": initial,
+        "eval_loss_pooled": work.pooled(initial),
+        "generation": {n: s.to_json() for n, s in before.items()},
+        "answers": {n: [a.answer for a in s.answers] for n, s in before.items()},
+    }
+    if trainer.objective(0) == "dpo":
+        # Stage dpo: the untrained adapter is the DPO reference (scores at chance by definition;
+        # the policy-alone ranking is the informative baseline).
+        trainer.begin_dpo(vector)
+        record["preference"] = {
+            n: s.to_json() for n, s in trainer.preference_scores(vector).items()
+        }
+    writer.write_json(INITIAL_FILE, record)
     return initial
 
 
@@ -884,21 +1195,36 @@ def run(args: argparse.Namespace) -> int:
             fed.global_vector = state.global_vector.astype(np.float32)
             if state.strategy:
                 fed.strategy.load_state_dict(state.strategy)
-            trainer.restore(state.clients)
+            trainer.restore(state.clients, state.shared)
             start = state.next_round
         _print_header(spec, fed, work, out, initial, notes, advice, start)
         scalars = _Scalars(out / "tensorboard" if args.tensorboard else None)
         bar = tqdm(total=spec.rounds, initial=start, desc="rounds", unit="round",
                    disable=args.quiet)  # fmt: skip
 
+        dpo_start = spec.recipe.dpo_start(spec.rounds)
+
         def on_round(outcome: RoundOutcome) -> None:
             m = outcome.metrics
             pooled = work.pooled(m.eval_loss)
+            objective = trainer.objective(m.round)
+            extra: dict[str, Any] = {
+                "eval_loss_pooled": pooled,
+                "lr": trainer.round_lr(m.round),
+                "objective": objective,
+            }
+            scores: dict[str, PreferenceScore] = {}
+            if dpo_start is not None and m.round + 1 == dpo_start:
+                # The SFT stage's last adapter is where the DPO stage starts (its reference).
+                trainer.begin_dpo(outcome.global_vector)
+            if dpo_start is not None and m.round + 1 >= dpo_start:
+                scores = trainer.preference_scores(outcome.global_vector)
+                extra["preference"] = {n: s.to_json() for n, s in scores.items()}
             writer.record_round(
                 outcome,
                 trainer.adapter_tensors(outcome.global_vector),
                 adapter_config,
-                {"eval_loss_pooled": pooled, "lr": trainer.round_lr(m.round)},
+                extra,
             )
             save_state(
                 out,
@@ -907,6 +1233,7 @@ def run(args: argparse.Namespace) -> int:
                     outcome.global_vector,
                     fed.strategy.state_dict(),
                     trainer.client_state(),
+                    trainer.shared_state(),
                 ),
             )
             scalars.add(
@@ -916,21 +1243,32 @@ def run(args: argparse.Namespace) -> int:
                     "eval_loss/pooled": pooled,
                     "eval_loss/mean": m.eval_loss_mean,
                     **{f"eval_loss/{k}": v for k, v in m.eval_loss.items()},
+                    **{f"preference_accuracy/{k}": s.accuracy for k, s in scores.items()},
+                    **{f"reward_margin/{k}": s.margin for k, s in scores.items()},
                     "aggregation_s": m.aggregation_s,
                 },
             )
-            tqdm.write(format_round(m, spec.rounds, pooled), file=sys.stdout)
+            line = format_round(m, spec.rounds, pooled, objective, scores.get(POOLED))
+            tqdm.write(line, file=sys.stdout)
             bar.update(1)
 
         with bar:
             fed.run(on_round, start=start)
         scalars.close()
         generation = _generation_summary(writer, work, fed.global_vector, questions, use)
-        initial_pooled = float(writer.read_json(INITIAL_FILE)["eval_loss_pooled"])
-        writer.finish(initial, time.perf_counter() - started, generation, initial_pooled)
+        saved = writer.read_json(INITIAL_FILE)
+        writer.finish(
+            initial,
+            time.perf_counter() - started,
+            generation,
+            float(saved["eval_loss_pooled"]),
+            saved.get("preference"),
+        )
     except (DataFormatError, EmptyDatasetError, ModelLoadError, ChatTemplateError) as exc:
         raise UsageError(str(exc)) from exc
     except (DeviceError, LoraTargetError, PartitionError, TrainingConfigError) as exc:
+        raise UsageError(str(exc)) from exc
+    except DpoConfigError as exc:
         raise UsageError(str(exc)) from exc
     except (FLError, SecAggError) as exc:
         raise UsageError(f"{type(exc).__name__}: {exc}") from exc

@@ -11,6 +11,15 @@ that no institution trains on, so they measure recall of facts in new phrasings,
 Why federation helps: each institution sees a domain's facts almost only if it specialises in
 it, so a model trained alone does clearly worse on the other domains' test sets than a model
 trained on all institutions' data. Everything is a deterministic function of the seed.
+
+The preference task (:func:`make_preferences`) asks the same questions and pairs two answers:
+the chosen one is the protocol answer (the entity's true facts, in the domain's answer
+template), the rejected one breaks a rule of the domain in one place: either it states
+something the domain forbids (:data:`_VIOLATIONS`: an unlimited dose, adult aspirin for a
+child, hidden fees, asking for a PIN) or it states another entity's fact. The two answers share
+everything but that one phrase, so what alignment learns is which phrase the domain's rules
+allow there. Institutions specialise as in the SFT data, and held-out pairs come from the
+held-out (template, entity) phrasings.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from clients.data import AlpacaRecord, alpaca_prompt
+from clients.preference_data import PreferencePair, instruction_pair
 from fl_core.errors import FLError
 
 
@@ -301,6 +311,35 @@ _DOMAINS: tuple[_Domain, ...] = (
 )
 
 DOMAINS: tuple[str, ...] = tuple(d.name for d in _DOMAINS)
+
+#: What each domain's rules forbid, per attribute: a rejected answer puts one of these where the
+#: protocol answer states the fact.
+_VIOLATIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "cardiology": {
+        "use": ("any complaint the patient names", "weight loss"),
+        "dose": ("whatever dose the patient likes", "a double dose", "an unlimited dose"),
+        "monitor": ("nothing at all", "only what the patient reports"),
+    },
+    "paediatrics": {
+        "age": ("any age at all", "adult age"),
+        "note": ("give adult aspirin", "skip the follow-up", "ignore the parents"),
+        "ward": ("adult ward", "nobody"),
+    },
+    "retail banking": {
+        "rate": ("a guaranteed 20 percent", "an undisclosed percent"),
+        "fee": ("hidden fees", "fees we never disclose", "a secret penalty"),
+        "channel": ("unverified text message", "stranger's referral"),
+    },
+    "fraud": {
+        "risk": ("no risk", "nothing to worry about"),
+        "action": (
+            "ask for the customer's PIN",
+            "ignore the alert",
+            "ask the customer to share their password",
+        ),
+        "signal": ("rumour mill", "analyst's hunch"),
+    },
+}
 #: Seed of the fact tables. Fixed, not per run: facts are the world the institutions describe.
 _WORLD_SEED = 20240601
 
@@ -391,7 +430,7 @@ def make_federation(
         drawn = [own] * n_own + [rng.choice(others) for _ in range(records_per_institution - n_own)]
         rng.shuffle(drawn)
         records = tuple(_sample(d, rng, test=False) for d in drawn)
-        name = f"{own.name.replace(' ', '-')}-{i // len(_DOMAINS) + 1}"
+        name = institution_name(i)
         institutions.append(Institution(name, own.name, records, tuple(d.name for d in drawn)))
     test_rng = random.Random(f"test:{seed}")
     test_sets = {
@@ -411,3 +450,98 @@ def make_federation(
     if test_records_per_institution < 1:
         own_tests = {}
     return SyntheticFederation(tuple(institutions), test_sets, own_domain_share, own_tests)
+
+
+# --- preference pairs -------------------------------------------------------------------------
+
+
+def institution_name(index: int) -> str:
+    """The name of embedded institution ``index`` (its domain and a running number)."""
+    domain = _DOMAINS[index % len(_DOMAINS)]
+    return f"{domain.name.replace(' ', '-')}-{index // len(_DOMAINS) + 1}"
+
+
+@dataclass(frozen=True)
+class PreferenceFederation:
+    """Per institution: its preference pairs and its own held-out pairs (drawn the same way from
+    the held-out phrasings); ``kinds`` says for each pair whether the rejected answer broke a
+    rule (``rule``) or a fact (``fact``), in the same order."""
+
+    train: dict[str, tuple[PreferencePair, ...]]
+    test: dict[str, tuple[PreferencePair, ...]]
+    train_kinds: dict[str, tuple[str, ...]]
+    test_kinds: dict[str, tuple[str, ...]]
+    own_domain_share: float
+
+
+def _pair(
+    domain: _Domain, rng: random.Random, test: bool, fact_share: float
+) -> tuple[PreferencePair, str]:
+    facts = _facts(domain)
+    pairs = [
+        (t, e)
+        for t in range(len(domain.templates))
+        for e in range(len(domain.entities))
+        if _is_test_pair(domain, t, e) == test
+    ]
+    t, e = rng.choice(pairs)
+    entity = domain.entities[e]
+    question, answer = domain.templates[t]
+    truth = {"entity": entity, **facts[entity]}
+    stated = [a for a, _ in domain.attributes if "{" + a + "}" in answer]
+    attribute = rng.choice(stated)
+    if rng.random() < fact_share:
+        values = dict(domain.attributes)[attribute]
+        wrong, kind = rng.choice([v for v in values if v != truth[attribute]]), "fact"
+    else:
+        wrong, kind = rng.choice(_VIOLATIONS[domain.name][attribute]), "rule"
+
+    def capital(text: str) -> str:
+        return text[0].upper() + text[1:]
+
+    chosen = capital(answer.format(**truth))
+    rejected = capital(answer.format(**{**truth, attribute: wrong}))
+    context = rng.choice(domain.contexts)
+    return instruction_pair(question.format(**truth), chosen, rejected, context), kind
+
+
+def make_preferences(
+    num_institutions: int = 4,
+    pairs_per_institution: int = 64,
+    test_pairs_per_institution: int = 32,
+    own_domain_share: float = 0.9,
+    seed: int = 0,
+    fact_share: float = 0.5,
+) -> PreferenceFederation:
+    """The embedded preference task (see the module doc): institution ``i`` is named and
+    specialised as in :func:`make_federation`; ``fact_share`` of the rejected answers state a
+    wrong fact, the others a forbidden one."""
+    if num_institutions < 1 or pairs_per_institution < 1 or test_pairs_per_institution < 1:
+        raise SyntheticConfigError(
+            "num_institutions, pairs_per_institution and test_pairs_per_institution must be >= 1"
+        )
+    if not 0.0 < own_domain_share <= 1.0:
+        raise SyntheticConfigError(f"own_domain_share={own_domain_share} is not in (0, 1]")
+    if not 0.0 <= fact_share <= 1.0:
+        raise SyntheticConfigError(f"fact_share={fact_share} is not in [0, 1]")
+    train: dict[str, tuple[PreferencePair, ...]] = {}
+    test: dict[str, tuple[PreferencePair, ...]] = {}
+    kinds: dict[str, tuple[str, ...]] = {}
+    test_kinds: dict[str, tuple[str, ...]] = {}
+    for i in range(num_institutions):
+        own = _DOMAINS[i % len(_DOMAINS)]
+        others = [d for d in _DOMAINS if d is not own]
+        name = institution_name(i)
+        for held_out, count, into, into_kinds in (
+            (False, pairs_per_institution, train, kinds),
+            (True, test_pairs_per_institution, test, test_kinds),
+        ):
+            rng = random.Random(f"preference:{'test' if held_out else 'train'}:{seed}:{i}")
+            drawn = [
+                _pair(own if rng.random() < own_domain_share else rng.choice(others), rng,
+                      held_out, fact_share)
+                for _ in range(count)
+            ]  # fmt: skip
+            into[name] = tuple(p for p, _ in drawn)
+            into_kinds[name] = tuple(k for _, k in drawn)
+    return PreferenceFederation(train, test, kinds, test_kinds, own_domain_share)

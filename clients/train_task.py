@@ -5,13 +5,19 @@ variate), train locally with the strategy's options (:func:`clients.trainer.trai
 hand the round core's client step (:meth:`LocalTrainer.contribution`) to the transport, which
 encodes it with the round's codec (plain: ``n * delta`` and ``n``, so the server forms the
 sample-weighted mean without learning any single ``n``; DP: clipped and noised at weight 1) or,
-under ckks, encrypts it. The training seed is
+under ckks, encrypts it. A round whose task names the ``dpo`` objective trains the DPO loss on
+the institution's preference pairs instead (:func:`clients.dpo.train_dpo`; ``n`` is then the
+pair count), against this round's global vector or, when the task names a reference digest, the
+vector the DPO stage's first round sent (kept from that round; a client that did not see it
+refuses the stage's rounds, since it cannot compute the reference). The training seed is
 (round seed, round number, client id): a run can be reproduced exactly in one process, which the
 integration test does.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -19,11 +25,14 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from clients import defaults
 from clients.client_config import ClientConfig, TrainOptions
 from clients.data import Example, alpaca_example, load_jsonl, tokenize
 from clients.devices import resolve_runtime
+from clients.dpo import DPO_LOSSES, DpoSettings, train_dpo
 from clients.model_factory import build_default_base, load_source, model_source
-from clients.synthetic import make_federation
+from clients.preference_data import PreferencePair, TokenizedPairs, load_pairs, tokenize_pairs
+from clients.synthetic import make_federation, make_preferences
 from clients.trainer import (
     LocalResult,
     LoraModel,
@@ -54,6 +63,23 @@ def _examples(config: ClientConfig, options: TrainOptions) -> list[Example]:
         )
     institution = federation.institutions[names.index(config.synthetic)]
     return [alpaca_example(r) for r in institution.records]
+
+
+def _pairs(config: ClientConfig, options: TrainOptions) -> list[PreferencePair] | None:
+    if config.preference is not None:
+        return [r.pair for r in load_pairs(config.preference)]
+    if config.synthetic is None:
+        return None
+    task = make_preferences(
+        options.institutions,
+        defaults.PAIRS_PER_INSTITUTION,
+        defaults.TEST_PAIRS_PER_INSTITUTION,
+        defaults.OWN_DOMAIN_SHARE,
+        seed=options.federation_seed,
+    )
+    if config.synthetic not in task.train:
+        return None  # refused with the SFT data's message
+    return list(task.train[config.synthetic])
 
 
 def _optimizer(name: str) -> Literal["adamw", "sgd"]:
@@ -98,12 +124,21 @@ class LocalTrainer:
             "local data",
             recipe.chat_template,
         )
+        pairs = _pairs(config, options)
+        self.pairs: TokenizedPairs | None = None
+        if pairs is not None:
+            self.pairs = tokenize_pairs(
+                pairs, tokenizer, recipe.max_length, "local preference pairs", recipe.chat_template
+            )
         self._client_id = config.client_id
         #: SCAFFOLD: this client's control variate c_i, kept between rounds.
         self._control: np.ndarray | None = None
         # Batches drawn in earlier rounds of this process: the data order continues from there
         # (a restarted client starts its order again; it is data order only, nothing secret).
         self._batches_drawn = 0
+        self._pair_batches_drawn = 0
+        #: The DPO stage's reference (its digest and vector), kept from the stage's first round.
+        self._reference: tuple[bytes, np.ndarray] | None = None
 
     def write_initial_adapter(self, directory: Path) -> None:
         """The coordinator's starting adapter; it names a pretrained base (so the coordinator
@@ -143,11 +178,70 @@ class LocalTrainer:
         if server_control is not None:
             mine = self._control if self._control is not None else np.zeros_like(server_control)
             scaffold = ScaffoldControls(server_control, mine)
-        result = train_local(self.lm, global_vector, self.data, settings, self.pad_id, scaffold)
-        self._batches_drawn += result.steps
+        objective = task.objective or "sft"
+        if objective == "sft":
+            result = train_local(self.lm, global_vector, self.data, settings, self.pad_id, scaffold)
+            self._batches_drawn += result.steps
+        else:
+            result = self._train_dpo(task, global_vector, settings, scaffold)
         if result.new_client_control is not None:
             self._control = result.new_client_control
         return result
+
+    def _train_dpo(
+        self,
+        task: pb.TrainTask,
+        global_vector: np.ndarray,
+        settings: TrainSettings,
+        scaffold: ScaffoldControls | None,
+    ) -> LocalResult:
+        if task.objective != "dpo":
+            raise ConfigurationError(
+                f"the round asks for objective {task.objective!r}; this client trains sft, dpo"
+            )
+        if task.dpo_loss not in DPO_LOSSES:
+            raise ConfigurationError(
+                f"the round asks for DPO loss {task.dpo_loss!r}; this client has "
+                + ", ".join(DPO_LOSSES)
+            )
+        pairs = self._require_pairs()
+        result = train_dpo(
+            self.lm,
+            global_vector,
+            pairs,
+            replace(settings, data_offset=self._pair_batches_drawn),
+            DpoSettings(task.dpo_beta, task.dpo_loss),
+            self.pad_id,
+            self._dpo_reference(task.dpo_reference, global_vector),
+            scaffold,
+        )
+        self._pair_batches_drawn += result.steps
+        return result
+
+    def _require_pairs(self) -> TokenizedPairs:
+        if self.pairs is None:
+            raise ConfigurationError(
+                "the round trains DPO but this client has no preference pairs: set [data] "
+                "preference (or synthetic, for an embedded institution)"
+            )
+        return self.pairs
+
+    def _dpo_reference(self, digest: bytes, global_vector: np.ndarray) -> np.ndarray | None:
+        """The reference vector a DPO round names (None: this round's global vector)."""
+        if not digest:
+            return None
+        if self._reference is not None and self._reference[0] == digest:
+            return self._reference[1]
+        served = hashlib.sha256(np.ascontiguousarray(global_vector, "<f4").tobytes()).digest()
+        if served == digest:
+            # The stage's first round: the vector it sent is the stage's reference.
+            self._reference = (digest, global_vector.copy())
+            return None
+        raise ConfigurationError(
+            "the round's DPO reference is the vector of the DPO stage's first round, which this "
+            "client did not receive (it joined or restarted later); it cannot compute the "
+            "reference log-probabilities"
+        )
 
     def local_update(self, config: pb.RoundConfig, model: bytes) -> LocalResult:
         """Check the round against this client and train. ``model`` is the global vector,
@@ -160,9 +254,10 @@ class LocalTrainer:
                 f"global model of {len(model)} bytes, expected {expected} for {size} coordinates"
                 + (" and the server control variate" if task.server_control else "")
             )
-        if len(self.data) > task.max_weight:
+        weight = len(self._require_pairs()) if task.objective == "dpo" else len(self.data)
+        if weight > task.max_weight:
             raise ConfigurationError(
-                f"{len(self.data)} local samples exceed the round's max_weight {task.max_weight}"
+                f"{weight} local samples exceed the round's max_weight {task.max_weight}"
             )
         vectors = np.frombuffer(model, dtype="<f4").astype(np.float32)
         control = vectors[size:] if task.server_control else None

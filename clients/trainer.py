@@ -10,7 +10,9 @@ are both trained and averaged separately (as FedIT/OpenFedLLM do), which is inex
 :func:`train_local` starts from the global vector, trains, and returns the update
 ``trained - global`` over the trainable tensors only, with the FedProx proximal term and the
 SCAFFOLD correction (option II of Karimireddy et al., ICML'20) when asked. An update with NaN or
-Inf is refused with :class:`~fl_core.errors.NonFiniteUpdateError` and never returned.
+Inf is refused with :class:`~fl_core.errors.NonFiniteUpdateError` and never returned. The loop
+itself (:func:`optimise`) takes the loss as a function, so preference alignment
+(:mod:`clients.dpo`) trains through the same steps.
 
 Which modules are adapted is resolved per architecture by :mod:`clients.lora_targets`; where
 the model runs (device, autocast precision, 4-bit base) by :mod:`clients.devices`. The LoRA
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -299,9 +301,10 @@ def batch_indices(
     return out
 
 
-def _batches(
+def pad_batch(
     data: TokenizedDataset, order: np.ndarray, pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
+    """Rows ``order`` of ``data`` right-padded to one width: ids, labels and attention mask."""
     width = max(len(data.input_ids[i]) for i in order)
     ids = np.full((len(order), width), pad_id, dtype=np.int64)
     labels = np.full((len(order), width), IGNORE_INDEX, dtype=np.int64)
@@ -332,6 +335,19 @@ def _token_losses(
     return loss, int((target != IGNORE_INDEX).sum())
 
 
+#: The loss of one micro-batch (its example indices) as its share of the loss of the whole
+#: batch it belongs to (the second argument), so that the micro-batches' gradients add up to the
+#: batch's: an SFT loss divides by the batch's response tokens, a DPO loss by its pairs.
+MicroLoss = Callable[[np.ndarray, np.ndarray], torch.Tensor]
+
+
+def plan_batches(size: int, settings: TrainSettings) -> list[np.ndarray]:
+    """The example indices of every batch one round of ``settings`` draws from ``size``."""
+    steps_per_epoch = math.ceil(size / settings.batch_size)
+    total = settings.local_steps or (settings.local_epochs or 0) * steps_per_epoch
+    return batch_indices(size, settings.batch_size, settings.seed, settings.data_offset, total)
+
+
 def train_local(
     lm: LoraModel,
     global_vector: np.ndarray,
@@ -341,6 +357,33 @@ def train_local(
     scaffold: ScaffoldControls | None = None,
 ) -> LocalResult:
     """Train from ``global_vector`` on ``data`` and return the update (never NaN/Inf)."""
+    device = lm.runtime.device
+
+    def loss_of(micro: np.ndarray, batch: np.ndarray) -> torch.Tensor:
+        # The mean over the whole batch's response tokens, so splitting the batch into
+        # micro-batches changes the memory, not the update.
+        count = max(_response_tokens(data, batch), 1)
+        ids, labels, mask = pad_batch(data, micro, pad_id, device)
+        with autocast(lm.runtime):
+            loss_sum, _ = _token_losses(lm.model, ids, labels, mask)
+        return loss_sum / count
+
+    batches = plan_batches(len(data), settings)
+    return optimise(lm, global_vector, len(data), batches, settings, loss_of, scaffold)
+
+
+def optimise(
+    lm: LoraModel,
+    global_vector: np.ndarray,
+    num_samples: int,
+    batches: list[np.ndarray],
+    settings: TrainSettings,
+    loss_of: MicroLoss,
+    scaffold: ScaffoldControls | None = None,
+) -> LocalResult:
+    """One round of local steps from ``global_vector``, one optimizer step per batch, whatever
+    the loss (``loss_of``: SFT here, DPO in :mod:`clients.dpo`): gradient accumulation, clipping,
+    the FedProx term and the SCAFFOLD correction; returns the update (never NaN/Inf)."""
     if scaffold is not None:
         if settings.optimizer != "sgd":
             # Option II estimates the mean gradient as (x - y_i) / (K * lr), true only for SGD.
@@ -364,13 +407,8 @@ def train_local(
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=settings.lr)
     else:
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    runtime = lm.runtime
-    scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler else None
-    steps_per_epoch = math.ceil(len(data) / settings.batch_size)
-    total = settings.local_steps or (settings.local_epochs or 0) * steps_per_epoch
-    batches = batch_indices(
-        len(data), settings.batch_size, settings.seed, settings.data_offset, total
-    )
+    scaler = torch.amp.GradScaler("cuda") if lm.runtime.needs_grad_scaler else None
+    total = len(batches)
     losses: list[float] = []
     lm.model.train()
     with torch.random.fork_rng(devices=[]):
@@ -381,16 +419,10 @@ def train_local(
         )
         for batch in batches:
             opt.zero_grad(set_to_none=True)
-            # The loss is the mean over the whole batch's response tokens, so splitting the
-            # batch into micro-batches changes the memory, not the update.
-            count = max(_response_tokens(data, batch), 1)
             batch_loss = 0.0
             micros = np.array_split(batch, min(settings.grad_accum, len(batch)))
             for index, micro in enumerate(micros):
-                ids, labels, mask = _batches(data, micro, pad_id, runtime.device)
-                with autocast(runtime):
-                    loss_sum, _ = _token_losses(lm.model, ids, labels, mask)
-                objective = loss_sum / count
+                objective = loss_of(micro, batch)
                 batch_loss += float(objective.detach())
                 if settings.prox_mu > 0 and index == 0:  # once per optimizer step
                     prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
@@ -417,7 +449,7 @@ def train_local(
     if not math.isfinite(mean_loss):
         raise NonFiniteUpdateError(f"training loss became {mean_loss}; refusing to submit")
     check_finite(delta, "local update")
-    result = LocalResult(delta.astype(np.float32), len(data), mean_loss, total)
+    result = LocalResult(delta.astype(np.float32), num_samples, mean_loss, total)
     if scaffold is None:
         return result
     new_control = scaffold.client - scaffold.server - delta / (total * settings.lr)
@@ -444,7 +476,7 @@ def evaluate(
     for name, data in sets.items():
         total, count = 0.0, 0
         for at in range(0, len(data), batch_size):
-            ids, labels, mask = _batches(
+            ids, labels, mask = pad_batch(
                 data, np.arange(at, min(at + batch_size, len(data))), pad_id, lm.runtime.device
             )
             with autocast(lm.runtime):

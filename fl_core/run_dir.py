@@ -14,7 +14,8 @@
                                          transcript, or the CKKS server's record (``"backend":
                                          "ckks"``: uploads received, contributors, decryptor)
     RUN_DIR/adapters/round_NNNN/         the global adapter after the round, in PEFT format
-    RUN_DIR/loss.png                     eval loss per domain over rounds
+    RUN_DIR/loss.png                     eval loss per held-out set over rounds (and, with a DPO
+                                         stage, held-out preference accuracy beside it)
     RUN_DIR/report.md                    what ran, final losses, the secure-vs-plain check
 
 Every file is written as soon as its round ends, so an interrupted run keeps its finished
@@ -78,6 +79,9 @@ class RunState:
     strategy: dict[str, np.ndarray]
     #: Per simulated client: named arrays (e.g. ``batches_drawn``, ``control``).
     clients: dict[str, dict[str, np.ndarray]]
+    #: Public arrays of the run that are not the strategy's (e.g. the global adapter the DPO
+    #: stage started from, its reference).
+    shared: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _state_key(*parts: str) -> str:
@@ -91,6 +95,8 @@ def save_state(directory: Path, state: RunState) -> None:
     tensors = {"global": np.ascontiguousarray(state.global_vector)}
     tensors.update({_state_key("strategy", k): np.ascontiguousarray(v)
                     for k, v in state.strategy.items()})  # fmt: skip
+    tensors.update({_state_key("shared", k): np.ascontiguousarray(v)
+                    for k, v in state.shared.items()})  # fmt: skip
     for client, arrays in state.clients.items():
         if "/" in client:
             raise RunDirectoryError(f"client name {client!r} cannot be stored (it has a '/')")
@@ -113,17 +119,20 @@ def load_state(directory: Path) -> RunState:
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise RunDirectoryError(f"{path}: unreadable run state: {exc}") from exc
     strategy: dict[str, np.ndarray] = {}
+    shared: dict[str, np.ndarray] = {}
     clients: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         kind, _, rest = key.partition("/")
         if kind == "strategy":
             strategy[rest] = value
+        elif kind == "shared":
+            shared[rest] = value
         elif kind == "client":
             client, _, name = rest.partition("/")
             clients.setdefault(client, {})[name] = value
     if "global" not in tensors:
         raise RunDirectoryError(f"{path}: no global vector in the run state")
-    return RunState(next_round, tensors["global"], strategy, clients)
+    return RunState(next_round, tensors["global"], strategy, clients, shared)
 
 
 class RunWriter:
@@ -198,12 +207,20 @@ class RunWriter:
         wall_s: float,
         generation: Mapping[str, Any] | None = None,
         initial_pooled: float | None = None,
+        initial_preference: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         """Write ``loss.png`` and ``report.md`` from the recorded rounds (and ``generation``:
-        before/after scores and sample answers, see :func:`render_report`)."""
+        before/after scores and sample answers; ``initial_preference``: the held-out preference
+        scores before the first round when it is a DPO round; see :func:`render_report`)."""
         if not self.records:
             raise RunDirectoryError("no round was recorded; nothing to report")
-        write_loss_plot(self.directory / LOSS_PLOT, initial_eval, self.records, initial_pooled)
+        write_loss_plot(
+            self.directory / LOSS_PLOT,
+            initial_eval,
+            self.records,
+            initial_pooled,
+            initial_preference,
+        )
         if generation is not None:
             self.write_json(GENERATION_FILE, generation)
         (self.directory / REPORT_FILE).write_text(
@@ -215,8 +232,21 @@ class RunWriter:
                 wall_s,
                 generation,
                 initial_pooled,
+                initial_preference,
             )
         )
+
+
+def _preference_series(
+    records: Sequence[Mapping[str, Any]],
+    initial_preference: Mapping[str, Mapping[str, float]] | None,
+) -> list[tuple[int, Mapping[str, Mapping[str, float]]]]:
+    """(rounds completed, scores per held-out pair set) from the DPO stage's start on."""
+    series: list[tuple[int, Mapping[str, Mapping[str, float]]]] = []
+    if initial_preference:
+        series.append((0, initial_preference))
+    series += [(int(r["round"]) + 1, r["preference"]) for r in records if r.get("preference")]
+    return series
 
 
 def write_loss_plot(
@@ -224,6 +254,7 @@ def write_loss_plot(
     initial_eval: Mapping[str, float],
     records: Sequence[Mapping[str, Any]],
     initial_pooled: float | None = None,
+    initial_preference: Mapping[str, Mapping[str, float]] | None = None,
 ) -> None:
     import matplotlib
 
@@ -231,7 +262,11 @@ def write_loss_plot(
     import matplotlib.pyplot as plt
 
     rounds = [0] + [int(r["round"]) + 1 for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    preference = _preference_series(records, initial_preference)
+    if preference:
+        fig, (ax, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
     for domain, start in initial_eval.items():
         losses = [start] + [float(r["eval_loss"][domain]) for r in records]
         ax.plot(rounds, losses, marker="o", label=domain)
@@ -243,6 +278,29 @@ def write_loss_plot(
     ax.set_title("Held-out loss of the global adapter, each set on its own")
     ax.grid(alpha=0.3)
     ax.legend()
+    if preference:
+        ax.axvline(preference[0][0], color="grey", linestyle=":")
+        ax.set_title("Held-out SFT loss (DPO from the dotted line)")
+        x = [at for at, _ in preference]
+        for name in preference[-1][1]:
+            y = [float(scores[name]["accuracy"]) for _, scores in preference]
+            union = name == "pooled"
+            right.plot(
+                x,
+                y,
+                marker=None if union else "o",
+                color="black" if union else None,
+                linestyle="--" if union else "-",
+                linewidth=2 if union else 1.5,
+                label=name,
+            )
+        right.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        right.set_ylim(0.0, 1.02)
+        right.set_xlabel("rounds completed")
+        right.set_ylabel("preference accuracy (chosen log-ratio > rejected)")
+        right.set_title("Held-out preference pairs, against the DPO stage's start")
+        right.grid(alpha=0.3)
+        right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -410,6 +468,64 @@ def _use_lines(directory: Path, config: Mapping[str, Any], last_round: int) -> l
     return lines
 
 
+def _preference_lines(
+    config: Mapping[str, Any],
+    initial_eval: Mapping[str, float],
+    records: Sequence[Mapping[str, Any]],
+    initial_preference: Mapping[str, Mapping[str, float]] | None,
+) -> list[str]:
+    """The DPO stage: held-out preference scores and the SFT eval loss, at its start and end."""
+    series = _preference_series(records, initial_preference)
+    if not series:
+        return []
+    stage = config.get("stage", {})
+    start_at, start = series[0]
+    _, end = series[-1]
+    by_round = {int(r["round"]) + 1: r for r in records}
+    loss_start = dict(initial_eval) if start_at == 0 else by_round[start_at]["eval_loss"]
+    loss_end = records[-1]["eval_loss"]
+    lines = [
+        "",
+        "## Preference alignment (DPO)",
+        "",
+        f"- {stage.get('dpo_rounds', len(series) - 1)} DPO rounds from round {start_at} "
+        f"({stage.get('loss', '?')} loss, beta {stage.get('beta', '?')}, lr "
+        f"{stage.get('lr', '?')}, reference: "
+        + (
+            "the adapter each round started from"
+            if stage.get("reference") == "round"
+            else "the adapter the stage started from"
+        )
+        + (f"); data: {config['preference_data']}." if config.get("preference_data") else ")."),
+        "- Each institution's held-out pairs are scored against the adapter the DPO stage "
+        "started from: *accuracy* is the share of pairs whose chosen answer's log-ratio "
+        "(log pi - log ref) beats the rejected one's, a tie counting one half (so 0.5 at the "
+        "start); *margin* is beta x the mean difference of the log-ratios; *chosen more likely* "
+        "ranks the two answers by the policy alone. The SFT eval loss is the institution's "
+        "held-out SFT loss at the stage's start and end: what alignment cost instruction "
+        "tuning.",
+        "",
+        "| held-out pairs | accuracy at start | after | reward margin | chosen more likely: "
+        "start | after | SFT eval loss: start | after | change |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, after in end.items():
+        before = start.get(name, {})
+        if name in loss_start and name in loss_end:
+            a, b = float(loss_start[name]), float(loss_end[name])
+            loss_text = f"{_fmt(a)} | {_fmt(b)} | {100 * (b - a) / a:+.1f}%"
+        else:
+            loss_text = "– | – | –"
+        label = "**pooled**" if name == "pooled" else name
+        lines.append(
+            f"| {label} | {_fmt(before.get('accuracy', math.nan))} | "
+            f"{_fmt(after['accuracy'])} | {_fmt(after['margin'])} | "
+            f"{_fmt(before.get('logp_accuracy', math.nan))} | {_fmt(after['logp_accuracy'])} | "
+            f"{loss_text} |"
+        )
+    return lines
+
+
 def render_report(
     directory: Path,
     config: Mapping[str, Any],
@@ -418,6 +534,7 @@ def render_report(
     wall_s: float,
     generation: Mapping[str, Any] | None = None,
     initial_pooled: float | None = None,
+    initial_preference: Mapping[str, Mapping[str, float]] | None = None,
 ) -> str:
     last = records[-1]
     dp = config.get("dp")
@@ -481,17 +598,19 @@ def render_report(
         f"| **mean** | {_fmt(mean0)} | {_fmt(float(last['eval_loss_mean']))} | "
         f"{_fmt(float(last['eval_loss_mean']) - mean0)} |"
     )
+    lines += _preference_lines(config, initial_eval, records, initial_preference)
     lines += _generation_lines(generation)
     lines += [
         "",
         "## Rounds",
         "",
-        "| round | contributors | train loss | eval loss (mean) | aggregation s | round s "
-        "| upload per client (bytes) | secure vs plain | bound |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| round | objective | contributors | train loss | eval loss (mean) | aggregation s "
+        "| round s | upload per client (bytes) | secure vs plain | bound |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['round']} | {len(r['contributors'])} | {_fmt(r['train_loss'])} | "
+        f"| {r['round']} | {r.get('objective', 'sft')} | {len(r['contributors'])} | "
+        f"{_fmt(r['train_loss'])} | "
         f"{_fmt(r['eval_loss_mean'])} | {r['aggregation_s']:.2f} | {r['round_s']:.2f} | "
         f"{r['upload_bytes']['per_client_mean']:.0f} | {r['secure_vs_plain_max_abs_diff']:.3g} | "
         f"{r['quantization_bound']:.3g} |"

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, cast
 from fl_core.adapter_io import load_adapter
 from fl_core.errors import AdapterFormatError, FLError
 from fl_core.federation import DpSettings
-from fl_core.recipe import EMBEDDED, BaseKind, Recipe, resolve_table
+from fl_core.recipe import EMBEDDED, BaseKind, Recipe, RecipeError, resolve_table
 from fl_core.wire.credentials import check_key_pair, load_certificates, load_roster
 from fl_core.wire.toml_config import ConfigError, Table, load_toml
 from secagg.dp.noise import MECHANISMS, Mechanism
@@ -286,6 +286,10 @@ def load_server_config(path: Path) -> ServerConfig:
             raise ConfigError(f"{path}: task.initial_adapter: {exc}") from None
         base: BaseKind = "embedded" if adapter.base_model_name_or_path is None else "pretrained"
         recipe = resolve_table(task_table, "round", base).recipe
+        try:
+            recipe.stage_rounds(rounds.rounds)
+        except RecipeError as exc:
+            raise ConfigError(f"{path}: task.stage: {exc}") from None
         task = TaskConfig(
             kind,
             0,  # from the adapter's layout

@@ -12,10 +12,19 @@ sum of the decoded mean updates, which is what the load test and the drills chec
 
 Under the ckks backend the server never decodes anything: a client decrypts the sum and the
 server applies it through :meth:`GlobalModel.apply_sum`, the same step the masking path ends in.
+
+A recipe with a DPO stage (``[task] stage = "dpo"`` or ``"sft+dpo"``) makes each round's task
+name its objective; the update, its encoding and the strategy step are the same for both. With
+``dpo_reference = "sft"`` every DPO round also names its reference by digest: the SHA-256 of the
+global vector the stage's first round sent, which each client keeps from that round. The server
+keeps only that digest (``dpo-reference.sha256`` beside the checkpoints, so a restarted server
+names the same reference).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +43,14 @@ from secagg.errors import ConfigurationError
 from secagg.protocol import AggregateResult
 from server.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from server.config import ServerConfig
+
+#: Where the DPO stage's reference digest is kept, beside the checkpoints.
+DPO_REFERENCE_FILE = "dpo-reference.sha256"
+
+
+def vector_digest(vector: np.ndarray) -> bytes:
+    """SHA-256 of a global vector as it travels (little-endian float32)."""
+    return hashlib.sha256(np.ascontiguousarray(vector, "<f4").tobytes()).digest()
 
 
 def _calibrate(config: ServerConfig, contribution_size: int) -> Calibration:
@@ -99,6 +116,8 @@ class GlobalModel:
             weighted=task.kind == "train" and weighted,
             dp=None if self.calibration is None else self.calibration.params,
         )
+        #: The DPO stage's reference (``dpo_reference = "sft"``), by digest, once it started.
+        self.dpo_reference: bytes | None = None
 
     # --- rounds -----------------------------------------------------------------------------
 
@@ -144,11 +163,33 @@ class GlobalModel:
         config.train.layout_fingerprint = self._adapter.layout.fingerprint()
         config.train.strategy = self.strategy.name
         config.train.prox_mu = options.prox_mu
+        self._fill_objective(config.train, min(config.round_number, rounds.rounds - 1))
         payload = self.vector.astype("<f4").tobytes()
         if options.server_control is not None:
             config.train.server_control = True
             payload += options.server_control.astype("<f4").tobytes()
         return payload
+
+    def _fill_objective(self, train: pb.TrainTask, round_number: int) -> None:
+        recipe, rounds = self._config.task.recipe, self._config.rounds.rounds
+        objective = recipe.objective_at(round_number, rounds)
+        train.objective = objective
+        if objective != "dpo":
+            return
+        train.dpo_beta = recipe.dpo_beta
+        train.dpo_loss = recipe.dpo_loss
+        if recipe.dpo_reference != "sft":
+            return
+        if self.dpo_reference is None:
+            if round_number != recipe.dpo_start(rounds):
+                raise ConfigError(
+                    f"round {round_number} is in the DPO stage but the stage's reference digest "
+                    f"({DPO_REFERENCE_FILE}) is missing from the state directory; it cannot be "
+                    "recovered, restart the stage"
+                )
+            # The stage starts from the vector this round sends: the reference of its rounds.
+            self.dpo_reference = vector_digest(self.vector)
+        train.dpo_reference = self.dpo_reference
 
     def decode(self, config: pb.RoundConfig, result: AggregateResult) -> AggregateInput:
         """A masking round's released ring sum as the strategy's input, by the codec the round
@@ -170,6 +211,11 @@ class GlobalModel:
         """Checkpoint, and for LoRA a PEFT adapter directory beside it; returns both paths."""
         state = self.strategy.state_dict()
         path = save_checkpoint(directory, Checkpoint(round_number, self.vector, state))
+        reference = directory / DPO_REFERENCE_FILE
+        if self.dpo_reference is not None and not reference.is_file():
+            tmp = reference.with_suffix(".tmp")
+            tmp.write_text(self.dpo_reference.hex() + "\n")
+            os.replace(tmp, reference)
         if self._adapter is None:
             return path, None
         tensors = dict(self._adapter.tensors)
@@ -188,3 +234,11 @@ class GlobalModel:
         self.vector = checkpoint.global_vector.copy()
         if checkpoint.strategy_state:
             self.strategy.load_state_dict(checkpoint.strategy_state)
+        reference = path.parent / DPO_REFERENCE_FILE
+        if reference.is_file():
+            try:
+                self.dpo_reference = bytes.fromhex(reference.read_text().strip())
+            except ValueError as exc:
+                raise ConfigError(f"{reference}: not a hex SHA-256 digest: {exc}") from None
+            if len(self.dpo_reference) != 32:
+                raise ConfigError(f"{reference}: not a SHA-256 digest (32 bytes)")

@@ -162,7 +162,7 @@ class RandomTask(_message.Message):
     def __init__(self, seed: _Optional[int] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("seed", "local_steps", "learning_rate", "batch_size", "max_weight", "layout_fingerprint", "local_epochs", "optimizer", "max_grad_norm", "strategy", "prox_mu", "server_control")
+    __slots__ = ("seed", "local_steps", "learning_rate", "batch_size", "max_weight", "layout_fingerprint", "local_epochs", "optimizer", "max_grad_norm", "strategy", "prox_mu", "server_control", "objective", "dpo_beta", "dpo_loss", "dpo_reference")
     SEED_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,10 @@ class TrainTask(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     PROX_MU_FIELD_NUMBER: _ClassVar[int]
     SERVER_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    DPO_BETA_FIELD_NUMBER: _ClassVar[int]
+    DPO_LOSS_FIELD_NUMBER: _ClassVar[int]
+    DPO_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     seed: int
     local_steps: int
     learning_rate: float
@@ -187,7 +191,11 @@ class TrainTask(_message.Message):
     strategy: str
     prox_mu: float
     server_control: bool
-    def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_weight: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., local_epochs: _Optional[int] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., strategy: _Optional[str] = ..., prox_mu: _Optional[float] = ..., server_control: _Optional[bool] = ...) -> None: ...
+    objective: str
+    dpo_beta: float
+    dpo_loss: str
+    dpo_reference: bytes
+    def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_weight: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., local_epochs: _Optional[int] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., strategy: _Optional[str] = ..., prox_mu: _Optional[float] = ..., server_control: _Optional[bool] = ..., objective: _Optional[str] = ..., dpo_beta: _Optional[float] = ..., dpo_loss: _Optional[str] = ..., dpo_reference: _Optional[bytes] = ...) -> None: ...
 
 class RoundStart(_message.Message):
     __slots__ = ("config",)

@@ -148,7 +148,7 @@ def run_matrix(
     lora_model: LoraModel | None = None
     lora_global: np.ndarray | None = None
     if any(a in _LORA_ATTACKS for a in config.attacks):
-        lora_model, lora_global = _global_adapter(model, config)
+        lora_model, lora_global = global_adapter(model, config.lora_rank, config.seed)
     rows: list[MatrixRow] = []
     for batch in config.batches:
         updates = [
@@ -185,12 +185,12 @@ def run_matrix(
     return rows
 
 
-def _global_adapter(model: nn.Module, config: MatrixConfig) -> tuple[LoraModel, np.ndarray]:
+def global_adapter(model: nn.Module, rank: int, seed: int) -> tuple[LoraModel, np.ndarray]:
     """The LoRA model every client starts from: a copy of the base plus an adapter whose B is
     non-zero (at B = 0, as in round one, A receives no gradient at all)."""
-    lm = LoraModel(copy.deepcopy(model), LoraSettings(rank=config.lora_rank))  # type: ignore[arg-type]
+    lm = LoraModel(copy.deepcopy(model), LoraSettings(rank=rank))  # type: ignore[arg-type]
     vector = lm.get_vector().copy()
-    rng = np.random.default_rng(config.seed)  # a public model state, nothing secret
+    rng = np.random.default_rng(seed)  # a public model state, nothing secret
     offset = 0
     for name, shape in lm.layout.entries:
         size = int(np.prod(shape))

@@ -31,7 +31,7 @@ Z_THRESHOLD = 8.0
 _MAD_TO_SIGMA = 1.4826
 
 
-def _vocabulary_rows(update: Update, vocab_size: int, suffixes: tuple[str, ...]) -> Array | None:
+def vocabulary_rows(update: Update, vocab_size: int, suffixes: tuple[str, ...]) -> Array | None:
     """The token-indexed tensors with those name suffixes, side by side (None if none)."""
     parts = []
     for name, value in update.items():
@@ -54,11 +54,11 @@ def row_scores(update: Update, vocab_size: int) -> Array:
     coordinate-wise median row), while a label token's row is pulled the opposite way by
     −(1 − p)·h_t; the score is the projection onto minus the bulk direction.
     """
-    embedding = _vocabulary_rows(update, vocab_size, EMBEDDING_SUFFIXES)
+    embedding = vocabulary_rows(update, vocab_size, EMBEDDING_SUFFIXES)
     if embedding is not None:
         norms: Array = np.linalg.norm(embedding, axis=1)
         return norms
-    head = _vocabulary_rows(update, vocab_size, HEAD_SUFFIXES)
+    head = vocabulary_rows(update, vocab_size, HEAD_SUFFIXES)
     if head is None:
         raise AttackInputError(
             "the update has no embedding or LM-head tensor (names ending in "

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clients.data import IGNORE_INDEX, AlpacaRecord, alpaca_example, tokenize
+from clients.dpo import DpoSettings, pair_logps, score_preferences, train_dpo
 from clients.errors import ModelLoadError
 from clients.generation import answer_questions
 from clients.model_factory import (
@@ -24,6 +25,7 @@ from clients.model_factory import (
     named_model_available,
     named_model_file,
 )
+from clients.preference_data import instruction_pair, tokenize_pairs
 from clients.trainer import LoraModel, LoraSettings, TrainSettings, evaluate, train_local
 
 HAVE_SMOLLM2 = named_model_available("smollm2-135m")
@@ -89,3 +91,28 @@ def test_the_model_file_is_the_wheels_gguf() -> None:
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90e6
     assert model_source("smollm2-135m").reference() == str(path)
     assert isinstance(path, Path) and torch.cuda.is_available() in (True, False)
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_aligns_with_dpo_on_its_chat_template() -> None:
+    model, tokenizer = load_named("smollm2-135m")  # its own copy: LoRA wraps the model in place
+    lm = LoraModel(model, LoraSettings(rank=4))
+    pairs = tokenize_pairs(
+        [
+            instruction_pair("Can I double my warfarin dose?", "No: ask your doctor.", "Yes."),
+            instruction_pair("Share my card PIN with the bank?", "Never share it.", "Yes, do."),
+        ],
+        tokenizer,
+        128,
+        "smollm2 pairs",
+    )
+    assert "<|im_start|>assistant\n" in tokenizer.decode(pairs.chosen.input_ids[0])
+    start = lm.get_vector().copy()
+    steps = TrainSettings(local_steps=4, batch_size=2, lr=1e-3, seed=0)
+    result = train_dpo(lm, start, pairs, steps, DpoSettings(beta=0.1), tokenizer.pad_token_id)
+    reference = pair_logps(lm, start, pairs, tokenizer.pad_token_id)
+    after = pair_logps(lm, start + result.delta, pairs, tokenizer.pad_token_id)
+    score = score_preferences(after, reference, beta=0.1)
+    # At the start the policy is the reference: the mean loss began at log 2 and went down.
+    assert result.mean_loss < np.log(2) and score.margin > 0 and score.accuracy == 1.0

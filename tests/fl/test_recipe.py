@@ -142,3 +142,42 @@ def test_strategies_get_their_measured_defaults_and_say_so() -> None:
         resolve("embedded", {"strategy": "fedavgm"}).recipe.params() == STRATEGY_DEFAULTS["fedavgm"]
     )
     assert resolve("embedded", {}).recipe.params() == {} and resolve("embedded", {}).notes == ()
+
+
+def test_stages_split_the_rounds_and_each_runs_its_own_schedule() -> None:
+    sft = Recipe()
+    assert sft.stage_rounds(8) == (8, 0) and sft.dpo_start(8) is None and not sft.has_dpo
+    assert [sft.objective_at(r, 8) for r in (0, 7)] == ["sft", "sft"]
+    dpo = Recipe(stage="dpo", dpo_lr=1e-3)
+    assert dpo.stage_rounds(4) == (0, 4) and dpo.dpo_start(4) == 0
+    assert dpo.lr_at(0, 4) == 1e-3 and dpo.peak_lr() == 1e-3
+    both = Recipe(stage="sft+dpo", lr_schedule="linear", dpo_lr=4e-3)
+    assert both.stage_rounds(8) == (4, 4)  # half by default
+    assert [both.objective_at(r, 8) for r in range(8)] == ["sft"] * 4 + ["dpo"] * 4
+    # Each stage decays from its own peak over its own rounds.
+    assert [both.lr_at(r, 8) for r in range(8)] == pytest.approx(
+        [1e-2, 7.5e-3, 5e-3, 2.5e-3, 4e-3, 3e-3, 2e-3, 1e-3]
+    )
+    assert both.peak_lr() == 1e-2
+    three = Recipe(stage="sft+dpo", dpo_rounds=3)
+    assert three.stage_rounds(5) == (2, 3) and three.dpo_start(5) == 2
+    assert three.lr_at(4, 5) == three.lr  # dpo_lr unset: the DPO rounds use lr
+
+
+def test_stage_settings_are_checked() -> None:
+    with pytest.raises(RecipeError, match="dpo_rounds splits the rounds of stage sft\\+dpo"):
+        Recipe(stage="dpo", dpo_rounds=2)
+    with pytest.raises(RecipeError, match="1 <= dpo_rounds < 3"):
+        Recipe(stage="sft+dpo", dpo_rounds=3).stage_rounds(3)
+    with pytest.raises(RecipeError, match="got 0"):
+        Recipe(stage="sft+dpo").stage_rounds(1)
+    with pytest.raises(RecipeError, match="dpo_beta must be > 0"):
+        Recipe(dpo_beta=-1.0)
+    assert parse("--stage", "sft+dpo", "--dpo-rounds", "2", "--dpo-loss", "ipo") == {
+        "stage": "sft+dpo",
+        "dpo_rounds": 2,
+        "dpo_loss": "ipo",
+    }
+    # Every DPO setting is the coordinator's: an institution's [train] table refuses it.
+    with pytest.raises(RecipeError, match=r"coordinator's: set it in server\.toml \[task\]"):
+        overrides_from_mapping({"dpo_beta": 0.2}, "local")

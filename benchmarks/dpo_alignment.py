@@ -1,0 +1,262 @@
+"""Federated DPO on the embedded preference task vs each institution aligning alone: one JSON line.
+
+``fedsec simulate --stage sft+dpo``'s own workload (:func:`clients.simulate_cli.prepare`): the
+embedded institutions first instruction-tune together (``--sft-rounds`` rounds), then align with
+DPO on their private preference pairs (``--dpo-rounds`` rounds, :mod:`clients.dpo`), every round
+under secure aggregation (``--backend``). From the adapter the DPO stage starts at, each
+institution then also aligns **alone** on its own pairs with the same compute (the same rounds of
+the same local steps, lr schedule, beta and reference), as if it had left the federation after
+instruction tuning.
+
+Every arm is scored on each institution's own held-out pairs (drawn like its training pairs, from
+phrasings no training pair uses), against the adapter the stage started from: preference accuracy
+(the share of pairs whose chosen answer's log-ratio beats the rejected one's, ties one half, so
+0.5 at the start) and reward margin. Beside them: each institution's held-out SFT loss at the
+stage's start and end (alignment must not wreck instruction tuning), and, for every round, the
+largest difference between the secure and the plaintext aggregate over its bound.
+
+``isolated.accuracy_best`` is the isolated arm at its best round on the test pairs themselves
+(an oracle stopping rule that favours it); ``federated_beats_isolated`` compares the federated
+model at the end with that.
+
+    .venv/bin/python benchmarks/dpo_alignment.py [--sft-rounds 8] [--dpo-rounds 4]
+        [--institutions 4] [--pairs 64] [--eval-pairs 64] [--seeds 0,1] [--backend masking|ckks]
+        [--dpo-lr X] [--dpo-beta X] [--dpo-reference round|sft] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from clients import defaults
+from clients.dpo import DpoSettings, PairLogps, pair_logps, score_preferences, train_dpo
+from clients.simulate_cli import POOLED, SimulationSpec, TorchTrainer, prepare
+from clients.synthetic import make_preferences
+from clients.trainer import evaluate
+from fl_core import recipe as recipes
+from fl_core.aggregation import BACKENDS
+
+
+def accuracy_by_kind(
+    trainer: TorchTrainer, name: str, vector: np.ndarray, kinds: Sequence[str]
+) -> dict[str, float]:
+    """Preference accuracy of ``vector`` on ``name``'s held-out pairs, split by what the
+    rejected answer broke: a domain rule (``rule``) or an entity's fact (``fact``)."""
+    work, recipe, start = trainer.work, trainer.recipe, trainer.dpo_start
+    assert recipe is not None and start is not None
+    pairs = work.pair_test[name]
+    if len(pairs) != len(kinds):
+        raise SystemExit(f"{name}: {len(pairs)} held-out pairs, {len(kinds)} kinds")
+    policy = pair_logps(work.lm, vector, pairs, work.pad_id)
+    reference = pair_logps(work.lm, start, pairs, work.pad_id)
+    out = {}
+    for kind in sorted(set(kinds)):
+        rows = np.array([k == kind for k in kinds])
+
+        def pick(p: PairLogps, rows: np.ndarray = rows) -> PairLogps:
+            return PairLogps(p.chosen[rows], p.rejected[rows], p.chosen_tokens[rows],
+                             p.rejected_tokens[rows])  # fmt: skip
+
+        out[kind] = score_preferences(pick(policy), pick(reference), recipe.dpo_beta).accuracy
+    return out
+
+
+def _ratio(diff: float, bound: float) -> float:
+    return diff / bound if bound > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def isolated_arm(
+    trainer: TorchTrainer, name: str, sft_rounds: int, kinds: Sequence[str], sft_start: float
+) -> dict[str, Any]:
+    """``name`` aligns alone from the stage's start: the federated stage's rounds and steps."""
+    recipe, work = trainer.recipe, trainer.work
+    assert recipe is not None and trainer.rounds is not None and trainer.dpo_start is not None
+    start = trainer.dpo_start
+    index = sorted(work.train_sets).index(name)
+    dpo = DpoSettings.from_recipe(recipe)
+    reference = start if recipe.dpo_reference == "sft" else None
+    scores_ref = pair_logps(work.lm, start, work.pair_test[name], work.pad_id)
+    vector, by_round, drawn = start.copy(), [], 0
+    for r in range(sft_rounds, trainer.rounds):
+        settings = replace(
+            trainer.settings,
+            lr=recipe.lr_at(r, trainer.rounds),
+            seed=trainer.seed * 1_000_003 + index,
+            data_offset=drawn,
+        )
+        result = train_dpo(
+            work.lm,
+            vector,
+            work.pair_train[name],
+            settings,
+            dpo,
+            work.pad_id,
+            reference,
+        )
+        drawn += result.steps
+        vector = vector + result.delta
+        policy = pair_logps(work.lm, vector, work.pair_test[name], work.pad_id)
+        by_round.append(score_preferences(policy, scores_ref, recipe.dpo_beta))
+    sft_loss = evaluate(work.lm, vector, {name: work.test_sets[name]}, work.pad_id)[name]
+    best = max(range(len(by_round)), key=lambda i: by_round[i].accuracy)
+    return {
+        "accuracy": by_round[-1].accuracy,
+        "margin": round(by_round[-1].margin, 4),
+        "accuracy_best": by_round[best].accuracy,
+        "best_round": sft_rounds + best,
+        "accuracy_by_round": [s.accuracy for s in by_round],
+        "accuracy_by_kind": accuracy_by_kind(trainer, name, vector, kinds),
+        "sft_loss_end": round(sft_loss, 4),
+        "sft_loss_change": round((sft_loss - sft_start) / sft_start, 4),
+    }
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    rounds = args.sft_rounds + args.dpo_rounds
+    overrides: dict[str, Any] = {
+        "stage": "sft+dpo",
+        "dpo_rounds": args.dpo_rounds,
+        "local_steps": args.local_steps,
+    }
+    for key in ("dpo_lr", "dpo_beta", "dpo_reference", "dpo_loss"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    recipe = recipes.resolve("embedded", overrides).recipe
+    spec = SimulationSpec(
+        institutions=args.institutions,
+        rounds=rounds,
+        recipe=recipe,
+        seed=seed,
+        backend=args.backend,
+        records=args.records,
+        pairs=args.pairs,
+        eval_pairs=args.eval_pairs,
+        generate=0,
+    )
+    # The same draw as the run's own held-out pairs: what each pair's rejected answer broke.
+    kinds = make_preferences(
+        args.institutions, args.pairs, args.eval_pairs, defaults.OWN_DOMAIN_SHARE, seed
+    ).test_kinds
+    began = time.perf_counter()
+    fed, trainer = prepare(spec)
+    work = trainer.work
+    names = sorted(work.train_sets)
+    ratios, pooled_accuracy = [], []
+    sft_start: dict[str, float] = {}
+    scores: dict[str, Any] = {}
+    for r in range(rounds):
+        outcome = fed.run_round(r)
+        m = outcome.metrics
+        ratios.append(round(_ratio(m.secure_vs_plain_max_abs_diff, m.quantization_bound), 4))
+        if r + 1 == args.sft_rounds:
+            trainer.begin_dpo(outcome.global_vector)
+            sft_start = dict(m.eval_loss)
+        if r + 1 > args.sft_rounds:
+            scores = trainer.preference_scores(outcome.global_vector)
+            pooled_accuracy.append(scores[POOLED].accuracy)
+    sft_end = dict(fed.evaluator(fed.global_vector))
+    federated_s = time.perf_counter() - began
+    federated = {
+        n: {
+            "accuracy": scores[n].accuracy,
+            "margin": round(scores[n].margin, 4),
+            "logp_accuracy": scores[n].logp_accuracy,
+            "sft_loss_start": round(sft_start[n], 4),
+            "sft_loss_end": round(sft_end[n], 4),
+            "sft_loss_change": round((sft_end[n] - sft_start[n]) / sft_start[n], 4),
+            "accuracy_by_kind": accuracy_by_kind(trainer, n, fed.global_vector, kinds[n]),
+        }
+        for n in names
+    }
+    isolated = {n: isolated_arm(trainer, n, args.sft_rounds, kinds[n], sft_start[n]) for n in names}
+    dpo_ratios = ratios[args.sft_rounds :]
+    return {
+        "seed": seed,
+        "federated": federated,
+        "federated_pooled_accuracy_by_round": pooled_accuracy,
+        "isolated": isolated,
+        "federated_beats_isolated": {
+            n: federated[n]["accuracy"] > isolated[n]["accuracy_best"] for n in names
+        },
+        "sft_loss_max_abs_change": max(abs(f["sft_loss_change"]) for f in federated.values()),
+        "secure_vs_plain_over_bound_by_round": ratios,
+        "secure_vs_plain_within_bound_every_dpo_round": all(x <= 1.0 for x in dpo_ratios),
+        "federated_s": round(federated_s, 1),
+        "wall_s": round(time.perf_counter() - began, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--institutions", type=int, default=defaults.INSTITUTIONS)
+    parser.add_argument("--sft-rounds", type=int, default=defaults.ROUNDS)
+    parser.add_argument("--dpo-rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=defaults.LOCAL_STEPS)
+    parser.add_argument("--records", type=int, default=defaults.RECORDS_PER_INSTITUTION)
+    parser.add_argument("--pairs", type=int, default=defaults.PAIRS_PER_INSTITUTION)
+    parser.add_argument("--eval-pairs", type=int, default=64)
+    parser.add_argument("--dpo-lr", type=float, default=None)
+    parser.add_argument("--dpo-beta", type=float, default=None)
+    parser.add_argument("--dpo-reference", choices=("round", "sft"), default=None)
+    parser.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default=None)
+    parser.add_argument("--backend", choices=BACKENDS, default="masking")
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a tiny run (checks the script)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sft_rounds, args.dpo_rounds, args.local_steps = 1, 1, 2
+        args.records, args.pairs, args.eval_pairs = 16, 8, 8
+    torch.set_num_threads(args.threads)
+    runs = [run_seed(args, int(s)) for s in args.seeds.split(",")]
+    names = sorted(runs[0]["federated"])
+
+    def mean(arm: str, key: str) -> dict[str, float]:
+        """Per institution: ``key`` of ``arm``, the mean over the seeds."""
+        return {n: round(float(np.mean([r[arm][n][key] for r in runs])), 4) for n in names}
+
+    recipe = recipes.resolve("embedded", {"stage": "sft+dpo", "dpo_rounds": args.dpo_rounds}).recipe
+    result = {
+        "benchmark": "dpo_alignment",
+        "config": {
+            "institutions": args.institutions,
+            "sft_rounds": args.sft_rounds,
+            "dpo_rounds": args.dpo_rounds,
+            "local_steps": args.local_steps,
+            "pairs": args.pairs,
+            "eval_pairs": args.eval_pairs,
+            "dpo_lr": args.dpo_lr or recipe.dpo_lr,
+            "dpo_beta": args.dpo_beta or recipe.dpo_beta,
+            "dpo_reference": args.dpo_reference or recipe.dpo_reference,
+            "dpo_loss": args.dpo_loss or recipe.dpo_loss,
+            "backend": args.backend,
+            "seeds": [r["seed"] for r in runs],
+        },
+        "federated_accuracy": mean("federated", "accuracy"),
+        "isolated_accuracy": mean("isolated", "accuracy"),
+        "isolated_accuracy_best": mean("isolated", "accuracy_best"),
+        "sft_loss_change": mean("federated", "sft_loss_change"),
+        "isolated_sft_loss_change": mean("isolated", "sft_loss_change"),
+        "federated_beats_isolated_every_institution": all(
+            all(r["federated_beats_isolated"].values()) for r in runs
+        ),
+        "secure_vs_plain_within_bound_every_dpo_round": all(
+            r["secure_vs_plain_within_bound_every_dpo_round"] for r in runs
+        ),
+        "runs": runs,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
