@@ -18,6 +18,7 @@ vector alone, which is what a deployment checkpoints.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -60,6 +61,11 @@ class Traffic:
     up: dict[int, int] = field(default_factory=dict)
     down: dict[int, int] = field(default_factory=dict)
     steps: dict[int, int] = field(default_factory=dict)
+    #: Seconds the server computed for each institution (its forward and backward passes).
+    server_s: dict[int, float] = field(default_factory=dict)
+
+    def timed(self, client: int, seconds: float) -> None:
+        self.server_s[client] = self.server_s.get(client, 0.0) + seconds
 
     def add(self, client: int, rows: int, tokens: int, hidden: int) -> None:
         sizes = step_bytes(rows, tokens, hidden)
@@ -141,6 +147,7 @@ class MiddleServer:
         if self._turn_of != client:
             self._turn_of = client
             self._optimizer = self._new_optimizer()
+        began = time.perf_counter()
         leaf = received.requires_grad_()
         self.split.lm.model.train()
         # In one process this runs inside the institution's autograd function, where grad mode
@@ -150,6 +157,7 @@ class MiddleServer:
         self._pending = _Pending(client, step, leaf, output)
         rows, tokens, width = hidden.shape
         self.traffic.add(client, rows, tokens, width)
+        self.traffic.timed(client, time.perf_counter() - began)
         return output.detach().numpy().copy()
 
     def gradient(self, client: int, step: int, grad: np.ndarray) -> np.ndarray:
@@ -170,6 +178,7 @@ class MiddleServer:
         optimizer = self._optimizer
         if optimizer is None:  # an activation always sets it first
             raise StepOutOfOrder(f"client {client}: gradient before any activation")
+        began = time.perf_counter()
         params = self.split.server_parameters()
         optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
@@ -180,6 +189,7 @@ class MiddleServer:
         if back is None:
             raise SplitConfigError("no gradient reached the server's input; the cut is wrong")
         self.split.lm.model.eval()
+        self.traffic.timed(client, time.perf_counter() - began)
         return back.detach().numpy().copy()
 
     def _new_optimizer(self) -> torch.optim.Optimizer:

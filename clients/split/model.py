@@ -136,6 +136,18 @@ class _ServerBlock(nn.Module):
         return out
 
 
+class _Capture(nn.Module):
+    """Keeps the hidden state entering a block and passes it through (the attacker's bottom)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captured: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.captured = hidden_states
+        return hidden_states
+
+
 class _Bridge:
     """One step's connection to the server, as the relay's autograd function uses it."""
 
@@ -265,6 +277,25 @@ class SplitModel:
         with blocks_replaced(self.blocks, replacements):
             logits = self.lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return cast(torch.Tensor, logits), bridge
+
+    def bottom_activation(
+        self,
+        mask: torch.Tensor,
+        ids: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The activation the institution sends for ``ids`` (or input embeddings ``embeds``):
+        the hidden state entering block ``k``, with autograd (what an attacker who holds this
+        model's bottom computes; no noise)."""
+        capture = _Capture()
+        replacements: dict[int, nn.Module] = {self._first: capture}
+        replacements.update({i: _Skip() for i in range(self._first + 1, self.num_layers)})
+        transformer = cast(nn.Module, self.lm.model.get_base_model().base_model)
+        with blocks_replaced(self.blocks, replacements):
+            transformer(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        if capture.captured is None:
+            raise SplitConfigError("block k never ran; the model skips blocks")
+        return capture.captured
 
     # --- the server's side ------------------------------------------------------------------
 

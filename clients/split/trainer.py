@@ -16,6 +16,7 @@ server-side code a gRPC deployment runs.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +25,19 @@ import numpy as np
 import torch
 
 from clients.data import IGNORE_INDEX, TokenizedDataset
-from clients.split.middle import MiddleServer
+from clients.split.middle import MiddleServer, MiddleSettings, Observer
 from clients.split.model import MiddleLink, SplitModel
-from clients.trainer import LocalResult, TrainingConfigError, TrainSettings, batch_indices, evaluate
+from clients.trainer import (
+    LocalResult,
+    LoraModel,
+    TrainingConfigError,
+    TrainSettings,
+    batch_indices,
+    evaluate,
+)
 from fl_core.errors import NonFiniteUpdateError
-from fl_core.federation import ClientUpdate
-from fl_core.split import StepLimits
+from fl_core.federation import ClientUpdate, Federation, FederationConfig
+from fl_core.split import SplitSpec, StepLimits
 from fl_core.strategies import ClientOptions
 from fl_core.updates import check_finite
 
@@ -219,3 +227,61 @@ class SplitTrainer:
         """The full PEFT adapter (both parts; A and B), for the run directory."""
         self.client.lm.set_vector(self.full_vector(client_vector))
         return self.client.lm.tensors()
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """Split mode's settings: the cut, the institutions' activation noise (a defence: noise
+    standard deviation over each position's activation RMS, 0 for none) and the server's
+    learning rate (None: the clients')."""
+
+    spec: SplitSpec = field(default_factory=SplitSpec)
+    noise: float = 0.0
+    server_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise TrainingConfigError(f"activation noise must be >= 0, got {self.noise}")
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise TrainingConfigError(f"the server's lr must be > 0, got {self.server_lr}")
+
+
+def split_federation(
+    lm: LoraModel,
+    pad_id: int,
+    train_sets: Mapping[str, TokenizedDataset],
+    test_sets: Mapping[str, TokenizedDataset],
+    config: FederationConfig,
+    settings: TrainSettings,
+    options: SplitOptions,
+    max_length: int,
+    observer: Observer | None = None,
+) -> tuple[Federation, SplitTrainer]:
+    """A one-process split federation over ``lm`` (the institutions' model; the server gets its
+    own copy of the same base and adapter, as it builds one from the same public base)."""
+    server_lm = copy.deepcopy(lm)
+    client = SplitModel(lm, options.spec)
+    middle = MiddleServer(
+        SplitModel(server_lm, options.spec),
+        MiddleSettings(
+            lr=options.server_lr if options.server_lr is not None else settings.lr,
+            max_grad_norm=settings.max_grad_norm,
+        ),
+        observer,
+    )
+    trainer = SplitTrainer(
+        client,
+        middle,
+        train_sets,
+        test_sets,
+        pad_id,
+        settings,
+        config.seed,
+        config.schedule(),
+        max_length,
+        options.noise,
+    )
+    max_samples = max(len(d) for d in train_sets.values())
+    return Federation(
+        config, trainer, trainer.evaluate, client.client_vector(), max_samples
+    ), trainer
