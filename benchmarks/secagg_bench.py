@@ -5,12 +5,23 @@
 
 A whole session runs in one process (``secagg.simulate``) with real keys, shares and messages
 through their byte encoding. Ratios compare masking with the raw AES-CTR expansion of the same
-number of masks of the same length, measured in the same run on the same machine:
+number of masks of the same length (:func:`secagg.prg.raw_keystream_seconds`), each measured
+right beside the masking it is compared with, alternating which goes first, so that a shared
+machine's changing load hits both alike (``benchmarks/_interleave.py``):
 
-- ``client_mask_vs_prg``: median client time to build y_u (copy + every mask) divided by the
-  median raw keystream time for that client's mask count;
-- ``server_unmask_vs_prg``: the server's unmask stage (Shamir reconstruction, key agreement with
-  dropped clients, mask removal) divided by raw expansion of the masks it removed.
+- ``client_mask_vs_prg``: every masking client's step (copy of x_u + every mask, the real
+  ``ClientSession`` step) paired with raw AES-CTR of as many masks; ratio of the medians.
+- ``server_unmask_vs_prg``: the server's whole unmask stage (Shamir reconstruction, key
+  agreement with dropped clients, mask removal; ``ServerSession.close_stage``), replayed
+  ``--repeats`` times on fresh sessions that received the same messages, each run paired with
+  raw AES-CTR of the masks it removed; ratio of the medians.
+- ``*_paired``: the median of the per-pair ratios (steadier when the load changes mid-run).
+- ``*_cpu``: the same ratios in thread CPU time (what the code costs, whoever else runs): the
+  server stage as above, and the client's masking step (``accumulate_masks`` over a copy of
+  x_u with the median client's mask count) against raw AES-CTR, ``--repeats`` times.
+
+``spread`` holds median, quartiles, min and max of every timing, and of the per-client ratios.
+``exact`` checks the released sum (and every replay's) against the plain sum of the inputs.
 """
 
 from __future__ import annotations
@@ -23,11 +34,13 @@ import sys
 import time
 
 import numpy as np
+from _interleave import PairedClients, ServerReplay, random_keys, ratio, spread, timed
 
 from secagg.packing import packed_size
 from secagg.params import session_shape
-from secagg.prg import raw_keystream_seconds
-from secagg.protocol import RoundParams, Stage
+from secagg.prg import accumulate_masks, raw_keystream_seconds
+from secagg.protocol import RoundParams, ServerSession, Stage
+from secagg.ring import Ring, RingArray
 from secagg.simulate import Simulation
 
 
@@ -42,7 +55,9 @@ def _parse() -> argparse.Namespace:
     )
     p.add_argument("--dropout", type=float, default=0.1, help="fraction dropping before input")
     p.add_argument("--bits", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5, help="raw AES-CTR timing repeats")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="server unmask replays and client CPU-time repeats"
+    )
     return p.parse_args()
 
 
@@ -68,10 +83,55 @@ def _round_params(args: argparse.Namespace) -> RoundParams:
     )
 
 
+def _server_unmask(
+    replay: ServerReplay, masks: int, expected: RingArray, args: argparse.Namespace, ring: Ring
+) -> tuple[dict[str, list[float]], bool]:
+    """The unmask stage replayed ``repeats`` times, each beside raw AES-CTR of its masks."""
+    keys = random_keys(masks)
+    times: dict[str, list[float]] = {"unmask": [], "unmask_cpu": [], "prg": [], "prg_cpu": []}
+    exact = True
+    for repeat in range(args.repeats):
+        session = replay.session()
+
+        def unmask(session: ServerSession = session) -> None:
+            wall, cpu = timed(session.close_stage)
+            times["unmask"].append(wall)
+            times["unmask_cpu"].append(cpu)
+
+        def prg() -> None:
+            cpu = time.thread_time()
+            times["prg"].append(raw_keystream_seconds(keys, args.dim, ring))
+            times["prg_cpu"].append(time.thread_time() - cpu)
+
+        for step in (unmask, prg) if repeat % 2 == 0 else (prg, unmask):
+            step()
+        exact = exact and bool(np.array_equal(session.result.sum, expected))
+    return times, exact
+
+
+def _client_cpu(
+    x: RingArray, masks: int, args: argparse.Namespace, ring: Ring
+) -> dict[str, list[float]]:
+    """The client's masking step against raw AES-CTR in thread CPU time, alternating."""
+    keys = random_keys(masks)
+    half = masks // 2
+    times: dict[str, list[float]] = {"mask": [], "prg": []}
+    for repeat in range(args.repeats):
+        steps = [
+            ("mask", lambda: accumulate_masks(x.copy(), ring, keys[:half], keys[half:])),
+            ("prg", lambda: raw_keystream_seconds(keys, args.dim, ring)),
+        ]
+        for name, step in steps if repeat % 2 == 0 else steps[::-1]:
+            times[name].append(timed(step)[1])
+    return times
+
+
 def main() -> int:
     args = _parse()
-    if args.clients < 3 or args.dim < 1 or not 0 <= args.dropout < 0.5:
-        print("need --clients >= 3, --dim >= 1, 0 <= --dropout < 0.5", file=sys.stderr)
+    if args.clients < 3 or args.dim < 1 or not 0 <= args.dropout < 0.5 or args.repeats < 1:
+        print(
+            "need --clients >= 3, --dim >= 1, 0 <= --dropout < 0.5, --repeats >= 1", file=sys.stderr
+        )
         return 2
     params = _round_params(args)
     ring = params.ring
@@ -84,6 +144,8 @@ def main() -> int:
     sim = Simulation(
         params, inputs, dropouts={Stage.MASKED_INPUT: dropped}, record_masked_inputs=False
     )
+    clients = PairedClients(sim)
+    replay = ServerReplay(sim)
     begin = time.perf_counter()
     outcome = sim.run()
     wall = time.perf_counter() - begin
@@ -91,20 +153,13 @@ def main() -> int:
     expected = ring.zeros(args.dim)
     for u in outcome.result.contributors:
         np.add(expected, inputs[u], out=expected)
-    exact = bool(np.array_equal(ring.reduce(expected), outcome.result.sum))
+    expected = ring.reduce(expected)
+    exact = bool(np.array_equal(expected, outcome.result.sum))
 
-    masking = [c for c in sim.clients.values() if c.mask_count]
-    client_mask_s = statistics.median(c.mask_seconds for c in masking)
-    client_masks = int(statistics.median(c.mask_count for c in masking))
-    keys = [os.urandom(16) for _ in range(max(client_masks, sim.server.masks_removed))]
-    prg_client = statistics.median(
-        raw_keystream_seconds(keys[:client_masks], args.dim, ring) for _ in range(args.repeats)
-    )
-    prg_server = statistics.median(
-        raw_keystream_seconds(keys[: sim.server.masks_removed], args.dim, ring)
-        for _ in range(max(1, args.repeats // 2))
-    )
-    server_unmask_s = outcome.server_close_seconds[Stage.UNMASK.value]
+    client_figures, client_spreads = clients.figures()
+    masks = int(client_figures["client_masks"])
+    client_cpu = _client_cpu(inputs[outcome.result.contributors[0]], masks, args, ring)
+    server, replays_exact = _server_unmask(replay, sim.server.masks_removed, expected, args, ring)
 
     uploads = [outcome.upload_bytes[u] for u in outcome.result.contributors]
     masked_sizes = [m.size for m in outcome.transcript.messages if m.kind == "MaskedInput"]
@@ -122,16 +177,33 @@ def main() -> int:
                 "threshold": params.threshold,
                 "dropout": args.dropout,
                 "contributors": len(outcome.result.contributors),
-                "exact": exact,
-                "client_mask_s": round(client_mask_s, 5),
-                "client_masks": client_masks,
-                "prg_limit_client_s": round(prg_client, 5),
-                "client_mask_vs_prg": round(client_mask_s / prg_client, 3),
-                "client_pack_s": round(statistics.median(c.pack_seconds for c in masking), 5),
-                "server_unmask_s": round(server_unmask_s, 5),
+                "exact": exact and replays_exact,
+                **client_figures,
+                "client_mask_vs_prg_cpu": ratio(client_cpu["mask"], client_cpu["prg"]),
+                "client_pack_s": round(
+                    statistics.median(c.pack_seconds for c in sim.clients.values() if c.mask_count),
+                    5,
+                ),
+                "server_unmask_s": round(statistics.median(server["unmask"]), 5),
                 "server_masks_removed": sim.server.masks_removed,
-                "prg_limit_server_s": round(prg_server, 5),
-                "server_unmask_vs_prg": round(server_unmask_s / prg_server, 3),
+                "prg_limit_server_s": round(statistics.median(server["prg"]), 5),
+                "server_unmask_vs_prg": ratio(server["unmask"], server["prg"]),
+                "server_unmask_vs_prg_paired": round(
+                    statistics.median(
+                        a / b for a, b in zip(server["unmask"], server["prg"], strict=True)
+                    ),
+                    3,
+                ),
+                "server_unmask_vs_prg_cpu": ratio(server["unmask_cpu"], server["prg_cpu"]),
+                "spread": {
+                    **client_spreads,
+                    "client_mask_cpu_s": spread(client_cpu["mask"]),
+                    "prg_limit_client_cpu_s": spread(client_cpu["prg"]),
+                    "server_unmask_s": spread(server["unmask"]),
+                    "prg_limit_server_s": spread(server["prg"]),
+                    "server_unmask_cpu_s": spread(server["unmask_cpu"]),
+                    "prg_limit_server_cpu_s": spread(server["prg_cpu"]),
+                },
                 "upload_bytes_per_client": round(statistics.mean(uploads)),
                 "packed_payload_bytes": payload,
                 "key_and_share_bytes_per_client": round(protocol_bytes),
@@ -145,7 +217,7 @@ def main() -> int:
             }
         )
     )
-    return 0 if exact else 1
+    return 0 if exact and replays_exact else 1
 
 
 if __name__ == "__main__":

@@ -101,3 +101,9 @@ class InvalidPublicKey(ProtocolAbort):
 class SessionFailure(ProtocolAbort):
     """An unexpected failure inside a session (a library error while processing a message); the
     session is aborted and wiped exactly as for any other violation."""
+
+
+class SumBackendFailure(ProtocolAbort):
+    """The server's sum backend could not complete an addition or the mask removal (for example
+    a worker process of a parallel backend died). The session aborts and releases nothing; the
+    round is rerun."""

@@ -26,6 +26,7 @@ from secagg.protocol import (
     RoundParams,
     ServerSession,
     Stage,
+    SumBackend,
 )
 from secagg.ring import RingArray
 from secagg.transcript import Transcript
@@ -60,6 +61,7 @@ class Simulation:
         policy: ClientPolicy | None = None,
         server_hook: ServerHook | None = None,
         record_masked_inputs: bool = True,
+        server_backend: SumBackend | None = None,
     ) -> None:
         missing = set(params.cohort) - set(inputs)
         if missing:
@@ -79,7 +81,9 @@ class Simulation:
             )
             for u in params.cohort
         }
-        self.server = ServerSession(params, self.roster, record_masked_inputs)
+        self.server = ServerSession(
+            params, self.roster, record_masked_inputs, backend=server_backend
+        )
         self.dropouts = {stage: frozenset(ids) for stage, ids in (dropouts or {}).items()}
         self.server_hook = server_hook
         self.client_aborts: dict[int, str] = {}

@@ -4,6 +4,10 @@ Every refusal names the file and the key (see :mod:`fl_core.wire.toml_config`). 
 rules that would otherwise surface mid-round (a threshold above the cohort, a cohort above the
 roster) are checked here, before the server listens.
 
+``[server] workers`` (default: the CPUs this process may run on) is the number of processes
+that remove masks and unpack masked inputs (:mod:`server.parallel_unmask`); 1 keeps that work
+in the server process.
+
 ``[rounds] backend`` selects how the sum is computed: ``"masking"`` (default; pairwise masks,
 ``ring_bits``/``neighbours``/``threshold``/``corrupt_fraction``/``dropout_fraction`` apply) or
 ``"ckks"`` (homomorphic encryption; a
@@ -15,6 +19,7 @@ secret key), so a server that was handed a secret context refuses to start.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +137,15 @@ class ServerConfig:
     ckks: CkksConfig | None = None
     #: Checkpoints (and their PEFT adapters) kept after each round, newest first; 0 keeps all.
     keep_checkpoints: int = 0
+    #: Processes for the O(d) work of a masking round (1: the server process itself).
+    workers: int = 1
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _load_ckks(
@@ -186,6 +200,7 @@ def load_server_config(path: Path) -> ServerConfig:
     if state_dir.exists() and not state_dir.is_dir():
         raise ConfigError(f"{path}: server.state_dir: {state_dir} exists and is not a directory")
     keep_checkpoints = server.integer("keep_checkpoints", default=0, minimum=0)
+    workers = server.integer("workers", default=default_workers(), minimum=1, maximum=1024)
     server.done()
 
     rounds_table = top.table("rounds")
@@ -255,7 +270,17 @@ def load_server_config(path: Path) -> ServerConfig:
     if ckks_table is not None:
         ckks = _load_ckks(path, ckks_table, rounds, task, roster)
         return ServerConfig(
-            listen, tls, roster_path, roster, names, state_dir, rounds, task, ckks, keep_checkpoints
+            listen,
+            tls,
+            roster_path,
+            roster,
+            names,
+            state_dir,
+            rounds,
+            task,
+            ckks,
+            keep_checkpoints=keep_checkpoints,
+            workers=workers,
         )
     for size in (rounds.min_clients, rounds.cohort_size):
         try:
@@ -279,5 +304,14 @@ def load_server_config(path: Path) -> ServerConfig:
     except ConfigurationError as exc:
         raise ConfigError(f"{path}: rounds.ring_bits: {exc}") from None
     return ServerConfig(
-        listen, tls, roster_path, roster, names, state_dir, rounds, task, None, keep_checkpoints
+        listen,
+        tls,
+        roster_path,
+        roster,
+        names,
+        state_dir,
+        rounds,
+        task,
+        keep_checkpoints=keep_checkpoints,
+        workers=workers,
     )

@@ -113,6 +113,8 @@ tls_cert = "pki/server.pem"
 tls_key = "pki/server.key"
 roster = "roster.toml"
 state_dir = "state"
+# Processes for unmasking and unpacking (default: every CPU the server may use).
+# workers = 4
 
 [rounds]
 count = 2

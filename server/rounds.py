@@ -51,10 +51,16 @@ from fl_core.wire.convert import (
     upload_limit,
 )
 from fl_core.wire.he_round import ckks_spec_from_config, decode_release, he_upload_limit
-from secagg.errors import MessageFormatError, ProtocolAbort, SecAggError, SessionMismatch
+from secagg.errors import (
+    MessageFormatError,
+    ProtocolAbort,
+    SecAggError,
+    SessionMismatch,
+    SumBackendFailure,
+)
 from secagg.he import HeServerSession, HeStage, NoDecryptor
 from secagg.messages import ClientMessage, decode_message, encode_message
-from secagg.protocol import ServerSession, Stage
+from secagg.protocol import ServerSession, Stage, SumBackend
 from server.admission import Refusal
 from server.checkpoints import prune_checkpoints
 from server.config import ServerConfig
@@ -87,8 +93,15 @@ class FederationStopped(Exception):
 
 
 class RoundRunner:
-    def __init__(self, config: ServerConfig, store: Store, mailboxes: Mailboxes) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        mailboxes: Mailboxes,
+        sum_backend: SumBackend | None = None,
+    ) -> None:
         self._config = config
+        self._sum_backend = sum_backend  # None: the session's own, in this process
         self._store = store
         self._mailboxes = mailboxes
         self._cond = threading.Condition()
@@ -242,6 +255,9 @@ class RoundRunner:
             receive()
         except SessionMismatch as exc:
             raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        except SumBackendFailure as exc:
+            # The server's own worker failed, not the upload: the session is aborted.
+            raise Refusal(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}") from None
         except SecAggError as exc:
             raise Refusal(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}"
@@ -361,7 +377,10 @@ class RoundRunner:
             if ckks_config is None
             else HeServerSession(ckks_config.public, ckks_spec_from_config(config))
         )
-        session = None if ckks else ServerSession(params_from_config(config), self._config.roster)
+        session: ServerSession | None = None
+        if ckks is None:
+            params = params_from_config(config)
+            session = ServerSession(params, self._config.roster, backend=self._sum_backend)
         attempt = self._store.begin_round(
             round_number, config.session_id, tuple(config.cohort), self._config.rounds.backend
         )

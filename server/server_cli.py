@@ -9,6 +9,7 @@ released) and rerun after the next start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -17,7 +18,9 @@ from pathlib import Path
 from types import FrameType
 
 from fl_core.cli import add_logging_arguments, configure_logging
-from server.config import load_server_config
+from secagg.protocol import SumBackend
+from server.config import ServerConfig, load_server_config
+from server.parallel_unmask import ParallelSum
 from server.service import build_server
 from server.store import StateDirLock, Store, check_history
 
@@ -33,10 +36,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     configure_logging(args, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_server_config(args.config)
+    # The state directory is ours alone, and its history intact, before anything starts.
     lock = StateDirLock(config.state_dir)
     store = Store(config.state_dir / "state.db")
-    check_history(config.state_dir, store)
-    server, runner, port = build_server(config, store)
+    try:
+        check_history(config.state_dir, store)
+        # The worker processes start before gRPC's threads and stop after them (see
+        # server.parallel_unmask: they also exit by themselves if this process is killed).
+        pool_context = (
+            ParallelSum(config.workers) if config.workers > 1 else contextlib.nullcontext()
+        )
+        with pool_context as pool:
+            return _serve(config, store, pool)
+    finally:
+        store.close()
+        lock.release()
+
+
+def _serve(config: ServerConfig, store: Store, sum_backend: SumBackend | None) -> int:
+    server, runner, port = build_server(config, store, sum_backend)
     try:
         # Before anyone is told we listen: a damaged checkpoint is an error now, not mid-round.
         runner.recover()
@@ -45,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
         raise
     host = config.listen.rsplit(":", 1)[0]
     print(f"fedsec server listening on {host}:{port}", flush=True)
+    logging.getLogger("fedsec.server").info(
+        "masked-input sums and mask removal on %s",
+        f"{config.workers} worker processes" if sum_backend else "the server process",
+    )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         logging.getLogger("fedsec.server").warning("signal %d: stopping", signum)
@@ -57,8 +79,6 @@ def run(args: argparse.Namespace) -> int:
         time.sleep(FINAL_GRACE_S)
     finally:
         server.stop(grace=1.0).wait()
-        store.close()
-        lock.release()
     if runner.stopped_because is not None:
         print(f"fedsec server: stopped: {runner.stopped_because}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from fl_core.wire.framing import (
     read_upload,
     server_frames,
 )
+from secagg.protocol import SumBackend
 from server.admission import Admission, Refusal
 from server.config import ServerConfig
 from server.outbox import Mailboxes
@@ -151,8 +152,12 @@ def _check_bindable(listen: str) -> None:
             ) from None
 
 
-def build_server(config: ServerConfig, store: Store) -> tuple[Any, RoundRunner, int]:
-    """A started gRPC server (TLS), its round runner (not yet running) and the bound port."""
+def build_server(
+    config: ServerConfig, store: Store, sum_backend: SumBackend | None = None
+) -> tuple[Any, RoundRunner, int]:
+    """A started gRPC server (TLS), its round runner (not yet running) and the bound port.
+
+    ``sum_backend`` does the masking rounds' O(d) work (the caller owns its lifetime)."""
     cert_pem = config.tls.cert.read_bytes()
     credentials = grpc.ssl_server_credentials(
         [(config.tls.key.read_bytes(), cert_pem)],
@@ -160,7 +165,7 @@ def build_server(config: ServerConfig, store: Store) -> tuple[Any, RoundRunner, 
         require_client_auth=config.tls.client_ca is not None,
     )
     mailboxes = Mailboxes()
-    runner = RoundRunner(config, store, mailboxes)
+    runner = RoundRunner(config, store, mailboxes, sum_backend)
     admission = Admission(config.roster, cert_sha256(cert_pem))
     # Long polls hold a worker each: one per institution plus room for concurrent uploads.
     workers = 2 * len(config.roster) + 16

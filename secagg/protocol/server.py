@@ -11,20 +11,24 @@ the others); too few survivors at any stage (below t, or up to the masked inputs
 release floor ``RoundParams.min_release``) aborts the session, and an aborted session releases
 nothing — the running sum is wiped.
 
-Masked inputs are summed as they arrive, so the server never holds more than one vector
-besides the sum. Unmasking removes every self mask of a survivor and every pair mask between a
-survivor and a neighbour that dropped after sharing, in one chunked pass
+Masked inputs are summed as they arrive, straight from their packed bytes, so the server never
+holds a vector besides the sum. Unmasking removes every self mask of a survivor and every pair
+mask between a survivor and a neighbour that dropped after sharing, in one chunked pass
 (:func:`secagg.prg.accumulate_masks`), so it runs close to the AES-CTR speed limit.
+
+The heavy steps go through a :class:`SumBackend`: adding each masked input, the unmask stage's
+reconstructions (one :class:`UnmaskJob` per secret, :func:`unmask_keys`), and mask removal. By
+default they run in this process (:class:`InProcessSum`); the server injects one that spreads
+them over worker processes (:mod:`server.parallel_unmask`), which keeps this module free of
+processes and threads.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
-
-import numpy as np
+from typing import ClassVar, Protocol, TypeVar
 
 from secagg import shamir
 from secagg.errors import (
@@ -35,6 +39,7 @@ from secagg.errors import (
     ProtocolAbort,
     SecAggError,
     SessionMismatch,
+    SumBackendFailure,
     TooFewSurvivors,
     UnexpectedMessage,
     UnknownClient,
@@ -67,7 +72,7 @@ from secagg.messages import (
     decode_message,
     encode_message,
 )
-from secagg.packing import unpack
+from secagg.packing import add_packed
 from secagg.prg import accumulate_masks
 from secagg.protocol.common import (
     RoundParams,
@@ -79,7 +84,7 @@ from secagg.protocol.common import (
     self_mask_commitment,
     self_mask_key,
 )
-from secagg.ring import RingArray
+from secagg.ring import Ring, RingArray
 from secagg.transcript import (
     MessageRecord,
     RejectionRecord,
@@ -98,6 +103,118 @@ _EXPECTED_KIND: dict[Stage, type] = {
 }
 
 
+_Job = TypeVar("_Job")
+_Result = TypeVar("_Result")
+
+
+class SumBackend(Protocol):
+    """Where the server's heavy work runs: adding a masked input, reconstructing the secrets
+    of the unmask stage, removing the masks.
+
+    ``total`` is the session's running sum (a 1-D array of the ring's dtype, wrapping, not
+    reduced). A backend checks a payload before it adds anything, and leaves ``total`` unchanged
+    when it raises; one that cannot complete a step raises :class:`SumBackendFailure`, which
+    aborts the session.
+    """
+
+    def map(self, function: Callable[[_Job], _Result], jobs: Sequence[_Job]) -> list[_Result]:
+        """``[function(job) for job in jobs]``. ``function`` is a module-level function and the
+        jobs plain data, so they may run in other processes; a :class:`SecAggError` a job
+        raises is raised as it is (the first one in job order)."""
+        ...
+
+    def add_packed(self, total: RingArray, payload: bytes, ring: Ring) -> None:
+        """``total += unpack(payload)``; a malformed payload is a ``MessageFormatError``."""
+        ...
+
+    def remove_masks(
+        self,
+        total: RingArray,
+        ring: Ring,
+        add_keys: Sequence[bytes],
+        subtract_keys: Sequence[bytes],
+    ) -> None:
+        """``total += Σ PRG(add_keys) − Σ PRG(subtract_keys)`` (mod 2^b), as
+        :func:`secagg.prg.accumulate_masks` computes it."""
+        ...
+
+
+@dataclass(frozen=True)
+class SelfMaskJob:
+    """Reconstruct survivor ``owner``'s self-mask seed b_u and derive the key of its mask."""
+
+    session_id: bytes
+    owner: int
+    shares: tuple[tuple[int, bytes], ...]  # (holder, share of b_u)
+    threshold: int
+    commitment: bytes  # H(b_u), sent by the owner with its shares
+
+
+@dataclass(frozen=True)
+class DroppedKeyJob:
+    """Reconstruct dropped client ``owner``'s masking key and derive its pair-mask keys with
+    each surviving neighbour."""
+
+    session_id: bytes
+    owner: int
+    shares: tuple[tuple[int, bytes], ...]  # (holder, share of s_v^SK)
+    threshold: int
+    masking_public: bytes  # the s_v it advertised
+    survivors: tuple[tuple[int, bytes], ...]  # (u, s_u) for its neighbours u in U3
+
+
+UnmaskJob = SelfMaskJob | DroppedKeyJob
+
+
+def unmask_keys(job: UnmaskJob) -> tuple[list[bytes], list[bytes]]:
+    """The mask keys one reconstruction yields: (keys to add, keys to subtract) at unmasking.
+
+    A pure function of plain data, so a :class:`SumBackend` may run many at once in other
+    processes; a reconstruction that fails or does not match its commitment raises
+    :class:`InconsistentSharesError` (or :class:`TooFewSurvivors`).
+    """
+    sid, v = job.session_id, job.owner
+    if isinstance(job, SelfMaskJob):
+        seed = shamir.reconstruct(dict(job.shares), job.threshold, f"self mask of {v}")
+        if self_mask_commitment(sid, v, seed) != job.commitment:
+            raise InconsistentSharesError(
+                f"reconstructed self-mask seed of client {v} does not match its commitment"
+            )
+        return [], [self_mask_key(sid, v, seed)]
+    secret = shamir.reconstruct(dict(job.shares), job.threshold, f"masking key of {v}")
+    pair = AgreementKeyPair.from_private_bytes(secret)
+    if pair.public_bytes != job.masking_public:
+        raise InconsistentSharesError(
+            f"reconstructed masking key of dropped client {v} does not match its advert"
+        )
+    add: list[bytes] = []
+    subtract: list[bytes] = []
+    for u, public in job.survivors:
+        key = derive_pair_key(pair.exchange(public), sid, KeyPurpose.MASK, u, v, 16)
+        # u added PRG(s_uv) when v > u and subtracted it when v < u: undo that.
+        (subtract if v > u else add).append(key)
+    return add, subtract
+
+
+class InProcessSum:
+    """The default :class:`SumBackend`: everything in the calling thread."""
+
+    def add_packed(self, total: RingArray, payload: bytes, ring: Ring) -> None:
+        add_packed(total, payload, ring)
+
+    def map(self, function: Callable[[_Job], _Result], jobs: Sequence[_Job]) -> list[_Result]:
+        return [function(job) for job in jobs]
+
+    def remove_masks(
+        self,
+        total: RingArray,
+        ring: Ring,
+        add_keys: Sequence[bytes],
+        subtract_keys: Sequence[bytes],
+    ) -> None:
+        accumulate_masks(total, ring, add_keys, subtract_keys)
+
+
 @dataclass(frozen=True)
 class AggregateResult:
     sum: RingArray  # Σ_{u ∈ contributors} x_u in the ring
@@ -108,7 +225,12 @@ class ServerSession:
     """The server's run of one session over ``params.cohort``."""
 
     def __init__(
-        self, params: RoundParams, roster: Roster, record_masked_inputs: bool = True
+        self,
+        params: RoundParams,
+        roster: Roster,
+        record_masked_inputs: bool = True,
+        *,
+        backend: SumBackend | None = None,
     ) -> None:
         missing = [u for u in params.cohort if u not in roster]
         if missing:
@@ -119,6 +241,7 @@ class ServerSession:
         # SecAgg+: fixed once every committed client revealed (see _close_advertise).
         self._graph: NeighbourGraph | None = params.graph(None) if params.is_complete else None
         self._record_masked = record_masked_inputs
+        self._backend: SumBackend = backend or InProcessSum()
         self.stage = params.stages[0]
         self.abort_reason: str | None = None
         self._expected: frozenset[int] = frozenset(params.cohort)
@@ -209,7 +332,8 @@ class ServerSession:
         }
         closer = closers.get(self.stage)
         if closer is None:
-            raise UnexpectedMessage(f"the session is {self.stage.value}; no stage to close")
+            why = f" ({self.abort_reason})" if self.abort_reason else ""
+            raise UnexpectedMessage(f"the session is {self.stage.value}{why}; no stage to close")
         try:
             return closer()
         except ProtocolAbort as exc:
@@ -300,10 +424,14 @@ class ServerSession:
         self._shares[msg.sender] = msg
 
     def _on_masked(self, msg: MaskedInput) -> None:
-        vector = unpack(msg.payload, self.params.ring, self.params.dim)
         if self._sum is None:
             raise UnexpectedMessage("the session holds no running sum")
-        np.add(self._sum, vector, out=self._sum)  # wraps mod 2^32/2^64; reduced at the end
+        try:
+            # Wraps mod 2^32/2^64; reduced at the end. A malformed payload adds nothing.
+            self._backend.add_packed(self._sum, msg.payload, self.params.ring)
+        except SumBackendFailure as exc:
+            self._abort(str(exc))
+            raise
         self._masked.append(msg.sender)
         if self._record_masked:
             self.transcript.masked_inputs[msg.sender] = msg.payload
@@ -463,41 +591,41 @@ class ServerSession:
                 f"only {len(self._responses)} clients answered the unmask request; "
                 f"the threshold is {self.params.threshold}"
             )
-        shares_by_owner = self._index_shares()
-        subtract_keys: list[bytes] = []
-        for u in self._u3:
-            seed = shamir.reconstruct(
-                shares_by_owner["self"].get(u, {}), self.params.threshold, f"self mask of {u}"
-            )
-            if self_mask_commitment(sid, u, seed) != self._shares[u].self_mask_commitment:
-                raise InconsistentSharesError(
-                    f"reconstructed self-mask seed of client {u} does not match its commitment"
-                )
-            subtract_keys.append(self_mask_key(sid, u, seed))
-        add_keys: list[bytes] = []
+        shares = self._index_shares()
         u3 = set(self._u3)
         graph = self._fixed_graph()
-        for v in sorted(set(self._shares) - u3):
-            secret = shamir.reconstruct(
-                shares_by_owner["key"].get(v, {}), self.params.threshold, f"masking key of {v}"
+        jobs: list[UnmaskJob] = [
+            SelfMaskJob(
+                sid,
+                u,
+                tuple(shares["self"].get(u, {}).items()),
+                self.params.threshold,
+                self._shares[u].self_mask_commitment,
             )
-            pair = AgreementKeyPair.from_private_bytes(secret)
-            if pair.public_bytes != self._adverts[v].masking_public:
-                raise InconsistentSharesError(
-                    f"reconstructed masking key of dropped client {v} does not match its advert"
-                )
-            for u in graph.neighbours(v):
-                if u not in u3:
-                    continue
-                shared = pair.exchange(self._adverts[u].masking_public)
-                key = derive_pair_key(shared, sid, KeyPurpose.MASK, u, v, 16)
-                # u added PRG(s_uv) when v > u and subtracted it when v < u: undo that.
-                (subtract_keys if v > u else add_keys).append(key)
+            for u in self._u3
+        ]
+        jobs += [
+            DroppedKeyJob(
+                sid,
+                v,
+                tuple(shares["key"].get(v, {}).items()),
+                self.params.threshold,
+                self._adverts[v].masking_public,
+                tuple((u, self._adverts[u].masking_public) for u in graph.neighbours(v) if u in u3),
+            )
+            for v in sorted(set(self._shares) - u3)
+        ]
+        add_keys: list[bytes] = []
+        subtract_keys: list[bytes] = []
+        for added, subtracted in self._backend.map(unmask_keys, jobs):
+            add_keys += added
+            subtract_keys += subtracted
         if self._sum is None:
             raise UnexpectedMessage("the session holds no running sum")
         total = ring.reduce(self._sum)
         self.masks_removed = len(add_keys) + len(subtract_keys)
-        accumulate_masks(total, ring, add_keys, subtract_keys)
+        self._backend.remove_masks(total, ring, add_keys, subtract_keys)
+        ring.reduce(total)
         self._result = AggregateResult(total, self._u3)
         self._sum = None
         self.transcript.releases.append(ReleaseRecord(sid, self._u3, self.params.min_release))

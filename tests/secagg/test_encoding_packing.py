@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from secagg.encoding import QuantizationParams, decode_sum, encode
 from secagg.errors import ConfigurationError, EncodingError, MessageFormatError
-from secagg.packing import pack, packed_size, unpack
+from secagg.packing import CHUNK_ELEMENTS, add_packed, pack, packed_size, unpack, unpack_into
 from secagg.ring import Ring
 
 
@@ -29,6 +29,48 @@ def test_unpack_rejects_wrong_length_and_padding() -> None:
         unpack(data[:-1], ring, 3)
     with pytest.raises(MessageFormatError):
         unpack(data[:-1] + b"\x80", ring, 3)  # a bit beyond 39 used bits
+
+
+@pytest.mark.parametrize("bits", [1, 13, 20, 24, 32, 48, 63, 64])
+def test_add_packed_equals_unpack_then_add_across_chunks(bits: int) -> None:
+    ring = Ring(bits)
+    rng = np.random.default_rng(bits)
+    dim = 2 * CHUNK_ELEMENTS + 77  # several unpacking steps, the last one partial
+    words = rng.integers(0, 2**63, size=(2, dim), dtype=np.uint64).astype(ring.dtype)
+    start, values = words[0], ring.reduce(words[1])  # the running sum is not reduced
+    total = start.copy()
+    add_packed(total, pack(values, ring), ring)
+    np.testing.assert_array_equal(total, start + unpack(pack(values, ring), ring, dim))
+
+
+@pytest.mark.parametrize("bits", [7, 32, 40])
+def test_unpack_into_fills_one_range(bits: int) -> None:
+    ring = Ring(bits)
+    dim = CHUNK_ELEMENTS + 1001
+    values = ring.reduce(np.arange(dim, dtype=np.uint64).astype(ring.dtype) * 2654435761)
+    data = pack(values, ring)
+    for start, stop in [(0, 3), (8, 8), (16, CHUNK_ELEMENTS + 5), (dim - 9, dim)]:
+        start -= start % 8
+        part = unpack_into(ring.zeros(stop - start), data, ring, dim, start)
+        np.testing.assert_array_equal(part, values[start:stop])
+    with pytest.raises(ConfigurationError, match="multiple of 8"):
+        unpack_into(ring.zeros(4), data, ring, dim, 4)
+    with pytest.raises(ConfigurationError, match="inside"):
+        unpack_into(ring.zeros(16), data, ring, dim, dim - dim % 8)
+
+
+def test_add_packed_refuses_a_malformed_payload_before_adding() -> None:
+    ring = Ring(13)
+    total = np.arange(3, dtype=np.uint32)
+    data = pack(np.array([1, 2, 3], dtype=np.uint32), ring)
+    for bad in (data + b"\x00", data[:-1], data[:-1] + b"\x80"):
+        with pytest.raises(MessageFormatError):
+            add_packed(total, bad, ring)
+        np.testing.assert_array_equal(total, np.arange(3))
+    full = Ring(32)
+    with pytest.raises(MessageFormatError):
+        add_packed(total, pack(full.zeros(3), full)[:-1], full)
+    np.testing.assert_array_equal(total, np.arange(3))
 
 
 def test_sum_of_encodings_decodes_to_average_within_step() -> None:

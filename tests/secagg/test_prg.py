@@ -58,6 +58,21 @@ def test_accumulate_equals_expand_then_add(bits: int) -> None:
     np.testing.assert_array_equal(acc, ring.reduce(expected.astype(ring.dtype)))
 
 
+@pytest.mark.parametrize("bits", [13, 32, 64])
+def test_a_range_at_any_offset_is_that_range_of_the_whole(bits: int) -> None:
+    # Seeking by element, also into the middle of an AES block (what a worker process does
+    # with its share of the vector).
+    ring = Ring(bits)
+    dim = 70_001
+    keys = [bytes([i + 1]) * 16 for i in range(4)]
+    whole = ring.zeros(dim)
+    accumulate_masks(whole, ring, keys[:3], keys[3:])
+    for start, stop in [(0, 5), (1, 7), (3, dim), (33_333, 66_667), (65_535, 70_000)]:
+        part = ring.zeros(stop - start)
+        accumulate_masks(part, ring, keys[:3], keys[3:], offset=start)
+        np.testing.assert_array_equal(part, whole[start:stop])
+
+
 def test_add_then_subtract_cancels() -> None:
     ring = Ring(24)
     acc = ring.zeros(1000)

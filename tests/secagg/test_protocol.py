@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from secagg.errors import (
     ProtocolAbort,
     SessionMismatch,
     ShareRequestRefused,
+    SumBackendFailure,
     TooFewSurvivors,
     UnknownClient,
 )
@@ -46,6 +48,7 @@ from secagg.params import active_server_floor, secaggplus_params
 from secagg.protocol import (
     ClientPolicy,
     ClientSession,
+    InProcessSum,
     RoundParams,
     Stage,
     context_digest,
@@ -162,6 +165,61 @@ def test_too_few_unmask_answers_aborts() -> None:
     with pytest.raises(TooFewSurvivors):
         sim.run()
     assert not sim.server.transcript.releases
+
+
+class _FailingBackend(InProcessSum):
+    """A sum backend whose worker 'dies' at a chosen step (as a process-pool backend's may)."""
+
+    def __init__(self, fail_add_after: int | None = None, fail_unmask: bool = False) -> None:
+        self.adds = 0
+        self.fail_add_after = fail_add_after
+        self.fail_unmask = fail_unmask
+
+    def add_packed(self, total: RingArray, payload: bytes, ring: Ring) -> None:
+        if self.adds == self.fail_add_after:
+            raise SumBackendFailure("worker 2 died")
+        self.adds += 1
+        super().add_packed(total, payload, ring)
+
+    def remove_masks(
+        self,
+        total: RingArray,
+        ring: Ring,
+        add_keys: Sequence[bytes],
+        subtract_keys: Sequence[bytes],
+    ) -> None:
+        if self.fail_unmask:
+            raise SumBackendFailure("worker 1 died")
+        super().remove_masks(total, ring, add_keys, subtract_keys)
+
+
+@pytest.mark.parametrize("bits", [20, 32, 64])
+def test_an_injected_backend_computes_the_sum(bits: int) -> None:
+    params = _params(n=7, t=4, dim=301, bits=bits)
+    inputs = _inputs(params, 5)
+    backend = _FailingBackend()
+    sim = Simulation(params, inputs, dropouts={Stage.MASKED_INPUT: {2}}, server_backend=backend)
+    outcome = sim.run()
+    assert backend.adds == 6
+    np.testing.assert_array_equal(
+        outcome.result.sum, _exact_sum(inputs, outcome.result.contributors, params.ring)
+    )
+
+
+@pytest.mark.parametrize("where", ["add", "unmask"])
+def test_a_failing_sum_backend_aborts_the_session_and_releases_nothing(where: str) -> None:
+    params = _params(n=5, t=3)
+    backend = (
+        _FailingBackend(fail_add_after=2) if where == "add" else _FailingBackend(fail_unmask=True)
+    )
+    sim = Simulation(params, _inputs(params), server_backend=backend)
+    with pytest.raises(ProtocolAbort, match="died"):
+        sim.run()
+    assert sim.server.stage is Stage.ABORTED
+    assert sim.server.abort_reason is not None and "died" in sim.server.abort_reason
+    assert not sim.server.transcript.releases
+    with pytest.raises(ProtocolAbort):
+        _ = sim.server.result
 
 
 # --- the DP survivor floor --------------------------------------------------------------------

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secagg.errors import InconsistentSharesError, TooFewSurvivors
-from secagg.shamir import PRIME, SHARE_BYTES, reconstruct, split
+from secagg.shamir import PRIME, SHARE_BYTES, _check_coefficients, _lagrange_at, reconstruct, split
 
 
 def _is_probable_prime(n: int, rounds: int = 40) -> bool:
@@ -67,3 +67,35 @@ def test_malformed_share_refused() -> None:
         reconstruct({1: b"\xff" * SHARE_BYTES, 2: b"\x00" * SHARE_BYTES}, 2)
     with pytest.raises(InconsistentSharesError):
         reconstruct({1: b"\x00" * 5, 2: b"\x00" * SHARE_BYTES}, 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    xs=st.lists(st.integers(1, 2**32 - 1), min_size=1, max_size=25, unique=True),
+    target=st.integers(0, 2**32),
+)
+def test_lagrange_coefficients_are_the_textbook_ones(xs: list[int], target: int) -> None:
+    expected = []
+    for j, xj in enumerate(xs):
+        num = den = 1
+        for m, xm in enumerate(xs):
+            if m != j:
+                num = num * (target - xm) % PRIME
+                den = den * (xj - xm) % PRIME
+        expected.append(num * pow(den, -1, PRIME) % PRIME)
+    assert list(_lagrange_at(tuple(xs), target)) == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_check_coefficients_vanish_exactly_on_consistent_shares(data: st.DataObject) -> None:
+    xs = data.draw(st.lists(st.integers(1, 5000), min_size=2, max_size=30, unique=True))
+    t = data.draw(st.integers(1, len(xs) - 1))
+    rng = random.Random(data.draw(st.integers(0, 2**32)))
+    poly = [rng.randrange(PRIME) for _ in range(t)]
+    ys = [sum(c * x**i for i, c in enumerate(poly)) % PRIME for x in xs]
+    check = _check_coefficients(tuple(xs[:t]), tuple(xs[t:]))
+    assert sum(c * y for c, y in zip(check, ys, strict=True)) % PRIME == 0
+    bad = data.draw(st.integers(0, len(xs) - 1))
+    ys[bad] = (ys[bad] + 1) % PRIME
+    assert sum(c * y for c, y in zip(check, ys, strict=True)) % PRIME != 0

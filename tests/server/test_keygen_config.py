@@ -15,7 +15,7 @@ from fl_core.wire.credentials import load_identity, load_roster
 from fl_core.wire.toml_config import ConfigError
 from secagg.params import SessionShape
 from server import keygen_cli
-from server.config import load_server_config
+from server.config import default_workers, load_server_config
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,7 @@ def _edit(bundle: Path, tmp_path: Path, old: str, new: str) -> Path:
         ('kind = "random"', 'kind = "magic"', r"task.kind must be one of random, train"),
         ('roster = "roster.toml"', 'roster = "nope.toml"', r"server.roster: .* does not exist"),
         ("[task]", "[task", r"not valid TOML"),
+        ('state_dir = "state"', 'state_dir = "state"\nworkers = 0', r"server.workers must be >= 1"),
     ],
 )
 def test_server_config_errors_name_the_key(
@@ -99,6 +100,12 @@ def test_server_config_errors_name_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load_server_config(_edit(bundle, tmp_path, old, new))
+
+
+def test_server_workers_default_to_the_cpus_and_can_be_set(bundle: Path, tmp_path: Path) -> None:
+    assert load_server_config(bundle / "server.toml").workers == default_workers() >= 1
+    edited = _edit(bundle, tmp_path, 'state_dir = "state"', 'state_dir = "state"\nworkers = 3')
+    assert load_server_config(edited).workers == 3
 
 
 def test_roster_with_a_bad_key_is_refused(tmp_path: Path) -> None:
