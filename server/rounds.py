@@ -37,7 +37,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import grpc
 import numpy as np
@@ -67,6 +67,9 @@ from server.config import ServerConfig
 from server.global_model import GlobalModel
 from server.outbox import Mailboxes
 from server.store import Store
+
+if TYPE_CHECKING:
+    from server.split_service import SplitService
 
 log = logging.getLogger("fedsec.server")
 
@@ -107,6 +110,8 @@ class RoundRunner:
         self._cond = threading.Condition()
         self._session: ServerSession | None = None
         self._ckks: HeServerSession | None = None
+        #: The server's side of split training (``[task] kind = "split"``), else None.
+        self.split: SplitService | None = None
         self._stop = threading.Event()
         self.checkpoint_dir = config.state_dir / "checkpoints"
         self.model = GlobalModel(config)
