@@ -70,6 +70,7 @@ from secagg.ring import Ring, RingArray
 
 if TYPE_CHECKING:
     from clients.train_task import LocalTrainer
+    from clients.trainer import LocalResult
     from secagg.he import HeClientSession
 
 log = logging.getLogger("fedsec.client")
@@ -475,10 +476,29 @@ class ClientTransport:
         task = config.WhichOneof("task")
         if task == "random":
             return random_update(config, self._config.client_id), 1
-        if task != "train":
+        if task == "split":
+            result = self._split_update(config, model)
+        elif task == "train":
+            result = self._local_trainer().local_update(config, model)
+        else:
             raise ConfigError(f"round {config.round_number} has no task this client knows")
-        result = self._local_trainer().local_update(config, model)
         return result.delta, result.num_samples
+
+    def _split_update(self, config: pb.RoundConfig, model: bytes) -> LocalResult:
+        """Split training: this institution's steps through the round's ``SplitSteps`` stream,
+        then the update of its client part (what goes into the secure sum)."""
+        from clients.split.transport import GrpcSplitLink
+
+        trainer = self._local_trainer()
+        trainer.check_split_round(config, model)  # refuse before opening a stream
+        link = GrpcSplitLink(self._stub, self._token, config, self._config.client_id)
+        try:
+            result = trainer.split_update(config, model, link)
+        finally:
+            link.close()
+        self.stats.bytes_up += link.bytes_up
+        self.stats.bytes_down += link.bytes_down
+        return result
 
     def _local_trainer(self) -> LocalTrainer:
         if self._trainer is None:
@@ -492,6 +512,9 @@ class ClientTransport:
         task = config.WhichOneof("task")
         if task == "random":
             return random_input(config, self._config.client_id)
+        if task == "split":
+            result = self._split_update(config, model)
+            return self._local_trainer().encode(config, result, config.split.train.max_weight)
         if task != "train":
             raise ConfigError(f"round {config.round_number} has no task this client knows")
         return self._local_trainer().encoded_update(config, model)

@@ -133,17 +133,21 @@ class GlobalModel:
 
     # --- persistence ------------------------------------------------------------------------
 
-    def save(self, directory: Path, round_number: int) -> Path:
-        """Checkpoint (and, for LoRA, a PEFT adapter directory beside it); returns the file."""
+    def save(
+        self, directory: Path, round_number: int, server_part: np.ndarray | None = None
+    ) -> Path:
+        """Checkpoint (and, for LoRA, a PEFT adapter directory beside it); returns the file.
+        ``server_part``: split training's server part, checkpointed with the round."""
         state = self.strategy.state_dict()
-        path = save_checkpoint(directory, Checkpoint(round_number, self.vector, state))
+        path = save_checkpoint(directory, Checkpoint(round_number, self.vector, state, server_part))
         if self._adapter is not None:
             tensors = dict(self._adapter.tensors)
             tensors.update(self._adapter.layout.unflatten(self.vector))
             save_adapter(directory / f"adapter-{round_number:06d}", tensors, self._adapter.config)
         return path
 
-    def restore(self, path: Path) -> None:
+    def restore(self, path: Path) -> np.ndarray | None:
+        """Load a checkpoint; returns split training's server part (None if it has none)."""
         checkpoint = load_checkpoint(path)
         if checkpoint.global_vector.size != self.vector.size:
             raise ConfigError(
@@ -153,3 +157,4 @@ class GlobalModel:
         self.vector = checkpoint.global_vector.copy()
         if checkpoint.strategy_state:
             self.strategy.load_state_dict(checkpoint.strategy_state)
+        return checkpoint.server_part

@@ -51,12 +51,15 @@ from fl_core.wire.convert import (
     upload_limit,
 )
 from fl_core.wire.he_round import ckks_spec_from_config, decode_release, he_upload_limit
+from fl_core.wire.split_wire import limits_of
+from fl_core.wire.toml_config import ConfigError
 from secagg.errors import (
     MessageFormatError,
     ProtocolAbort,
     SecAggError,
     SessionMismatch,
     SumBackendFailure,
+    TooFewSurvivors,
 )
 from secagg.he import HeServerSession, HeStage, NoDecryptor
 from secagg.messages import ClientMessage, decode_message, encode_message
@@ -285,7 +288,14 @@ class RoundRunner:
             )
         last = self._store.last_completed()
         if last is not None and last.checkpoint is not None:
-            self.model.restore(self.checkpoint_dir / last.checkpoint)
+            server_part = self.model.restore(self.checkpoint_dir / last.checkpoint)
+            if self.split is not None:
+                if server_part is None:
+                    raise ConfigError(
+                        f"{last.checkpoint} holds no server part: it was not written by a split "
+                        "run; start split training from a fresh state_dir"
+                    )
+                self.split.set_vector(server_part)
             self.next_round = last.round_number + 1
             log.info("resuming after completed round %d (%s)", last.round_number, last.checkpoint)
 
@@ -403,6 +413,17 @@ class RoundRunner:
             drive = functools.partial(self._drive_ckks, attempt, ckks)
         elif session is not None:
             drive = functools.partial(self._drive_masking, attempt, config, session)
+        split = self.split
+        if split is not None:
+            # Opened before RoundStart goes out: an institution may open its stream at once.
+            split.begin(
+                round_number,
+                config.session_id,
+                tuple(config.cohort),
+                config.split.train.local_steps,
+                limits_of(config.split),
+            )
+            drive = functools.partial(self._split_then, attempt, split, drive)
         start = pb.ServerItem(round_start=pb.RoundStart(config=config.SerializeToString()))
         for client_id in config.cohort:
             item = pb.ServerItem()
@@ -416,6 +437,8 @@ class RoundRunner:
             refused = self._store.refusals(attempt)
             if refused:
                 reason += f" (refusals: {'; '.join(f'{c}: {why}' for c, why in refused[:5])})"
+            if split is not None:
+                split.rollback()  # nothing released: the server's part is put back too
             self._end_attempt(attempt, cohort_ids, round_number, reason)
             return reason
         finally:
@@ -423,10 +446,16 @@ class RoundRunner:
                 self._session = None
                 self._ckks = None
                 self._attempt = None
+            if split is not None:
+                split.end()
         if self._stop.is_set():
             return None
         self.model.apply_sum(released)
-        path = self.model.save(self.checkpoint_dir, round_number)
+        path = self.model.save(
+            self.checkpoint_dir,
+            round_number,
+            server_part=None if split is None else split.vector(),
+        )
         self._store.complete_round(attempt, contributors, path.name)
         pruned = prune_checkpoints(self.checkpoint_dir, self._config.keep_checkpoints)
         if pruned:
@@ -445,6 +474,34 @@ class RoundRunner:
         end = pb.RoundEnd(round_number=round_number, completed=True, final=final)
         self._broadcast_end(end, tuple(config.cohort))
         return True
+
+    # --- split training ---------------------------------------------------------------------
+
+    def _split_then(
+        self,
+        attempt: int,
+        split: SplitService,
+        drive: Callable[[], tuple[AggregateInput, tuple[int, ...]]],
+    ) -> tuple[AggregateInput, tuple[int, ...]]:
+        """Serve every institution's split steps in turn, then aggregate their client parts
+        (the backend's first deadline starts after the last turn)."""
+        began = time.monotonic()
+        phase = split.run_turns(self._stop)
+        expected = len(phase.finished) + len(phase.dropped)
+        self._store.record_stage(
+            attempt,
+            "split_steps",
+            expected,
+            len(phase.finished),
+            bool(phase.dropped),
+            time.monotonic() - began,
+        )
+        self._log_stage("split_steps", expected, sorted(phase.dropped))
+        if self._stop.is_set():
+            raise ProtocolAbort("server shutting down")
+        if not phase.finished:
+            raise TooFewSurvivors("no institution completed its split steps")
+        return drive()
 
     # --- masking ----------------------------------------------------------------------------
 
