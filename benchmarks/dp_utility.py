@@ -50,8 +50,14 @@ import numpy as np
 import torch
 
 import clients.defaults as defaults
-from clients.simulate_cli import TorchTrainer, Workload, build_workload, default_clip
-from clients.trainer import LoraMode, LoraSettings, TrainSettings
+from clients.simulate_cli import (
+    SimulationSpec,
+    TorchTrainer,
+    Workload,
+    build_workload,
+    default_clip,
+)
+from clients.trainer import LoraMode, LoraSettings, TrainSettings, evaluate
 from fl_core.federation import (
     ClientUpdate,
     DpSettings,
@@ -96,7 +102,7 @@ SETTINGS = {
         local_steps=defaults.LOCAL_STEPS,
         rank=defaults.LORA_RANK,
         alpha=defaults.LORA_ALPHA,
-        target_modules=LoraSettings().target_modules,
+        target_modules=LoraSettings().targets,
         mode=defaults.LORA_MODE,
         lr=defaults.LR,
         # With 4 contributors the noise swamps any update, and it grows with C: the default.
@@ -124,7 +130,7 @@ SETTINGS = {
         local_steps=3,
         rank=defaults.LORA_RANK,
         alpha=defaults.LORA_ALPHA,
-        target_modules=LoraSettings().target_modules,
+        target_modules=LoraSettings().targets,
         mode=defaults.LORA_MODE,
         lr=defaults.LR,
         dp_clip=None,
@@ -140,11 +146,13 @@ def workload(setting: Setting) -> tuple[Workload, np.ndarray]:
     lora = LoraSettings(
         rank=setting.rank,
         alpha=setting.alpha,
-        target_modules=setting.target_modules,
+        targets=setting.target_modules,
         mode=setting.mode,
         init_seed=defaults.SEED,
     )
-    work = build_workload(setting.institutions, defaults.SEED, lora, None, None)
+    # eval_records=1: the institutions' own held-out sets are not used here (see federation()).
+    spec = SimulationSpec(setting.institutions, seed=defaults.SEED, eval_records=1)
+    work = build_workload(spec, lora)
     return work, work.lm.get_vector().copy()
 
 
@@ -193,7 +201,13 @@ def federation(
         seed=defaults.SEED,
     )
     max_samples = max(len(d) for d in work.train_sets.values())
-    return Federation(config, trainer, trainer.evaluate, initial, max_samples), trainer
+
+    # Scored on the domains' held-out sets (their union weighs every domain alike), as before
+    # the simulation scored each institution on its own set.
+    def score(vector: np.ndarray) -> dict[str, float]:
+        return evaluate(work.lm, vector, work.domain_sets, work.pad_id)
+
+    return Federation(config, trainer, score, initial, max_samples), trainer
 
 
 def noise_seconds(params: DpParams, repeats: int = 7) -> float:

@@ -41,6 +41,7 @@ def _aggregation_error(lm: LoraModel, client_tensors: list[dict[str, np.ndarray]
 
 def run(mode: LoraMode, lr: float, rounds: int) -> dict[str, float]:
     d = defaults.DEFAULTS
+    recipe = d.recipe
     fed = make_federation(
         d.institutions,
         d.records_per_institution,
@@ -49,15 +50,17 @@ def run(mode: LoraMode, lr: float, rounds: int) -> dict[str, float]:
         d.seed,
     )
     base, tok = build_default_base(fed.corpus(), d.model)
-    lm = LoraModel(base, LoraSettings(rank=d.lora_rank, alpha=d.lora_alpha, mode=mode))
+    lm = LoraModel(base, LoraSettings(rank=recipe.lora_rank, alpha=recipe.lora_alpha, mode=mode))
     pad = int(tok.pad_token_id)
     trains = [
-        tokenize([alpaca_example(r) for r in i.records], tok, d.max_length, i.name)
+        tokenize([alpaca_example(r) for r in i.records], tok, recipe.max_length, i.name)
         for i in fed.institutions
     ]
     union_records = [r for recs in fed.test_sets.values() for r in recs]
     union: dict[str, TokenizedDataset] = {
-        "union": tokenize([alpaca_example(r) for r in union_records], tok, d.max_length, "union")
+        "union": tokenize(
+            [alpaca_example(r) for r in union_records], tok, recipe.max_length, "union"
+        )
     }
     g = lm.get_vector()
     errors = []
@@ -66,7 +69,10 @@ def run(mode: LoraMode, lr: float, rounds: int) -> dict[str, float]:
         deltas, weights, trained = [], [], []
         for i, data in enumerate(trains):
             settings = TrainSettings(
-                local_steps=d.local_steps, batch_size=d.batch_size, lr=lr, seed=1000 * r + i
+                local_steps=defaults.LOCAL_STEPS,
+                batch_size=d.recipe.batch_size,
+                lr=lr,
+                seed=1000 * r + i,
             )
             res = train_local(lm, g, data, settings, pad)
             deltas.append(res.delta.astype(np.float64))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fl_core.recipe import BaseKind, Recipe, resolve_table
 from fl_core.wire.credentials import check_key_pair, load_certificates, load_identity, load_roster
 from fl_core.wire.toml_config import ConfigError, load_toml
 from secagg.errors import ConfigurationError
@@ -48,20 +49,20 @@ class TrainOptions:
 
     ``base = "embedded"`` builds the seeded tiny Llama of :mod:`clients.model_factory` with a
     tokenizer trained on the embedded synthetic federation (``institutions``, ``records``,
-    ``federation_seed``), so every party builds the same base; otherwise ``base`` is a local
-    transformers model directory. The LoRA settings must match the coordinator's adapter (the
-    layout fingerprint in every round config is checked).
+    ``federation_seed``), so every party builds the same base; otherwise ``base`` is a named
+    model (``smollm2-135m``) or a local transformers model directory. ``recipe`` holds the
+    institution's own recipe settings (:mod:`fl_core.recipe`'s ``local`` and ``shared`` fields:
+    LoRA shape, max length, grad accumulation, device, precision, quantization, threads),
+    with the base's defaults; the coordinator's (lr, steps, batch, strategy) arrive with each
+    round. The LoRA shape must match the coordinator's adapter (the layout fingerprint in every
+    round config is checked).
     """
 
     base: str
     institutions: int
     records: int
     federation_seed: int
-    lora_rank: int
-    lora_alpha: int
-    lora_mode: str
-    max_length: int
-    threads: int
+    recipe: Recipe
 
 
 @dataclass(frozen=True)
@@ -148,16 +149,14 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
     train: TrainOptions | None = None
     if top.has("train"):
         t = top.table("train")
+        base = t.string("base", default="embedded")
+        kind: BaseKind = "embedded" if base == "embedded" else "pretrained"
         train = TrainOptions(
-            base=t.string("base", default="embedded"),
+            base=base,
             institutions=t.integer("institutions", default=4, minimum=1),
             records=t.integer("records", default=160, minimum=1),
             federation_seed=t.integer("federation_seed", default=0, minimum=0),
-            lora_rank=t.integer("lora_rank", default=8, minimum=1),
-            lora_alpha=t.integer("lora_alpha", default=16, minimum=1),
-            lora_mode=t.string("lora_mode", default="plain", choices=("plain", "ffa")),
-            max_length=t.integer("max_length", default=256, minimum=8),
-            threads=t.integer("threads", default=1, minimum=1),
+            recipe=resolve_table(t, "local", kind).recipe,
         )
         t.done()
         if synthetic is None and jsonl is None:

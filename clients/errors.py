@@ -13,11 +13,16 @@ from fl_core.errors import FLError
 class DataFormatError(FLError, ValueError):
     """A training-data record that is malformed: bad JSON, a missing field, a wrong type."""
 
-    def __init__(self, path: str | Path, line: int, problem: str) -> None:
+    def __init__(self, path: str | Path, line: int, problem: str, unit: str = "line") -> None:
         self.path = str(path)
-        self.line = line
+        self.line = line  # 1-based line, or record number when ``unit`` is "record"
         self.problem = problem
-        super().__init__(f"{self.path}:{line}: {problem}")
+        where = f"{self.path}:{line}" if unit == "line" else f"{self.path}: record {line}"
+        super().__init__(f"{where}: {problem}")
+
+
+class ChatTemplateError(FLError, ValueError):
+    """A conversation the tokenizer's chat template cannot render with its answers marked."""
 
 
 class EmptyDatasetError(FLError, ValueError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 from clients.data import AlpacaRecord, alpaca_prompt
@@ -316,11 +316,17 @@ class Institution:
 @dataclass(frozen=True)
 class SyntheticFederation:
     institutions: tuple[Institution, ...]
-    test_sets: dict[str, tuple[AlpacaRecord, ...]]
+    test_sets: dict[str, tuple[AlpacaRecord, ...]]  # per domain
     own_domain_share: float
+    #: Per institution: held-out records drawn like its training data (its own domain mix),
+    #: from the held-out (template, entity) pairs, so each institution can be scored on its own
+    #: distribution rather than on the union of all domains.
+    institution_test_sets: dict[str, tuple[AlpacaRecord, ...]] = field(default_factory=dict)
 
     def corpus(self) -> Iterator[str]:
         """All text (for training the tokenizer): prompts and answers, train and test."""
+        # Not the institutions' own held-out sets: they reuse the domains' words, and leaving them
+        # out keeps the tokenizer (and so the embedded model) independent of their size.
         for records in [i.records for i in self.institutions] + list(self.test_sets.values()):
             for r in records:
                 yield alpaca_prompt(r.instruction, r.input) + r.output
@@ -365,8 +371,11 @@ def make_federation(
     test_records_per_domain: int = 48,
     own_domain_share: float = 0.9,
     seed: int = 0,
+    test_records_per_institution: int = 0,
 ) -> SyntheticFederation:
-    """Generate the institutions' training records and one held-out test set per domain."""
+    """Generate the institutions' training records, one held-out test set per domain and, when
+    ``test_records_per_institution`` > 0, one per institution drawn from its own domain mix
+    (from a separate generator: the other records do not depend on it)."""
     if num_institutions < 1 or records_per_institution < 1 or test_records_per_domain < 1:
         raise SyntheticConfigError(
             "num_institutions, records_per_institution and test_records_per_domain must be >= 1"
@@ -389,4 +398,16 @@ def make_federation(
         d.name: tuple(_sample(d, test_rng, test=True) for _ in range(test_records_per_domain))
         for d in _DOMAINS
     }
-    return SyntheticFederation(tuple(institutions), test_sets, own_domain_share)
+    own_tests: dict[str, tuple[AlpacaRecord, ...]] = {}
+    for i, institution in enumerate(institutions):
+        own_rng = random.Random(f"institution-test:{seed}:{i}")
+        own = _DOMAINS[i % len(_DOMAINS)]
+        others = [d for d in _DOMAINS if d is not own]
+        own_tests[institution.name] = tuple(
+            _sample(own if own_rng.random() < own_domain_share else own_rng.choice(others),
+                    own_rng, test=True)
+            for _ in range(test_records_per_institution)
+        )  # fmt: skip
+    if test_records_per_institution < 1:
+        own_tests = {}
+    return SyntheticFederation(tuple(institutions), test_sets, own_domain_share, own_tests)

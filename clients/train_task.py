@@ -12,7 +12,7 @@ integration test does.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,11 +20,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clients.client_config import ClientConfig, TrainOptions
 from clients.data import Example, alpaca_example, load_jsonl, tokenize
-from clients.model_factory import build_default_base, load_causal_lm
+from clients.devices import resolve_runtime
+from clients.model_factory import build_default_base, load_source, model_source
 from clients.synthetic import make_federation
 from clients.trainer import (
     LocalResult,
-    LoraMode,
     LoraModel,
     LoraSettings,
     TrainSettings,
@@ -54,6 +54,15 @@ def _examples(config: ClientConfig, options: TrainOptions) -> list[Example]:
     return [alpaca_example(r) for r in institution.records]
 
 
+def _optimizer(name: str) -> Literal["adamw", "sgd"]:
+    """The round's client optimizer; empty from a coordinator that predates the field."""
+    if name in ("", "adamw"):
+        return "adamw"
+    if name == "sgd":
+        return "sgd"
+    raise ConfigurationError(f"the round asks for optimizer {name!r}; this client has adamw, sgd")
+
+
 def training_seed(config: pb.RoundConfig, client_id: int) -> int:
     """This client's data-order seed: the same every round, so the order continues."""
     return config.train.seed * 65_537 + client_id
@@ -64,36 +73,38 @@ class LocalTrainer:
         if config.train is None:
             raise ConfigError("this client has no [train] table; it cannot take train rounds")
         options = config.train
-        torch.set_num_threads(options.threads)
+        recipe = self.recipe = options.recipe
+        if recipe.threads is not None:
+            torch.set_num_threads(recipe.threads)
+        runtime = resolve_runtime(recipe.device, recipe.precision, recipe.quantization)
         base: PreTrainedModel
         tokenizer: PreTrainedTokenizerBase
-        if options.base == "embedded":
+        self.source = model_source(options.base)
+        if self.source.kind == "embedded":
             federation = make_federation(
                 options.institutions, options.records, seed=options.federation_seed
             )
             base, tokenizer = build_default_base(federation.corpus())
         else:
-            base, tokenizer = load_causal_lm(Path(options.base))
-        self.lm = LoraModel(
-            base,
-            LoraSettings(
-                rank=options.lora_rank,
-                alpha=options.lora_alpha,
-                mode=cast(LoraMode, options.lora_mode),
-            ),
-        )
+            base, tokenizer = load_source(self.source, runtime)
+        self.lm = LoraModel(base, LoraSettings.from_recipe(recipe, init_seed=0), runtime)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.data = tokenize(
-            _examples(config, options), tokenizer, options.max_length, "local data"
+            _examples(config, options),
+            tokenizer,
+            recipe.max_length,
+            "local data",
+            recipe.chat_template,
         )
         self._client_id = config.client_id
-        self._threads = options.threads
         # Batches drawn in earlier rounds of this process: the data order continues from there
         # (a restarted client starts its order again; it is data order only, nothing secret).
         self._batches_drawn = 0
 
     def write_initial_adapter(self, directory: Path) -> None:
-        save_adapter(directory, self.lm.tensors(), self.lm.adapter_config())
+        """The coordinator's starting adapter; it names a pretrained base (so the coordinator
+        takes a pretrained base's recipe defaults), not the embedded one (built, not stored)."""
+        save_adapter(directory, self.lm.tensors(), self.lm.adapter_config(self.source.reference()))
 
     def train(self, config: pb.RoundConfig, global_vector: np.ndarray) -> LocalResult:
         """This round's local training from ``global_vector`` (reproducible from the config
@@ -105,12 +116,16 @@ class LocalTrainer:
                 "(check [train] lora_rank / lora_mode against the coordinator's adapter)"
             )
         settings = TrainSettings(
-            local_steps=task.local_steps,
+            local_steps=task.local_steps or None,
+            local_epochs=task.local_epochs or None,
             batch_size=task.batch_size,
             lr=task.learning_rate,
+            optimizer=_optimizer(task.optimizer),
+            max_grad_norm=task.max_grad_norm or self.recipe.max_grad_norm,
             seed=training_seed(config, self._client_id),
-            num_threads=self._threads,
+            num_threads=self.recipe.threads,
             data_offset=self._batches_drawn,
+            grad_accum=min(self.recipe.grad_accum, task.batch_size),
         )
         result = train_local(self.lm, global_vector, self.data, settings, self.pad_id)
         self._batches_drawn += result.steps

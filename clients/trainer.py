@@ -11,11 +11,16 @@ are both trained and averaged separately (as FedIT/OpenFedLLM do), which is inex
 ``trained - global`` over the trainable tensors only, with the FedProx proximal term and the
 SCAFFOLD correction (option II of Karimireddy et al., ICML'20) when asked. An update with NaN or
 Inf is refused with :class:`~fl_core.errors.NonFiniteUpdateError` and never returned.
+
+Which modules are adapted is resolved per architecture by :mod:`clients.lora_targets`; where
+the model runs (device, autocast precision, 4-bit base) by :mod:`clients.devices`. The LoRA
+tensors themselves stay float32 on every device, so the vectors that leave a client do too.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -26,8 +31,18 @@ from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 from clients.data import IGNORE_INDEX, TokenizedDataset
+from clients.devices import CPU, Runtime, autocast
+from clients.lora_targets import (
+    HeadPolicy,
+    LoraTargetError,
+    TargetPlan,
+    adapted_modules,
+    plan_targets,
+    untie_head,
+)
 from fl_core.adapter_io import AdapterConfig
 from fl_core.errors import FLError, NonFiniteUpdateError, UpdateLayoutError
+from fl_core.recipe import ALL_LINEAR, Recipe
 from fl_core.updates import LoraLayout, check_finite
 
 LoraMode = Literal["plain", "ffa"]
@@ -40,22 +55,29 @@ class TrainingConfigError(FLError, ValueError):
 
 @dataclass(frozen=True)
 class LoraSettings:
+    """The adapter's shape. ``targets``/``head``: see :func:`clients.lora_targets.plan_targets`
+    (the default adapts every linear layer, and the output head when it is untied, as on the
+    embedded tiny Llama, whose random head is what lets it learn a domain quickly)."""
+
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    # lm_head included: see clients.model_factory (the embedded base has random weights).
-    target_modules: tuple[str, ...] = (
-        "lm_head",
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "up_proj",
-        "down_proj",
-        "gate_proj",
-    )
+    targets: tuple[str, ...] = (ALL_LINEAR,)
+    head: HeadPolicy = "auto"
     mode: LoraMode = "plain"
     init_seed: int = 0
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, init_seed: int) -> LoraSettings:
+        return cls(
+            recipe.lora_rank,
+            recipe.lora_alpha,
+            recipe.lora_dropout,
+            recipe.lora_targets,
+            recipe.lora_head,
+            recipe.lora_mode,
+            init_seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -80,6 +102,36 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     num_threads: int | None = 2
     data_offset: int = 0
+    #: Micro-batches per batch: the same update (the loss is normalised over the whole batch's
+    #: response tokens) with 1/grad_accum of the activation memory.
+    grad_accum: int = 1
+
+    @classmethod
+    def from_recipe(
+        cls,
+        recipe: Recipe,
+        *,
+        lr: float,
+        seed: int,
+        data_offset: int = 0,
+        prox_mu: float = 0.0,
+        optimizer: Literal["adamw", "sgd"] | None = None,
+    ) -> TrainSettings:
+        """One round's settings: the recipe plus what the round decides (its scheduled lr, the
+        client's data position, the strategy's proximal term and optimizer)."""
+        return cls(
+            local_steps=recipe.local_steps,
+            local_epochs=recipe.local_epochs,
+            batch_size=recipe.batch_size,
+            lr=lr,
+            optimizer=optimizer or recipe.optimizer,
+            seed=seed,
+            prox_mu=prox_mu,
+            max_grad_norm=recipe.max_grad_norm,
+            num_threads=recipe.threads,
+            data_offset=data_offset,
+            grad_accum=recipe.grad_accum,
+        )
 
     def __post_init__(self) -> None:
         if (self.local_steps is None) == (self.local_epochs is None):
@@ -90,6 +142,10 @@ class TrainSettings:
             raise TrainingConfigError("need batch_size >= 1, lr > 0 and prox_mu >= 0")
         if self.data_offset < 0:
             raise TrainingConfigError(f"data_offset must be >= 0, got {self.data_offset}")
+        if not 1 <= self.grad_accum <= self.batch_size:
+            raise TrainingConfigError(
+                f"grad_accum must be in [1, batch_size={self.batch_size}], got {self.grad_accum}"
+            )
 
 
 @dataclass(frozen=True)
@@ -113,48 +169,101 @@ class LocalResult:
 class LoraModel:
     """A base causal LM with one LoRA adapter, read and written as flat vectors."""
 
-    def __init__(self, base: PreTrainedModel, settings: LoraSettings) -> None:
+    def __init__(
+        self, base: PreTrainedModel, settings: LoraSettings, runtime: Runtime = CPU
+    ) -> None:
+        self.plan: TargetPlan = plan_targets(base, settings.targets, settings.head)
+        if self.plan.untie_head:
+            untie_head(base)
         config = LoraConfig(
             r=settings.rank,
             lora_alpha=settings.alpha,
             lora_dropout=settings.dropout,
-            target_modules=list(settings.target_modules),
+            target_modules=list(self.plan.targets),
             bias="none",
             task_type="CAUSAL_LM",
+            fan_in_fan_out=self.plan.fan_in_fan_out,
         )
         # Seeding here is what makes A identical on every client and the server (FFA-LoRA
         # depends on it); the caller's RNG state is left untouched.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # PEFT asks transformers a deprecated question while wrapping; not ours to fix.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
             torch.manual_seed(settings.init_seed)
             self.model = get_peft_model(base, config)
+        adapted = adapted_modules(self.model)
+        if adapted != self.plan.modules:
+            raise LoraTargetError(
+                f"PEFT adapted {len(adapted)} modules where {len(self.plan.modules)} were planned"
+            )
         self.settings = settings
+        self.runtime = runtime
         self.peft_config = config
         self._params: dict[str, torch.nn.Parameter] = {}
         for name, param in self.model.named_parameters():
             if "lora_" in name:
                 # PEFT's on-disk keys are the parameter names without the adapter name.
                 self._params[name.replace(f".{_ADAPTER}.", ".")] = param
+        if any(p.device.type != "cpu" for p in self._params.values()):
+            # A base already on a GPU (QLoRA) drew A from that device's RNG: draw it again on
+            # the CPU so that every party, whatever its device, starts from the same adapter.
+            self._seeded_init(settings.init_seed)
         if settings.mode == "ffa":
             for key, param in self._params.items():
                 if ".lora_A." in key:
                     param.requires_grad_(False)
+        if runtime.quantization == "none":
+            self.model.to(runtime.device)
         self.full_layout = LoraLayout.from_tensors(self.tensors())
         self.layout = self.full_layout.select(lambda k: self._params[k].requires_grad)
+
+    def _seeded_init(self, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key in sorted(self._params):
+                param = self._params[key]
+                value = torch.zeros(param.shape, dtype=torch.float32)
+                if ".lora_A." in key:
+                    bound = 1.0 / math.sqrt(param.shape[1])  # kaiming_uniform(a=sqrt(5))
+                    value.uniform_(-bound, bound, generator=generator)
+                param.copy_(value)
+
+    def describe(self) -> dict[str, object]:
+        """What was adapted, for ``run.json`` and the report."""
+        trainable = sum(int(self._params[k].numel()) for k in self.layout.names)
+        return {
+            "targets": list(self.plan.targets),
+            "modules": self.plan.leaf_counts(),
+            "module_paths": list(self.plan.modules),
+            "head": self.plan.head,
+            "head_tied_in_base": self.plan.head_tied,
+            "head_untied": self.plan.untie_head,
+            "lora_parameters": sum(int(p.numel()) for p in self._params.values()),
+            "trainable_parameters": trainable,
+            "base_parameters": sum(
+                int(p.numel()) for n, p in self.model.named_parameters() if "lora_" not in n
+            ),
+        }
 
     def adapter_config(self, base_model_name_or_path: str | None = None) -> AdapterConfig:
         s = self.settings
         return AdapterConfig(
-            s.rank, s.alpha, tuple(sorted(s.target_modules)), s.dropout, base_model_name_or_path
+            s.rank,
+            s.alpha,
+            tuple(sorted(self.plan.targets)),
+            s.dropout,
+            base_model_name_or_path,
+            self.plan.fan_in_fan_out,
         )
 
     def tensors(self) -> dict[str, np.ndarray]:
         """All LoRA tensors (A and B), as PEFT names them in ``adapter_model.safetensors``."""
-        return {k: p.detach().cpu().numpy().copy() for k, p in self._params.items()}
+        return {k: p.detach().float().cpu().numpy().copy() for k, p in self._params.items()}
 
     def get_vector(self) -> np.ndarray:
         """The trainable tensors as one vector in the layout's order."""
         return self.layout.flatten(
-            {k: self._params[k].detach().cpu().numpy() for k in self.layout.names}
+            {k: self._params[k].detach().float().cpu().numpy() for k in self.layout.names}
         )
 
     def set_vector(self, vector: np.ndarray) -> None:
@@ -190,7 +299,9 @@ def batch_indices(
     return out
 
 
-def _batches(data: TokenizedDataset, order: np.ndarray, pad_id: int) -> tuple[torch.Tensor, ...]:
+def _batches(
+    data: TokenizedDataset, order: np.ndarray, pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
     width = max(len(data.input_ids[i]) for i in order)
     ids = np.full((len(order), width), pad_id, dtype=np.int64)
     labels = np.full((len(order), width), IGNORE_INDEX, dtype=np.int64)
@@ -198,7 +309,12 @@ def _batches(data: TokenizedDataset, order: np.ndarray, pad_id: int) -> tuple[to
     for row, i in enumerate(order):
         n = len(data.input_ids[i])
         ids[row, :n], labels[row, :n], mask[row, :n] = data.input_ids[i], data.labels[i], 1
-    return torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(mask)
+    return tuple(torch.from_numpy(a).to(device) for a in (ids, labels, mask))
+
+
+def _response_tokens(data: TokenizedDataset, order: np.ndarray) -> int:
+    """Tokens the loss is taken on (labels after the shift, not ignored)."""
+    return sum(int((data.labels[i][1:] != IGNORE_INDEX).sum()) for i in order)
 
 
 def _token_losses(
@@ -208,7 +324,7 @@ def _token_losses(
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     target = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
+        logits.reshape(-1, logits.shape[-1]).float(),
         target.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
@@ -248,6 +364,8 @@ def train_local(
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=settings.lr)
     else:
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    runtime = lm.runtime
+    scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler else None
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
     total = settings.local_steps or (settings.local_epochs or 0) * steps_per_epoch
     batches = batch_indices(
@@ -262,21 +380,37 @@ def train_local(
             int(np.random.SeedSequence([settings.seed, settings.data_offset]).generate_state(1)[0])
         )
         for batch in batches:
-            ids, labels, mask = _batches(data, batch, pad_id)
-            loss_sum, count = _token_losses(lm.model, ids, labels, mask)
-            loss = loss_sum / max(count, 1)
-            objective = loss
-            if settings.prox_mu > 0:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-                objective = loss + 0.5 * settings.prox_mu * prox
             opt.zero_grad(set_to_none=True)
-            objective.backward()  # type: ignore[no-untyped-call]
+            # The loss is the mean over the whole batch's response tokens, so splitting the
+            # batch into micro-batches changes the memory, not the update.
+            count = max(_response_tokens(data, batch), 1)
+            batch_loss = 0.0
+            micros = np.array_split(batch, min(settings.grad_accum, len(batch)))
+            for index, micro in enumerate(micros):
+                ids, labels, mask = _batches(data, micro, pad_id, runtime.device)
+                with autocast(runtime):
+                    loss_sum, _ = _token_losses(lm.model, ids, labels, mask)
+                objective = loss_sum / count
+                batch_loss += float(objective.detach())
+                if settings.prox_mu > 0 and index == 0:  # once per optimizer step
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+                    objective = objective + 0.5 * settings.prox_mu * prox
+                if scaler is not None:
+                    scaler.scale(objective).backward()  # type: ignore[no-untyped-call]
+                else:
+                    objective.backward()  # type: ignore[no-untyped-call]
+            if scaler is not None:
+                scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             for p, corr in zip(params, correction, strict=False):
                 if p.grad is not None:
-                    p.grad.add_(corr)  # y <- y - lr * (g - c_i + c)
-            opt.step()
-            losses.append(float(loss.detach()))
+                    p.grad.add_(corr.to(p.device))  # y <- y - lr * (g - c_i + c)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            losses.append(batch_loss)
     lm.model.eval()
     delta = lm.get_vector() - global_vector
     mean_loss = float(np.mean(losses))
@@ -311,9 +445,10 @@ def evaluate(
         total, count = 0.0, 0
         for at in range(0, len(data), batch_size):
             ids, labels, mask = _batches(
-                data, np.arange(at, min(at + batch_size, len(data))), pad_id
+                data, np.arange(at, min(at + batch_size, len(data))), pad_id, lm.runtime.device
             )
-            loss_sum, n = _token_losses(lm.model, ids, labels, mask)
+            with autocast(lm.runtime):
+                loss_sum, n = _token_losses(lm.model, ids, labels, mask)
             total, count = total + float(loss_sum), count + n
         out[name] = total / max(count, 1)
     return out

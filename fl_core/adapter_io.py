@@ -34,6 +34,8 @@ class AdapterConfig:
     target_modules: tuple[str, ...]
     lora_dropout: float = 0.0
     base_model_name_or_path: str | None = None
+    #: True when the adapted layers store their weight transposed (GPT-2's Conv1D).
+    fan_in_fan_out: bool = False
 
     def to_peft_json(self) -> dict[str, object]:
         # Keys not given here take PEFT's LoraConfig defaults when it loads the file.
@@ -45,7 +47,7 @@ class AdapterConfig:
             "lora_dropout": self.lora_dropout,
             "target_modules": sorted(self.target_modules),
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": self.fan_in_fan_out,
             "inference_mode": True,
             "base_model_name_or_path": self.base_model_name_or_path,
         }
@@ -99,6 +101,7 @@ def load_adapter(directory: str | Path) -> tuple[dict[str, np.ndarray], AdapterC
             target_modules=tuple(sorted(raw["target_modules"])),
             lora_dropout=float(raw.get("lora_dropout", 0.0)),
             base_model_name_or_path=raw.get("base_model_name_or_path"),
+            fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         if isinstance(exc, AdapterFormatError):

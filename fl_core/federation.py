@@ -490,10 +490,15 @@ class Federation:
         digest = hashlib.sha256(self.global_vector.tobytes()).digest()
         return digest + struct.pack(">Q", round_index)
 
-    def run(self, on_round: Callable[[RoundOutcome], None] | None = None) -> list[RoundOutcome]:
-        """All rounds in order; ``on_round`` sees each outcome as soon as it exists."""
+    def run(
+        self, on_round: Callable[[RoundOutcome], None] | None = None, start: int = 0
+    ) -> list[RoundOutcome]:
+        """Rounds ``start`` .. rounds - 1 in order (``start`` > 0 continues a run whose global
+        vector and strategy state were restored); ``on_round`` sees each outcome as it exists."""
+        if not 0 <= start <= self.config.rounds:
+            raise FederationConfigError(f"start round {start} outside 0..{self.config.rounds}")
         outcomes = []
-        for r in range(self.config.rounds):
+        for r in range(start, self.config.rounds):
             outcome = self.run_round(r)
             if on_round is not None:
                 on_round(outcome)

@@ -3,7 +3,13 @@
 ::
 
     RUN_DIR/run.json                     configuration and public secure-aggregation/DP parameters
-    RUN_DIR/metrics.jsonl                one JSON object per round (RoundMetrics.to_json)
+    RUN_DIR/metrics.jsonl                one JSON object per round (RoundMetrics.to_json, plus
+                                         the caller's extra fields such as the pooled eval loss)
+    RUN_DIR/initial.json                 eval losses (and generation scores) before training
+    RUN_DIR/generation.json              generation scores and sample answers, before and after
+    RUN_DIR/base/                        the embedded base model and tokenizer (a run on another
+                                         base names it in run.json and in every adapter config)
+    RUN_DIR/state/                       what --resume continues from (see below)
     RUN_DIR/transcripts/round_NNNN.json  the server's record of the round: the masking session's
                                          transcript, or the CKKS server's record (``"backend":
                                          "ckks"``: uploads received, contributors, decryptor)
@@ -12,13 +18,19 @@
     RUN_DIR/report.md                    what ran, final losses, the secure-vs-plain check
 
 Every file is written as soon as its round ends, so an interrupted run keeps its finished
-rounds. Nothing secret is written: the transcript is the server's view, the metrics are public.
+rounds, and ``state/latest.safetensors`` (the global vector, the strategy's server state and each
+simulated client's own state: its data position and, under SCAFFOLD, its control variate) lets
+``fedsec simulate --resume`` continue from the last finished round. That file is the one
+exception to "nothing secret is written": a simulation holds every institution's state; in a
+deployment each institution keeps its own. The transcripts are the server's view, the metrics
+are public.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
 
 from fl_core.adapter_io import AdapterConfig, save_adapter
 from fl_core.aggregation import BACKENDS, CkksRoundRecord
@@ -40,6 +54,11 @@ ADAPTER_DIR = "adapters"
 LOSS_PLOT = "loss.png"
 REPORT_FILE = "report.md"
 _TRANSCRIPT_NAME = re.compile(r"^round_(\d{4,})\.json$")
+INITIAL_FILE = "initial.json"
+GENERATION_FILE = "generation.json"
+BASE_DIR = "base"
+STATE_DIR = "state"
+STATE_FILE = "latest.safetensors"
 
 
 class RunDirectoryError(FLError, ValueError):
@@ -50,8 +69,66 @@ def round_name(round_index: int) -> str:
     return f"round_{round_index:04d}"
 
 
+@dataclass(frozen=True)
+class RunState:
+    """Where a simulation stands after round ``next_round - 1`` (what ``--resume`` needs)."""
+
+    next_round: int
+    global_vector: np.ndarray
+    strategy: dict[str, np.ndarray]
+    #: Per simulated client: named arrays (e.g. ``batches_drawn``, ``control``).
+    clients: dict[str, dict[str, np.ndarray]]
+
+
+def _state_key(*parts: str) -> str:
+    return "/".join(parts)
+
+
+def save_state(directory: Path, state: RunState) -> None:
+    """Write ``state`` atomically to ``directory/state/latest.safetensors``."""
+    folder = directory / STATE_DIR
+    folder.mkdir(exist_ok=True)
+    tensors = {"global": np.ascontiguousarray(state.global_vector)}
+    tensors.update({_state_key("strategy", k): np.ascontiguousarray(v)
+                    for k, v in state.strategy.items()})  # fmt: skip
+    for client, arrays in state.clients.items():
+        if "/" in client:
+            raise RunDirectoryError(f"client name {client!r} cannot be stored (it has a '/')")
+        tensors.update({_state_key("client", client, k): np.ascontiguousarray(v)
+                        for k, v in arrays.items()})  # fmt: skip
+    tmp = folder / (STATE_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"next_round": str(state.next_round)})
+    os.replace(tmp, folder / STATE_FILE)
+
+
+def load_state(directory: Path) -> RunState:
+    path = directory / STATE_DIR / STATE_FILE
+    if not path.is_file():
+        raise RunDirectoryError(f"{directory}: no {STATE_DIR}/{STATE_FILE}, nothing to resume")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+        next_round = int(metadata["next_round"])
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise RunDirectoryError(f"{path}: unreadable run state: {exc}") from exc
+    strategy: dict[str, np.ndarray] = {}
+    clients: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "strategy":
+            strategy[rest] = value
+        elif kind == "client":
+            client, _, name = rest.partition("/")
+            clients.setdefault(client, {})[name] = value
+    if "global" not in tensors:
+        raise RunDirectoryError(f"{path}: no global vector in the run state")
+    return RunState(next_round, tensors["global"], strategy, clients)
+
+
 class RunWriter:
-    """Writes one run; refuses a directory that already holds ``metrics.jsonl``."""
+    """Writes one run; refuses a directory that already holds ``metrics.jsonl`` (use
+    :meth:`reopen` to continue one)."""
 
     def __init__(self, directory: str | Path, config: Mapping[str, Any]) -> None:
         self.directory = Path(directory)
@@ -67,13 +144,37 @@ class RunWriter:
         (self.directory / RUN_FILE).write_text(json.dumps(self.config, indent=2) + "\n")
         self.records: list[dict[str, Any]] = []
 
+    @classmethod
+    def reopen(cls, directory: str | Path) -> RunWriter:
+        """Continue a run: its configuration and the rounds it recorded so far."""
+        folder = Path(directory)
+        if not (folder / RUN_FILE).is_file() or not (folder / METRICS_FILE).is_file():
+            raise RunDirectoryError(f"{folder} is not a run directory with recorded rounds")
+        writer = cls.__new__(cls)
+        writer.directory = folder
+        writer.config = json.loads((folder / RUN_FILE).read_text())
+        lines = (folder / METRICS_FILE).read_text().splitlines()
+        writer.records = [json.loads(line) for line in lines if line.strip()]
+        return writer
+
+    def write_json(self, name: str, value: Mapping[str, Any]) -> None:
+        (self.directory / name).write_text(json.dumps(value, indent=2) + "\n")
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        path = self.directory / name
+        if not path.is_file():
+            raise RunDirectoryError(f"{self.directory}: no {name}")
+        loaded: dict[str, Any] = json.loads(path.read_text())
+        return loaded
+
     def record_round(
         self,
         outcome: RoundOutcome,
         adapter: Mapping[str, np.ndarray],
         adapter_config: AdapterConfig,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
-        record = outcome.metrics.to_json()
+        record = {**outcome.metrics.to_json(), **(extra or {})}
         name = round_name(outcome.metrics.round)
         transcript = json.dumps(outcome.transcript.to_dict())
         (self.directory / TRANSCRIPT_DIR / f"{name}.json").write_text(transcript + "\n")
@@ -82,18 +183,38 @@ class RunWriter:
             handle.write(json.dumps(record) + "\n")
         self.records.append(record)
 
-    def finish(self, initial_eval: Mapping[str, float], wall_s: float) -> None:
-        """Write ``loss.png`` and ``report.md`` from the recorded rounds."""
+    def finish(
+        self,
+        initial_eval: Mapping[str, float],
+        wall_s: float,
+        generation: Mapping[str, Any] | None = None,
+        initial_pooled: float | None = None,
+    ) -> None:
+        """Write ``loss.png`` and ``report.md`` from the recorded rounds (and ``generation``:
+        before/after scores and sample answers, see :func:`render_report`)."""
         if not self.records:
             raise RunDirectoryError("no round was recorded; nothing to report")
-        write_loss_plot(self.directory / LOSS_PLOT, initial_eval, self.records)
+        write_loss_plot(self.directory / LOSS_PLOT, initial_eval, self.records, initial_pooled)
+        if generation is not None:
+            self.write_json(GENERATION_FILE, generation)
         (self.directory / REPORT_FILE).write_text(
-            render_report(self.directory, self.config, initial_eval, self.records, wall_s)
+            render_report(
+                self.directory,
+                self.config,
+                initial_eval,
+                self.records,
+                wall_s,
+                generation,
+                initial_pooled,
+            )
         )
 
 
 def write_loss_plot(
-    path: Path, initial_eval: Mapping[str, float], records: Sequence[Mapping[str, Any]]
+    path: Path,
+    initial_eval: Mapping[str, float],
+    records: Sequence[Mapping[str, Any]],
+    initial_pooled: float | None = None,
 ) -> None:
     import matplotlib
 
@@ -105,9 +226,12 @@ def write_loss_plot(
     for domain, start in initial_eval.items():
         losses = [start] + [float(r["eval_loss"][domain]) for r in records]
         ax.plot(rounds, losses, marker="o", label=domain)
+    if initial_pooled is not None and all("eval_loss_pooled" in r for r in records):
+        pooled = [initial_pooled] + [float(r["eval_loss_pooled"]) for r in records]
+        ax.plot(rounds, pooled, color="black", linestyle="--", linewidth=2, label="pooled")
     ax.set_xlabel("rounds completed")
     ax.set_ylabel("eval loss (per response token)")
-    ax.set_title("Held-out loss per domain, global adapter")
+    ax.set_title("Held-out loss of the global adapter, each set on its own")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -149,12 +273,137 @@ def _backend_line(config: Mapping[str, Any]) -> str:
     )
 
 
+def _adapted_lines(config: Mapping[str, Any]) -> list[str]:
+    """What LoRA adapted (from ``run.json``'s ``adapter``), when the caller recorded it."""
+    adapter = config.get("adapter")
+    if not adapter:
+        return []
+    modules = ", ".join(f"`{k}` x{v}" for k, v in adapter.get("modules", {}).items())
+    head = adapter.get("head")
+    if head is None:
+        head_text = "output head not adapted" + (
+            " (tied to the input embeddings)" if adapter.get("head_tied_in_base") else ""
+        )
+    elif adapter.get("head_untied"):
+        head_text = (
+            f"output head `{head}` adapted after untying it from the input embeddings (merge "
+            "into a base whose head is untied the same way)"
+        )
+    else:
+        head_text = f"output head `{head}` adapted"
+    return [
+        f"- LoRA adapted {sum(adapter.get('modules', {}).values())} modules: {modules}; "
+        f"{head_text}. {adapter.get('lora_parameters')} LoRA parameters "
+        f"({adapter.get('trainable_parameters')} trained) on a base of "
+        f"{adapter.get('base_parameters')}; `target_modules` = "
+        f"{adapter.get('targets')}.",
+    ]
+
+
+def _recipe_line(config: Mapping[str, Any]) -> list[str]:
+    recipe = config.get("recipe")
+    if not recipe:
+        return []
+    shown = ", ".join(
+        f"{k} {v}" for k, v in recipe.items() if v not in (None, {}, []) and k != "strategy"
+    )
+    return [f"- Recipe: {shown}."]
+
+
+def _data_lines(config: Mapping[str, Any]) -> list[str]:
+    lines = []
+    if "model" in config:
+        lines.append(f"- Base model: {config['model']}.")
+    if "data" in config:
+        lines.append(f"- Data: {config['data']}.")
+    truncation = config.get("truncation")
+    if truncation:
+        lines.append(
+            f"- Truncation at {truncation['max_length']} tokens: {truncation['train_truncated']} "
+            f"of {truncation['train_examples']} training examples cut "
+            f"({truncation['train_dropped']} dropped: no answer token left), "
+            f"{truncation['eval_truncated']} of {truncation['eval_examples']} held-out "
+            f"examples cut ({truncation['eval_dropped']} dropped)."
+        )
+    for note in config.get("notes", []):
+        lines.append(f"- {note}")
+    return lines
+
+
+def _generation_lines(generation: Mapping[str, Any] | None) -> list[str]:
+    if not generation:
+        return []
+    before, after = generation.get("before", {}), generation.get("after", {})
+    lines = [
+        "",
+        "## Generation on held-out questions",
+        "",
+        "Greedy answers to each institution's first held-out questions, scored against the "
+        "reference answer (normalised exact match; ROUGE-L F1 of words).",
+        "",
+        "| institution | exact match before | after | ROUGE-L before | after |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in after:
+        b, a = before.get(name, {}), after[name]
+        lines.append(
+            f"| {name} | {_fmt(b.get('exact_match', math.nan))} | "
+            f"{_fmt(a['exact_match'])} | {_fmt(b.get('rouge_l', math.nan))} | "
+            f"{_fmt(a['rouge_l'])} |"
+        )
+    samples = generation.get("samples", [])
+    if samples:
+        lines += ["", "### Answers before and after", ""]
+        for sample in samples:
+            lines += [
+                f"- **{sample['institution']}**: {sample['question']}",
+                f"  - reference: {sample['reference']}",
+                f"  - before: {sample['before'] or '(empty)'}",
+                f"  - after: {sample['after'] or '(empty)'}",
+            ]
+    return lines
+
+
+def _use_lines(directory: Path, config: Mapping[str, Any], last_round: int) -> list[str]:
+    base = config.get("base_model")
+    if not base:
+        return []
+    adapter = directory / ADAPTER_DIR / round_name(last_round)
+    if base.get("kind") == "named" and base.get("gguf"):
+        gguf = Path(base["gguf"])
+        load = (
+            f'base = AutoModelForCausalLM.from_pretrained("{gguf.parent}", gguf_file="{gguf.name}")'
+        )
+    else:
+        load = f'base = AutoModelForCausalLM.from_pretrained("{base.get("path")}")'
+    lines = [
+        "",
+        "## Use the adapter",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        load,
+    ]
+    if config.get("adapter", {}).get("head_untied"):
+        lines += [
+            "# the run untied the output head before adapting it:",
+            "base.config.tie_word_embeddings = False",
+            "base.get_output_embeddings().weight = torch.nn.Parameter(",
+            "    base.get_input_embeddings().weight.detach().clone())",
+        ]
+    lines += [f'model = PeftModel.from_pretrained(base, "{adapter}")', "```"]
+    return lines
+
+
 def render_report(
     directory: Path,
     config: Mapping[str, Any],
     initial_eval: Mapping[str, float],
     records: Sequence[Mapping[str, Any]],
     wall_s: float,
+    generation: Mapping[str, Any] | None = None,
+    initial_pooled: float | None = None,
 ) -> str:
     last = records[-1]
     dp = config.get("dp")
@@ -174,6 +423,9 @@ def render_report(
         f"of {config.get('cohort_size')} per round, strategy `{config.get('strategy')}`, "
         f"LoRA mode `{config.get('lora_mode', '?')}`, {config.get('dim')} trainable "
         "coordinates.",
+        *_data_lines(config),
+        *_adapted_lines(config),
+        *_recipe_line(config),
         f"- Aggregation backend: `{backend}`.",
         _backend_line(config),
         "- Differential privacy: "
@@ -190,21 +442,32 @@ def render_report(
             )
             + f"), L2 clip {dp['clip_l2']:g}, noise multiplier {dp['noise_multiplier']:.4g}."
         ),
+        *([f"- {config['dp_guidance']['message']}"] if config.get("dp_guidance") else []),
         f"- Wall time: {wall_s:.1f} s.",
         "",
-        "## Eval loss per domain",
+        "## Eval loss per held-out set",
         "",
-        "| domain | before training | after the last round | change |",
+        "Each set scored on its own (an institution's own held-out data where the run has "
+        "them); the pooled row is the token-weighted loss over their union, the mean row the "
+        "unweighted mean of the sets.",
+        "",
+        "| held-out set | before training | after the last round | change |",
         "|---|---:|---:|---:|",
     ]
     for domain, start in initial_eval.items():
         end = float(last["eval_loss"][domain])
         lines.append(f"| {domain} | {_fmt(start)} | {_fmt(end)} | {_fmt(end - start)} |")
+    if initial_pooled is not None and "eval_loss_pooled" in last:
+        end = float(last["eval_loss_pooled"])
+        lines.append(
+            f"| **pooled** | {_fmt(initial_pooled)} | {_fmt(end)} | {_fmt(end - initial_pooled)} |"
+        )
     mean0 = float(np.mean(list(initial_eval.values())))
     lines.append(
         f"| **mean** | {_fmt(mean0)} | {_fmt(float(last['eval_loss_mean']))} | "
         f"{_fmt(float(last['eval_loss_mean']) - mean0)} |"
     )
+    lines += _generation_lines(generation)
     lines += [
         "",
         "## Rounds",
@@ -245,6 +508,7 @@ def render_report(
         check,
         f"Largest difference / bound over all rounds: {worst_ratio:.3g} "
         f"({'within the bound' if worst_ratio <= 1 else 'OUT OF BOUND'}).",
+        *_use_lines(directory, config, int(last["round"])),
         "",
         "## Files",
         "",
@@ -253,8 +517,14 @@ def render_report(
         f"- `{directory / TRANSCRIPT_DIR}/round_NNNN.json`: the server's record of each round "
         f"(`fedsec audit {directory}` checks them)",
         f"- `{directory / ADAPTER_DIR}/round_NNNN/`: global LoRA adapter per round (PEFT format)",
-        f"- `{directory / LOSS_PLOT}`: eval loss per domain over rounds",
+        f"- `{directory / LOSS_PLOT}`: eval loss per held-out set over rounds",
     ]
+    if (directory / BASE_DIR).is_dir():
+        lines.append(
+            f"- `{directory / BASE_DIR}/`: the base model and tokenizer the run trained on"
+        )
+    if (directory / GENERATION_FILE).is_file() or generation is not None:
+        lines.append(f"- `{directory / GENERATION_FILE}`: generated answers and their scores")
     return "\n".join(lines) + "\n"
 
 

@@ -20,11 +20,13 @@ secret key), so a server that was handed a secret context refuses to start.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fl_core.adapter_io import load_adapter
+from fl_core.errors import AdapterFormatError
+from fl_core.recipe import EMBEDDED, BaseKind, Recipe, resolve_table
 from fl_core.wire.credentials import check_key_pair, load_certificates, load_roster
 from fl_core.wire.toml_config import ConfigError, Table, load_toml
 from secagg.encoding import QuantizationParams
@@ -108,20 +110,23 @@ class TaskConfig:
 
     ``random``: a pseudo-random pre-quantized update of ``dim`` coordinates (load tests,
     drills; no model). ``train``: local LoRA training from the global adapter, starting from
-    the PEFT adapter ``initial_adapter``; the server applies ``strategy`` to the released sum.
+    the PEFT adapter ``initial_adapter``; the server applies the recipe's strategy to the
+    released sum and sends each round the recipe's coordinator settings (``lr`` on its
+    schedule, ``local_steps`` or ``local_epochs``, ``batch_size``, ``optimizer``,
+    ``max_grad_norm``; :mod:`fl_core.recipe`, the ``round`` fields). Its defaults are the
+    embedded model's when the adapter names no base, a pretrained base's otherwise.
     """
 
     kind: str
     dim: int
     clip: float
     initial_adapter: Path | None = None
-    lora_mode: str = "plain"
-    strategy: str = "fedavg"
-    strategy_params: Mapping[str, object] = field(default_factory=dict)
-    local_steps: int = 2
-    learning_rate: float = 3e-3
-    batch_size: int = 8
+    recipe: Recipe = EMBEDDED
     max_weight: int = 1000
+
+    @property
+    def lora_mode(self) -> str:
+        return self.recipe.lora_mode
 
 
 @dataclass(frozen=True)
@@ -239,20 +244,24 @@ def load_server_config(path: Path) -> ServerConfig:
     if kind == "random":
         task = TaskConfig(kind, task_table.integer("dim", minimum=1, maximum=1 << 28), clip)
     else:
-        params = task_table.table("strategy_params", required=False)
-        strategy_params = {key: params.number(key) for key in list(params.keys())}
-        params.done()
+        initial_adapter = task_table.path("initial_adapter")
+        try:
+            _, adapter = load_adapter(initial_adapter)
+        except AdapterFormatError as exc:
+            raise ConfigError(f"{path}: task.initial_adapter: {exc}") from None
+        base: BaseKind = "embedded" if adapter.base_model_name_or_path is None else "pretrained"
+        recipe = resolve_table(task_table, "round", base).recipe
+        if recipe.strategy not in SERVER_STRATEGIES:
+            raise ConfigError(
+                f"{path}: task.strategy {recipe.strategy} needs per-client options this wire "
+                f"protocol does not carry; use one of {', '.join(SERVER_STRATEGIES)}"
+            )
         task = TaskConfig(
             kind,
             0,  # from the adapter's layout
             clip,
-            initial_adapter=task_table.path("initial_adapter"),
-            lora_mode=task_table.string("lora_mode", default="plain", choices=("plain", "ffa")),
-            strategy=task_table.string("strategy", default="fedavg", choices=SERVER_STRATEGIES),
-            strategy_params=strategy_params,
-            local_steps=task_table.integer("local_steps", default=2, minimum=1),
-            learning_rate=task_table.number("learning_rate", default=3e-3, positive=True),
-            batch_size=task_table.integer("batch_size", default=8, minimum=1),
+            initial_adapter=initial_adapter,
+            recipe=recipe,
             max_weight=task_table.integer("max_weight", default=1000, minimum=1),
         )
     task_table.done()

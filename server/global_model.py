@@ -61,11 +61,13 @@ class GlobalModel:
         else:
             self.vector = np.zeros(task.dim, dtype=np.float32)
         self.strategy: Strategy = build_strategy(
-            task.strategy, self.vector.size, dict(task.strategy_params)
+            task.recipe.strategy, self.vector.size, task.recipe.params()
         )
         options = self.strategy.client_options()
         if options.prox_mu or options.server_control is not None:
-            raise ConfigError(f"strategy {task.strategy} needs client options; not supported")
+            raise ConfigError(
+                f"strategy {task.recipe.strategy} needs client options; not supported"
+            )
 
     # --- rounds -----------------------------------------------------------------------------
 
@@ -100,9 +102,16 @@ class GlobalModel:
         config.dim = self.vector.size if quant is None else quant.encoded_dim(self.vector.size)
         config.model_dim = self.vector.size
         config.train.seed = rounds.seed
-        config.train.local_steps = task.local_steps
-        config.train.learning_rate = task.learning_rate
-        config.train.batch_size = task.batch_size
+        recipe = task.recipe
+        config.train.local_steps = recipe.local_steps or 0
+        config.train.local_epochs = recipe.local_epochs or 0
+        # The recipe's schedule, evaluated here: clients get this round's rate.
+        config.train.learning_rate = recipe.lr_at(
+            min(config.round_number, rounds.rounds - 1), rounds.rounds
+        )
+        config.train.batch_size = recipe.batch_size
+        config.train.optimizer = recipe.optimizer
+        config.train.max_grad_norm = recipe.max_grad_norm
         config.train.max_weight = task.max_weight
         config.train.layout_fingerprint = self._adapter.layout.fingerprint()
         return self.vector.astype("<f4").tobytes()

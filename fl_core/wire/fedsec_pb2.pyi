@@ -153,20 +153,26 @@ class RandomTask(_message.Message):
     def __init__(self, seed: _Optional[int] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("seed", "local_steps", "learning_rate", "batch_size", "max_weight", "layout_fingerprint")
+    __slots__ = ("seed", "local_steps", "learning_rate", "batch_size", "max_weight", "layout_fingerprint", "local_epochs", "optimizer", "max_grad_norm")
     SEED_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     seed: int
     local_steps: int
     learning_rate: float
     batch_size: int
     max_weight: int
     layout_fingerprint: str
-    def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_weight: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ...) -> None: ...
+    local_epochs: int
+    optimizer: str
+    max_grad_norm: float
+    def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_weight: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., local_epochs: _Optional[int] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class SplitTask(_message.Message):
     __slots__ = ("train", "client_bottom", "client_top", "max_length", "hidden_size", "step_timeout_s")

@@ -13,6 +13,7 @@ import ipaddress
 import math
 import re
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,19 @@ class Table:
         if must_exist and not path.exists():
             raise ConfigError(f"{self._where(key)}: {path} does not exist")
         return path
+
+    def take(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The raw values of those of ``keys`` present (marked read; the caller checks them)."""
+        out = {}
+        for key in keys:
+            if key in self._data:
+                self._read.add(key)
+                out[key] = self._data[key]
+        return out
+
+    def where(self, key: str) -> str:
+        """``file: table.key``, for a caller's own error messages."""
+        return self._where(key)
 
     def done(self) -> None:
         unknown = sorted(set(self._data) - self._read)

@@ -105,3 +105,27 @@ def test_parse_lrs_refuses_bad_grids() -> None:
     for bad in ("", "0.01,x", "0.01,-1"):
         with pytest.raises(bench.BudgetError, match="--lrs"):
             bench.parse_lrs(bad)
+
+
+def test_each_institution_keeps_its_own_validation_and_test_halves() -> None:
+    sets = {"a": _records(1, 6), "b": _records(2, 5)}
+    val, test = bench.split_own(sets)
+    assert {k[0] for k in _keys(val["a"]) + _keys(test["a"])} == {1}
+    assert len(val["b"]) == 2 and len(test["b"]) == 3
+    assert not set(_keys(val["a"])) & set(_keys(test["a"]))
+
+
+def test_the_base_is_the_pretrained_model_when_its_extra_is_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bench, "named_model_available", lambda _name: False)
+    model, why = bench.choose_model(None)
+    assert model == "embedded" and "not yet a fine-tuning result" in why
+    monkeypatch.setattr(bench, "named_model_available", lambda _name: True)
+    assert bench.choose_model(None)[0] == "smollm2-135m"
+    assert bench.choose_model("embedded") == ("embedded", "asked for with --model")
+
+
+def test_mean_scored_averages_each_institutions_loss() -> None:
+    runs = [bench.Scored(1.0, 2.0, (), {"a": 3.0}), bench.Scored(2.0, 4.0, (), {"a": 5.0})]
+    assert bench.mean_scored(runs).own == {"a": 4.0}

@@ -12,6 +12,7 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from clients.data import TokenizedDataset, alpaca_example, tokenize
+from clients.devices import DeviceError, resolve_runtime
 from clients.model_factory import TinyLlamaSpec, build_tiny_llama
 from clients.synthetic import SyntheticFederation
 from clients.trainer import (
@@ -208,3 +209,45 @@ def test_lora_dropout_masks_change_with_the_data_offset(
     later = train_local(lm, g, only, TrainSettings(**{**settings.__dict__, "data_offset": 2}), 0)
     np.testing.assert_array_equal(first.delta, again.delta)
     assert not np.allclose(first.delta, later.delta)
+
+
+def test_gradient_accumulation_gives_the_same_update(
+    base: LlamaForCausalLM, cardio: TokenizedDataset
+) -> None:
+    lm = LoraModel(base, LoraSettings(rank=4))
+    g = lm.get_vector()
+    settings = TrainSettings(local_steps=3, batch_size=8, lr=1e-2, seed=5)
+    whole = train_local(lm, g, cardio, settings, 0)
+    split = train_local(lm, g, cardio, TrainSettings(**{**settings.__dict__, "grad_accum": 3}), 0)
+    np.testing.assert_allclose(split.delta, whole.delta, rtol=1e-4, atol=1e-6)
+    assert split.mean_loss == pytest.approx(whole.mean_loss, rel=1e-5)
+    with pytest.raises(TrainingConfigError, match="grad_accum"):
+        TrainSettings(batch_size=4, grad_accum=5)
+
+
+def test_devices_this_machine_cannot_provide_are_refused() -> None:
+    assert resolve_runtime("cpu", "auto").describe() == {
+        "device": "cpu",
+        "precision": "fp32",
+        "quantization": "none",
+    }
+    assert resolve_runtime("cpu", "bf16").autocast is torch.bfloat16
+    with pytest.raises(DeviceError, match="fp16 needs a GPU"):
+        resolve_runtime("cpu", "fp16")
+    with pytest.raises(DeviceError, match=r"4bit .*needs a CUDA GPU; this run is on cpu"):
+        resolve_runtime("cpu", "auto", "4bit")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="device cuda: torch sees no CUDA device"):
+            resolve_runtime("cuda")
+        assert resolve_runtime("auto").device.type in ("cpu", "mps")
+
+
+def test_bf16_autocast_trains_and_keeps_float32_updates(
+    tokenizer: PreTrainedTokenizerFast, small_spec: TinyLlamaSpec, cardio: TokenizedDataset
+) -> None:
+    runtime = resolve_runtime("cpu", "bf16")
+    lm = LoraModel(build_tiny_llama(len(tokenizer), small_spec), LoraSettings(rank=4), runtime)
+    result = train_local(lm, lm.get_vector(), cardio, FAST, 0)
+    assert result.delta.dtype == np.float32 and np.linalg.norm(result.delta) > 0
+    losses = evaluate(lm, lm.get_vector(), {"cardio": cardio}, 0)
+    assert np.isfinite(losses["cardio"])

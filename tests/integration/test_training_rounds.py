@@ -39,7 +39,7 @@ initial_adapter = "{adapter}"
 lora_mode = "ffa"
 strategy = "fedavg"
 local_steps = 2
-learning_rate = 0.01
+lr = 0.01
 batch_size = 4
 max_weight = 64
 """
