@@ -97,6 +97,7 @@ class MiddleServer:
         self._optimizer: torch.optim.Optimizer | None = None
         self._turn_of: int | None = None
         self._pending: _Pending | None = None
+        self._device = split.lm.runtime.device
 
     def vector(self) -> np.ndarray:
         return self.split.server_vector()
@@ -138,7 +139,9 @@ class MiddleServer:
         round_.activation(client, step)  # refuses out of turn / order before any compute
         try:
             limits.check_activation(hidden.shape, [int(n) for n in lengths])
-            received = tensor_from_wire(hidden, f"client {client}'s activation of step {step}")
+            received = tensor_from_wire(
+                hidden, f"client {client}'s activation of step {step}", self._device
+            )
         except SplitTensorError as exc:
             self.drop(client, str(exc))
             raise
@@ -158,7 +161,7 @@ class MiddleServer:
         rows, tokens, width = hidden.shape
         self.traffic.add(client, rows, tokens, width)
         self.traffic.timed(client, time.perf_counter() - began)
-        return output.detach().numpy().copy()
+        return output.detach().float().cpu().numpy().copy()
 
     def gradient(self, client: int, step: int, grad: np.ndarray) -> np.ndarray:
         """Backpropagate ``client``'s gradient at the top cut, update the server's LoRA, and
@@ -171,7 +174,9 @@ class MiddleServer:
         self._pending = None
         try:
             limits.check_like(grad.shape, tuple(pending.output.shape))
-            received = tensor_from_wire(grad, f"client {client}'s gradient of step {step}")
+            received = tensor_from_wire(
+                grad, f"client {client}'s gradient of step {step}", self._device
+            )
         except SplitTensorError as exc:
             self.drop(client, str(exc))
             raise
@@ -182,7 +187,7 @@ class MiddleServer:
         params = self.split.server_parameters()
         optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            pending.output.backward(received)  # type: ignore[no-untyped-call]
+            pending.output.backward(received.to(pending.output.dtype))  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
         optimizer.step()
         back = pending.hidden.grad
@@ -190,7 +195,7 @@ class MiddleServer:
             raise SplitConfigError("no gradient reached the server's input; the cut is wrong")
         self.split.lm.model.eval()
         self.traffic.timed(client, time.perf_counter() - began)
-        return back.detach().numpy().copy()
+        return back.detach().float().cpu().numpy().copy()
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         params = self.split.server_parameters()

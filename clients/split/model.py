@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clients.devices import autocast
 from clients.trainer import LoraModel
 from fl_core.split import (
     SplitConfigError,
@@ -212,6 +213,10 @@ class SplitModel:
     """A :class:`LoraModel` and where it is cut: both parties' view of the same adapter."""
 
     def __init__(self, lm: LoraModel, spec: SplitSpec) -> None:
+        if lm.runtime.needs_grad_scaler:
+            raise SplitConfigError(
+                "split training does not scale fp16 gradients across the cut; use bf16 or fp32"
+            )
         self.lm = lm
         self.spec = spec
         self.layers_prefix, self.blocks = decoder_blocks(lm.model)
@@ -274,7 +279,7 @@ class SplitModel:
         bridge = _Bridge(link, step, lengths, noise)
         replacements: dict[int, nn.Module] = {self._first: _Relay(bridge)}
         replacements.update({i: _Skip() for i in range(self._first + 1, self._last + 1)})
-        with blocks_replaced(self.blocks, replacements):
+        with blocks_replaced(self.blocks, replacements), autocast(self.lm.runtime):
             logits = self.lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return cast(torch.Tensor, logits), bridge
 
@@ -302,7 +307,8 @@ class SplitModel:
     def middle_forward(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """The server's blocks applied to a received activation (a leaf that requires grad)."""
         rows, width, _ = hidden.shape
-        placeholder = torch.zeros((rows, width), dtype=torch.long)
+        device = hidden.device
+        placeholder = torch.zeros((rows, width), dtype=torch.long, device=device)
         entry = _ServerBlock(self.blocks[self._first], hidden, self._first == self._last)
         replacements: dict[int, nn.Module] = {i: _Skip() for i in range(self._first)}
         replacements[self._first] = entry
@@ -312,16 +318,15 @@ class SplitModel:
             replacements[self._last] = exit_block
         replacements.update({i: _Skip() for i in range(self._last + 1, self.num_layers)})
         transformer = cast(nn.Module, self.lm.model.get_base_model().base_model)
-        with blocks_replaced(self.blocks, replacements):
-            transformer(
-                input_ids=placeholder, attention_mask=pad_mask(lengths, width), use_cache=False
-            )
+        mask = pad_mask(lengths, width).to(device)
+        with blocks_replaced(self.blocks, replacements), autocast(self.lm.runtime):
+            transformer(input_ids=placeholder, attention_mask=mask, use_cache=False)
         if exit_block.captured is None:
             raise SplitConfigError("the server's last block never ran; the model skips blocks")
         return exit_block.captured
 
 
-def tensor_from_wire(array: np.ndarray, what: str) -> torch.Tensor:
-    """A received step tensor as float32 torch, refusing NaN/Inf."""
+def tensor_from_wire(array: np.ndarray, what: str, device: torch.device) -> torch.Tensor:
+    """A received step tensor as float32 torch on ``device``, refusing NaN/Inf."""
     check_tensor_values(array, what)
-    return torch.from_numpy(np.array(array, dtype=DTYPE))
+    return torch.from_numpy(np.array(array, dtype=DTYPE)).to(device)

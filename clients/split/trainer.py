@@ -58,7 +58,7 @@ def padded_batch(
 
 def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss over the response tokens (the trainer's objective)."""
-    shifted, target = logits[:, :-1], labels[:, 1:]
+    shifted, target = logits[:, :-1].float(), labels[:, 1:]
     total = torch.nn.functional.cross_entropy(
         shifted.reshape(-1, shifted.shape[-1]),
         target.reshape(-1),
@@ -104,8 +104,9 @@ def split_train_local(
                     ]
                 )
             )
+            device = split.lm.runtime.device
             for step, batch in enumerate(batches):
-                ids, labels, mask = padded_batch(data, batch, pad_id)
+                ids, labels, mask = (t.to(device) for t in padded_batch(data, batch, pad_id))
                 logits, _ = split.client_logits(ids, mask, link, step, noise)
                 loss = response_loss(logits, labels)
                 objective = loss

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
-from transformers import PreTrainedModel
+import transformers as hf
 
 from clients.data import alpaca_example, tokenize
 from clients.model_factory import TinyLlamaSpec, build_tiny_llama
@@ -160,33 +161,59 @@ def test_activation_noise_has_the_stated_ratio() -> None:
     assert not np.allclose(noise, activation_noise(activation, 0.5))  # fresh every call
 
 
-def test_other_architectures_split_exactly(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=32,
+V, H = 96, 16
+_SMALL = dict(vocab_size=V, hidden_size=H, num_hidden_layers=3, num_attention_heads=2)
+_KV = dict(intermediate_size=32, num_key_value_heads=2)
+#: Tiny random configs of every architecture the trainer supports (no dropout: the comparison is
+#: exact only without it).
+ARCHITECTURES: dict[str, Callable[[], hf.PretrainedConfig]] = {
+    "qwen2": lambda: hf.Qwen2Config(**_SMALL, **_KV, tie_word_embeddings=True),
+    "mistral": lambda: hf.MistralConfig(**_SMALL, **_KV),
+    "gpt2": lambda: hf.GPT2Config(
+        vocab_size=V,
+        n_embd=H,
         n_layer=3,
         n_head=2,
-        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    base: PreTrainedModel = GPT2LMHeadModel(config)
-    settings = LoraSettings(rank=2, alpha=4, target_modules=("c_attn", "c_proj", "c_fc"))
+    ),
+    "gpt_neox": lambda: hf.GPTNeoXConfig(**_SMALL, intermediate_size=32),
+    "opt": lambda: hf.OPTConfig(
+        **_SMALL, ffn_dim=32, word_embed_proj_dim=H, dropout=0.0, attention_dropout=0.0
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_other_architectures_split_exactly(arch: str) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = hf.AutoModelForCausalLM.from_config(ARCHITECTURES[arch]()).eval()
+    settings = LoraSettings(rank=2, alpha=4, init_seed=1)
     client = SplitModel(LoraModel(copy.deepcopy(base), settings), SplitSpec(1, 1))
     server = SplitModel(LoraModel(base, settings), SplitSpec(1, 1))
-    ids = torch.randint(3, len(tokenizer), (2, 9))
+    vector = client.full_vector()
+    vector += np.random.default_rng(0).normal(0, 0.05, vector.size).astype(np.float32)
+    client.lm.set_vector(vector)
+    server.lm.set_vector(vector)
+    reference = copy.deepcopy(client.lm)
+    ids = torch.randint(3, V, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    want_loss = response_loss(reference.model(input_ids=ids, attention_mask=mask).logits, labels)
+    want_loss.backward()
+    want = dict(zip(reference.layout.names, reference.trainable_parameters(), strict=True))
     middle = MiddleServer(server, MiddleSettings(lr=0.01))
     middle.begin_round([1], 1, client.limits(2, 16))
-    with torch.no_grad():
-        want = client.lm.model(input_ids=ids, attention_mask=mask).logits
-        got, _ = client.client_logits(ids, mask, InProcessLink(middle, 1), 0)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1, :6], want[1, :6], rtol=1e-5, atol=1e-5)
+    logits, _ = client.client_logits(ids, mask, InProcessLink(middle, 1), 0)
+    loss = response_loss(logits, labels)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    for name, param in zip(client.layout.client.names, client.client_parameters(), strict=True):
+        grad = want[name].grad
+        assert grad is not None and param.grad is not None
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6, msg=name)
