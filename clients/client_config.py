@@ -39,6 +39,8 @@ STALLABLE_STAGES = (
     "unmask",
     "he_upload",
     "he_decrypt",
+    # Split training: the gradient at the top cut of the first step (a client lost mid-step).
+    "split_gradient",
 )
 BACKENDS = ("masking", "ckks")
 
@@ -99,6 +101,9 @@ class ClientConfig:
     ckks_secret_path: Path | None = None
     #: Under ckks: the loaded secret context (None when loaded with ``load_secret=False``).
     ckks_secret: HeldSecret | None = None
+    #: Split rounds (``[split] activation_noise``): Gaussian noise added to every activation
+    #: this institution sends, its standard deviation this multiple of each position's RMS.
+    activation_noise: float = 0.0
 
 
 def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
@@ -161,6 +166,11 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
         t.done()
         if synthetic is None and jsonl is None:
             raise ConfigError(f"{path}: [train] needs data.synthetic or data.jsonl")
+    split = top.table("split", required=False)
+    activation_noise = split.number("activation_noise", default=0.0, maximum=1e6)
+    if activation_noise < 0:
+        raise ConfigError(f"{path}: split.activation_noise must be >= 0, got {activation_noise}")
+    split.done()
     testing = top.table("testing", required=False)
     stall_before = (
         testing.string("stall_before", choices=STALLABLE_STAGES)
@@ -201,4 +211,5 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
         backend,
         secret_path,
         secret,
+        activation_noise,
     )

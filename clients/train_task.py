@@ -54,7 +54,7 @@ def _examples(config: ClientConfig, options: TrainOptions) -> list[Example]:
     return [alpaca_example(r) for r in institution.records]
 
 
-def _optimizer(name: str) -> Literal["adamw", "sgd"]:
+def optimizer_of(name: str) -> Literal["adamw", "sgd"]:
     """The round's client optimizer; empty from a coordinator that predates the field."""
     if name in ("", "adamw"):
         return "adamw"
@@ -65,7 +65,8 @@ def _optimizer(name: str) -> Literal["adamw", "sgd"]:
 
 def training_seed(config: pb.RoundConfig, client_id: int) -> int:
     """This client's data-order seed: the same every round, so the order continues."""
-    return config.train.seed * 65_537 + client_id
+    task = config.split.train if config.WhichOneof("task") == "split" else config.train
+    return task.seed * 65_537 + client_id
 
 
 class LocalTrainer:
@@ -96,10 +97,12 @@ class LocalTrainer:
             "local data",
             recipe.chat_template,
         )
-        self._client_id = config.client_id
+        self.client_id = config.client_id
+        #: Split rounds: this institution's activation noise ratio (``[split]``).
+        self.activation_noise = config.activation_noise
         # Batches drawn in earlier rounds of this process: the data order continues from there
         # (a restarted client starts its order again; it is data order only, nothing secret).
-        self._batches_drawn = 0
+        self.batches_drawn = 0
 
     def write_initial_adapter(self, directory: Path) -> None:
         """The coordinator's starting adapter; it names a pretrained base (so the coordinator
@@ -120,15 +123,15 @@ class LocalTrainer:
             local_epochs=task.local_epochs or None,
             batch_size=task.batch_size,
             lr=task.learning_rate,
-            optimizer=_optimizer(task.optimizer),
+            optimizer=optimizer_of(task.optimizer),
             max_grad_norm=task.max_grad_norm or self.recipe.max_grad_norm,
-            seed=training_seed(config, self._client_id),
+            seed=training_seed(config, self.client_id),
             num_threads=self.recipe.threads,
-            data_offset=self._batches_drawn,
+            data_offset=self.batches_drawn,
             grad_accum=min(self.recipe.grad_accum, task.batch_size),
         )
         result = train_local(self.lm, global_vector, self.data, settings, self.pad_id)
-        self._batches_drawn += result.steps
+        self.batches_drawn += result.steps
         return result
 
     def local_update(self, config: pb.RoundConfig, model: bytes) -> LocalResult:
@@ -146,13 +149,17 @@ class LocalTrainer:
 
     def encoded_update(self, config: pb.RoundConfig, model: bytes) -> RingArray:
         """The masking backend's input: ``weight * delta`` and the weight, quantized."""
-        result = self.local_update(config, model)
+        return self.encode(config, self.local_update(config, model), config.train.max_weight)
+
+    @staticmethod
+    def encode(config: pb.RoundConfig, result: LocalResult, max_weight: int) -> RingArray:
+        """``weight * delta`` and the weight, quantized for the round's ring."""
         quant = QuantizationParams(
             config.ring_bits,
             config.clip,
             config.scale,
             len(config.cohort),
-            max_weight=config.train.max_weight,
+            max_weight=max_weight,
             weighted=True,
         )
         return encode(result.delta, quant, weight=result.num_samples).vector

@@ -487,13 +487,17 @@ class ClientTransport:
     def _split_update(self, config: pb.RoundConfig, model: bytes) -> LocalResult:
         """Split training: this institution's steps through the round's ``SplitSteps`` stream,
         then the update of its client part (what goes into the secure sum)."""
+        from clients.split.train_task import split_model_for, split_update
         from clients.split.transport import GrpcSplitLink
 
         trainer = self._local_trainer()
-        trainer.check_split_round(config, model)  # refuse before opening a stream
-        link = GrpcSplitLink(self._stub, self._token, config, self._config.client_id)
+        split_model_for(trainer, config, model)  # refuse before opening a stream
+        stall = self._config.stall_before == "split_gradient" and (
+            self._config.stall_round in (None, config.round_number)
+        )
+        link = GrpcSplitLink(self._stub, self._token, config, self._config.client_id, stall)
         try:
-            result = trainer.split_update(config, model, link)
+            result = split_update(trainer, config, model, link)
         finally:
             link.close()
         self.stats.bytes_up += link.bytes_up

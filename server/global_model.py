@@ -23,9 +23,11 @@ import numpy as np
 
 from fl_core.adapter_io import AdapterConfig, load_adapter, save_adapter
 from fl_core.errors import AdapterFormatError
+from fl_core.split import SplitLayout
 from fl_core.strategies import AggregateInput, Strategy, build_strategy
 from fl_core.updates import LoraLayout
 from fl_core.wire import fedsec_pb2 as pb
+from fl_core.wire.convert import train_task_of
 from fl_core.wire.toml_config import ConfigError
 from secagg.encoding import QuantizationParams, decode_sum
 from secagg.protocol import AggregateResult
@@ -41,13 +43,17 @@ class _Adapter:
 
 
 class GlobalModel:
-    def __init__(self, config: ServerConfig) -> None:
+    """``split``: the layout the split model found (:class:`fl_core.split.SplitLayout`); the
+    global vector is then the institutions' part, and checkpoints add the server's part."""
+
+    def __init__(self, config: ServerConfig, split: SplitLayout | None = None) -> None:
         self._config = config
         task = config.task
         self._adapter: _Adapter | None = None
-        if task.kind == "train":
+        self._split = split
+        if task.trains:
             if task.initial_adapter is None:
-                raise ConfigError('task.initial_adapter is required for kind = "train"')
+                raise ConfigError(f'task.initial_adapter is required for kind = "{task.kind}"')
             try:
                 tensors, adapter_config = load_adapter(task.initial_adapter)
             except (AdapterFormatError, OSError) as exc:
@@ -56,6 +62,13 @@ class GlobalModel:
             layout = (
                 full.select(lambda name: ".lora_B." in name) if task.lora_mode == "ffa" else full
             )
+            if split is not None:
+                if split.full != layout:
+                    raise ConfigError(
+                        "task.initial_adapter: its trainable tensors differ from the split "
+                        "model's (lora_mode, targets or the base)"
+                    )
+                layout = split.client
             self._adapter = _Adapter(tensors, adapter_config, layout)
             self.vector = layout.flatten({k: tensors[k] for k in layout.names})
         else:
@@ -73,7 +86,7 @@ class GlobalModel:
 
     def quantization(self, cohort_size: int) -> QuantizationParams:
         rounds, task = self._config.rounds, self._config.task
-        if task.kind == "train":
+        if task.trains:
             return QuantizationParams.fit(
                 rounds.ring_bits, task.clip, cohort_size, task.max_weight, weighted=True
             )
@@ -101,19 +114,21 @@ class GlobalModel:
         config.weighted = True
         config.dim = self.vector.size if quant is None else quant.encoded_dim(self.vector.size)
         config.model_dim = self.vector.size
-        config.train.seed = rounds.seed
+        # A split round carries the same local-training fields (the cut is the split service's).
+        train = config.split.train if self._split is not None else config.train
+        train.seed = rounds.seed
         recipe = task.recipe
-        config.train.local_steps = recipe.local_steps or 0
-        config.train.local_epochs = recipe.local_epochs or 0
+        train.local_steps = recipe.local_steps or 0
+        train.local_epochs = recipe.local_epochs or 0
         # The recipe's schedule, evaluated here: clients get this round's rate.
-        config.train.learning_rate = recipe.lr_at(
+        train.learning_rate = recipe.lr_at(
             min(config.round_number, rounds.rounds - 1), rounds.rounds
         )
-        config.train.batch_size = recipe.batch_size
-        config.train.optimizer = recipe.optimizer
-        config.train.max_grad_norm = recipe.max_grad_norm
-        config.train.max_weight = task.max_weight
-        config.train.layout_fingerprint = self._adapter.layout.fingerprint()
+        train.batch_size = recipe.batch_size
+        train.optimizer = recipe.optimizer
+        train.max_grad_norm = recipe.max_grad_norm
+        train.max_weight = task.max_weight
+        train.layout_fingerprint = self._adapter.layout.fingerprint()
         return self.vector.astype("<f4").tobytes()
 
     def decode(self, config: pb.RoundConfig, result: AggregateResult) -> AggregateInput:
@@ -123,7 +138,7 @@ class GlobalModel:
             config.clip,
             config.scale,
             max_clients=len(config.cohort),
-            max_weight=config.train.max_weight if config.weighted else 1,
+            max_weight=train_task_of(config).max_weight if config.weighted else 1,
             weighted=config.weighted,
         )
         decoded = decode_sum(result.sum, quant, len(result.contributors))
@@ -152,6 +167,8 @@ class GlobalModel:
         if self._adapter is not None:
             tensors = dict(self._adapter.tensors)
             tensors.update(self._adapter.layout.unflatten(self.vector))
+            if self._split is not None and server_part is not None:
+                tensors.update(self._split.server.unflatten(server_part.astype(np.float32)))
             save_adapter(directory / f"adapter-{round_number:06d}", tensors, self._adapter.config)
         return path
 

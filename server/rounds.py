@@ -115,9 +115,13 @@ class RoundRunner:
         self._ckks: HeServerSession | None = None
         #: The server's side of split training (``[task] kind = "split"``), else None.
         self.split: SplitService | None = None
+        if config.task.kind == "split":
+            from server.split_service import build_split_service
+
+            self.split = build_split_service(config)
         self._stop = threading.Event()
         self.checkpoint_dir = config.state_dir / "checkpoints"
-        self.model = GlobalModel(config)
+        self.model = GlobalModel(config, None if self.split is None else self.split.layout)
         self.next_round = 0
         self._attempt: int | None = None
         #: Why the federation stopped early (None while it runs or after it completed).
@@ -373,6 +377,9 @@ class RoundRunner:
             config.ckks.min_contributors = params.min_contributors
             config.ckks.fingerprint = ckks.public.fingerprint
         payload = self.model.fill_round(config)
+        split = self._config.task.split
+        if self.split is not None and split is not None:
+            self.split.fill(config.split, split.max_length)
         return config, payload
 
     def _run_attempt(self, round_number: int, rng: random.Random) -> bool | str | None:
@@ -497,6 +504,16 @@ class RoundRunner:
             time.monotonic() - began,
         )
         self._log_stage("split_steps", expected, sorted(phase.dropped))
+        with self._cond:
+            # A client dropped from the steps will not upload (it hung, died or left): the
+            # secure sum stops waiting for it, as for a client that refused the round.
+            for client, reason in sorted(phase.dropped.items()):
+                if self._session is not None:
+                    self._session.withdraw(client)
+                if self._ckks is not None:
+                    self._ckks.withdraw(client)
+                self._store.record_refusal(attempt, client, f"split steps: {reason}")
+            self._cond.notify_all()
         if self._stop.is_set():
             raise ProtocolAbort("server shutting down")
         if not phase.finished:

@@ -38,10 +38,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
+from fl_core.adapter_io import load_adapter
+from fl_core.errors import FLError
 from fl_core.split import (
     ClientDropped,
     Phase,
     SplitError,
+    SplitLayout,
     SplitProtocolError,
     SplitRound,
     SplitTensorError,
@@ -50,10 +53,12 @@ from fl_core.split import (
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire.framing import PayloadTooLarge, WireFormatError
 from fl_core.wire.split_wire import StreamEnded, read_tensor, tensor_frames
+from fl_core.wire.toml_config import ConfigError
 from server.admission import Refusal
 
 if TYPE_CHECKING:
     from clients.split.middle import MiddleServer
+    from server.config import ServerConfig
 
 log = logging.getLogger("fedsec.server")
 
@@ -79,9 +84,14 @@ class _Open:
 
 
 class SplitService:
-    def __init__(self, middle: MiddleServer, step_timeout_s: float) -> None:
+    def __init__(
+        self, middle: MiddleServer, step_timeout_s: float, join_timeout_s: float = 0.0
+    ) -> None:
         self._middle = middle
         self.step_timeout_s = step_timeout_s
+        #: How long after the round starts an institution may take to open its stream.
+        self.join_timeout_s = join_timeout_s
+        self._began = 0.0
         self._cond = threading.Condition()
         self._open: _Open | None = None
         self._streams: set[int] = set()
@@ -91,6 +101,21 @@ class SplitService:
     @property
     def hidden_size(self) -> int:
         return self._middle.split.hidden_size
+
+    @property
+    def layout(self) -> SplitLayout:
+        """The adapter's trainable tensors cut in two (the global vector is the client part)."""
+        return self._middle.split.layout
+
+    def fill(self, task: pb.SplitTask, max_length: int) -> None:
+        """The cut, the step limits and the deadline every institution of a round gets."""
+        spec = self._middle.split.spec
+        task.client_bottom = spec.client_bottom
+        task.client_top = spec.client_top
+        task.max_length = max_length
+        task.hidden_size = self.hidden_size
+        task.step_timeout_s = self.step_timeout_s
+        task.join_timeout_s = self.join_timeout_s
 
     def vector(self) -> np.ndarray:
         return self._middle.vector()
@@ -112,7 +137,7 @@ class SplitService:
             split_round = self._middle.begin_round(sorted(cohort), steps, limits)
             self._open = _Open(round_number, session_id, split_round, limits, self.vector())
             self._streams = set()
-            self._clock = time.monotonic()
+            self._clock = self._began = time.monotonic()
             self._cond.notify_all()
 
     def run_turns(self, stop: threading.Event) -> SplitPhase:
@@ -125,7 +150,11 @@ class SplitService:
             self._clock = time.monotonic()
             while not split_round.done and not stop.is_set():
                 current = split_round.current
-                left = self._clock + self.step_timeout_s - time.monotonic()
+                due = self._clock + self.step_timeout_s
+                if current not in self._streams:
+                    # Institutions build their model before they open a stream.
+                    due = max(due, self._began + self.join_timeout_s)
+                left = due - time.monotonic()
                 if left > 0:
                     self._cond.wait(min(left, _POLL_S))
                     continue
@@ -133,7 +162,10 @@ class SplitService:
                 if current is None or expected is None:
                     break
                 if current not in self._streams:
-                    reason = f"never opened its split stream within {self.step_timeout_s:g} s"
+                    reason = (
+                        f"never opened its split stream (join_timeout_s "
+                        f"{self.join_timeout_s:g} s, step_timeout_s {self.step_timeout_s:g} s)"
+                    )
                 else:
                     reason = (
                         f"lost mid-step {expected.step}: no {expected.phase.value} within "
@@ -356,3 +388,65 @@ class SplitService:
             self._clock = time.monotonic()
             self._cond.notify_all()
             return out
+
+
+def build_split_service(config: ServerConfig) -> SplitService:
+    """The server's split model: ``[split]``'s base with ``task.initial_adapter`` loaded, cut as
+    ``[split]`` says. torch and the model code load here, only for ``kind = "split"``. Every
+    failure is a :class:`ConfigError` naming what to fix (refused at start, not mid-round)."""
+    import torch
+    from transformers import PreTrainedModel
+
+    from clients.devices import resolve_runtime
+    from clients.lora_targets import head_path
+    from clients.model_factory import build_default_base, load_source, model_source
+    from clients.split.middle import MiddleServer, MiddleSettings
+    from clients.split.model import SplitModel
+    from clients.synthetic import make_federation
+    from clients.trainer import LoraModel, LoraSettings
+    from fl_core.split import SplitSpec
+
+    task, split = config.task, config.task.split
+    if split is None or task.initial_adapter is None:
+        raise ConfigError('[task] kind = "split" needs a [split] table and task.initial_adapter')
+    if split.threads is not None:
+        torch.set_num_threads(split.threads)
+    try:
+        tensors, adapter = load_adapter(task.initial_adapter)
+        runtime = resolve_runtime(split.device, "fp32", "none")  # type: ignore[arg-type]
+        source = model_source(split.base)
+        base: PreTrainedModel
+        if source.kind == "embedded":
+            federation = make_federation(
+                split.institutions, split.records, seed=split.federation_seed
+            )
+            base, _ = build_default_base(federation.corpus())
+        else:
+            base, _ = load_source(source, runtime)
+        head = head_path(base)
+        head_leaf = None if head is None else head.rsplit(".", 1)[-1]
+        settings = LoraSettings(
+            rank=adapter.r,
+            alpha=adapter.lora_alpha,
+            dropout=adapter.lora_dropout,
+            targets=tuple(adapter.target_modules),
+            # The head is adapted exactly when the adapter names it.
+            head="yes" if head_leaf in adapter.target_modules else "no",
+            mode="ffa" if task.lora_mode == "ffa" else "plain",
+            init_seed=0,
+        )
+        lm = LoraModel(base, settings, runtime)
+        lm.set_tensors(tensors)  # the initial adapter, name by name and shape by shape
+        model = SplitModel(lm, SplitSpec(split.client_bottom, split.client_top))
+        recipe = task.recipe
+        middle = MiddleServer(
+            model,
+            MiddleSettings(
+                lr=split.server_lr or recipe.lr,
+                max_grad_norm=recipe.max_grad_norm,
+                optimizer=recipe.optimizer,
+            ),
+        )
+    except (FLError, OSError) as exc:
+        raise ConfigError(f"[split] the server's model: {type(exc).__name__}: {exc}") from None
+    return SplitService(middle, split.step_timeout_s, config.rounds.join_timeout_s)

@@ -13,8 +13,10 @@ it receives: the exact shape of the step, no NaN/Inf.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +28,8 @@ from fl_core.split import SplitError, StepLimits
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire.framing import WireFormatError
 from fl_core.wire.split_wire import limits_of, read_tensor, tensor_frames, turn_timeout
+
+log = logging.getLogger("fedsec.client")
 
 
 class SplitLinkError(FLError):
@@ -43,8 +47,18 @@ class SplitStreamRefused(SplitLinkError):
 class GrpcSplitLink:
     """The institution's link to the server's blocks for one round."""
 
-    def __init__(self, stub: Any, token: bytes, config: pb.RoundConfig, client_id: int) -> None:
+    def __init__(
+        self,
+        stub: Any,
+        token: bytes,
+        config: pb.RoundConfig,
+        client_id: int,
+        stall_gradient: bool = False,
+    ) -> None:
         task = config.split
+        #: Fault injection (``[testing] stall_before = "split_gradient"``): hang instead of
+        #: sending the first gradient, as a client that dies mid-step.
+        self._stall_gradient = stall_gradient
         cohort = sorted(config.cohort)
         if client_id not in cohort:
             raise SplitStreamRefused(f"client {client_id} is not in round {config.round_number}")
@@ -52,7 +66,9 @@ class GrpcSplitLink:
         self._limits: StepLimits = limits_of(task)
         self._step_timeout = task.step_timeout_s
         steps = task.train.local_steps
-        self._turn_timeout = turn_timeout(cohort.index(client_id), steps, self._step_timeout)
+        self._turn_timeout = turn_timeout(
+            cohort.index(client_id), steps, self._step_timeout, task.join_timeout_s
+        )
         self._outgoing: queue.Queue[pb.SplitUp | None] = queue.Queue()
         self._outgoing.put(
             pb.SplitUp(
@@ -148,6 +164,10 @@ class GrpcSplitLink:
         return self._exchange(step, pb.BOTTOM_ACTIVATION, hidden, pb.TOP_ACTIVATION, lengths)
 
     def backward(self, step: int, grad: np.ndarray) -> np.ndarray:
+        if self._stall_gradient:
+            log.warning("fault injection: stalling before the gradient of step %d", step)
+            while True:
+                time.sleep(3600)
         return self._exchange(step, pb.TOP_GRADIENT, grad, pb.BOTTOM_GRADIENT)
 
     def close(self) -> None:

@@ -69,6 +69,11 @@ def download_limit(cohort_size: int) -> int:
     return HEADER_ALLOWANCE + PER_PEER_BYTES * cohort_size
 
 
+def train_task_of(config: pb.RoundConfig) -> pb.TrainTask:
+    """The local-training fields of a round: a ``train`` task's, or a ``split`` task's."""
+    return config.split.train if config.WhichOneof("task") == "split" else config.train
+
+
 def params_from_config(config: pb.RoundConfig) -> RoundParams:
     """The session parameters a round config describes (secagg validates them)."""
     return RoundParams(

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66l_core/wire/fedsec.proto\x12\x0e\x66\x65\x64sec.wire.v1\"%\n\x10\x43hallengeRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\"\x1f\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"x\n\x13\x41uthenticateRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x1a\n\x12server_cert_sha256\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x10\n\x08instance\x18\x05 \x01(\x0c\"4\n\x11\x41uthenticateReply\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x10\n\x08next_seq\x18\x02 \x01(\x04\":\n\x0bPollRequest\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"\xd3\x03\n\x0bRoundConfig\x12\x14\n\x0cround_number\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x11\n\tring_bits\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\x04\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x0e\n\x06\x63ohort\x18\x06 \x03(\r\x12\x12\n\nneighbours\x18\x07 \x01(\r\x12\x11\n\tmodel_dim\x18\t \x01(\x04\x12,\n\x06random\x18\n \x01(\x0b\x32\x1a.fedsec.wire.v1.RandomTaskH\x00\x12*\n\x05train\x18\x0b \x01(\x0b\x32\x19.fedsec.wire.v1.TrainTaskH\x00\x12*\n\x05split\x18\x12 \x01(\x0b\x32\x19.fedsec.wire.v1.SplitTaskH\x00\x12\x0c\n\x04\x63lip\x18\x0c \x01(\x01\x12\r\n\x05scale\x18\r \x01(\x01\x12\x10\n\x08weighted\x18\x0e \x01(\x08\x12(\n\x07\x62\x61\x63kend\x18\x0f \x01(\x0e\x32\x17.fedsec.wire.v1.Backend\x12\'\n\x04\x63kks\x18\x10 \x01(\x0b\x32\x19.fedsec.wire.v1.CkksRound\x12\x0e\n\x06quorum\x18\x11 \x01(\rB\x06\n\x04taskJ\x04\x08\x08\x10\tR\ngraph_seed\"\x88\x01\n\tCkksRound\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1b\n\x13\x63oeff_mod_bit_sizes\x18\x02 \x03(\r\x12\x12\n\nscale_bits\x18\x03 \x01(\r\x12\x18\n\x10min_contributors\x18\x04 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\x0c\"\x1a\n\nRandomTask\x12\x0c\n\x04seed\x18\x01 \x01(\x04\"\xc9\x01\n\tTrainTask\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x13\n\x0blocal_steps\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_weight\x18\x05 \x01(\r\x12\x1a\n\x12layout_fingerprint\x18\x06 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x07 \x01(\r\x12\x11\n\toptimizer\x18\x08 \x01(\t\x12\x15\n\rmax_grad_norm\x18\t \x01(\x01\"\xa1\x01\n\tSplitTask\x12(\n\x05train\x18\x01 \x01(\x0b\x32\x19.fedsec.wire.v1.TrainTask\x12\x15\n\rclient_bottom\x18\x02 \x01(\r\x12\x12\n\nclient_top\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x16\n\x0estep_timeout_s\x18\x06 \x01(\x01\"\x1c\n\nRoundStart\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\x0c\" \n\nSecAggItem\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\"!\n\x0bHeAggregate\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\"R\n\x08RoundEnd\x12\x14\n\x0cround_number\x18\x01 \x01(\x04\x12\x11\n\tcompleted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\"\x06\n\x04Idle\"\xa2\x02\n\nServerItem\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12$\n\x04idle\x18\x02 \x01(\x0b\x32\x14.fedsec.wire.v1.IdleH\x00\x12\x31\n\x0bround_start\x18\x03 \x01(\x0b\x32\x1a.fedsec.wire.v1.RoundStartH\x00\x12,\n\x06secagg\x18\x04 \x01(\x0b\x32\x1a.fedsec.wire.v1.SecAggItemH\x00\x12-\n\tround_end\x18\x05 \x01(\x0b\x32\x18.fedsec.wire.v1.RoundEndH\x00\x12\x33\n\x0che_aggregate\x18\x07 \x01(\x0b\x32\x1b.fedsec.wire.v1.HeAggregateH\x00\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x42\x06\n\x04kind\"R\n\x0bServerFrame\x12*\n\x04item\x18\x01 \x01(\x0b\x32\x1a.fedsec.wire.v1.ServerItemH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\x88\x01\n\x0cSubmitHeader\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x14\n\x0cround_number\x18\x02 \x01(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\x0c\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.fedsec.wire.v1.MessageKind\x12\x14\n\x0cpayload_size\x18\x05 \x01(\x04\"V\n\x0b\x43lientFrame\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedsec.wire.v1.SubmitHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\r\n\x0bSubmitReply\"|\n\x0cTensorHeader\x12\x0c\n\x04step\x18\x01 \x01(\r\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.fedsec.wire.v1.TensorKind\x12\r\n\x05shape\x18\x03 \x03(\r\x12\x0f\n\x07lengths\x18\x04 \x03(\r\x12\x14\n\x0cpayload_size\x18\x05 \x01(\x04\"D\n\tSplitOpen\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x14\n\x0cround_number\x18\x02 \x01(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\x0c\"\x0b\n\tSplitTurn\"}\n\x07SplitUp\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.fedsec.wire.v1.SplitOpenH\x00\x12.\n\x06tensor\x18\x02 \x01(\x0b\x32\x1c.fedsec.wire.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\x7f\n\tSplitDown\x12)\n\x04turn\x18\x01 \x01(\x0b\x32\x19.fedsec.wire.v1.SplitTurnH\x00\x12.\n\x06tensor\x18\x02 \x01(\x0b\x32\x1c.fedsec.wire.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x62ody*0\n\x07\x42\x61\x63kend\x12\x13\n\x0f\x42\x41\x43KEND_MASKING\x10\x00\x12\x10\n\x0c\x42\x41\x43KEND_CKKS\x10\x01*\xda\x01\n\x0bMessageKind\x12\x1c\n\x18MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x44VERTISE_KEYS\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\x10\n\x0cMASKED_INPUT\x10\x03\x12\x19\n\x15\x43ONSISTENCY_SIGNATURE\x10\x04\x12\x13\n\x0fUNMASK_RESPONSE\x10\x05\x12\r\n\tHE_UPDATE\x10\x06\x12\x14\n\x10HE_DECRYPTED_SUM\x10\x07\x12\x0f\n\x0bSEED_COMMIT\x10\x08\x12\x11\n\rROUND_REFUSAL\x10\t*{\n\nTensorKind\x12\x1b\n\x17TENSOR_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42OTTOM_ACTIVATION\x10\x01\x12\x12\n\x0eTOP_ACTIVATION\x10\x02\x12\x10\n\x0cTOP_GRADIENT\x10\x03\x12\x13\n\x0f\x42OTTOM_GRADIENT\x10\x04\x32\x84\x03\n\x0b\x43oordinator\x12M\n\tChallenge\x12 .fedsec.wire.v1.ChallengeRequest\x1a\x1e.fedsec.wire.v1.ChallengeReply\x12V\n\x0c\x41uthenticate\x12#.fedsec.wire.v1.AuthenticateRequest\x1a!.fedsec.wire.v1.AuthenticateReply\x12\x42\n\x04Poll\x12\x1b.fedsec.wire.v1.PollRequest\x1a\x1b.fedsec.wire.v1.ServerFrame0\x01\x12\x44\n\x06Submit\x12\x1b.fedsec.wire.v1.ClientFrame\x1a\x1b.fedsec.wire.v1.SubmitReply(\x01\x12\x44\n\nSplitSteps\x12\x17.fedsec.wire.v1.SplitUp\x1a\x19.fedsec.wire.v1.SplitDown(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66l_core/wire/fedsec.proto\x12\x0e\x66\x65\x64sec.wire.v1\"%\n\x10\x43hallengeRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\"\x1f\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"x\n\x13\x41uthenticateRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x1a\n\x12server_cert_sha256\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x10\n\x08instance\x18\x05 \x01(\x0c\"4\n\x11\x41uthenticateReply\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x10\n\x08next_seq\x18\x02 \x01(\x04\":\n\x0bPollRequest\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"\xd3\x03\n\x0bRoundConfig\x12\x14\n\x0cround_number\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x11\n\tring_bits\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\x04\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x0e\n\x06\x63ohort\x18\x06 \x03(\r\x12\x12\n\nneighbours\x18\x07 \x01(\r\x12\x11\n\tmodel_dim\x18\t \x01(\x04\x12,\n\x06random\x18\n \x01(\x0b\x32\x1a.fedsec.wire.v1.RandomTaskH\x00\x12*\n\x05train\x18\x0b \x01(\x0b\x32\x19.fedsec.wire.v1.TrainTaskH\x00\x12*\n\x05split\x18\x12 \x01(\x0b\x32\x19.fedsec.wire.v1.SplitTaskH\x00\x12\x0c\n\x04\x63lip\x18\x0c \x01(\x01\x12\r\n\x05scale\x18\r \x01(\x01\x12\x10\n\x08weighted\x18\x0e \x01(\x08\x12(\n\x07\x62\x61\x63kend\x18\x0f \x01(\x0e\x32\x17.fedsec.wire.v1.Backend\x12\'\n\x04\x63kks\x18\x10 \x01(\x0b\x32\x19.fedsec.wire.v1.CkksRound\x12\x0e\n\x06quorum\x18\x11 \x01(\rB\x06\n\x04taskJ\x04\x08\x08\x10\tR\ngraph_seed\"\x88\x01\n\tCkksRound\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1b\n\x13\x63oeff_mod_bit_sizes\x18\x02 \x03(\r\x12\x12\n\nscale_bits\x18\x03 \x01(\r\x12\x18\n\x10min_contributors\x18\x04 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\x0c\"\x1a\n\nRandomTask\x12\x0c\n\x04seed\x18\x01 \x01(\x04\"\xc9\x01\n\tTrainTask\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x13\n\x0blocal_steps\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_weight\x18\x05 \x01(\r\x12\x1a\n\x12layout_fingerprint\x18\x06 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x07 \x01(\r\x12\x11\n\toptimizer\x18\x08 \x01(\t\x12\x15\n\rmax_grad_norm\x18\t \x01(\x01\"\xb9\x01\n\tSplitTask\x12(\n\x05train\x18\x01 \x01(\x0b\x32\x19.fedsec.wire.v1.TrainTask\x12\x15\n\rclient_bottom\x18\x02 \x01(\r\x12\x12\n\nclient_top\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x16\n\x0estep_timeout_s\x18\x06 \x01(\x01\x12\x16\n\x0ejoin_timeout_s\x18\x07 \x01(\x01\"\x1c\n\nRoundStart\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\x0c\" \n\nSecAggItem\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\"!\n\x0bHeAggregate\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\"R\n\x08RoundEnd\x12\x14\n\x0cround_number\x18\x01 \x01(\x04\x12\x11\n\tcompleted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\"\x06\n\x04Idle\"\xa2\x02\n\nServerItem\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12$\n\x04idle\x18\x02 \x01(\x0b\x32\x14.fedsec.wire.v1.IdleH\x00\x12\x31\n\x0bround_start\x18\x03 \x01(\x0b\x32\x1a.fedsec.wire.v1.RoundStartH\x00\x12,\n\x06secagg\x18\x04 \x01(\x0b\x32\x1a.fedsec.wire.v1.SecAggItemH\x00\x12-\n\tround_end\x18\x05 \x01(\x0b\x32\x18.fedsec.wire.v1.RoundEndH\x00\x12\x33\n\x0che_aggregate\x18\x07 \x01(\x0b\x32\x1b.fedsec.wire.v1.HeAggregateH\x00\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x42\x06\n\x04kind\"R\n\x0bServerFrame\x12*\n\x04item\x18\x01 \x01(\x0b\x32\x1a.fedsec.wire.v1.ServerItemH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\x88\x01\n\x0cSubmitHeader\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x14\n\x0cround_number\x18\x02 \x01(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\x0c\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.fedsec.wire.v1.MessageKind\x12\x14\n\x0cpayload_size\x18\x05 \x01(\x04\"V\n\x0b\x43lientFrame\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedsec.wire.v1.SubmitHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\r\n\x0bSubmitReply\"|\n\x0cTensorHeader\x12\x0c\n\x04step\x18\x01 \x01(\r\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.fedsec.wire.v1.TensorKind\x12\r\n\x05shape\x18\x03 \x03(\r\x12\x0f\n\x07lengths\x18\x04 \x03(\r\x12\x14\n\x0cpayload_size\x18\x05 \x01(\x04\"D\n\tSplitOpen\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x14\n\x0cround_number\x18\x02 \x01(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\x0c\"\x0b\n\tSplitTurn\"}\n\x07SplitUp\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.fedsec.wire.v1.SplitOpenH\x00\x12.\n\x06tensor\x18\x02 \x01(\x0b\x32\x1c.fedsec.wire.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\x7f\n\tSplitDown\x12)\n\x04turn\x18\x01 \x01(\x0b\x32\x19.fedsec.wire.v1.SplitTurnH\x00\x12.\n\x06tensor\x18\x02 \x01(\x0b\x32\x1c.fedsec.wire.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x62ody*0\n\x07\x42\x61\x63kend\x12\x13\n\x0f\x42\x41\x43KEND_MASKING\x10\x00\x12\x10\n\x0c\x42\x41\x43KEND_CKKS\x10\x01*\xda\x01\n\x0bMessageKind\x12\x1c\n\x18MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x44VERTISE_KEYS\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\x10\n\x0cMASKED_INPUT\x10\x03\x12\x19\n\x15\x43ONSISTENCY_SIGNATURE\x10\x04\x12\x13\n\x0fUNMASK_RESPONSE\x10\x05\x12\r\n\tHE_UPDATE\x10\x06\x12\x14\n\x10HE_DECRYPTED_SUM\x10\x07\x12\x0f\n\x0bSEED_COMMIT\x10\x08\x12\x11\n\rROUND_REFUSAL\x10\t*{\n\nTensorKind\x12\x1b\n\x17TENSOR_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42OTTOM_ACTIVATION\x10\x01\x12\x12\n\x0eTOP_ACTIVATION\x10\x02\x12\x10\n\x0cTOP_GRADIENT\x10\x03\x12\x13\n\x0f\x42OTTOM_GRADIENT\x10\x04\x32\x84\x03\n\x0b\x43oordinator\x12M\n\tChallenge\x12 .fedsec.wire.v1.ChallengeRequest\x1a\x1e.fedsec.wire.v1.ChallengeReply\x12V\n\x0c\x41uthenticate\x12#.fedsec.wire.v1.AuthenticateRequest\x1a!.fedsec.wire.v1.AuthenticateReply\x12\x42\n\x04Poll\x12\x1b.fedsec.wire.v1.PollRequest\x1a\x1b.fedsec.wire.v1.ServerFrame0\x01\x12\x44\n\x06Submit\x12\x1b.fedsec.wire.v1.ClientFrame\x1a\x1b.fedsec.wire.v1.SubmitReply(\x01\x12\x44\n\nSplitSteps\x12\x17.fedsec.wire.v1.SplitUp\x1a\x19.fedsec.wire.v1.SplitDown(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fl_core.wire.fedsec_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BACKEND']._serialized_start=2633
-  _globals['_BACKEND']._serialized_end=2681
-  _globals['_MESSAGEKIND']._serialized_start=2684
-  _globals['_MESSAGEKIND']._serialized_end=2902
-  _globals['_TENSORKIND']._serialized_start=2904
-  _globals['_TENSORKIND']._serialized_end=3027
+  _globals['_BACKEND']._serialized_start=2657
+  _globals['_BACKEND']._serialized_end=2705
+  _globals['_MESSAGEKIND']._serialized_start=2708
+  _globals['_MESSAGEKIND']._serialized_end=2926
+  _globals['_TENSORKIND']._serialized_start=2928
+  _globals['_TENSORKIND']._serialized_end=3051
   _globals['_CHALLENGEREQUEST']._serialized_start=45
   _globals['_CHALLENGEREQUEST']._serialized_end=82
   _globals['_CHALLENGEREPLY']._serialized_start=84
@@ -56,37 +56,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINTASK']._serialized_start=991
   _globals['_TRAINTASK']._serialized_end=1192
   _globals['_SPLITTASK']._serialized_start=1195
-  _globals['_SPLITTASK']._serialized_end=1356
-  _globals['_ROUNDSTART']._serialized_start=1358
-  _globals['_ROUNDSTART']._serialized_end=1386
-  _globals['_SECAGGITEM']._serialized_start=1388
-  _globals['_SECAGGITEM']._serialized_end=1420
-  _globals['_HEAGGREGATE']._serialized_start=1422
-  _globals['_HEAGGREGATE']._serialized_end=1455
-  _globals['_ROUNDEND']._serialized_start=1457
-  _globals['_ROUNDEND']._serialized_end=1539
-  _globals['_IDLE']._serialized_start=1541
-  _globals['_IDLE']._serialized_end=1547
-  _globals['_SERVERITEM']._serialized_start=1550
-  _globals['_SERVERITEM']._serialized_end=1840
-  _globals['_SERVERFRAME']._serialized_start=1842
-  _globals['_SERVERFRAME']._serialized_end=1924
-  _globals['_SUBMITHEADER']._serialized_start=1927
-  _globals['_SUBMITHEADER']._serialized_end=2063
-  _globals['_CLIENTFRAME']._serialized_start=2065
-  _globals['_CLIENTFRAME']._serialized_end=2151
-  _globals['_SUBMITREPLY']._serialized_start=2153
-  _globals['_SUBMITREPLY']._serialized_end=2166
-  _globals['_TENSORHEADER']._serialized_start=2168
-  _globals['_TENSORHEADER']._serialized_end=2292
-  _globals['_SPLITOPEN']._serialized_start=2294
-  _globals['_SPLITOPEN']._serialized_end=2362
-  _globals['_SPLITTURN']._serialized_start=2364
-  _globals['_SPLITTURN']._serialized_end=2375
-  _globals['_SPLITUP']._serialized_start=2377
-  _globals['_SPLITUP']._serialized_end=2502
-  _globals['_SPLITDOWN']._serialized_start=2504
-  _globals['_SPLITDOWN']._serialized_end=2631
-  _globals['_COORDINATOR']._serialized_start=3030
-  _globals['_COORDINATOR']._serialized_end=3418
+  _globals['_SPLITTASK']._serialized_end=1380
+  _globals['_ROUNDSTART']._serialized_start=1382
+  _globals['_ROUNDSTART']._serialized_end=1410
+  _globals['_SECAGGITEM']._serialized_start=1412
+  _globals['_SECAGGITEM']._serialized_end=1444
+  _globals['_HEAGGREGATE']._serialized_start=1446
+  _globals['_HEAGGREGATE']._serialized_end=1479
+  _globals['_ROUNDEND']._serialized_start=1481
+  _globals['_ROUNDEND']._serialized_end=1563
+  _globals['_IDLE']._serialized_start=1565
+  _globals['_IDLE']._serialized_end=1571
+  _globals['_SERVERITEM']._serialized_start=1574
+  _globals['_SERVERITEM']._serialized_end=1864
+  _globals['_SERVERFRAME']._serialized_start=1866
+  _globals['_SERVERFRAME']._serialized_end=1948
+  _globals['_SUBMITHEADER']._serialized_start=1951
+  _globals['_SUBMITHEADER']._serialized_end=2087
+  _globals['_CLIENTFRAME']._serialized_start=2089
+  _globals['_CLIENTFRAME']._serialized_end=2175
+  _globals['_SUBMITREPLY']._serialized_start=2177
+  _globals['_SUBMITREPLY']._serialized_end=2190
+  _globals['_TENSORHEADER']._serialized_start=2192
+  _globals['_TENSORHEADER']._serialized_end=2316
+  _globals['_SPLITOPEN']._serialized_start=2318
+  _globals['_SPLITOPEN']._serialized_end=2386
+  _globals['_SPLITTURN']._serialized_start=2388
+  _globals['_SPLITTURN']._serialized_end=2399
+  _globals['_SPLITUP']._serialized_start=2401
+  _globals['_SPLITUP']._serialized_end=2526
+  _globals['_SPLITDOWN']._serialized_start=2528
+  _globals['_SPLITDOWN']._serialized_end=2655
+  _globals['_COORDINATOR']._serialized_start=3054
+  _globals['_COORDINATOR']._serialized_end=3442
 # @@protoc_insertion_point(module_scope)

@@ -175,20 +175,22 @@ class TrainTask(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_weight: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., local_epochs: _Optional[int] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class SplitTask(_message.Message):
-    __slots__ = ("train", "client_bottom", "client_top", "max_length", "hidden_size", "step_timeout_s")
+    __slots__ = ("train", "client_bottom", "client_top", "max_length", "hidden_size", "step_timeout_s", "join_timeout_s")
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     CLIENT_BOTTOM_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TOP_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     STEP_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    JOIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     train: TrainTask
     client_bottom: int
     client_top: int
     max_length: int
     hidden_size: int
     step_timeout_s: float
-    def __init__(self, train: _Optional[_Union[TrainTask, _Mapping]] = ..., client_bottom: _Optional[int] = ..., client_top: _Optional[int] = ..., max_length: _Optional[int] = ..., hidden_size: _Optional[int] = ..., step_timeout_s: _Optional[float] = ...) -> None: ...
+    join_timeout_s: float
+    def __init__(self, train: _Optional[_Union[TrainTask, _Mapping]] = ..., client_bottom: _Optional[int] = ..., client_top: _Optional[int] = ..., max_length: _Optional[int] = ..., hidden_size: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., join_timeout_s: _Optional[float] = ...) -> None: ...
 
 class RoundStart(_message.Message):
     __slots__ = ("config",)

@@ -49,11 +49,14 @@ def limits_of(task: pb.SplitTask) -> StepLimits:
     return StepLimits(task.train.batch_size, task.max_length, task.hidden_size)
 
 
-def turn_timeout(position: int, local_steps: int, step_timeout_s: float) -> float:
+def turn_timeout(
+    position: int, local_steps: int, step_timeout_s: float, join_timeout_s: float
+) -> float:
     """How long the institution at ``position`` (0-based) of the sorted cohort may wait for its
-    turn: everyone before it running all its steps with each of its two messages per step at
-    the deadline, plus one step's deadline of slack."""
-    return (position * local_steps * 2 + 1) * step_timeout_s
+    turn: the time everyone may take to open its stream, then everyone before it running all
+    its steps with each of its two messages per step at the deadline, plus one step's deadline
+    of slack."""
+    return join_timeout_s + (position * local_steps * 2 + 1) * step_timeout_s
 
 
 def tensor_frames(
