@@ -68,6 +68,18 @@ class TrainOptions:
 
 
 @dataclass(frozen=True)
+class PrivacyPolicy:
+    """``[policy]`` DP keys: refuse a round that would take the epsilon this institution has
+    spent against the server (at ``delta``) above ``max_epsilon`` (None: no budget), or that has
+    no DP noise when ``require_dp``; ``ledger`` records every release charged."""
+
+    max_epsilon: float | None = None
+    require_dp: bool = False
+    delta: float = 1e-5
+    ledger: Path | None = None
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     client_id: int
     server: str
@@ -81,6 +93,8 @@ class ClientConfig:
     reconnect_max_s: float
     give_up_after_s: float
     policy: ClientPolicy
+    #: The DP side of the institution's policy and where its privacy ledger is kept.
+    privacy: PrivacyPolicy
     #: Name of an embedded synthetic institution (``clients.synthetic``), or None.
     synthetic: str | None
     #: Local JSONL training data, or None.
@@ -143,6 +157,16 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
         )
     except ConfigurationError as exc:
         raise ConfigError(f"{path}: [policy] {exc}") from None
+    privacy = PrivacyPolicy(
+        max_epsilon=(
+            policy_table.number("max_epsilon", positive=True)
+            if policy_table.has("max_epsilon")
+            else None
+        ),
+        require_dp=policy_table.boolean("require_dp", default=False),
+        delta=policy_table.number("dp_delta", default=1e-5, positive=True, maximum=0.5),
+        ledger=policy_table.path("privacy_ledger", default="privacy-ledger.json", must_exist=False),
+    )
     policy_table.done()
 
     data = top.table("data", required=False)
@@ -202,6 +226,7 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
         reconnect_max_s,
         give_up_after_s,
         policy,
+        privacy,
         synthetic,
         jsonl,
         roster,

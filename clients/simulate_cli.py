@@ -94,6 +94,7 @@ from fl_core.run_dir import (
     load_state,
     save_state,
 )
+from fl_core.split import WHAT_THE_SERVER_SEES
 from fl_core.strategies import ClientOptions
 from secagg.errors import SecAggError
 from secagg.params import release_floor
@@ -766,9 +767,7 @@ def _describe(
             "server_part": model.layout.server.size,
             "activation_noise": spec.split.noise,
             "server_lr": spec.split.server_lr or recipe.lr,
-            "what_the_server_sees": "every step's activations entering its first block and the "
-            "loss gradient at the top cut, of every institution (TLS-protected in transit, "
-            "covered neither by secure aggregation nor by DP)",
+            "what_the_server_sees": WHAT_THE_SERVER_SEES,
         }
     return out
 

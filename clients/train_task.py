@@ -1,10 +1,11 @@
 """The ``train`` task on the client: build the model once, train each round, encode the update.
 
-Per round: load the global trainable LoRA vector the server sent, train locally
-(:func:`clients.trainer.train_local`), and encode ``delta`` with weight ``n`` (the local sample
-count) for the secure sum, so the server can form the sample-weighted FedAvg mean without
-learning any single ``n``. Under the ckks backend the transport encrypts the same ``delta`` and
-``n`` (:meth:`LocalTrainer.local_update`) instead of quantizing them. The training seed is
+Per round: load the global trainable LoRA vector the server sent (and SCAFFOLD's server control
+variate), train locally with the strategy's options (:func:`clients.trainer.train_local`), and
+hand the round core's client step (:meth:`LocalTrainer.contribution`) to the transport, which
+encodes it with the round's codec (plain: ``n * delta`` and ``n``, so the server forms the
+sample-weighted mean without learning any single ``n``; DP: clipped and noised at weight 1) or,
+under ckks, encrypts it. The training seed is
 (round seed, round number, client id): a run can be reproduced exactly in one process, which the
 integration test does.
 """
@@ -27,15 +28,17 @@ from clients.trainer import (
     LocalResult,
     LoraModel,
     LoraSettings,
+    ScaffoldControls,
     TrainSettings,
     train_local,
 )
 from fl_core.adapter_io import save_adapter
+from fl_core.round import client_contribution
+from fl_core.strategies import Strategy, build_strategy
 from fl_core.wire import fedsec_pb2 as pb
+from fl_core.wire.convert import train_task_of
 from fl_core.wire.toml_config import ConfigError
-from secagg.encoding import QuantizationParams, encode
 from secagg.errors import ConfigurationError
-from secagg.ring import RingArray
 
 
 def _examples(config: ClientConfig, options: TrainOptions) -> list[Example]:
@@ -65,8 +68,7 @@ def optimizer_of(name: str) -> Literal["adamw", "sgd"]:
 
 def training_seed(config: pb.RoundConfig, client_id: int) -> int:
     """This client's data-order seed: the same every round, so the order continues."""
-    task = config.split.train if config.WhichOneof("task") == "split" else config.train
-    return task.seed * 65_537 + client_id
+    return train_task_of(config).seed * 65_537 + client_id
 
 
 class LocalTrainer:
@@ -100,6 +102,8 @@ class LocalTrainer:
         self.client_id = config.client_id
         #: Split rounds: this institution's activation noise ratio (``[split]``).
         self.activation_noise = config.activation_noise
+        #: SCAFFOLD: this client's control variate c_i, kept between rounds.
+        self._control: np.ndarray | None = None
         # Batches drawn in earlier rounds of this process: the data order continues from there
         # (a restarted client starts its order again; it is data order only, nothing secret).
         self.batches_drawn = 0
@@ -109,9 +113,16 @@ class LocalTrainer:
         takes a pretrained base's recipe defaults), not the embedded one (built, not stored)."""
         save_adapter(directory, self.lm.tensors(), self.lm.adapter_config(self.source.reference()))
 
-    def train(self, config: pb.RoundConfig, global_vector: np.ndarray) -> LocalResult:
+    def train(
+        self,
+        config: pb.RoundConfig,
+        global_vector: np.ndarray,
+        server_control: np.ndarray | None = None,
+    ) -> LocalResult:
         """This round's local training from ``global_vector`` (reproducible from the config
-        and the batches this process drew in earlier rounds)."""
+        and the batches this process drew in earlier rounds), with the strategy's options:
+        FedProx's proximal term, SCAFFOLD's control variates (this client's own is kept here
+        between rounds; a restarted client starts again from zero, which SCAFFOLD allows)."""
         task = config.train
         if task.layout_fingerprint != self.lm.layout.fingerprint():
             raise ConfigurationError(
@@ -129,37 +140,61 @@ class LocalTrainer:
             num_threads=self.recipe.threads,
             data_offset=self.batches_drawn,
             grad_accum=min(self.recipe.grad_accum, task.batch_size),
+            prox_mu=task.prox_mu,
         )
-        result = train_local(self.lm, global_vector, self.data, settings, self.pad_id)
+        scaffold = None
+        if server_control is not None:
+            mine = self._control if self._control is not None else np.zeros_like(server_control)
+            scaffold = ScaffoldControls(server_control, mine)
+        result = train_local(self.lm, global_vector, self.data, settings, self.pad_id, scaffold)
         self.batches_drawn += result.steps
+        if result.new_client_control is not None:
+            self._control = result.new_client_control
         return result
 
     def local_update(self, config: pb.RoundConfig, model: bytes) -> LocalResult:
-        """Check the round against this client, train, and return ``delta`` and the weight."""
+        """Check the round against this client and train. ``model`` is the global vector,
+        followed by SCAFFOLD's server control variate when the round carries one."""
         task = config.train
-        if len(model) != 4 * self.lm.layout.size:
+        size = self.lm.layout.size
+        expected = 4 * size * (2 if task.server_control else 1)
+        if len(model) != expected:
             raise ConfigurationError(
-                f"global model of {len(model)} bytes for {self.lm.layout.size} coordinates"
+                f"global model of {len(model)} bytes, expected {expected} for {size} coordinates"
+                + (" and the server control variate" if task.server_control else "")
             )
         if len(self.data) > task.max_weight:
             raise ConfigurationError(
                 f"{len(self.data)} local samples exceed the round's max_weight {task.max_weight}"
             )
-        return self.train(config, np.frombuffer(model, dtype="<f4").astype(np.float32))
+        vectors = np.frombuffer(model, dtype="<f4").astype(np.float32)
+        control = vectors[size:] if task.server_control else None
+        return self.train(config, vectors[:size], control)
 
-    def encoded_update(self, config: pb.RoundConfig, model: bytes) -> RingArray:
-        """The masking backend's input: ``weight * delta`` and the weight, quantized."""
-        return self.encode(config, self.local_update(config, model), config.train.max_weight)
+    def contribution(self, config: pb.RoundConfig, model: bytes) -> tuple[np.ndarray, int]:
+        """Train, then the round core's client step (:func:`contribution_of`)."""
+        return contribution_of(config, self.local_update(config, model), self.lm.layout.size)
 
-    @staticmethod
-    def encode(config: pb.RoundConfig, result: LocalResult, max_weight: int) -> RingArray:
-        """``weight * delta`` and the weight, quantized for the round's ring."""
-        quant = QuantizationParams(
-            config.ring_bits,
-            config.clip,
-            config.scale,
-            len(config.cohort),
-            max_weight=max_weight,
-            weighted=True,
-        )
-        return encode(result.delta, quant, weight=result.num_samples).vector
+
+def contribution_of(
+    config: pb.RoundConfig, result: LocalResult, dim: int
+) -> tuple[np.ndarray, int]:
+    """The round core's client step (:func:`fl_core.round.client_contribution`) by the server's
+    strategy's client-side rule, for a ``train`` or ``split`` round (``dim``: the trained
+    vector's length, the client part's in split): the codec's (or CKKS's) input and its
+    integer weight."""
+    rule = client_rule(train_task_of(config).strategy or "fedavg", dim)
+    return client_contribution(
+        rule,
+        result.delta,
+        result.num_samples,
+        result.control_delta,
+        dp=config.HasField("dp"),
+    )
+
+
+def client_rule(strategy: str, dim: int) -> Strategy:
+    """The strategy object whose client-side rule (contribution, weight) a client applies; its
+    server-side state is never used here."""
+    hparams = {"num_clients": 1} if strategy == "scaffold" else {}
+    return build_strategy(strategy, dim, hparams)

@@ -49,7 +49,9 @@ import grpc
 import numpy as np
 
 from clients.client_config import ClientConfig
+from clients.privacy_ledger import PrivacyLedger
 from fl_core.errors import FLError
+from fl_core.round import RoundCodec, RoundPlan
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire import fedsec_pb2_grpc as pb_grpc
 from fl_core.wire.convert import (
@@ -58,13 +60,13 @@ from fl_core.wire.convert import (
     admission_signed_bytes,
     download_limit,
     kind_of,
-    params_from_config,
+    plan_from_config,
 )
 from fl_core.wire.framing import client_frames, grpc_options, read_item
 from fl_core.wire.toml_config import ConfigError
 from secagg.encoding import QuantizationParams
 from secagg.errors import MessageFormatError, PolicyViolation, ProtocolAbort, SecAggError
-from secagg.messages import SERVER_MESSAGE_TYPES, decode_message, encode_message
+from secagg.messages import SERVER_MESSAGE_TYPES, MaskedInput, decode_message, encode_message
 from secagg.protocol import ClientSession
 from secagg.ring import Ring, RingArray
 
@@ -112,10 +114,12 @@ def random_input(config: pb.RoundConfig, client_id: int) -> RingArray:
 
 
 def random_update(config: pb.RoundConfig, client_id: int) -> np.ndarray:
-    """The ``random`` task's update under ckks: floats uniform in [-clip, clip] drawn from
-    (seed, round, client id); public test data, reproducible so tests know the exact sum."""
+    """The ``random`` task's float update (ckks, or masking with DP): uniform in [-clip, clip]
+    drawn from (seed, round, client id); public test data, reproducible so tests know the sum."""
     rng = np.random.default_rng([config.random.seed, config.round_number, client_id])
-    return rng.uniform(-config.clip, config.clip, size=config.dim).astype(np.float32)
+    size = config.contribution_dim or config.dim
+    clip = config.dp.clip if config.HasField("dp") else config.clip
+    return rng.uniform(-clip, clip, size=size).astype(np.float32)
 
 
 @dataclass
@@ -125,12 +129,16 @@ class _Round:
     session: ClientSession | None = None
     #: The CKKS client session (ckks rounds only).
     he: HeClientSession | None = None
+    #: The masking round's plan: what the privacy ledger charges when the input leaves.
+    plan: RoundPlan | None = None
 
 
 @dataclass
 class TransportStats:
     rounds_completed: int = 0
     rounds_aborted: int = 0
+    #: Rounds this client refused before computing anything (also counted as aborted).
+    rounds_refused: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -151,6 +159,10 @@ class ClientTransport:
     def __init__(self, config: ClientConfig) -> None:
         self._config = config
         self._policy = config.policy
+        privacy = config.privacy
+        self._ledger = PrivacyLedger.load(
+            privacy.ledger, privacy.max_epsilon, privacy.require_dp, privacy.delta
+        )
         self._channel: Any = None
         self._stub: Any = None
         self._token = b""
@@ -164,6 +176,7 @@ class ClientTransport:
         self.stats = TransportStats()
         #: Set when the server ended the federation early (it gave up on a round).
         self.stopped_because: str | None = None
+        self._last_refusal: str | None = None
 
     # --- connection -------------------------------------------------------------------------
 
@@ -267,7 +280,7 @@ class ClientTransport:
                     self._authenticate()
                     need_auth, duplicate_since = False, None
                 if self._poll_once():
-                    return 0 if self.stopped_because is None else 1
+                    return self._exit_status()
                 backoff, last_progress = 0.2, time.monotonic()
                 continue
             except AdmissionRpcError as exc:
@@ -322,6 +335,22 @@ class ClientTransport:
             self._wait_for_server(delay)
             backoff *= 2
 
+    def _exit_status(self) -> int:
+        """0 when the federation completed and this client took part in it; 1 when the server
+        stopped it early, or when this client refused every round it was offered (its policy
+        and the server's parameters disagree: the operator must hear of it, not read exit 0)."""
+        if self.stopped_because is not None:
+            return 1
+        if self.stats.rounds_completed == 0 and self.stats.rounds_refused > 0:
+            log.error(
+                "the federation ended without this client: it refused all %d rounds it was "
+                "offered; last reason: %s",
+                self.stats.rounds_refused,
+                self._last_refusal,
+            )
+            return 1
+        return 0
+
     def _wait_for_server(self, at_most_s: float) -> None:
         """Sleep until the channel connects or ``at_most_s`` passes: a server back from a
         restart is used at once, not after the full backoff."""
@@ -334,7 +363,11 @@ class ClientTransport:
             config: pb.RoundConfig = pb.RoundConfig.FromString(item.round_start.config)
             if config.model_dim > MAX_MODEL_DIM:
                 return 0  # refused by the size check: larger than any model we accept
-            return 4 * config.model_dim
+            # The global vector, and SCAFFOLD's server control variate of the same length.
+            vectors = (
+                2 if config.WhichOneof("task") == "train" and config.train.server_control else 1
+            )
+            return 4 * config.model_dim * vectors
         if kind == "secagg" and self._round is not None:
             return download_limit(len(self._round.config.cohort))
         if kind == "he_aggregate" and self._round is not None and self._round.he is not None:
@@ -396,6 +429,8 @@ class ClientTransport:
         """Leave the round before computing anything, and tell the server why."""
         log.error("round %d refused: %s", config.round_number, reason)
         self.stats.rounds_aborted += 1
+        self.stats.rounds_refused += 1
+        self._last_refusal = reason
         self._tell_server(config, reason)
 
     def _tell_server(self, config: pb.RoundConfig, reason: str) -> None:
@@ -418,19 +453,24 @@ class ClientTransport:
     def _start_masking_round(
         self, config: pb.RoundConfig, config_bytes: bytes, model: bytes
     ) -> None:
-        params = params_from_config(config)
-        self._policy.check(params)  # refuse before spending time on training
+        plan = plan_from_config(config)
+        params = plan.secagg_params()
+        # Refuse before spending time on training: the session parameters, and the DP noise
+        # against this institution's own privacy budget.
+        self._policy.check(params)
+        self._ledger.check(plan, self._config.client_id)
+        encoded = self._input(config, model, plan.codec)
         session = ClientSession(
             self._config.client_id,
             self._config.identity,
             self._config.roster,
             params,
-            self._input(config, model),
-            context=config_bytes + model,
+            encoded,
+            context=plan.client_context(config_bytes + model),
             policy=self._policy,
         )
         self._log_round(config)
-        self._round = _Round(config, session=session)
+        self._round = _Round(config, session=session, plan=plan)
         start = session.start()
         self._send(kind_of(start), encode_message(start))
 
@@ -472,17 +512,19 @@ class ClientTransport:
         )
 
     def _float_update(self, config: pb.RoundConfig, model: bytes) -> tuple[np.ndarray, int]:
-        """The ckks backend's input: the float update and its weight (1 for ``random``)."""
+        """The round core's client step: the float contribution and its weight (1 for
+        ``random``), what the ckks session encrypts or the masking codec encodes."""
         task = config.WhichOneof("task")
         if task == "random":
             return random_update(config, self._config.client_id), 1
-        if task == "split":
-            result = self._split_update(config, model)
-        elif task == "train":
-            result = self._local_trainer().local_update(config, model)
-        else:
+        if task == "train":
+            return self._local_trainer().contribution(config, model)
+        if task != "split":
             raise ConfigError(f"round {config.round_number} has no task this client knows")
-        return result.delta, result.num_samples
+        from clients.train_task import contribution_of
+
+        result = self._split_update(config, model)
+        return contribution_of(config, result, result.delta.size)
 
     def _split_update(self, config: pb.RoundConfig, model: bytes) -> LocalResult:
         """Split training: this institution's steps through the round's ``SplitSteps`` stream,
@@ -512,16 +554,13 @@ class ClientTransport:
             self._trainer = LocalTrainer(self._config)
         return self._trainer
 
-    def _input(self, config: pb.RoundConfig, model: bytes) -> RingArray:
-        task = config.WhichOneof("task")
-        if task == "random":
+    def _input(self, config: pb.RoundConfig, model: bytes, codec: RoundCodec) -> RingArray:
+        """The masking session's input: the contribution through the round's codec. (Plain
+        ``random`` rounds send pre-quantized integers, so tests know their sum exactly.)"""
+        if config.WhichOneof("task") == "random" and codec.dp is None:
             return random_input(config, self._config.client_id)
-        if task == "split":
-            result = self._split_update(config, model)
-            return self._local_trainer().encode(config, result, config.split.train.max_weight)
-        if task != "train":
-            raise ConfigError(f"round {config.round_number} has no task this client knows")
-        return self._local_trainer().encoded_update(config, model)
+        unit, weight = self._float_update(config, model)
+        return codec.encode(unit, weight).vector
 
     def _on_secagg(self, session_id: bytes, payload: bytes) -> None:
         current = self._round
@@ -540,6 +579,10 @@ class ClientTransport:
             self._drop_round(aborted=True)
             self._tell_server(current.config, f"left the session: {type(exc).__name__}: {exc}")
             return
+        if isinstance(reply, MaskedInput) and current.plan is not None:
+            # Charged when the noised input leaves, before it is sent: from then on the server
+            # may release a sum containing it without any further help from this client.
+            self._ledger.charge(current.plan, current.config.session_id)
         self._send(kind_of(reply), encode_message(reply))
 
     def _on_he_aggregate(self, session_id: bytes, payload: bytes) -> None:
@@ -567,7 +610,8 @@ class ClientTransport:
 
     def _on_round_end(self, end: pb.RoundEnd) -> bool:
         if end.completed:
-            log.info("round %d completed", end.round_number)
+            without = "" if self._round is not None else " without this client"
+            log.info("round %d completed%s", end.round_number, without)
             self._drop_round(aborted=False)
         elif end.final:
             log.error("the server stopped the federation: %s", end.reason)

@@ -21,7 +21,6 @@ server learns only the sums. Numpy only: no torch here.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
@@ -33,10 +32,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from fl_core.errors import FLError
+from fl_core.round import EncodingSpec, RoundPlan
 from fl_core.strategies import AggregateInput, reference_sum
-from secagg.dp.calibration import Calibration
-from secagg.dp.encoder import DpEncoder
-from secagg.encoding import QuantizationParams, decode_sum, encode
+from secagg.encoding import QuantizationParams
 from secagg.he import (
     CKKSParams,
     HeClientSession,
@@ -51,8 +49,8 @@ from secagg.he import (
 )
 from secagg.he.params import worst_slot_value
 from secagg.keys import AgreementKeyPair
-from secagg.protocol import ClientPolicy, RoundParams, Stage
-from secagg.ring import RingArray
+from secagg.params import SessionShape
+from secagg.protocol import ClientPolicy, Stage
 from secagg.simulate import Simulation, make_identities
 from secagg.transcript import Transcript
 
@@ -184,8 +182,11 @@ class AggregationBackend(Protocol):
     """One way to compute a round's released aggregate."""
 
     name: str
-    #: The SecAgg+ neighbour-graph degree, or None (complete graph, or no graph at all).
-    neighbours: int | None
+
+    @property
+    def neighbours(self) -> int | None:
+        """The SecAgg+ neighbour-graph degree, or None (complete graph, or no graph at all)."""
+        ...
 
     def aggregate(
         self,
@@ -281,53 +282,48 @@ def _secure_vs_plain(
 
 
 class MaskingBackend:
-    """Pairwise masking: a full Bonawitz/SecAgg+ session per round (:mod:`secagg.simulate`)."""
+    """Pairwise masking: a full Bonawitz/SecAgg+ session per round (:mod:`secagg.simulate`),
+    every contribution encoded and every release decoded by the round's
+    :class:`~fl_core.round.RoundCodec` — the same objects the deployed client and server use."""
 
     name = "masking"
 
     def __init__(
         self,
-        quant: QuantizationParams,
-        calibration: Calibration | None,
-        threshold: int,
-        neighbours: int | None,
-        contribution_size: int,
+        encoding: EncodingSpec,
+        shape: SessionShape,
         corrupt_fraction: float,
         dropout_fraction: float,
         min_survivors: int = 0,
-        quorum: int = 0,
     ) -> None:
-        self.quant = quant
-        self.calibration = calibration
-        self.threshold = threshold
-        #: Survivor-set signatures every client needs (0: RoundParams' default).
-        self.quorum = quorum
+        self.encoding = encoding
+        self.shape = shape
         # With DP: the contributor count the noise is calibrated for, enforced by every session.
         self.min_survivors = min_survivors
-        self.neighbours = neighbours
-        self.contribution_size = contribution_size
         self.corrupt_fraction = corrupt_fraction
         self.dropout_fraction = dropout_fraction
 
     @property
+    def neighbours(self) -> int | None:
+        return self.shape.neighbours
+
+    @property
     def min_release(self) -> int:
         """The fewest contributors a round may release (``RoundParams.min_release``)."""
-        return max(self.threshold, self.quorum, self.min_survivors)
+        return max(self.shape.min_release, self.min_survivors)
 
     def summary(self) -> str:
         protocol = "SecAgg+" if self.neighbours is not None else "SecAgg"
         floor = f", release floor {self.min_release}" if self.min_survivors else ""
-        return f"masking ({protocol} t={self.threshold}{floor})"
+        return f"masking ({protocol} t={self.shape.threshold}{floor})"
 
     def describe(self) -> dict[str, Any]:
-        q = self.quant
+        e = self.encoding
         secagg: dict[str, Any] = {
             "protocol": "SecAgg+" if self.neighbours is not None else "SecAgg",
-            "ring_bits": q.ring_bits
-            if self.calibration is None
-            else self.calibration.params.ring_bits,
-            "threshold": self.threshold,
-            "quorum": self.quorum,
+            "ring_bits": e.ring_bits if e.dp is None else e.dp.ring_bits,
+            "threshold": self.shape.threshold,
+            "quorum": self.shape.quorum,
             "min_release": self.min_release,
             "neighbours": self.neighbours,
             "graph_seed": "committed and revealed by every cohort client (SecAgg+)"
@@ -342,13 +338,13 @@ class MaskingBackend:
             "secret_sharing": "Shamir over GF(2^256 + 297)",
             "session_id": "fresh os.urandom(32) per round",
         }
-        if self.calibration is None:
+        if e.dp is None:
+            q = e.codec(1).quant
             secagg["encoding"] = {
-                "clip_per_coordinate": q.clip,
-                "scale": q.scale,
-                "step": q.step,
-                "max_weight": q.max_weight,
-                "weighted": True,
+                "clip_per_coordinate": e.clip,
+                "max_weight": e.max_weight,
+                "weighted": e.weighted,
+                "scale_for_a_cohort_of_one": None if q is None else q.scale,
             }
         return {"backend": self.name, "secagg": secagg}
 
@@ -359,38 +355,19 @@ class MaskingBackend:
         context: RoundContext,
     ) -> SecureAggregate:
         cohort = tuple(sorted(units))
-        encoder: DpEncoder | None = None
-        clipped = 0.0
-        inputs: dict[int, RingArray] = {}
-        if self.calibration is not None:
-            # A fresh public rotation seed per round, drawn before and independent of updates.
-            encoder = DpEncoder(dataclasses.replace(self.calibration.params, seed=os.urandom(32)))
-            for u in cohort:
-                inputs[u] = encoder.encode(units[u])
-                stats = encoder.last_stats
-                clipped += 1.0 if stats is not None and stats.clipped else 0.0
-            clip_fraction = clipped / len(cohort)
-            ring_bits, dim = encoder.params.ring_bits, encoder.params.encoded_dim
-        else:
-            for u in cohort:
-                encoded = encode(units[u], self.quant, weights[u])
-                inputs[u] = encoded.vector
-                clipped += encoded.clipped
-            clip_fraction = clipped / (len(cohort) * self.contribution_size)
-            ring_bits, dim = (
-                self.quant.ring_bits,
-                self.quant.encoded_dim(self.contribution_size),
-            )
-        params = RoundParams(
-            session_id=os.urandom(32),
-            ring_bits=ring_bits,
-            dim=dim,
-            threshold=self.threshold,
-            cohort=cohort,
-            neighbours=self.neighbours,
-            quorum=self.quorum,
-            min_survivors=self.min_survivors,
+        plan = RoundPlan(
+            context.index,
+            os.urandom(32),
+            cohort,
+            self.shape,
+            self.encoding.codec(len(cohort)),
+            self.min_survivors,
         )
+        codec = plan.codec
+        encoded = {u: codec.encode(units[u], weights[u]) for u in cohort}
+        inputs = {u: e.vector for u, e in encoded.items()}
+        clip_fraction = float(np.mean([e.clipped_fraction for e in encoded.values()]))
+        params = plan.secagg_params()
         # A dropout advertised its keys and shared them, then never sent its masked input: the
         # survivors' unmask step has to reconstruct its pairwise masks.
         dropouts = {Stage.MASKED_INPUT: context.dropouts} if context.dropouts else None
@@ -401,34 +378,31 @@ class MaskingBackend:
         sim = Simulation(
             params,
             inputs,
-            contexts=dict.fromkeys(cohort, context.signed_context),
+            contexts=dict.fromkeys(cohort, plan.client_context(context.signed_context)),
             dropouts=dropouts,
             policy=policy,
         ).run()
         contributors = sim.result.contributors
-        if encoder is not None:
-            total = encoder.decode_sum(sim.result.sum, len(contributors))
-            agg = AggregateInput(total, float(len(contributors)), len(contributors))
+        agg = codec.decode(sim.result.sum, len(contributors))
+        if codec.quant is None:
             # The noise is part of the mechanism; what secure aggregation must reproduce
             # exactly is the plaintext ring sum of the same noised vectors.
             ring = params.ring
-            plain_ring = ring.zeros(dim)
+            plain_ring = ring.zeros(params.dim)
             for u in contributors:
                 plain_ring = ring.reduce(plain_ring + inputs[u])
-            plain = encoder.decode_sum(plain_ring, len(contributors))
-            diff = float(np.max(np.abs(total.astype(np.float64) - plain)))
+            plain = codec.decode(plain_ring, len(contributors)).contribution_sum
+            diff = float(np.max(np.abs(agg.contribution_sum - plain)))
             bound = 0.0
         else:
-            decoded = decode_sum(sim.result.sum, self.quant, len(contributors))
-            agg = AggregateInput(decoded.total, decoded.weight, len(contributors))
             diff = _secure_vs_plain(
-                decoded.total, decoded.weight, units, weights, contributors, self.quant.clip
+                agg.contribution_sum, agg.weight_sum, units, weights, contributors, codec.quant.clip
             )
             bound = quantization_bound(
-                self.quant,
+                codec.quant,
                 len(contributors),
-                decoded.weight,
-                float(np.max(np.abs(decoded.total))),
+                agg.weight_sum,
+                float(np.max(np.abs(agg.contribution_sum))),
             )
         _check(context.index, diff, bound)
         return SecureAggregate(

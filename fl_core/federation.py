@@ -52,10 +52,8 @@ released sums than calibrated is refused (:class:`PrivacyBudgetExhausted`) befor
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
@@ -75,12 +73,12 @@ from fl_core.aggregation import (
 from fl_core.aggregation import SecureAggregateMismatch as SecureAggregateMismatch
 from fl_core.aggregation import quantization_bound as quantization_bound
 from fl_core.errors import FLError
+from fl_core.round import EncodingSpec, client_contribution, release_record, round_context
 from fl_core.sampling import ClientSampler
 from fl_core.strategies import ClientOptions, Strategy, build_strategy
 from fl_core.updates import check_finite
-from secagg.dp.calibration import Calibration, calibrate, release_event
+from secagg.dp.calibration import Calibration, calibrate
 from secagg.dp.noise import Mechanism
-from secagg.encoding import QuantizationParams
 from secagg.errors import ConfigurationError
 from secagg.params import SessionShape, release_floor, session_shape
 from secagg.protocol import ClientPolicy
@@ -323,14 +321,9 @@ class Federation:
             except ConfigurationError as exc:
                 raise FederationConfigError(f"CKKS parameters: {exc}") from exc
             return
+        encoding = EncodingSpec(size, config.secagg.ring_bits, config.secagg.clip, max_weight)
         try:
-            quant = QuantizationParams.fit(
-                config.secagg.ring_bits,
-                config.secagg.clip,
-                config.cohort,
-                max_weight=max_weight,
-                weighted=True,
-            )
+            encoding.codec(config.cohort)  # refuses a ring too small for the cohort's sum
         except ConfigurationError as exc:
             raise FederationConfigError(f"secure-aggregation encoding: {exc}") from exc
         if config.dp is not None:
@@ -355,16 +348,13 @@ class Federation:
                 )
             except ConfigurationError as exc:
                 raise FederationConfigError(f"DP calibration: {exc}") from exc
+            encoding = dataclasses.replace(encoding, dp=self.calibration.params)
         self.backend = MaskingBackend(
-            quant,
-            self.calibration,
-            self.graph.threshold,
-            self.graph.neighbours,
-            size,
+            encoding,
+            self.graph,
             config.secagg.corrupt_fraction,
             config.secagg.dropout_fraction,
             min_survivors=0 if self.calibration is None else self.min_release,
-            quorum=self.graph.quorum,
         )
 
     def _sample_weighted(self) -> bool:
@@ -412,19 +402,20 @@ class Federation:
         losses: list[float] = []
         for name in cohort:
             update = self.trainer.train(name, round_index, self.global_vector, options)
-            contribution = self.strategy.contribution(
-                update.delta, update.num_samples, update.control_delta
-            )
-            weight = self.strategy.client_weight(update.num_samples)
             uid = self.ids[name]
             # Every backend takes the unweighted vector and multiplies by the integer weight.
-            units[uid] = contribution.astype(np.float64) / weight
-            weights[uid] = 1 if self.calibration is not None else int(weight)
+            units[uid], weights[uid] = client_contribution(
+                self.strategy,
+                update.delta,
+                update.num_samples,
+                update.control_delta,
+                dp=self.calibration is not None,
+            )
             losses.append(update.train_loss)
         trained = time.perf_counter()
         context = RoundContext(
             round_index,
-            self._context(round_index),
+            round_context(round_index, self.global_vector, options),
             frozenset(self.ids[name] for name in dropouts if name in cohort),
         )
         aggregate = self.backend.aggregate(units, weights, context)
@@ -436,14 +427,12 @@ class Federation:
         uploads = [aggregate.upload[u] for u in aggregate.contributors]
         dp_fields = None
         if self.calibration is not None and self.config.dp is not None:
-            event = release_event(self.calibration.params, len(aggregate.contributors))
-            dp_fields = {
-                "mechanism": self.calibration.params.noise.mechanism,
-                "dp_event": event.to_dict(),
-                "noise_multiplier": self.calibration.noise_multiplier,
-                "delta": self.config.dp.delta,
-                "epsilon_target": self.config.dp.epsilon,
-            }
+            dp_fields = release_record(
+                self.calibration,
+                len(aggregate.contributors),
+                self.config.dp.delta,
+                self.config.dp.epsilon,
+            )
         metrics = RoundMetrics(
             round=round_index,
             backend=self.backend.name,
@@ -484,11 +473,6 @@ class Federation:
                 f"noise was calibrated for (epsilon {self.calibration.epsilon:.4g} against the "
                 "server); another round with them would exceed it"
             )
-
-    def _context(self, round_index: int) -> bytes:
-        """What every client signs: the global model it trained from and the round number."""
-        digest = hashlib.sha256(self.global_vector.tobytes()).digest()
-        return digest + struct.pack(">Q", round_index)
 
     def run(
         self, on_round: Callable[[RoundOutcome], None] | None = None, start: int = 0

@@ -45,6 +45,7 @@ from fl_core.adapter_io import AdapterConfig, save_adapter
 from fl_core.aggregation import BACKENDS, CkksRoundRecord
 from fl_core.errors import FLError
 from fl_core.federation import RoundOutcome
+from fl_core.split import noise_phrase
 from secagg.transcript import Transcript
 
 RUN_FILE = "run.json"
@@ -179,14 +180,23 @@ class RunWriter:
         adapter_config: AdapterConfig,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        record = {**outcome.metrics.to_json(), **(extra or {})}
-        name = round_name(outcome.metrics.round)
-        transcript = json.dumps(outcome.transcript.to_dict())
-        (self.directory / TRANSCRIPT_DIR / f"{name}.json").write_text(transcript + "\n")
-        save_adapter(self.directory / ADAPTER_DIR / name, adapter, adapter_config)
+        self.record({**outcome.metrics.to_json(), **(extra or {})}, outcome.transcript)
+        self.save_adapter(outcome.metrics.round, adapter, adapter_config)
+
+    def record(self, record: Mapping[str, Any], transcript: Transcript | CkksRoundRecord) -> None:
+        """One released round: its metrics line (``record["round"]``) and the server's record
+        of the session. The in-process federation and the deployed server both write here."""
+        name = round_name(int(record["round"]))
+        text = json.dumps(transcript.to_dict())
+        (self.directory / TRANSCRIPT_DIR / f"{name}.json").write_text(text + "\n")
         with (self.directory / METRICS_FILE).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        self.records.append(record)
+            handle.write(json.dumps(dict(record)) + "\n")
+        self.records.append(dict(record))
+
+    def save_adapter(
+        self, round_index: int, adapter: Mapping[str, np.ndarray], config: AdapterConfig
+    ) -> None:
+        save_adapter(self.directory / ADAPTER_DIR / round_name(round_index), adapter, config)
 
     def finish(
         self,
@@ -284,7 +294,6 @@ def _split_lines(config: Mapping[str, Any]) -> list[str]:
     if not split:
         return []
     first, last = split["server_blocks"]
-    noise = split.get("activation_noise", 0.0)
     return [
         f"- Training mode: **split learning** (FL-GLM style). Each institution keeps the input "
         f"embedding, its bottom {split['client_bottom']} and top {split['client_top']} "
@@ -292,8 +301,8 @@ def _split_lines(config: Mapping[str, Any]) -> list[str]:
         f"itself. Only the institutions' part ({split.get('client_part')} "
         f"coordinates) goes through secure aggregation; the server's part "
         f"({split.get('server_part')}) never leaves the server. Every step the server saw the "
-        "activations entering its blocks and the loss gradient at the top cut"
-        + (f" (activation noise ratio {noise:g})" if noise else " (no activation noise)")
+        "activations entering its blocks and the loss gradient at the top cut, "
+        + noise_phrase(split.get("activation_noise", 0.0))
         + "; see the split_activations attack view.",
     ]
 

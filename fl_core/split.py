@@ -123,6 +123,26 @@ class SplitSpec:
         }
 
 
+#: What the server of a split run receives beyond the secure sums (run.json's ``split``).
+WHAT_THE_SERVER_SEES = (
+    "every step's activations entering its first block and the loss gradient at the top cut, "
+    "of every institution (TLS-protected in transit, covered neither by secure aggregation nor "
+    "by DP)"
+)
+
+
+def noise_phrase(noise: float | None) -> str:
+    """run.json's ``split.activation_noise`` as a report says it. ``None``: a deployment, where
+    each institution sets its own (client.toml ``[split] activation_noise``) and the server is
+    not told it."""
+    if noise is None:
+        return (
+            "with the activation noise each institution sets for itself (client.toml [split] "
+            "activation_noise), which the server is not told"
+        )
+    return f"with activation noise of ratio {noise:g}" if noise else "without activation noise"
+
+
 def layer_index(name: str, layers_prefix: str) -> int | None:
     """The block index of the tensor ``name`` whose blocks live under ``layers_prefix`` (for
     example ``base_model.model.model.layers``), or None for a tensor outside every block."""

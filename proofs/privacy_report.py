@@ -19,6 +19,7 @@ from typing import Any
 
 from fl_core.aggregation import CkksRoundRecord
 from fl_core.run_dir import TRANSCRIPT_DIR, RunRecord
+from fl_core.split import noise_phrase
 from proofs.privacy_figures import DpSummary, Releases, account, sampling_note
 from proofs.transcript_audit import (
     DEFAULT_FAMILY_ALPHA,
@@ -109,7 +110,6 @@ def split_statement(config: Mapping[str, Any]) -> str:
     if not split:
         return ""
     first, last = split["server_blocks"]
-    noise = float(split.get("activation_noise", 0.0))
     return (
         f"Training mode: **split learning**. The figures above cover the institutions' part of "
         f"the adapter only ({split.get('client_part')} coordinates: their bottom "
@@ -117,7 +117,7 @@ def split_statement(config: Mapping[str, Any]) -> str:
         f"reached the server as secure sums. The server trained blocks {first}-{last} itself "
         f"and, at every step of every institution, received the activations entering its first "
         f"block and the loss gradient at the top cut "
-        + (f"with activation noise of ratio {noise:g}" if noise else "without activation noise")
+        + noise_phrase(split.get("activation_noise", 0.0))
         + ". Neither secure aggregation nor the DP figure covers them: they are one "
         "institution's, in the clear to the server (TLS protects them only in transit). What "
         "they reveal is measured by the split_activations attack view "

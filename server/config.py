@@ -22,24 +22,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from fl_core.adapter_io import load_adapter
-from fl_core.errors import AdapterFormatError
+from fl_core.errors import AdapterFormatError, FLError
+from fl_core.federation import DpSettings
 from fl_core.recipe import EMBEDDED, BaseKind, Recipe, resolve_table
 from fl_core.wire.credentials import check_key_pair, load_certificates, load_roster
 from fl_core.wire.toml_config import ConfigError, Table, load_toml
+from secagg.dp.noise import MECHANISMS, Mechanism
 from secagg.encoding import QuantizationParams
 from secagg.errors import ConfigurationError
 from secagg.keys import Roster
-from secagg.params import SessionShape, session_shape
+from secagg.params import SessionShape, release_floor, session_shape
 
 if TYPE_CHECKING:
     from secagg.he import PublicContext
 
-#: Strategies whose whole state lives on the server. FedProx and SCAFFOLD also need per-round
-#: client options (a proximal term, control variates) that this wire protocol does not carry.
-SERVER_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 BACKENDS = ("masking", "ckks")
 #: The longest stage or join deadline accepted (one day): longer is a typo, and values near
 #: float's range overflow the clock arithmetic.
@@ -79,6 +78,11 @@ class RoundConfig:
     dropout_fraction: float = 0.05
     #: Consecutive aborted attempts of one round before the federation stops with the reason.
     max_attempts: int = 5
+
+    def dp_floor(self, cohort: int) -> int:
+        """With DP, the fewest contributors a round of ``cohort`` may release: the noise is
+        calibrated for them (``secagg.params.release_floor`` over t and the quorum)."""
+        return release_floor(cohort, self.session_shape(cohort).min_release, self.dropout_fraction)
 
     def session_shape(self, cohort: int) -> SessionShape:
         """The threshold, graph and quorum of a round over ``cohort`` clients."""
@@ -179,6 +183,8 @@ class ServerConfig:
     keep_checkpoints: int = 0
     #: Processes for the O(d) work of a masking round (1: the server process itself).
     workers: int = 1
+    #: ``[dp]``: client-level distributed DP (masking only); None: off.
+    dp: DpSettings | None = None
 
 
 def default_workers() -> int:
@@ -186,6 +192,33 @@ def default_workers() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def _load_dp(path: Path, table: Table, masking: bool, ring_bits: int) -> DpSettings | None:
+    """``[dp]``: client-level distributed DP over the whole run (masking only)."""
+    if not table.keys():
+        table.done()
+        return None
+    if not masking:
+        raise ConfigError(
+            f'{path}: [dp] needs backend = "masking": the integer DP noise must be summed exactly '
+            "in the ring, which CKKS's approximate arithmetic does not do"
+        )
+    try:
+        settings = DpSettings(
+            epsilon=table.number("epsilon", positive=True),
+            delta=table.number("delta", default=1e-5, positive=True, maximum=0.5),
+            clip=table.number("clip", default=1.0, positive=True),
+            mechanism=cast(
+                Mechanism,
+                table.string("mechanism", default="skellam", choices=MECHANISMS),
+            ),
+            ring_bits=ring_bits,
+        )
+    except FLError as exc:
+        raise ConfigError(f"{path}: [dp] {exc}") from None
+    table.done()
+    return settings
 
 
 def _load_ckks(
@@ -309,13 +342,13 @@ def load_server_config(path: Path) -> ServerConfig:
             raise ConfigError(f"{path}: task.initial_adapter: {exc}") from None
         base: BaseKind = "embedded" if adapter.base_model_name_or_path is None else "pretrained"
         recipe = resolve_table(task_table, "round", base).recipe
-        if recipe.strategy not in SERVER_STRATEGIES:
-            raise ConfigError(
-                f"{path}: task.strategy {recipe.strategy} needs per-client options this wire "
-                f"protocol does not carry; use one of {', '.join(SERVER_STRATEGIES)}"
-            )
         split = None
         if kind == "split":
+            if recipe.strategy == "scaffold":
+                raise ConfigError(
+                    f'{path}: task.strategy scaffold is not offered with kind = "split": its '
+                    "control variates would cover the institutions' part only; choose another"
+                )
             if recipe.local_steps is None:
                 raise ConfigError(
                     f"{path}: task.local_epochs: split training counts local_steps (the "
@@ -338,6 +371,7 @@ def load_server_config(path: Path) -> ServerConfig:
         )
     task_table.done()
     ckks_table = None if masking else top.table("ckks")
+    dp = _load_dp(path, top.table("dp", required=False), masking, rounds.ring_bits)
     top.done()
 
     roster, names = load_roster(roster_path)
@@ -363,6 +397,13 @@ def load_server_config(path: Path) -> ServerConfig:
             keep_checkpoints=keep_checkpoints,
             workers=workers,
         )
+    if dp is not None:
+        floor = rounds.dp_floor(rounds.cohort_size)
+        if rounds.min_clients < floor:
+            raise ConfigError(
+                f"{path}: with [dp] a round must release at least {floor} contributors (the noise "
+                f"is sized for them): raise rounds.min_clients from {rounds.min_clients} to {floor}"
+            )
     for size in (rounds.min_clients, rounds.cohort_size):
         try:
             shape = rounds.session_shape(size)
@@ -395,4 +436,5 @@ def load_server_config(path: Path) -> ServerConfig:
         task,
         keep_checkpoints=keep_checkpoints,
         workers=workers,
+        dp=dp,
     )

@@ -1,6 +1,6 @@
 """The server's global model and what turns a released secure sum into the next one.
 
-The server never trains and never sees an individual update. For the ``train`` task it holds
+The server never sees an individual update. For the ``train`` task it holds
 the trainable LoRA coordinates as one float32 vector (layout from the initial PEFT adapter:
 all A and B tensors, or only B in FFA-LoRA mode, where A stays at the shared initialisation),
 sends it with every round, and applies the configured strategy to what the secure sum
@@ -12,10 +12,16 @@ sum of the decoded mean updates, which is what the load test and the drills chec
 
 Under the ckks backend the server never decodes anything: a client decrypts the sum and the
 server applies it through :meth:`GlobalModel.apply_sum`, the same step the masking path ends in.
+
+For the ``split`` task the global vector is the institutions' part of the adapter only (their
+blocks and the head), aggregated through the same codec and strategy; the server trains the
+blocks between itself (:mod:`server.split_service`), and each checkpoint and adapter directory
+also holds that part.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +29,43 @@ import numpy as np
 
 from fl_core.adapter_io import AdapterConfig, load_adapter, save_adapter
 from fl_core.errors import AdapterFormatError
+from fl_core.round import EncodingSpec
 from fl_core.split import SplitLayout
 from fl_core.strategies import AggregateInput, Strategy, build_strategy
 from fl_core.updates import LoraLayout
 from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.convert import train_task_of
+from fl_core.wire.convert import codec_from_config, codec_to_config
 from fl_core.wire.toml_config import ConfigError
-from secagg.encoding import QuantizationParams, decode_sum
+from secagg.dp.calibration import Calibration, calibrate
+from secagg.errors import ConfigurationError
 from secagg.protocol import AggregateResult
 from server.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from server.config import ServerConfig
+
+
+def _calibrate(config: ServerConfig, contribution_size: int) -> Calibration:
+    """The run's DP noise: against the server, each institution may be in every round (the
+    coordinator draws cohorts from whoever is online), no amplification; sized for the
+    fewest contributors a round may release, which every session enforces."""
+    dp, rounds = config.dp, config.rounds
+    if dp is None:
+        raise ConfigError("no [dp] to calibrate")
+    floor = rounds.dp_floor(rounds.cohort_size)
+    try:
+        return calibrate(
+            mechanism=dp.mechanism,
+            epsilon=dp.epsilon,
+            delta=dp.delta,
+            participations=rounds.rounds,
+            expected_cohort=rounds.cohort_size,
+            dropouts=rounds.cohort_size - floor,
+            ring_bits=dp.ring_bits,
+            clip=dp.clip,
+            dim=contribution_size,
+            seed=os.urandom(32),
+        )
+    except ConfigurationError as exc:
+        raise ConfigError(f"[dp]: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -73,48 +106,56 @@ class GlobalModel:
             self.vector = layout.flatten({k: tensors[k] for k in layout.names})
         else:
             self.vector = np.zeros(task.dim, dtype=np.float32)
-        self.strategy: Strategy = build_strategy(
-            task.recipe.strategy, self.vector.size, task.recipe.params()
+        hparams = dict(task.recipe.params()) if task.trains else {}
+        if task.recipe.strategy == "scaffold":
+            hparams.setdefault("num_clients", len(config.roster))  # N: the whole population
+        self.strategy: Strategy = build_strategy(task.recipe.strategy, self.vector.size, hparams)
+        weighted = self.strategy.client_weight(2) != self.strategy.client_weight(1)
+        self.calibration: Calibration | None = None
+        if config.dp is not None:
+            self.calibration = _calibrate(config, self.strategy.contribution_size())
+        self.encoding = EncodingSpec(
+            self.strategy.contribution_size(),
+            config.rounds.ring_bits,
+            task.clip,
+            max_weight=task.max_weight if task.trains and weighted else 1,
+            weighted=task.trains and weighted,
+            dp=None if self.calibration is None else self.calibration.params,
         )
-        options = self.strategy.client_options()
-        if options.prox_mu or options.server_control is not None:
-            raise ConfigError(
-                f"strategy {task.recipe.strategy} needs client options; not supported"
-            )
 
     # --- rounds -----------------------------------------------------------------------------
 
-    def quantization(self, cohort_size: int) -> QuantizationParams:
-        rounds, task = self._config.rounds, self._config.task
-        if task.trains:
-            return QuantizationParams.fit(
-                rounds.ring_bits, task.clip, cohort_size, task.max_weight, weighted=True
-            )
-        return QuantizationParams.fit(rounds.ring_bits, task.clip, max_clients=cohort_size)
+    @property
+    def min_survivors(self) -> int:
+        """With DP, the contributors every release must have (the noise is sized for them)."""
+        return 0 if self.calibration is None else self.calibration.min_contributors
 
     def fill_round(self, config: pb.RoundConfig) -> bytes:
-        """Set the task fields of ``config``; returns the payload that follows RoundStart.
+        """Set the task and encoding fields of ``config``; returns the payload that follows
+        RoundStart (the global vector, and SCAFFOLD's server control variate after it).
 
-        Under masking, ``dim`` is the length of the ring vector (plus the weight coordinate in
-        weighted mode) and ``scale`` the fixed-point scale; under ckks, ``dim`` is the model
-        vector's length (the CKKS envelope adds the weight slot itself) and there is no scale.
+        Under masking the round's codec (:class:`fl_core.round.RoundCodec`, plain or DP) goes
+        into the config; under ckks ``dim`` is the model vector's length (the CKKS envelope adds
+        the weight slot itself) and there is no codec.
         """
         task, rounds = self._config.task, self._config.rounds
-        quant = (
-            self.quantization(len(config.cohort)) if config.backend == pb.BACKEND_MASKING else None
-        )
-        config.clip = task.clip
-        if quant is not None:
-            config.scale = quant.scale
+        if self._split is not None:
+            # A split round carries its own TrainTask (the cut is the split service's): chosen
+            # first, so the codec's max_weight lands in it.
+            config.split.SetInParent()
+        if config.backend == pb.BACKEND_MASKING:
+            codec_to_config(self.encoding.codec(len(config.cohort)), config)
+            config.min_survivors = self.min_survivors
+        else:
+            config.clip = task.clip
+            config.dim = self.strategy.contribution_size()
+        options = self.strategy.client_options()
         if self._adapter is None:
-            config.dim = self.vector.size
             config.model_dim = 0
             config.random.seed = rounds.seed
             return b""
-        config.weighted = True
-        config.dim = self.vector.size if quant is None else quant.encoded_dim(self.vector.size)
+        config.weighted = config.backend == pb.BACKEND_CKKS or self.encoding.weighted
         config.model_dim = self.vector.size
-        # A split round carries the same local-training fields (the cut is the split service's).
         train = config.split.train if self._split is not None else config.train
         train.seed = rounds.seed
         recipe = task.recipe
@@ -129,29 +170,25 @@ class GlobalModel:
         train.max_grad_norm = recipe.max_grad_norm
         train.max_weight = task.max_weight
         train.layout_fingerprint = self._adapter.layout.fingerprint()
-        return self.vector.astype("<f4").tobytes()
+        train.strategy = self.strategy.name
+        train.prox_mu = options.prox_mu
+        payload = self.vector.astype("<f4").tobytes()
+        if options.server_control is not None:
+            train.server_control = True
+            payload += options.server_control.astype("<f4").tobytes()
+        return payload
 
     def decode(self, config: pb.RoundConfig, result: AggregateResult) -> AggregateInput:
-        """A masking round's released ring sum as floats, ready for :meth:`apply_sum`."""
-        quant = QuantizationParams(
-            config.ring_bits,
-            config.clip,
-            config.scale,
-            max_clients=len(config.cohort),
-            max_weight=train_task_of(config).max_weight if config.weighted else 1,
-            weighted=config.weighted,
-        )
-        decoded = decode_sum(result.sum, quant, len(result.contributors))
-        return AggregateInput(
-            decoded.total.astype(np.float64), decoded.weight, len(result.contributors)
-        )
+        """A masking round's released ring sum as the strategy's input, by the codec the round
+        was sent with."""
+        return codec_from_config(config).decode(result.sum, len(result.contributors))
 
     def apply_sum(self, released: AggregateInput) -> None:
-        """Apply the strategy to an already decoded sum (a ckks round's decrypted release)."""
-        if released.contribution_sum.shape != self.vector.shape:
+        """Apply the strategy to a decoded sum (both backends end here)."""
+        if released.contribution_sum.shape != (self.strategy.contribution_size(),):
             raise ConfigError(
-                f"released sum has {released.contribution_sum.size} coordinates, the global "
-                f"model has {self.vector.size}"
+                f"released sum has {released.contribution_sum.size} coordinates, the strategy "
+                f"expects {self.strategy.contribution_size()}"
             )
         self.vector = self.strategy.aggregate(self.vector, released).astype(np.float32)
 
@@ -159,18 +196,21 @@ class GlobalModel:
 
     def save(
         self, directory: Path, round_number: int, server_part: np.ndarray | None = None
-    ) -> Path:
-        """Checkpoint (and, for LoRA, a PEFT adapter directory beside it); returns the file.
-        ``server_part``: split training's server part, checkpointed with the round."""
+    ) -> tuple[Path, Path | None]:
+        """Checkpoint, and for LoRA a PEFT adapter directory beside it; returns both paths.
+        ``server_part``: split training's server part, checkpointed with the round (and in the
+        adapter, which then holds the whole model)."""
         state = self.strategy.state_dict()
         path = save_checkpoint(directory, Checkpoint(round_number, self.vector, state, server_part))
-        if self._adapter is not None:
-            tensors = dict(self._adapter.tensors)
-            tensors.update(self._adapter.layout.unflatten(self.vector))
-            if self._split is not None and server_part is not None:
-                tensors.update(self._split.server.unflatten(server_part.astype(np.float32)))
-            save_adapter(directory / f"adapter-{round_number:06d}", tensors, self._adapter.config)
-        return path
+        if self._adapter is None:
+            return path, None
+        tensors = dict(self._adapter.tensors)
+        tensors.update(self._adapter.layout.unflatten(self.vector))
+        if self._split is not None and server_part is not None:
+            tensors.update(self._split.server.unflatten(server_part.astype(np.float32)))
+        adapter = directory / f"adapter-{round_number:06d}"
+        save_adapter(adapter, tensors, self._adapter.config)
+        return path, adapter
 
     def restore(self, path: Path) -> np.ndarray | None:
         """Load a checkpoint; returns split training's server part (None if it has none)."""

@@ -31,6 +31,7 @@ What a round computes and how the released sum updates the model: :mod:`server.g
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, cast
 import grpc
 import numpy as np
 
+from fl_core.aggregation import CkksRoundRecord, UploadRecord
 from fl_core.strategies import AggregateInput
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire.convert import (
@@ -64,11 +66,13 @@ from secagg.errors import (
 from secagg.he import HeServerSession, HeStage, NoDecryptor
 from secagg.messages import ClientMessage, decode_message, encode_message
 from secagg.protocol import ServerSession, Stage, SumBackend
+from secagg.transcript import Transcript
 from server.admission import Refusal
 from server.checkpoints import prune_checkpoints
 from server.config import ServerConfig
 from server.global_model import GlobalModel
 from server.outbox import Mailboxes
+from server.run_record import DeploymentRunRecord
 from server.store import Store
 
 if TYPE_CHECKING:
@@ -98,6 +102,10 @@ class FederationStopped(Exception):
     """The same round aborted ``max_attempts`` times in a row: retrying will not help."""
 
 
+#: What a backend's drive returns: the decoded sum, its contributors, the server's record.
+Released = tuple[AggregateInput, tuple[int, ...], Transcript | CkksRoundRecord]
+
+
 class RoundRunner:
     def __init__(
         self,
@@ -113,6 +121,7 @@ class RoundRunner:
         self._cond = threading.Condition()
         self._session: ServerSession | None = None
         self._ckks: HeServerSession | None = None
+        self._ckks_uploads: dict[int, UploadRecord] = {}  # accepted uploads, for the record
         #: The server's side of split training (``[task] kind = "split"``), else None.
         self.split: SplitService | None = None
         if config.task.kind == "split":
@@ -122,6 +131,9 @@ class RoundRunner:
         self._stop = threading.Event()
         self.checkpoint_dir = config.state_dir / "checkpoints"
         self.model = GlobalModel(config, None if self.split is None else self.split.layout)
+        self.run_record = DeploymentRunRecord(
+            config, self.model.calibration, None if self.split is None else self.split.describe()
+        )
         self.next_round = 0
         self._attempt: int | None = None
         #: Why the federation stopped early (None while it runs or after it completed).
@@ -253,6 +265,8 @@ class RoundRunner:
             ckks = self._current_ckks(header.session_id)
             if header.kind == pb.HE_UPDATE:
                 self._absorb(lambda: ckks.receive_update(client_id, raw))
+                digest = hashlib.sha256(raw).digest()
+                self._ckks_uploads[client_id] = UploadRecord(client_id, len(raw), digest)
             else:
                 self._absorb(
                     lambda: ckks.receive_release(
@@ -392,7 +406,7 @@ class RoundRunner:
         config, model_payload = self._round_config(round_number, cohort)
         # The backend's round state is built (and its parameters checked) before the attempt is
         # recorded, and installed before RoundStart goes out: a client may answer at once.
-        drive: Callable[[], tuple[AggregateInput, tuple[int, ...]]]
+        drive: Callable[[], Released]
         ckks_config = self._config.ckks
         ckks = (
             None
@@ -402,7 +416,8 @@ class RoundRunner:
         session: ServerSession | None = None
         if ckks is None:
             params = params_from_config(config)
-            session = ServerSession(params, self._config.roster, backend=self._sum_backend)
+            # Masked inputs are not kept: the server's memory stays O(d) (see run_record).
+            session = ServerSession(params, self._config.roster, False, backend=self._sum_backend)
         attempt = self._store.begin_round(
             round_number, config.session_id, tuple(config.cohort), self._config.rounds.backend
         )
@@ -416,6 +431,7 @@ class RoundRunner:
         )
         with self._cond:
             self._session, self._ckks, self._attempt = session, ckks, attempt
+            self._ckks_uploads = {}
         if ckks is not None:
             drive = functools.partial(self._drive_ckks, attempt, ckks)
         elif session is not None:
@@ -437,7 +453,7 @@ class RoundRunner:
             item.CopyFrom(start)
             self._mailboxes.of(client_id).push(item, model_payload)
         try:
-            released, contributors = drive()
+            released, contributors, server_record = drive()
         except ProtocolAbort as exc:
             cohort_ids = tuple(config.cohort)
             reason = f"{type(exc).__name__}: {exc}"
@@ -458,12 +474,15 @@ class RoundRunner:
         if self._stop.is_set():
             return None
         self.model.apply_sum(released)
-        path = self.model.save(
+        path, adapter = self.model.save(
             self.checkpoint_dir,
             round_number,
             server_part=None if split is None else split.vector(),
         )
         self._store.complete_round(attempt, contributors, path.name)
+        self.run_record.round(
+            config, contributors, server_record, time.monotonic() - began, adapter
+        )
         pruned = prune_checkpoints(self.checkpoint_dir, self._config.keep_checkpoints)
         if pruned:
             log.info("removed checkpoints of rounds %s (keep_checkpoints)", _ids_text(pruned))
@@ -488,8 +507,8 @@ class RoundRunner:
         self,
         attempt: int,
         split: SplitService,
-        drive: Callable[[], tuple[AggregateInput, tuple[int, ...]]],
-    ) -> tuple[AggregateInput, tuple[int, ...]]:
+        drive: Callable[[], Released],
+    ) -> Released:
         """Serve every institution's split steps in turn, then aggregate their client parts
         (the backend's first deadline starts after the last turn)."""
         began = time.monotonic()
@@ -524,7 +543,7 @@ class RoundRunner:
 
     def _drive_masking(
         self, attempt: int, config: pb.RoundConfig, session: ServerSession
-    ) -> tuple[AggregateInput, tuple[int, ...]]:
+    ) -> Released:
         stages = session.params.stages
         for stage in stages:
             # Clients train before their first message: the first stage waits for that.
@@ -535,7 +554,7 @@ class RoundRunner:
             )
             self._run_stage(attempt, session, stage, timeout)
         result = session.result
-        return self.model.decode(config, result), result.contributors
+        return self.model.decode(config, result), result.contributors, session.transcript
 
     def _run_stage(
         self, attempt: int, session: ServerSession, stage: Stage, timeout: float
@@ -566,9 +585,7 @@ class RoundRunner:
 
     # --- ckks -------------------------------------------------------------------------------
 
-    def _drive_ckks(
-        self, attempt: int, ckks: HeServerSession
-    ) -> tuple[AggregateInput, tuple[int, ...]]:
+    def _drive_ckks(self, attempt: int, ckks: HeServerSession) -> Released:
         rounds = self._config.rounds
         began = time.monotonic()
         with self._cond:
@@ -615,7 +632,16 @@ class RoundRunner:
         agg = AggregateInput(
             released.total.astype(np.float64), released.weight, released.contributors
         )
-        return agg, ckks.contributors
+        record = CkksRoundRecord(
+            session_id=ckks.session_id,
+            fingerprint=ckks.spec.fingerprint,
+            cohort=tuple(sorted(ckks.cohort)),
+            threshold=ckks.params.min_contributors,
+            uploads=tuple(self._ckks_uploads[u] for u in sorted(self._ckks_uploads)),
+            contributors=ckks.contributors,
+            decryptor=decryptor,
+        )
+        return agg, ckks.contributors, record
 
     # --- shared -----------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ import numpy as np
 from fl_core.adapter_io import load_adapter
 from fl_core.errors import FLError
 from fl_core.split import (
+    WHAT_THE_SERVER_SEES,
     ClientDropped,
     Phase,
     SplitError,
@@ -106,6 +107,20 @@ class SplitService:
     def layout(self) -> SplitLayout:
         """The adapter's trainable tensors cut in two (the global vector is the client part)."""
         return self._middle.split.layout
+
+    def describe(self) -> dict[str, object]:
+        """run.json's ``split``: the cut, both parts' sizes, and what the server sees. The
+        activation noise is each institution's own setting, which the server is not told."""
+        split = self._middle.split
+        return {
+            **split.spec.describe(split.num_layers),
+            "client_part": split.layout.client.size,
+            "server_part": split.layout.server.size,
+            "activation_noise": None,
+            "server_lr": self._middle.settings.lr,
+            "step_timeout_s": self.step_timeout_s,
+            "what_the_server_sees": WHAT_THE_SERVER_SEES,
+        }
 
     def fill(self, task: pb.SplitTask, max_length: int) -> None:
         """The cut, the step limits and the deadline every institution of a round gets."""

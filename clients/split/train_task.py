@@ -5,10 +5,11 @@ serves both tasks. A split round's global model is the *client part* of the adap
 opening its stream the institution checks, and refuses with a one-line reason, everything it can:
 a cut its model cannot take, a client-part layout other than its own (the fingerprint), another
 hidden width, a model of the wrong size, more samples than the round's ``max_weight``, and
-examples longer than the round lets a step carry. Then it trains through the link
+examples longer than the round lets a step carry, SCAFFOLD. Then it trains through the link
 (:func:`clients.split.trainer.split_train_local`), adding its own activation noise
-(``[split] activation_noise``), and returns the update of its part, which the transport encodes
-for the round's secure sum exactly as a train round's update.
+(``[split] activation_noise``) and FedProx's proximal term when the round sets one, and returns
+the update of its part, which the transport hands to the round core's client step
+(:func:`clients.train_task.contribution_of`) exactly as a train round's update.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def split_model_for(trainer: LocalTrainer, config: pb.RoundConfig, model: bytes)
             f"this institution's examples reach {longest} tokens; the round's steps carry at "
             f"most {task.max_length}: set [train] max_length <= {task.max_length}"
         )
+    if task.train.server_control:
+        raise ConfigurationError(
+            "the round asks for SCAFFOLD control variates, which split training does not offer"
+        )
     if task.train.batch_size < 1 or task.train.local_steps < 1:
         raise ConfigurationError("a split round needs batch_size >= 1 and local_steps >= 1")
     return split
@@ -72,6 +77,7 @@ def split_update(
         seed=training_seed(config, trainer.client_id),
         num_threads=trainer.recipe.threads,
         data_offset=trainer.batches_drawn,
+        prox_mu=task.prox_mu,
     )
     global_client = np.frombuffer(model, dtype="<f4").astype(np.float32)
     result = split_train_local(

@@ -6,13 +6,19 @@
   and the client id, under a domain label no protocol signature uses.
 - :data:`KIND_OF` / :func:`upload_limit` / :func:`download_limit`: the byte budget of every
   message, from the round parameters alone, checked before a payload is allocated.
-- :func:`params_from_config`: the secure-aggregation parameters a ``RoundConfig`` describes.
+- :func:`plan_to_config` / :func:`plan_from_config`: a masking round's
+  :class:`~fl_core.round.RoundPlan` (session parameters and codec, plain or DP) in and out of a
+  ``RoundConfig``; :func:`params_from_config` its secure-aggregation parameters.
 """
 
 from __future__ import annotations
 
+from fl_core.round import RoundCodec, RoundPlan
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire.framing import WireFormatError
+from secagg.dp.encoder import DpParams
+from secagg.dp.noise import MECHANISMS, Mechanism, NoiseSpec
+from secagg.encoding import QuantizationParams
 from secagg.ids import id_bytes
 from secagg.messages import (
     AdvertiseKeys,
@@ -24,6 +30,7 @@ from secagg.messages import (
     UnmaskResponse,
 )
 from secagg.packing import packed_size
+from secagg.params import SessionShape
 from secagg.protocol import RoundParams
 
 _ADMISSION_DOMAIN = b"fedsec/wire/v1/admission"
@@ -70,18 +77,93 @@ def download_limit(cohort_size: int) -> int:
 
 
 def train_task_of(config: pb.RoundConfig) -> pb.TrainTask:
-    """The local-training fields of a round: a ``train`` task's, or a ``split`` task's."""
+    """The local-training fields of a round: a ``split`` task's, or else a ``train`` task's."""
     return config.split.train if config.WhichOneof("task") == "split" else config.train
 
 
-def params_from_config(config: pb.RoundConfig) -> RoundParams:
-    """The session parameters a round config describes (secagg validates them)."""
-    return RoundParams(
-        session_id=config.session_id,
-        ring_bits=config.ring_bits,
-        dim=config.dim,
-        threshold=config.threshold,
-        cohort=tuple(config.cohort),
-        neighbours=config.neighbours or None,
-        quorum=config.quorum,
+def codec_to_config(codec: RoundCodec, config: pb.RoundConfig) -> None:
+    """Write ``codec`` into a masking round's config (the edge: protobuf goes no further)."""
+    config.ring_bits = codec.ring_bits
+    config.dim = codec.encoded_dim
+    config.contribution_dim = codec.contribution_size
+    if codec.dp is not None:
+        p = codec.dp
+        config.dp.mechanism = p.noise.mechanism
+        config.dp.stddev = p.noise.stddev
+        config.dp.clip = p.clip
+        config.dp.scale = p.scale
+        config.dp.rotation_seed = p.seed
+        config.dp.max_clients = p.max_clients
+        config.dp.beta = p.beta
+        config.weighted = False
+        return
+    q = codec.quant
+    if q is None:
+        raise WireFormatError("a codec without parameters")
+    config.clip = q.clip
+    config.scale = q.scale
+    config.weighted = q.weighted
+    if q.weighted:
+        # A split round's task must be chosen before this (it carries its own TrainTask).
+        train_task_of(config).max_weight = q.max_weight
+
+
+def codec_from_config(config: pb.RoundConfig) -> RoundCodec:
+    """The codec a masking round's config describes (secagg validates the parameters)."""
+    size = config.contribution_dim or (config.dim - 1 if config.weighted else config.dim)
+    if config.HasField("dp"):
+        d = config.dp
+        if d.mechanism not in MECHANISMS:
+            raise WireFormatError(f"unknown DP mechanism {d.mechanism!r} in the round config")
+        mechanism: Mechanism = d.mechanism
+        params = DpParams(
+            ring_bits=config.ring_bits,
+            dim=size,
+            clip=d.clip,
+            scale=d.scale,
+            noise=NoiseSpec(mechanism, d.stddev),
+            seed=d.rotation_seed,
+            max_clients=d.max_clients,
+            beta=d.beta,
+        )
+        return RoundCodec(size, dp=params)
+    quant = QuantizationParams(
+        config.ring_bits,
+        config.clip,
+        config.scale,
+        max_clients=len(config.cohort),
+        max_weight=train_task_of(config).max_weight if config.weighted else 1,
+        weighted=config.weighted,
     )
+    return RoundCodec(size, quant=quant)
+
+
+def plan_from_config(config: pb.RoundConfig) -> RoundPlan:
+    """The masking round a config describes."""
+    shape = SessionShape(config.threshold, config.neighbours or None, config.quorum)
+    return RoundPlan(
+        config.round_number,
+        config.session_id,
+        tuple(config.cohort),
+        shape,
+        codec_from_config(config),
+        config.min_survivors,
+    )
+
+
+def plan_to_config(plan: RoundPlan, config: pb.RoundConfig) -> None:
+    """Write a masking round's plan into its config."""
+    config.round_number = plan.index
+    config.session_id = plan.session_id
+    del config.cohort[:]
+    config.cohort.extend(plan.cohort)
+    config.threshold = plan.shape.threshold
+    config.neighbours = plan.shape.neighbours or 0
+    config.quorum = plan.shape.quorum
+    config.min_survivors = plan.min_survivors
+    codec_to_config(plan.codec, config)
+
+
+def params_from_config(config: pb.RoundConfig) -> RoundParams:
+    """The secure-aggregation parameters a masking round's config describes."""
+    return plan_from_config(config).secagg_params()

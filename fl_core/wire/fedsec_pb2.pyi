@@ -95,7 +95,7 @@ class PollRequest(_message.Message):
     def __init__(self, token: _Optional[bytes] = ..., seq: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("round_number", "session_id", "ring_bits", "dim", "threshold", "cohort", "neighbours", "model_dim", "random", "train", "split", "clip", "scale", "weighted", "backend", "ckks", "quorum")
+    __slots__ = ("round_number", "session_id", "ring_bits", "dim", "threshold", "cohort", "neighbours", "model_dim", "random", "train", "split", "clip", "scale", "weighted", "backend", "ckks", "quorum", "min_survivors", "dp", "contribution_dim")
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RING_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,9 @@ class RoundConfig(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     CKKS_FIELD_NUMBER: _ClassVar[int]
     QUORUM_FIELD_NUMBER: _ClassVar[int]
+    MIN_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DP_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_DIM_FIELD_NUMBER: _ClassVar[int]
     round_number: int
     session_id: bytes
     ring_bits: int
@@ -130,7 +133,28 @@ class RoundConfig(_message.Message):
     backend: Backend
     ckks: CkksRound
     quorum: int
-    def __init__(self, round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ..., ring_bits: _Optional[int] = ..., dim: _Optional[int] = ..., threshold: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., neighbours: _Optional[int] = ..., model_dim: _Optional[int] = ..., random: _Optional[_Union[RandomTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., split: _Optional[_Union[SplitTask, _Mapping]] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., weighted: _Optional[bool] = ..., backend: _Optional[_Union[Backend, str]] = ..., ckks: _Optional[_Union[CkksRound, _Mapping]] = ..., quorum: _Optional[int] = ...) -> None: ...
+    min_survivors: int
+    dp: DpRound
+    contribution_dim: int
+    def __init__(self, round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ..., ring_bits: _Optional[int] = ..., dim: _Optional[int] = ..., threshold: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., neighbours: _Optional[int] = ..., model_dim: _Optional[int] = ..., random: _Optional[_Union[RandomTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., split: _Optional[_Union[SplitTask, _Mapping]] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., weighted: _Optional[bool] = ..., backend: _Optional[_Union[Backend, str]] = ..., ckks: _Optional[_Union[CkksRound, _Mapping]] = ..., quorum: _Optional[int] = ..., min_survivors: _Optional[int] = ..., dp: _Optional[_Union[DpRound, _Mapping]] = ..., contribution_dim: _Optional[int] = ...) -> None: ...
+
+class DpRound(_message.Message):
+    __slots__ = ("mechanism", "stddev", "clip", "scale", "rotation_seed", "max_clients", "beta")
+    MECHANISM_FIELD_NUMBER: _ClassVar[int]
+    STDDEV_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_SEED_FIELD_NUMBER: _ClassVar[int]
+    MAX_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    mechanism: str
+    stddev: float
+    clip: float
+    scale: float
+    rotation_seed: bytes
+    max_clients: int
+    beta: float
+    def __init__(self, mechanism: _Optional[str] = ..., stddev: _Optional[float] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., rotation_seed: _Optional[bytes] = ..., max_clients: _Optional[int] = ..., beta: _Optional[float] = ...) -> None: ...
 
 class CkksRound(_message.Message):
     __slots__ = ("poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits", "min_contributors", "fingerprint")
@@ -153,7 +177,7 @@ class RandomTask(_message.Message):
     def __init__(self, seed: _Optional[int] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("seed", "local_steps", "learning_rate", "batch_size", "max_weight", "layout_fingerprint", "local_epochs", "optimizer", "max_grad_norm")
+    __slots__ = ("seed", "local_steps", "learning_rate", "batch_size", "max_weight", "layout_fingerprint", "local_epochs", "optimizer", "max_grad_norm", "strategy", "prox_mu", "server_control")
     SEED_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +187,9 @@ class TrainTask(_message.Message):
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    PROX_MU_FIELD_NUMBER: _ClassVar[int]
+    SERVER_CONTROL_FIELD_NUMBER: _ClassVar[int]
     seed: int
     local_steps: int
     learning_rate: float
@@ -172,7 +199,10 @@ class TrainTask(_message.Message):
     local_epochs: int
     optimizer: str
     max_grad_norm: float
-    def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_weight: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., local_epochs: _Optional[int] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+    strategy: str
+    prox_mu: float
+    server_control: bool
+    def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_weight: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., local_epochs: _Optional[int] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., strategy: _Optional[str] = ..., prox_mu: _Optional[float] = ..., server_control: _Optional[bool] = ...) -> None: ...
 
 class SplitTask(_message.Message):
     __slots__ = ("train", "client_bottom", "client_top", "max_length", "hidden_size", "step_timeout_s", "join_timeout_s")

@@ -40,8 +40,11 @@ guarantee meets (epsilon, delta).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from secagg.dp.encoder import (
     DEFAULT_BETA,
@@ -93,6 +96,29 @@ def round_epsilon(
     )
     rdp = participations * rdp_integer_mechanism(curve, 1.0, DEFAULT_RDP_ORDERS)
     return epsilon_from_rdp(DEFAULT_RDP_ORDERS, rdp.tolist(), delta)
+
+
+def releases_epsilon(events: Sequence[DpEvent], delta: float) -> float:
+    """The epsilon (at ``delta``) of the releases ``events`` composed at full rate: what one
+    institution spends against the server when its noised input is in each of them."""
+    if not events:
+        return 0.0
+    rdp = np.zeros(len(DEFAULT_RDP_ORDERS))
+    for event in events:
+        if isinstance(event, SkellamDpEvent):
+            curve = skellam_curve(event.l2_sensitivity, event.l1_sensitivity, event.variance)
+        elif isinstance(event, DistributedDiscreteGaussianDpEvent):
+            curve = ddgauss_curve(
+                event.l2_sensitivity,
+                event.l1_sensitivity,
+                event.local_stddev,
+                event.num_clients,
+                event.dim,
+            )
+        else:
+            raise ConfigurationError(f"no release accounting for {type(event).__name__}")
+        rdp += rdp_integer_mechanism(curve, 1.0, DEFAULT_RDP_ORDERS)
+    return epsilon_from_rdp(DEFAULT_RDP_ORDERS, rdp.tolist(), delta)[0]
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 """Split training through the real deployment (server and institutions as processes, TLS, the
-same admission) equals the same rounds run in one process; a client lost mid-step is dropped."""
+same admission) equals the same rounds run in one process (FedProx's term applied through the
+stream); with distributed DP the client parts go through the round core's DP codec; the run
+directory passes the audit; a client lost mid-step is dropped."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +21,8 @@ from clients.split.trainer import InProcessLink
 from clients.synthetic import make_federation
 from clients.train_task import LocalTrainer
 from fl_core.adapter_io import load_adapter
-from fl_core.strategies import AggregateInput, FedAvg
+from fl_core.cli import main as fedsec
+from fl_core.strategies import AggregateInput, FedProx
 from fl_core.wire import fedsec_pb2 as pb
 from fl_core.wire.split_wire import limits_of
 from server.checkpoints import load_checkpoint
@@ -40,15 +44,21 @@ threads = 1
 """
 
 
+MU = 0.5  # FedProx's proximal coefficient: the institutions train with it through the stream
+
+
 def _server_task(adapter: Path, step_timeout_s: float) -> str:
     return f"""[task]
 kind = "split"
 initial_adapter = "{adapter}"
-strategy = "fedavg"
+strategy = "fedprox"
 local_steps = 2
 lr = 0.01
 batch_size = 4
 max_weight = 64
+
+[task.strategy_params]
+mu = {MU}
 
 [split]
 client_bottom = 1
@@ -61,7 +71,11 @@ threads = 1
 
 
 def _deployment(
-    deploy: Callable[..., Deployment], rounds: int, step_timeout_s: float, stalled: int | None
+    deploy: Callable[..., Deployment],
+    rounds: int,
+    step_timeout_s: float,
+    stalled: int | None,
+    server_extra: str = "",
 ) -> tuple[Deployment, dict[int, str], dict[int, LocalTrainer]]:
     d = deploy(
         CLIENTS,
@@ -81,7 +95,7 @@ def _deployment(
     trainers[1].write_initial_adapter(adapter)
     server_toml = d.root / "server.toml"
     text = server_toml.read_text()
-    split_toml = text[: text.index("[task]")] + _server_task(adapter, step_timeout_s)
+    split_toml = text[: text.index("[task]")] + _server_task(adapter, step_timeout_s) + server_extra
     server_toml.write_text(split_toml)
     # The harness rewrites server.toml after start (its port); keep the split one for later.
     (d.root / "split-server.toml").write_text(split_toml)
@@ -112,6 +126,7 @@ def test_split_rounds_over_grpc_equal_the_in_process_run(
         task = config.split
         task.train.seed, task.train.local_steps, task.train.learning_rate = 7, 2, 0.01
         task.train.batch_size, task.train.max_weight = 4, 64
+        task.train.strategy, task.train.prox_mu = "fedprox", MU
         task.train.layout_fingerprint = client_part.fingerprint()
         service.fill(task, 64)
         middle.begin_round(list(config.cohort), 2, limits_of(task))
@@ -122,7 +137,7 @@ def test_split_rounds_over_grpc_equal_the_in_process_run(
         total = sum(r.num_samples * r.delta.astype(np.float64) for r in results)
         weight = float(sum(r.num_samples for r in results))
         released = AggregateInput(np.asarray(total), weight, len(results))
-        expected = FedAvg(start.size).aggregate(start, released).astype(np.float32)
+        expected = FedProx(start.size, mu=MU).aggregate(start, released).astype(np.float32)
         deployed = load_checkpoint(
             d.root / "state" / "checkpoints" / f"round-{number:06d}.safetensors"
         )
@@ -141,6 +156,43 @@ def test_split_rounds_over_grpc_equal_the_in_process_run(
     full = middle.split.layout.join(final.global_vector, final.server_part)
     np.testing.assert_array_equal(middle.split.layout.full.flatten(
         {n: tensors[n] for n in middle.split.layout.full.names}), full)  # fmt: skip
+
+    # STATE_DIR/run is a run directory the audit reads; it says what the server saw.
+    run = d.root / "state" / "run"
+    described = json.loads((run / "run.json").read_text())
+    assert described["mode"] == "split" and described["strategy"] == "fedprox"
+    assert described["split"]["client_part"] == client_part.size
+    assert described["split"]["server_blocks"] == [1, middle.split.num_layers - 1]
+    assert fedsec(["audit", str(run)]) == 0
+    report = json.loads((run / "privacy.json").read_text())
+    assert report["passed"] is True
+    assert "which the server is not told" in report["split_statement"]
+
+
+def test_split_rounds_with_distributed_dp_are_noised_ledgered_and_audited(
+    deploy: Callable[..., Deployment],
+) -> None:
+    """The client parts go through the round core's DP codec (clip, rotate, noise at weight 1):
+    every institution charges its ledger, the audit composes the releases."""
+    d, extras, _ = _deployment(
+        deploy, 1, 120.0, None, server_extra="\n[dp]\nepsilon = 8.0\ndelta = 1e-5\nclip = 1.0\n"
+    )
+    server = d.start_server()
+    clients = [d.start_client(c, extras[c]) for c in extras]
+    assert server.wait_exit(900) == 0, server.text()[-3000:]
+    for proc in clients:
+        assert proc.wait_exit(30) == 0
+    assert "round 0 completed" in server.text()
+    for c in extras:
+        ledger = json.loads((d.root / f"client-{c}" / "privacy-ledger.json").read_text())
+        assert len(ledger["releases"]) == 1
+    run = d.root / "state" / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["mechanism"] for m in metrics] == ["skellam"]
+    assert fedsec(["audit", str(run)]) == 0
+    report = json.loads((run / "privacy.json").read_text())
+    assert report["passed"] is True and report["differential_privacy"]["epsilon_total"] > 0
+    assert report["split_statement"]
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,6 @@
-"""Federated LoRA training through the real deployment equals the same rounds run in-process."""
+"""Federated LoRA training through the real deployment equals the same rounds run in-process:
+FedAvg on exact floats, and SCAFFOLD (client options and control variates on the wire) through
+the round core's client step and codec."""
 
 from __future__ import annotations
 
@@ -13,8 +15,12 @@ from clients.client_config import load_client_config
 from clients.synthetic import make_federation
 from clients.train_task import LocalTrainer
 from fl_core.adapter_io import load_adapter
-from fl_core.strategies import AggregateInput, FedAvg
+from fl_core.round import client_contribution
+from fl_core.strategies import AggregateInput, FedAvg, Scaffold
 from fl_core.wire import fedsec_pb2 as pb
+from secagg.ring import Ring
+from server.config import load_server_config
+from server.global_model import GlobalModel
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -32,12 +38,12 @@ threads = 1
 """
 
 
-def _server_task(adapter: Path) -> str:
+def _server_task(adapter: Path, strategy: str = "fedavg") -> str:
     return f"""[task]
 kind = "train"
 initial_adapter = "{adapter}"
 lora_mode = "ffa"
-strategy = "fedavg"
+strategy = "{strategy}"
 local_steps = 2
 lr = 0.01
 batch_size = 4
@@ -97,3 +103,64 @@ def test_two_training_rounds_equal_the_in_process_run(deploy: Callable[..., Depl
         lm.layout.flatten({n: tensors[n] for n in b_names}), d.checkpoint(1)
     )
     assert set(tensors) == set(lm.full_layout.names)  # frozen A tensors are kept too
+
+
+def test_scaffold_rounds_over_grpc_follow_the_round_core(
+    deploy: Callable[..., Deployment],
+) -> None:
+    clients = 4
+    d = deploy(clients, count=2, stage_timeout_s=300.0, join_timeout_s=600.0)
+    names = [i.name for i in make_federation(clients, RECORDS).institutions]
+    train = TRAIN.replace(f"institutions = {CLIENTS}", f"institutions = {clients}")
+    extras = {c: f'{train}\n[data]\nsynthetic = "{names[c - 1]}"\n' for c in range(1, clients + 1)}
+    configs = {c: d.client_config(c, extras[c]) for c in extras}
+    trainers = {c: LocalTrainer(load_client_config(configs[c])) for c in configs}
+    adapter = d.root / "initial-adapter"
+    trainers[1].write_initial_adapter(adapter)
+    server_toml = d.root / "server.toml"
+    text = server_toml.read_text()
+    server_toml.write_text(text[: text.index("[task]")] + _server_task(adapter, "scaffold"))
+    # The codec the server sends each round, as the in-process run would build it.
+    # (Kept: start_server rewrites server.toml with the port it got.)
+    server_config = load_server_config(server_toml)
+    codec = GlobalModel(server_config).encoding.codec(clients)
+
+    server = d.start_server()
+    procs = [d.start_client(c, extras[c]) for c in extras]
+    assert server.wait_exit(900) == 0, server.text()[-3000:]
+    for proc in procs:
+        assert proc.wait_exit(30) == 0
+
+    # In process: each client's own control variate kept between rounds (in its trainer), the
+    # server's c carried by the strategy, every contribution through the same codec.
+    start = trainers[1].lm.get_vector()
+    strategy = Scaffold(start.size, num_clients=clients)
+    for number in range(2):
+        config = pb.RoundConfig(round_number=number, cohort=list(range(1, clients + 1)))
+        config.train.seed = 7
+        config.train.local_steps = 2
+        config.train.learning_rate = 0.01
+        config.train.optimizer = "sgd"  # what the server's SCAFFOLD recipe sends
+        config.train.batch_size = 4
+        config.train.layout_fingerprint = trainers[1].lm.layout.fingerprint()
+        control = strategy.client_options().server_control
+        ring = Ring(codec.ring_bits)
+        ring_sum = ring.zeros(codec.encoded_dim)
+        for c in sorted(trainers):
+            result = trainers[c].train(config, start, control)
+            assert result.control_delta is not None
+            unit, weight = client_contribution(
+                strategy, result.delta, result.num_samples, result.control_delta, dp=False
+            )
+            # The secure sum without its masks: addition in the ring.
+            ring_sum = ring.reduce(ring_sum + codec.encode(unit, weight).vector)
+        expected = strategy.aggregate(start, codec.decode(ring_sum, clients))
+        deployed = d.checkpoint(number)
+        assert np.abs(expected - start).max() > 1e-4  # training moved the adapter
+        np.testing.assert_allclose(deployed, expected, rtol=0, atol=1e-6)
+        start = deployed
+    # The server's control variate, checkpointed with the strategy state, is the one computed
+    # here: the clients' control deltas crossed the wire intact.
+    restarted = GlobalModel(server_config)
+    restarted.restore(d.root / "state" / "checkpoints" / "round-000001.safetensors")
+    np.testing.assert_allclose(restarted.strategy.state_dict()["c"], strategy.c, atol=1e-6)

@@ -58,8 +58,9 @@ def test_released_sum_updates_the_adapter_and_survives_a_restart(config_path: Pa
     np.testing.assert_allclose(model.vector, mean, atol=1e-6)
 
     directory = config_path.parent / "state" / "checkpoints"
-    path = model.save(directory, 0)
-    tensors, _ = load_adapter(directory / "adapter-000000")
+    path, adapter = model.save(directory, 0)
+    assert adapter == directory / "adapter-000000"
+    tensors, _ = load_adapter(adapter)
     np.testing.assert_array_equal(tensors[B].reshape(-1), model.vector)
     assert A in tensors  # the frozen A goes into the PEFT adapter unchanged
 

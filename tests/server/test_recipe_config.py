@@ -69,7 +69,7 @@ def test_defaults_follow_the_adapters_base(root: Path) -> None:
     [
         ("lora_rank = 4\n", r"task\.lora_rank cannot be set here: .*client\.toml \[train\]"),
         ("lr = -1\n", r"task\.lr: lr must be > 0"),
-        ('strategy = "scaffold"\n', "scaffold needs per-client options"),
+        ('strategy = "nonsense"\n', "strategy"),
         ("learning_rate = 0.1\n", r"unknown key\(s\) task\.learning_rate"),
     ],
 )
