@@ -141,6 +141,10 @@ class TransportStats:
     rounds_refused: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    #: Of those, split training's step streams (activations, gradients and their framing).
+    split_bytes_up: int = 0
+    split_bytes_down: int = 0
+    split_steps: int = 0
 
     def as_json(self, client_id: int) -> str:
         return json.dumps({"client_id": client_id, **self.__dict__})
@@ -542,8 +546,11 @@ class ClientTransport:
             result = split_update(trainer, config, model, link)
         finally:
             link.close()
-        self.stats.bytes_up += link.bytes_up
-        self.stats.bytes_down += link.bytes_down
+            self.stats.bytes_up += link.bytes_up
+            self.stats.bytes_down += link.bytes_down
+            self.stats.split_bytes_up += link.bytes_up
+            self.stats.split_bytes_down += link.bytes_down
+        self.stats.split_steps += result.steps
         return result
 
     def _local_trainer(self) -> LocalTrainer:
