@@ -80,18 +80,18 @@ def workload(layers: int, seed: int) -> Workload:
     spec = TinyLlamaSpec(**{**asdict(d.model), "num_layers": layers})
     base, tok = build_default_base(fed.corpus(), spec)
     train = {
-        i.name: tokenize([alpaca_example(r) for r in i.records], tok, d.max_length, i.name)
+        i.name: tokenize([alpaca_example(r) for r in i.records], tok, d.recipe.max_length, i.name)
         for i in fed.institutions
     }
     test = {
-        name: tokenize([alpaca_example(r) for r in records], tok, d.max_length, name)
+        name: tokenize([alpaca_example(r) for r in records], tok, d.recipe.max_length, name)
         for name, records in fed.test_sets.items()
     }
     prior: Counter[int] = Counter()
     for data in test.values():
         for ids in data.input_ids:
             prior.update(int(t) for t in ids)
-    lora = LoraSettings(rank=d.lora_rank, alpha=d.lora_alpha, mode=d.lora_mode, init_seed=seed)
+    lora = LoraSettings.from_recipe(d.recipe, init_seed=seed)
     return Workload(spec, lora, base, int(tok.pad_token_id), train, test, prior, len(tok))
 
 

@@ -105,25 +105,25 @@ def main() -> int:
     base, tok = build_default_base(fed_data.corpus(), d.model)
     pad = int(tok.pad_token_id)
     train = {
-        i.name: tokenize([alpaca_example(r) for r in i.records], tok, d.max_length, i.name)
+        i.name: tokenize([alpaca_example(r) for r in i.records], tok, d.recipe.max_length, i.name)
         for i in fed_data.institutions
     }
     test = {
-        n: tokenize([alpaca_example(r) for r in rs], tok, d.max_length, n)
+        n: tokenize([alpaca_example(r) for r in rs], tok, d.recipe.max_length, n)
         for n, rs in fed_data.test_sets.items()
     }
-    lora = LoraSettings(rank=d.lora_rank, alpha=d.lora_alpha, mode=d.lora_mode, init_seed=args.seed)
+    lora = LoraSettings.from_recipe(d.recipe, init_seed=args.seed)
     settings = TrainSettings(
         local_steps=args.local_steps,
-        batch_size=d.batch_size,
-        lr=d.lr,
+        batch_size=d.recipe.batch_size,
+        lr=d.recipe.lr,
         seed=args.seed,
         num_threads=args.threads,
     )
     config = FederationConfig(
         clients=tuple(sorted(train)),
         rounds=args.rounds,
-        secagg=SecAggSettings(clip=2.0 * d.lr * args.local_steps),
+        secagg=SecAggSettings(clip=2.0 * d.recipe.lr * args.local_steps),
         seed=args.seed,
     )
     fedavg_lm = LoraModel(copy.deepcopy(base), lora)
@@ -151,7 +151,7 @@ def main() -> int:
         config,
         settings,
         SplitOptions(spec, args.noise),
-        d.max_length,
+        d.recipe.max_length,
     )
     split_rounds = []
     traffic = []
@@ -184,8 +184,8 @@ def main() -> int:
         "institutions": institutions,
         "rounds": args.rounds,
         "local_steps": args.local_steps,
-        "batch_size": d.batch_size,
-        "lr": d.lr,
+        "batch_size": d.recipe.batch_size,
+        "lr": d.recipe.lr,
         "model": {"layers": d.model.num_layers, "hidden": d.model.hidden_size},
         "split": {**spec.describe(client.num_layers), "activation_noise": args.noise},
         "initial_eval_loss": round(initial, 4),
@@ -193,7 +193,7 @@ def main() -> int:
         "split_over_fedavg": round(split_loss / fedavg_loss, 4),
         "within_10_percent": split_loss <= 1.1 * fedavg_loss,
         "client_compute": {
-            "examples_per_client_per_round": args.local_steps * d.batch_size,
+            "examples_per_client_per_round": args.local_steps * d.recipe.batch_size,
             "adapted_parameters": {"fedavg": full_params, "split": client_params},
             "flops_per_token_6N": {"fedavg": 6 * full_params, "split": 6 * client_params},
             "client_seconds_per_round": {
