@@ -14,7 +14,8 @@ network around it. Per round:
   for before its payload is allocated; the middle runs one step at a time;
 * the round loop (:meth:`SplitService.run_turns`) watches the deadlines: each message of the
   current institution is due ``step_timeout_s`` after the server's last answer (or after its
-  turn began). An institution that misses one, closes its stream or sends a refused tensor is
+  turn began; an institution that has not opened its stream yet has at least the round's
+  ``join_timeout_s``, as it builds its model first). An institution that misses one, closes its stream or sends a refused tensor is
   dropped from the round with a one-line reason in the log ("client 3 lost mid-step 4: ..."),
   and the turn passes on; its stream is ended with that reason if it is still open. A dropped
   institution never uploads, so the secure sum of the client parts goes on without it (or the
