@@ -67,6 +67,10 @@ def test_the_split_table_is_read_with_its_defaults(root: Path) -> None:
             TASK.replace("local_steps = 2", "local_epochs = 1") + "\n[split]\n",
             "split training counts local_steps",
         ),
+        (
+            TASK + 'strategy = "scaffold"\n\n[split]\n',
+            'task.strategy scaffold is not offered with kind = "split"',
+        ),
         (TASK + "\n[split]\nclient_bottom = -1\n", r"client_bottom"),
         (TASK + "\n[split]\nstep_timeout_s = 0\n", r"step_timeout_s"),
         (TASK + "\n[split]\nserver_lr = -0.1\n", r"server_lr"),
