@@ -32,6 +32,9 @@ from server.split_service import build_split_service
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 CLIENTS = 3
+#: A split server builds its model (torch, the base, its tokenizer) before it listens: on a
+#: loaded 2-core machine that took more than the harness's default 30 s.
+SERVER_START_S = 300.0
 RECORDS = 12
 TRAIN = f"""
 [train]
@@ -106,7 +109,7 @@ def test_split_rounds_over_grpc_equal_the_in_process_run(
     deploy: Callable[..., Deployment],
 ) -> None:
     d, extras, trainers = _deployment(deploy, 2, 120.0, None)
-    server = d.start_server()
+    server = d.start_server(SERVER_START_S)
     clients = [d.start_client(c, extras[c]) for c in extras]
     assert server.wait_exit(900) == 0, server.text()[-3000:]
     for proc in clients:
@@ -177,7 +180,7 @@ def test_split_rounds_with_distributed_dp_are_noised_ledgered_and_audited(
     d, extras, _ = _deployment(
         deploy, 1, 120.0, None, server_extra="\n[dp]\nepsilon = 8.0\ndelta = 1e-5\nclip = 1.0\n"
     )
-    server = d.start_server()
+    server = d.start_server(SERVER_START_S)
     clients = [d.start_client(c, extras[c]) for c in extras]
     assert server.wait_exit(900) == 0, server.text()[-3000:]
     for proc in clients:
@@ -209,7 +212,7 @@ def test_a_client_lost_mid_step_is_dropped_and_the_round_completes(
     deploy: Callable[..., Deployment], fault: str, step_timeout_s: float, reason: str
 ) -> None:
     d, extras, _ = _deployment(deploy, 1, step_timeout_s, stalled=2)
-    server = d.start_server()
+    server = d.start_server(SERVER_START_S)
     clients = {c: d.start_client(c, extras[c]) for c in extras}
     clients[2].wait_for("fault injection: stalling before the gradient of step 0", 300)
     if fault == "killed":
