@@ -15,11 +15,11 @@ network around it. Per round:
 * the round loop (:meth:`SplitService.run_turns`) watches the deadlines: each message of the
   current institution is due ``step_timeout_s`` after the server's last answer (or after its
   turn began; an institution that has not opened its stream yet has at least the round's
-  ``join_timeout_s``, as it builds its model first). An institution that misses one, closes its stream or sends a refused tensor is
-  dropped from the round with a one-line reason in the log ("client 3 lost mid-step 4: ..."),
-  and the turn passes on; its stream is ended with that reason if it is still open. A dropped
-  institution never uploads, so the secure sum of the client parts goes on without it (or the
-  round aborts below its threshold, as for any dropout);
+  ``join_timeout_s``, as it builds its model first). An institution that misses one, closes its
+  stream or sends a refused tensor is dropped from the round with a one-line reason in the log
+  ("client 3 lost mid-step 4: ..."), and the turn passes on; its stream is ended with that
+  reason if it is still open. A dropped institution never uploads, so the secure sum of the
+  client parts goes on without it (or the round aborts below its threshold, as for any dropout);
 * :meth:`SplitService.rollback` restores the server's part when the round aborts, so a round
   that releases nothing leaves no trace in the model either; :meth:`SplitService.vector` is
   checkpointed with the round when it completes.
