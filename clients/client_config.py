@@ -43,6 +43,8 @@ STALLABLE_STAGES = (
     "unmask",
     "he_upload",
     "he_decrypt",
+    # Split training: the gradient at the top cut of the first step (a client lost mid-step).
+    "split_gradient",
 )
 BACKENDS = ("masking", "ckks")
 
@@ -120,6 +122,9 @@ class ClientConfig:
     #: Local preference pairs for DPO rounds (any file type of :mod:`clients.preference_data`),
     #: or None (an embedded ``synthetic`` institution has its own pairs).
     preference: Path | None = None
+    #: Split rounds (``[split] activation_noise``): Gaussian noise added to every activation
+    #: this institution sends, its standard deviation this multiple of each position's RMS.
+    activation_noise: float = 0.0
 
 
 def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
@@ -193,6 +198,11 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
         t.done()
         if synthetic is None and jsonl is None:
             raise ConfigError(f"{path}: [train] needs data.synthetic or data.jsonl")
+    split = top.table("split", required=False)
+    activation_noise = split.number("activation_noise", default=0.0, maximum=1e6)
+    if activation_noise < 0:
+        raise ConfigError(f"{path}: split.activation_noise must be >= 0, got {activation_noise}")
+    split.done()
     testing = top.table("testing", required=False)
     stall_before = (
         testing.string("stall_before", choices=STALLABLE_STAGES)
@@ -235,6 +245,7 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
         secret_path,
         secret,
         preference,
+        activation_noise,
     )
 
 

@@ -79,6 +79,8 @@ from clients.preference_data import (
     load_preference_data,
     tokenize_pairs,
 )
+from clients.split import cli as split_cli
+from clients.split.trainer import SplitOptions, SplitTrainer, split_federation
 from clients.synthetic import make_federation, make_preferences
 from clients.trainer import (
     LoraModel,
@@ -116,6 +118,7 @@ from fl_core.run_dir import (
     load_state,
     save_state,
 )
+from fl_core.split import WHAT_THE_SERVER_SEES
 from fl_core.strategies import ClientOptions
 from secagg.errors import SecAggError
 from secagg.params import release_floor
@@ -203,6 +206,8 @@ class SimulationSpec:
     #: Embedded pairs only: training and held-out pairs per institution.
     pairs: int = defaults.PAIRS_PER_INSTITUTION
     eval_pairs: int = defaults.TEST_PAIRS_PER_INSTITUTION
+    #: ``--mode split``: where the model is cut (None: LoRA FedAvg, ``--mode lora``).
+    split: SplitOptions | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -239,6 +244,8 @@ class SimulationSpec:
             else str(self.preference_data.resolve()),
             "pairs": self.pairs,
             "eval_pairs": self.eval_pairs,
+            "mode": "lora" if self.split is None else "split",
+            "split": split_cli.to_json(self.split),
         }
 
     @classmethod
@@ -263,6 +270,7 @@ class SimulationSpec:
             else Path(data["preference_data"]),
             pairs=data.get("pairs", defaults.PAIRS_PER_INSTITUTION),
             eval_pairs=data.get("eval_pairs", defaults.TEST_PAIRS_PER_INSTITUTION),
+            split=split_cli.from_json(data.get("split")),
         )
 
 
@@ -567,6 +575,73 @@ class TorchTrainer:
         if shared and "dpo_start" in shared:
             self.dpo_start = shared["dpo_start"].astype(np.float32)
 
+    def full_vector(self, vector: np.ndarray) -> np.ndarray:
+        """The whole trainable adapter of the federation's ``vector`` (the same here)."""
+        return vector
+
+    def server_part(self) -> np.ndarray | None:
+        """Split training's server part (None: every coordinate is federated)."""
+        return None
+
+    def restore_server_part(self, vector: np.ndarray | None) -> None:
+        if vector is not None:
+            raise RunDirectoryError("the run state holds a split server part; this run is LoRA")
+
+
+@dataclass
+class SplitRunTrainer(TorchTrainer):
+    """``--mode split``: the federation's vector is the institutions' part; the server's part
+    is trained by :class:`~clients.split.middle.MiddleServer` through ``core``'s steps."""
+
+    core: SplitTrainer | None = None
+
+    def _core(self) -> SplitTrainer:
+        if self.core is None:
+            raise TrainingConfigError("split mode without its split trainer")
+        return self.core
+
+    def train(
+        self, client: str, round_index: int, global_vector: np.ndarray, options: ClientOptions
+    ) -> ClientUpdate:
+        lr = options.lr if options.lr is not None else self.round_lr(round_index)
+        return self._core().train(client, round_index, global_vector, replace(options, lr=lr))
+
+    def evaluate(self, vector: np.ndarray) -> dict[str, float]:
+        return self._core().evaluate(vector)
+
+    def adapter_tensors(self, vector: np.ndarray) -> dict[str, np.ndarray]:
+        return self._core().adapter_tensors(vector)
+
+    def full_vector(self, vector: np.ndarray) -> np.ndarray:
+        return self._core().full_vector(vector)
+
+    def server_part(self) -> np.ndarray | None:
+        return self._core().middle.vector()
+
+    def restore_server_part(self, vector: np.ndarray | None) -> None:
+        if vector is None:
+            raise RunDirectoryError("the run state holds no split server part to resume from")
+        self._core().middle.set_vector(vector.astype(np.float32))
+
+    def client_state(self) -> dict[str, dict[str, np.ndarray]]:
+        drawn = self._core().batches_drawn
+        return {
+            name: {"batches_drawn": np.array([drawn.get(name, 0)], np.int64)}
+            for name in self.work.train_sets
+        }
+
+    def restore(
+        self,
+        clients: Mapping[str, Mapping[str, np.ndarray]],
+        shared: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        if shared:
+            raise RunDirectoryError("the run state holds a DPO stage; split mode trains SFT only")
+        for name, arrays in clients.items():
+            if name not in self.work.train_sets:
+                raise RunDirectoryError(f"run state has an unknown institution {name!r}")
+            self._core().batches_drawn[name] = int(arrays["batches_drawn"][0])
+
 
 def default_clip(settings: TrainSettings, strategy: str, steps: int | None = None) -> float:
     """A data-independent bound on a coordinate of a client's contribution.
@@ -710,6 +785,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     recipes.add_arguments(parser)
+    split_cli.add_arguments(parser)
 
 
 #: Flags --resume accepts besides itself (the rest are the run's own settings).
@@ -813,6 +889,7 @@ def spec_from_args(args: argparse.Namespace) -> tuple[SimulationSpec, tuple[str,
         preference_data=args.preference_data,
         pairs=args.pairs or defaults.PAIRS_PER_INSTITUTION,
         eval_pairs=args.eval_pairs or defaults.TEST_PAIRS_PER_INSTITUTION,
+        split=split_cli.options_from_args(args, resolved.recipe),
     )
     return spec, resolved.notes
 
@@ -874,6 +951,21 @@ def prepare(spec: SimulationSpec) -> tuple[Federation, TorchTrainer]:
         seed=spec.seed,
         backend=spec.backend,
     )
+    if spec.split is not None:
+        fed, core = split_federation(
+            work.lm,
+            work.pad_id,
+            work.train_sets,
+            work.test_sets,
+            config,
+            settings,
+            spec.split,
+            work.max_length,
+        )
+        split = SplitRunTrainer(
+            work, settings, spec.seed, rounds=spec.rounds, recipe=recipe, core=core
+        )
+        return fed, split
     initial = work.lm.get_vector()
     # A client's weight is its example count in SFT rounds and its pair count in DPO rounds.
     max_samples = max(sizes)
@@ -944,7 +1036,18 @@ def _describe(
         notes=list(notes),
         dp_guidance=None if advice is None else {**advice.to_json(), "message": advice.message()},
         simulation=spec.to_json(),
+        mode="lora" if spec.split is None else "split",
     )
+    if isinstance(trainer, SplitRunTrainer) and trainer.core is not None and spec.split:
+        model = trainer.core.client
+        out["split"] = {
+            **model.spec.describe(model.num_layers),
+            "client_part": model.layout.client.size,
+            "server_part": model.layout.server.size,
+            "activation_noise": spec.split.noise,
+            "server_lr": spec.split.server_lr or recipe.lr,
+            "what_the_server_sees": WHAT_THE_SERVER_SEES,
+        }
     return out
 
 
@@ -1049,6 +1152,14 @@ def _print_header(
             )
             + f"); {pairs['train_pairs']} training pairs, {pairs['eval_pairs']} held out"
         )
+    if spec.split is not None:
+        where = spec.split.spec
+        lines.append(
+            f"  split learning: institutions keep the embedding, {where.client_bottom} bottom and "
+            f"{where.client_top} top block(s) and the head; the server trains the blocks between "
+            f"and sees their activations (noise ratio {spec.split.noise:g}); only the "
+            f"institutions' part ({fed.dim} coordinates) is securely aggregated"
+        )
     lines += [f"  {note}" for note in notes]
     if advice is not None:
         lines.append(f"  {advice.message()}")
@@ -1102,7 +1213,7 @@ def _record_initial(
     """Score the untrained adapter (losses and answers) into ``initial.json``."""
     work = trainer.work
     initial = trainer.evaluate(vector)
-    before = _answer(work, vector, questions, use)
+    before = _answer(work, trainer.full_vector(vector), questions, use)
     record: dict[str, Any] = {
         "eval_loss": initial,
         "eval_loss_pooled": work.pooled(initial),
@@ -1196,6 +1307,7 @@ def run(args: argparse.Namespace) -> int:
             if state.strategy:
                 fed.strategy.load_state_dict(state.strategy)
             trainer.restore(state.clients, state.shared)
+            trainer.restore_server_part(state.server)
             start = state.next_round
         _print_header(spec, fed, work, out, initial, notes, advice, start)
         scalars = _Scalars(out / "tensorboard" if args.tensorboard else None)
@@ -1234,6 +1346,7 @@ def run(args: argparse.Namespace) -> int:
                     fed.strategy.state_dict(),
                     trainer.client_state(),
                     trainer.shared_state(),
+                    trainer.server_part(),
                 ),
             )
             scalars.add(
@@ -1255,7 +1368,8 @@ def run(args: argparse.Namespace) -> int:
         with bar:
             fed.run(on_round, start=start)
         scalars.close()
-        generation = _generation_summary(writer, work, fed.global_vector, questions, use)
+        full = trainer.full_vector(fed.global_vector)
+        generation = _generation_summary(writer, work, full, questions, use)
         saved = writer.read_json(INITIAL_FILE)
         writer.finish(
             initial,

@@ -45,6 +45,7 @@ from fl_core.adapter_io import save_adapter
 from fl_core.round import client_contribution
 from fl_core.strategies import Strategy, build_strategy
 from fl_core.wire import fedsec_pb2 as pb
+from fl_core.wire.convert import train_task_of
 from fl_core.wire.toml_config import ConfigError
 from secagg.errors import ConfigurationError
 
@@ -82,7 +83,7 @@ def _pairs(config: ClientConfig, options: TrainOptions) -> list[PreferencePair] 
     return list(task.train[config.synthetic])
 
 
-def _optimizer(name: str) -> Literal["adamw", "sgd"]:
+def optimizer_of(name: str) -> Literal["adamw", "sgd"]:
     """The round's client optimizer; empty from a coordinator that predates the field."""
     if name in ("", "adamw"):
         return "adamw"
@@ -93,7 +94,7 @@ def _optimizer(name: str) -> Literal["adamw", "sgd"]:
 
 def training_seed(config: pb.RoundConfig, client_id: int) -> int:
     """This client's data-order seed: the same every round, so the order continues."""
-    return config.train.seed * 65_537 + client_id
+    return train_task_of(config).seed * 65_537 + client_id
 
 
 class LocalTrainer:
@@ -130,12 +131,14 @@ class LocalTrainer:
             self.pairs = tokenize_pairs(
                 pairs, tokenizer, recipe.max_length, "local preference pairs", recipe.chat_template
             )
-        self._client_id = config.client_id
+        self.client_id = config.client_id
+        #: Split rounds: this institution's activation noise ratio (``[split]``).
+        self.activation_noise = config.activation_noise
         #: SCAFFOLD: this client's control variate c_i, kept between rounds.
         self._control: np.ndarray | None = None
         # Batches drawn in earlier rounds of this process: the data order continues from there
         # (a restarted client starts its order again; it is data order only, nothing secret).
-        self._batches_drawn = 0
+        self.batches_drawn = 0
         self._pair_batches_drawn = 0
         #: The DPO stage's reference (its digest and vector), kept from the stage's first round.
         self._reference: tuple[bytes, np.ndarray] | None = None
@@ -166,11 +169,11 @@ class LocalTrainer:
             local_epochs=task.local_epochs or None,
             batch_size=task.batch_size,
             lr=task.learning_rate,
-            optimizer=_optimizer(task.optimizer),
+            optimizer=optimizer_of(task.optimizer),
             max_grad_norm=task.max_grad_norm or self.recipe.max_grad_norm,
-            seed=training_seed(config, self._client_id),
+            seed=training_seed(config, self.client_id),
             num_threads=self.recipe.threads,
-            data_offset=self._batches_drawn,
+            data_offset=self.batches_drawn,
             grad_accum=min(self.recipe.grad_accum, task.batch_size),
             prox_mu=task.prox_mu,
         )
@@ -181,7 +184,7 @@ class LocalTrainer:
         objective = task.objective or "sft"
         if objective == "sft":
             result = train_local(self.lm, global_vector, self.data, settings, self.pad_id, scaffold)
-            self._batches_drawn += result.steps
+            self.batches_drawn += result.steps
         else:
             result = self._train_dpo(task, global_vector, settings, scaffold)
         if result.new_client_control is not None:
@@ -264,18 +267,25 @@ class LocalTrainer:
         return self.train(config, vectors[:size], control)
 
     def contribution(self, config: pb.RoundConfig, model: bytes) -> tuple[np.ndarray, int]:
-        """Train, then the round core's client step (:func:`fl_core.round.client_contribution`)
-        by the server's strategy's client-side rule: the codec's (or CKKS's) input and its
-        integer weight."""
-        result = self.local_update(config, model)
-        rule = client_rule(config.train.strategy or "fedavg", self.lm.layout.size)
-        return client_contribution(
-            rule,
-            result.delta,
-            result.num_samples,
-            result.control_delta,
-            dp=config.HasField("dp"),
-        )
+        """Train, then the round core's client step (:func:`contribution_of`)."""
+        return contribution_of(config, self.local_update(config, model), self.lm.layout.size)
+
+
+def contribution_of(
+    config: pb.RoundConfig, result: LocalResult, dim: int
+) -> tuple[np.ndarray, int]:
+    """The round core's client step (:func:`fl_core.round.client_contribution`) by the server's
+    strategy's client-side rule, for a ``train`` or ``split`` round (``dim``: the trained
+    vector's length, the client part's in split): the codec's (or CKKS's) input and its
+    integer weight."""
+    rule = client_rule(train_task_of(config).strategy or "fedavg", dim)
+    return client_contribution(
+        rule,
+        result.delta,
+        result.num_samples,
+        result.control_delta,
+        dp=config.HasField("dp"),
+    )
 
 
 def client_rule(strategy: str, dim: int) -> Strategy:

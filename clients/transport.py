@@ -72,6 +72,7 @@ from secagg.ring import Ring, RingArray
 
 if TYPE_CHECKING:
     from clients.train_task import LocalTrainer
+    from clients.trainer import LocalResult
     from secagg.he import HeClientSession
 
 log = logging.getLogger("fedsec.client")
@@ -140,6 +141,10 @@ class TransportStats:
     rounds_refused: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    #: Of those, split training's step streams (activations, gradients and their framing).
+    split_bytes_up: int = 0
+    split_bytes_down: int = 0
+    split_steps: int = 0
 
     def as_json(self, client_id: int) -> str:
         return json.dumps({"client_id": client_id, **self.__dict__})
@@ -516,9 +521,37 @@ class ClientTransport:
         task = config.WhichOneof("task")
         if task == "random":
             return random_update(config, self._config.client_id), 1
-        if task != "train":
+        if task == "train":
+            return self._local_trainer().contribution(config, model)
+        if task != "split":
             raise ConfigError(f"round {config.round_number} has no task this client knows")
-        return self._local_trainer().contribution(config, model)
+        from clients.train_task import contribution_of
+
+        result = self._split_update(config, model)
+        return contribution_of(config, result, result.delta.size)
+
+    def _split_update(self, config: pb.RoundConfig, model: bytes) -> LocalResult:
+        """Split training: this institution's steps through the round's ``SplitSteps`` stream,
+        then the update of its client part (what goes into the secure sum)."""
+        from clients.split.train_task import split_model_for, split_update
+        from clients.split.transport import GrpcSplitLink
+
+        trainer = self._local_trainer()
+        split_model_for(trainer, config, model)  # refuse before opening a stream
+        stall = self._config.stall_before == "split_gradient" and (
+            self._config.stall_round in (None, config.round_number)
+        )
+        link = GrpcSplitLink(self._stub, self._token, config, self._config.client_id, stall)
+        try:
+            result = split_update(trainer, config, model, link)
+        finally:
+            link.close()
+            self.stats.bytes_up += link.bytes_up
+            self.stats.bytes_down += link.bytes_down
+            self.stats.split_bytes_up += link.bytes_up
+            self.stats.split_bytes_down += link.bytes_down
+        self.stats.split_steps += result.steps
+        return result
 
     def _local_trainer(self) -> LocalTrainer:
         if self._trainer is None:

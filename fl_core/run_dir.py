@@ -46,6 +46,7 @@ from fl_core.adapter_io import AdapterConfig, save_adapter
 from fl_core.aggregation import BACKENDS, CkksRoundRecord
 from fl_core.errors import FLError
 from fl_core.federation import RoundOutcome
+from fl_core.split import noise_phrase
 from secagg.transcript import Transcript
 
 RUN_FILE = "run.json"
@@ -82,6 +83,8 @@ class RunState:
     #: Public arrays of the run that are not the strategy's (e.g. the global adapter the DPO
     #: stage started from, its reference).
     shared: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Split training: the server's part of the adapter (``global_vector`` is the clients').
+    server: np.ndarray | None = None
 
 
 def _state_key(*parts: str) -> str:
@@ -102,6 +105,8 @@ def save_state(directory: Path, state: RunState) -> None:
             raise RunDirectoryError(f"client name {client!r} cannot be stored (it has a '/')")
         tensors.update({_state_key("client", client, k): np.ascontiguousarray(v)
                         for k, v in arrays.items()})  # fmt: skip
+    if state.server is not None:
+        tensors[_state_key("split", "server")] = np.ascontiguousarray(state.server)
     tmp = folder / (STATE_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"next_round": str(state.next_round)})
     os.replace(tmp, folder / STATE_FILE)
@@ -132,7 +137,8 @@ def load_state(directory: Path) -> RunState:
             clients.setdefault(client, {})[name] = value
     if "global" not in tensors:
         raise RunDirectoryError(f"{path}: no global vector in the run state")
-    return RunState(next_round, tensors["global"], strategy, clients, shared)
+    server = tensors.get(_state_key("split", "server"))
+    return RunState(next_round, tensors["global"], strategy, clients, shared, server)
 
 
 class RunWriter:
@@ -338,6 +344,25 @@ def _backend_line(config: Mapping[str, Any]) -> str:
         )
         + ", a fresh session id per round."
     )
+
+
+def _split_lines(config: Mapping[str, Any]) -> list[str]:
+    """Split learning's cut and what it means for the secure sum (``run.json``'s ``split``)."""
+    split = config.get("split")
+    if not split:
+        return []
+    first, last = split["server_blocks"]
+    return [
+        f"- Training mode: **split learning** (FL-GLM style). Each institution keeps the input "
+        f"embedding, its bottom {split['client_bottom']} and top {split['client_top']} "
+        f"block(s), the final norm and the head; the server trains blocks {first}-{last} "
+        f"itself. Only the institutions' part ({split.get('client_part')} "
+        f"coordinates) goes through secure aggregation; the server's part "
+        f"({split.get('server_part')}) never leaves the server. Every step the server saw the "
+        "activations entering its blocks and the loss gradient at the top cut, "
+        + noise_phrase(split.get("activation_noise", 0.0))
+        + "; see the split_activations attack view.",
+    ]
 
 
 def _adapted_lines(config: Mapping[str, Any]) -> list[str]:
@@ -556,6 +581,7 @@ def render_report(
         "coordinates.",
         *_data_lines(config),
         *_adapted_lines(config),
+        *_split_lines(config),
         *_recipe_line(config),
         f"- Aggregation backend: `{backend}`.",
         _backend_line(config),

@@ -11,6 +11,7 @@ release floor each session enforced, and the cryptographic parameters;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 from fl_core.aggregation import CkksRoundRecord
 from fl_core.run_dir import TRANSCRIPT_DIR, RunRecord
+from fl_core.split import noise_phrase
 from proofs.privacy_figures import DpSummary, Releases, account, sampling_note
 from proofs.transcript_audit import (
     DEFAULT_FAMILY_ALPHA,
@@ -71,6 +73,8 @@ class PrivacyReport:
     #: The aggregation backend; a non-masking run's report states it and its trust model.
     backend: str = "masking"
     backend_statement: str = ""
+    #: Split learning: what the server saw besides the released sums (empty for LoRA runs).
+    split_statement: str = ""
 
     @property
     def passed(self) -> bool:
@@ -91,8 +95,38 @@ def _count(value: Any) -> int | None:
 
 
 def build_report(run: RunRecord, *, family_alpha: float = DEFAULT_FAMILY_ALPHA) -> PrivacyReport:
-    if run.backend == "ckks":
-        return _build_ckks_report(run)
+    report = (
+        _build_ckks_report(run)
+        if run.backend == "ckks"
+        else _build_masking_report(run, family_alpha)
+    )
+    return dataclasses.replace(report, split_statement=split_statement(run.config))
+
+
+def split_statement(config: Mapping[str, Any]) -> str:
+    """What a split-learning run showed the server beyond the released sums (run.json's
+    ``split``); empty for LoRA FedAvg."""
+    split = config.get("split")
+    if not split:
+        return ""
+    first, last = split["server_blocks"]
+    return (
+        f"Training mode: **split learning**. The figures above cover the institutions' part of "
+        f"the adapter only ({split.get('client_part')} coordinates: their bottom "
+        f"{split['client_bottom']} and top {split['client_top']} block(s) and the head), which "
+        f"reached the server as secure sums. The server trained blocks {first}-{last} itself "
+        f"and, at every step of every institution, received the activations entering its first "
+        f"block and the loss gradient at the top cut "
+        + noise_phrase(split.get("activation_noise", 0.0))
+        + ". Neither secure aggregation nor the DP figure covers them: they are one "
+        "institution's, in the clear to the server (TLS protects them only in transit). What "
+        "they reveal is measured by the split_activations attack view "
+        "(benchmarks/split_attacks.py): without noise the server recovers the tokens at every "
+        "cut depth."
+    )
+
+
+def _build_masking_report(run: RunRecord, family_alpha: float) -> PrivacyReport:
     metrics = sorted(run.metrics, key=lambda r: int(r["round"]))
     releases: Releases = {
         rnd: [r.contributors for r in t.releases] for rnd, t in run.transcripts.items()
@@ -405,6 +439,8 @@ def render_markdown(report: PrivacyReport) -> str:
     ]
     if report.backend != "masking":
         lines += ["## Aggregation backend", "", report.backend_statement, ""]
+    if report.split_statement:
+        lines += ["## Split learning", "", report.split_statement, ""]
     lines += [
         "## Differential privacy",
         "",
@@ -509,10 +545,12 @@ def report_to_json(report: PrivacyReport) -> dict[str, Any]:
         if report.backend != "masking"
         else {}
     )
+    split = {"split_statement": report.split_statement} if report.split_statement else {}
     return {
         "run_dir": report.run_dir,
         "passed": report.passed,
         **backend,
+        **split,
         "differential_privacy": {
             "enabled": report.dp.enabled,
             "delta": report.dp.delta,

@@ -2,9 +2,12 @@
 
 A checkpoint holds the flat float32 global vector (``global``) and the strategy's state tensors
 (``strategy/<name>``, e.g. FedAdam's moments), with the round number and the SHA-256 of the
-global vector in the metadata. Files are written to a temporary name, fsynced, then renamed, so
-a crash leaves either the previous checkpoint set or the new complete file, never a torn one;
-:mod:`server.store` commits the row that names a checkpoint only after this returns.
+global vector in the metadata. Under split training it also holds the server's part of the
+adapter (``split/server``, with its own SHA-256): the global vector is then the institutions'
+part, and the two are written (and restored) together. Files are written to a temporary name,
+fsynced, then renamed, so a crash leaves either the previous checkpoint set or the new complete
+file, never a torn one; :mod:`server.store` commits the row that names a checkpoint only after
+this returns.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fl_core.cli import UsageError
 FloatVector = npt.NDArray[np.float32]
 _GLOBAL = "global"
 _STRATEGY = "strategy/"
+_SERVER_PART = "split/server"
 
 
 class CheckpointError(UsageError):
@@ -38,6 +42,8 @@ class Checkpoint:
     global_vector: FloatVector
     #: float32 or float64 arrays (server optimiser moments are kept in float64).
     strategy_state: dict[str, npt.NDArray[np.floating]] = field(default_factory=dict)
+    #: Split training: the server's part of the adapter (its blocks' LoRA tensors), else None.
+    server_part: FloatVector | None = None
 
 
 def _digest(vector: FloatVector) -> str:
@@ -57,14 +63,17 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         if value.dtype not in (np.float32, np.float64):
             raise CheckpointError(f"strategy state {name!r} has dtype {value.dtype}")
         tensors[_STRATEGY + name] = np.ascontiguousarray(value)
+    metadata = {"round": str(checkpoint.round_number), "global_sha256": _digest(vector)}
+    if checkpoint.server_part is not None:
+        part = np.ascontiguousarray(checkpoint.server_part, dtype=np.float32)
+        if part.ndim != 1:
+            raise CheckpointError(f"the server part must be 1-D, got shape {part.shape}")
+        tensors[_SERVER_PART] = part
+        metadata["server_part_sha256"] = _digest(part)
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, checkpoint.round_number)
     temporary = final.with_suffix(".tmp")
-    save_file(
-        tensors,
-        str(temporary),
-        metadata={"round": str(checkpoint.round_number), "global_sha256": _digest(vector)},
-    )
+    save_file(tensors, str(temporary), metadata=metadata)
     with temporary.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, final)
@@ -113,4 +122,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         for name, value in tensors.items()
         if name.startswith(_STRATEGY)
     }
-    return Checkpoint(int(metadata["round"]), vector, state)
+    part = tensors.get(_SERVER_PART)
+    if part is not None:
+        part = part.astype(np.float32, copy=False)
+        if _digest(part) != metadata.get("server_part_sha256"):
+            raise CheckpointError(f"{path}: server part does not match its recorded SHA-256")
+    return Checkpoint(int(metadata["round"]), vector, state, part)

@@ -39,8 +39,6 @@ from secagg.params import SessionShape, release_floor, session_shape
 if TYPE_CHECKING:
     from secagg.he import PublicContext
 
-#: Strategies whose whole state lives on the server. FedProx and SCAFFOLD also need per-round
-#: client options (a proximal term, control variates) that this wire protocol does not carry.
 BACKENDS = ("masking", "ckks")
 #: The longest stage or join deadline accepted (one day): longer is a typo, and values near
 #: float's range overflow the clock arithmetic.
@@ -111,6 +109,32 @@ class CkksConfig:
 
 
 @dataclass(frozen=True)
+class SplitServerConfig:
+    """``[split]`` of a ``kind = "split"`` task: where the model is cut and how the server runs
+    its blocks (:mod:`server.split_service`).
+
+    ``base`` is the base model the server builds (``"embedded"``: the seeded tiny Llama with a
+    tokenizer trained on the synthetic federation ``institutions``/``records``/
+    ``federation_seed``, as the institutions' ``[train]`` tables say; otherwise a named model or
+    a model directory); the initial adapter's tensors are loaded into it. ``max_length`` bounds
+    every step tensor's rows (tokens) together with the recipe's ``batch_size``;
+    ``step_timeout_s`` is each step message's deadline; ``server_lr`` defaults to the recipe's.
+    """
+
+    client_bottom: int = 1
+    client_top: int = 0
+    base: str = "embedded"
+    institutions: int = 4
+    records: int = 160
+    federation_seed: int = 0
+    max_length: int = 256
+    step_timeout_s: float = 30.0
+    server_lr: float | None = None
+    threads: int | None = None
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """What clients compute each round.
 
@@ -121,6 +145,9 @@ class TaskConfig:
     schedule, ``local_steps`` or ``local_epochs``, ``batch_size``, ``optimizer``,
     ``max_grad_norm``; :mod:`fl_core.recipe`, the ``round`` fields). Its defaults are the
     embedded model's when the adapter names no base, a pretrained base's otherwise.
+    ``split``: as ``train``, but the institutions train only their part of the adapter through
+    split steps with the server (``[split]``, :class:`SplitServerConfig`) and the secure sum
+    carries that part.
     """
 
     kind: str
@@ -129,10 +156,16 @@ class TaskConfig:
     initial_adapter: Path | None = None
     recipe: Recipe = EMBEDDED
     max_weight: int = 1000
+    split: SplitServerConfig | None = None
 
     @property
     def lora_mode(self) -> str:
         return self.recipe.lora_mode
+
+    @property
+    def trains(self) -> bool:
+        """Whether clients train a model (``train`` or ``split``): weighted updates."""
+        return self.kind in ("train", "split")
 
 
 @dataclass(frozen=True)
@@ -201,8 +234,8 @@ def _load_ckks(
         params = CKKSParams(
             clip=task.clip,
             max_clients=rounds.cohort_size,
-            max_weight=task.max_weight if task.kind == "train" else 1,
-            weighted=task.kind == "train",
+            max_weight=task.max_weight if task.trains else 1,
+            weighted=task.trains,
             min_contributors=min_contributors,
             poly_modulus_degree=table.integer("poly_modulus_degree", default=8192, minimum=1),
             coeff_mod_bit_sizes=table.integers(
@@ -221,6 +254,29 @@ def _load_ckks(
     return CkksConfig(
         public_path, load_public_context(public_path, params, roster), min_contributors
     )
+
+
+def _load_split(path: Path, table: Table, adapter_base: str | None) -> SplitServerConfig:
+    d = SplitServerConfig()
+    server_lr = table.number("server_lr", positive=True) if table.has("server_lr") else None
+    threads = table.integer("threads", minimum=1) if table.has("threads") else None
+    out = SplitServerConfig(
+        client_bottom=table.integer("client_bottom", default=d.client_bottom, minimum=0),
+        client_top=table.integer("client_top", default=d.client_top, minimum=0),
+        base=table.string("base", default=adapter_base or d.base),
+        institutions=table.integer("institutions", default=d.institutions, minimum=1),
+        records=table.integer("records", default=d.records, minimum=1),
+        federation_seed=table.integer("federation_seed", default=d.federation_seed, minimum=0),
+        max_length=table.integer("max_length", default=d.max_length, minimum=2, maximum=1 << 20),
+        step_timeout_s=table.number(
+            "step_timeout_s", default=d.step_timeout_s, positive=True, maximum=MAX_TIMEOUT_S
+        ),
+        server_lr=server_lr,
+        threads=threads,
+        device=table.string("device", default=d.device, choices=("auto", "cpu", "cuda", "mps")),
+    )
+    table.done()
+    return out
 
 
 def load_server_config(path: Path) -> ServerConfig:
@@ -274,7 +330,7 @@ def load_server_config(path: Path) -> ServerConfig:
     rounds_table.done()
 
     task_table = top.table("task")
-    kind = task_table.string("kind", choices=("random", "train"))
+    kind = task_table.string("kind", choices=("random", "train", "split"))
     clip = task_table.number("clip", default=1.0, positive=True)
     if kind == "random":
         task = TaskConfig(kind, task_table.integer("dim", minimum=1, maximum=1 << 28), clip)
@@ -290,6 +346,24 @@ def load_server_config(path: Path) -> ServerConfig:
             recipe.stage_rounds(rounds.rounds)
         except RecipeError as exc:
             raise ConfigError(f"{path}: task.stage: {exc}") from None
+        split = None
+        if kind == "split":
+            if recipe.strategy == "scaffold":
+                raise ConfigError(
+                    f'{path}: task.strategy scaffold is not offered with kind = "split": its '
+                    "control variates would cover the institutions' part only; choose another"
+                )
+            if recipe.local_steps is None:
+                raise ConfigError(
+                    f"{path}: task.local_epochs: split training counts local_steps (the "
+                    "server's schedule of steps); set task.local_steps instead"
+                )
+            if not top.has("split"):
+                raise ConfigError(
+                    f'{path}: kind = "split" needs a [split] table (the cut: client_bottom, '
+                    "client_top; an empty table takes the defaults)"
+                )
+            split = _load_split(path, top.table("split"), adapter.base_model_name_or_path)
         task = TaskConfig(
             kind,
             0,  # from the adapter's layout
@@ -297,6 +371,7 @@ def load_server_config(path: Path) -> ServerConfig:
             initial_adapter=initial_adapter,
             recipe=recipe,
             max_weight=task_table.integer("max_weight", default=1000, minimum=1),
+            split=split,
         )
     task_table.done()
     ckks_table = None if masking else top.table("ckks")
@@ -349,8 +424,8 @@ def load_server_config(path: Path) -> ServerConfig:
             rounds.ring_bits,
             task.clip,
             rounds.cohort_size,
-            task.max_weight if task.kind == "train" else 1,
-            weighted=task.kind == "train",
+            task.max_weight if task.trains else 1,
+            weighted=task.trains,
         )
     except ConfigurationError as exc:
         raise ConfigError(f"{path}: rounds.ring_bits: {exc}") from None

@@ -1,6 +1,6 @@
 """The server's global model and what turns a released secure sum into the next one.
 
-The server never trains and never sees an individual update. For the ``train`` task it holds
+The server never sees an individual update. For the ``train`` task it holds
 the trainable LoRA coordinates as one float32 vector (layout from the initial PEFT adapter:
 all A and B tensors, or only B in FFA-LoRA mode, where A stays at the shared initialisation),
 sends it with every round, and applies the configured strategy to what the secure sum
@@ -19,6 +19,11 @@ name its objective; the update, its encoding and the strategy step are the same 
 global vector the stage's first round sent, which each client keeps from that round. The server
 keeps only that digest (``dpo-reference.sha256`` beside the checkpoints, so a restarted server
 names the same reference).
+
+For the ``split`` task the global vector is the institutions' part of the adapter only (their
+blocks and the head), aggregated through the same codec and strategy; the server trains the
+blocks between itself (:mod:`server.split_service`), and each checkpoint and adapter directory
+also holds that part.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 from fl_core.adapter_io import AdapterConfig, load_adapter, save_adapter
 from fl_core.errors import AdapterFormatError
 from fl_core.round import EncodingSpec, calibrate_run
+from fl_core.split import SplitLayout
 from fl_core.strategies import AggregateInput, Strategy, build_strategy
 from fl_core.updates import LoraLayout
 from fl_core.wire import fedsec_pb2 as pb
@@ -81,13 +87,17 @@ class _Adapter:
 
 
 class GlobalModel:
-    def __init__(self, config: ServerConfig) -> None:
+    """``split``: the layout the split model found (:class:`fl_core.split.SplitLayout`); the
+    global vector is then the institutions' part, and checkpoints add the server's part."""
+
+    def __init__(self, config: ServerConfig, split: SplitLayout | None = None) -> None:
         self._config = config
         task = config.task
         self._adapter: _Adapter | None = None
-        if task.kind == "train":
+        self._split = split
+        if task.trains:
             if task.initial_adapter is None:
-                raise ConfigError('task.initial_adapter is required for kind = "train"')
+                raise ConfigError(f'task.initial_adapter is required for kind = "{task.kind}"')
             try:
                 tensors, adapter_config = load_adapter(task.initial_adapter)
             except (AdapterFormatError, OSError) as exc:
@@ -96,11 +106,18 @@ class GlobalModel:
             layout = (
                 full.select(lambda name: ".lora_B." in name) if task.lora_mode == "ffa" else full
             )
+            if split is not None:
+                if split.full != layout:
+                    raise ConfigError(
+                        "task.initial_adapter: its trainable tensors differ from the split "
+                        "model's (lora_mode, targets or the base)"
+                    )
+                layout = split.client
             self._adapter = _Adapter(tensors, adapter_config, layout)
             self.vector = layout.flatten({k: tensors[k] for k in layout.names})
         else:
             self.vector = np.zeros(task.dim, dtype=np.float32)
-        hparams = dict(task.recipe.params()) if task.kind == "train" else {}
+        hparams = dict(task.recipe.params()) if task.trains else {}
         if task.recipe.strategy == "scaffold":
             hparams.setdefault("num_clients", len(config.roster))  # N: the whole population
         self.strategy: Strategy = build_strategy(task.recipe.strategy, self.vector.size, hparams)
@@ -112,8 +129,8 @@ class GlobalModel:
             self.strategy.contribution_size(),
             config.rounds.ring_bits,
             task.clip,
-            max_weight=task.max_weight if task.kind == "train" and weighted else 1,
-            weighted=task.kind == "train" and weighted,
+            max_weight=task.max_weight if task.trains and weighted else 1,
+            weighted=task.trains and weighted,
             dp=None if self.calibration is None else self.calibration.params,
         )
         #: The DPO stage's reference (``dpo_reference = "sft"``), by digest, once it started.
@@ -135,6 +152,10 @@ class GlobalModel:
         the weight slot itself) and there is no codec.
         """
         task, rounds = self._config.task, self._config.rounds
+        if self._split is not None:
+            # A split round carries its own TrainTask (the cut is the split service's): chosen
+            # first, so the codec's max_weight lands in it.
+            config.split.SetInParent()
         if config.backend == pb.BACKEND_MASKING:
             codec_to_config(self.encoding.codec(len(config.cohort)), config)
             config.min_survivors = self.min_survivors
@@ -148,25 +169,26 @@ class GlobalModel:
             return b""
         config.weighted = config.backend == pb.BACKEND_CKKS or self.encoding.weighted
         config.model_dim = self.vector.size
-        config.train.seed = rounds.seed
+        train = config.split.train if self._split is not None else config.train
+        train.seed = rounds.seed
         recipe = task.recipe
-        config.train.local_steps = recipe.local_steps or 0
-        config.train.local_epochs = recipe.local_epochs or 0
+        train.local_steps = recipe.local_steps or 0
+        train.local_epochs = recipe.local_epochs or 0
         # The recipe's schedule, evaluated here: clients get this round's rate.
-        config.train.learning_rate = recipe.lr_at(
+        train.learning_rate = recipe.lr_at(
             min(config.round_number, rounds.rounds - 1), rounds.rounds
         )
-        config.train.batch_size = recipe.batch_size
-        config.train.optimizer = recipe.optimizer
-        config.train.max_grad_norm = recipe.max_grad_norm
-        config.train.max_weight = task.max_weight
-        config.train.layout_fingerprint = self._adapter.layout.fingerprint()
-        config.train.strategy = self.strategy.name
-        config.train.prox_mu = options.prox_mu
-        self._fill_objective(config.train, min(config.round_number, rounds.rounds - 1))
+        train.batch_size = recipe.batch_size
+        train.optimizer = recipe.optimizer
+        train.max_grad_norm = recipe.max_grad_norm
+        train.max_weight = task.max_weight
+        train.layout_fingerprint = self._adapter.layout.fingerprint()
+        train.strategy = self.strategy.name
+        train.prox_mu = options.prox_mu
+        self._fill_objective(train, min(config.round_number, rounds.rounds - 1))
         payload = self.vector.astype("<f4").tobytes()
         if options.server_control is not None:
-            config.train.server_control = True
+            train.server_control = True
             payload += options.server_control.astype("<f4").tobytes()
         return payload
 
@@ -207,10 +229,14 @@ class GlobalModel:
 
     # --- persistence ------------------------------------------------------------------------
 
-    def save(self, directory: Path, round_number: int) -> tuple[Path, Path | None]:
-        """Checkpoint, and for LoRA a PEFT adapter directory beside it; returns both paths."""
+    def save(
+        self, directory: Path, round_number: int, server_part: np.ndarray | None = None
+    ) -> tuple[Path, Path | None]:
+        """Checkpoint, and for LoRA a PEFT adapter directory beside it; returns both paths.
+        ``server_part``: split training's server part, checkpointed with the round (and in the
+        adapter, which then holds the whole model)."""
         state = self.strategy.state_dict()
-        path = save_checkpoint(directory, Checkpoint(round_number, self.vector, state))
+        path = save_checkpoint(directory, Checkpoint(round_number, self.vector, state, server_part))
         reference = directory / DPO_REFERENCE_FILE
         if self.dpo_reference is not None and not reference.is_file():
             tmp = reference.with_suffix(".tmp")
@@ -220,11 +246,14 @@ class GlobalModel:
             return path, None
         tensors = dict(self._adapter.tensors)
         tensors.update(self._adapter.layout.unflatten(self.vector))
+        if self._split is not None and server_part is not None:
+            tensors.update(self._split.server.unflatten(server_part.astype(np.float32)))
         adapter = directory / f"adapter-{round_number:06d}"
         save_adapter(adapter, tensors, self._adapter.config)
         return path, adapter
 
-    def restore(self, path: Path) -> None:
+    def restore(self, path: Path) -> np.ndarray | None:
+        """Load a checkpoint; returns split training's server part (None if it has none)."""
         checkpoint = load_checkpoint(path)
         if checkpoint.global_vector.size != self.vector.size:
             raise ConfigError(
@@ -242,3 +271,4 @@ class GlobalModel:
                 raise ConfigError(f"{reference}: not a hex SHA-256 digest: {exc}") from None
             if len(self.dpo_reference) != 32:
                 raise ConfigError(f"{reference}: not a SHA-256 digest (32 bytes)")
+        return checkpoint.server_part

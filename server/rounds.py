@@ -38,7 +38,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import grpc
 import numpy as np
@@ -53,12 +53,15 @@ from fl_core.wire.convert import (
     upload_limit,
 )
 from fl_core.wire.he_round import ckks_spec_from_config, decode_release, he_upload_limit
+from fl_core.wire.split_wire import limits_of
+from fl_core.wire.toml_config import ConfigError
 from secagg.errors import (
     MessageFormatError,
     ProtocolAbort,
     SecAggError,
     SessionMismatch,
     SumBackendFailure,
+    TooFewSurvivors,
 )
 from secagg.he import HeServerSession, HeStage, NoDecryptor
 from secagg.messages import ClientMessage, decode_message, encode_message
@@ -71,6 +74,9 @@ from server.global_model import GlobalModel
 from server.outbox import Mailboxes
 from server.run_record import DeploymentRunRecord
 from server.store import Store
+
+if TYPE_CHECKING:
+    from server.split_service import SplitService
 
 log = logging.getLogger("fedsec.server")
 
@@ -116,10 +122,18 @@ class RoundRunner:
         self._session: ServerSession | None = None
         self._ckks: HeServerSession | None = None
         self._ckks_uploads: dict[int, UploadRecord] = {}  # accepted uploads, for the record
+        #: The server's side of split training (``[task] kind = "split"``), else None.
+        self.split: SplitService | None = None
+        if config.task.kind == "split":
+            from server.split_service import build_split_service
+
+            self.split = build_split_service(config)
         self._stop = threading.Event()
         self.checkpoint_dir = config.state_dir / "checkpoints"
-        self.model = GlobalModel(config)
-        self.run_record = DeploymentRunRecord(config, self.model.calibration)
+        self.model = GlobalModel(config, None if self.split is None else self.split.layout)
+        self.run_record = DeploymentRunRecord(
+            config, self.model.calibration, None if self.split is None else self.split.describe()
+        )
         self.next_round = 0
         self._attempt: int | None = None
         #: Why the federation stopped early (None while it runs or after it completed).
@@ -292,7 +306,14 @@ class RoundRunner:
             )
         last = self._store.last_completed()
         if last is not None and last.checkpoint is not None:
-            self.model.restore(self.checkpoint_dir / last.checkpoint)
+            server_part = self.model.restore(self.checkpoint_dir / last.checkpoint)
+            if self.split is not None:
+                if server_part is None:
+                    raise ConfigError(
+                        f"{last.checkpoint} holds no server part: it was not written by a split "
+                        "run; start split training from a fresh state_dir"
+                    )
+                self.split.set_vector(server_part)
             self.next_round = last.round_number + 1
             log.info("resuming after completed round %d (%s)", last.round_number, last.checkpoint)
 
@@ -370,6 +391,9 @@ class RoundRunner:
             config.ckks.min_contributors = params.min_contributors
             config.ckks.fingerprint = ckks.public.fingerprint
         payload = self.model.fill_round(config)
+        split = self._config.task.split
+        if self.split is not None and split is not None:
+            self.split.fill(config.split, split.max_length)
         return config, payload
 
     def _run_attempt(self, round_number: int, rng: random.Random) -> bool | str | None:
@@ -412,6 +436,17 @@ class RoundRunner:
             drive = functools.partial(self._drive_ckks, attempt, ckks)
         elif session is not None:
             drive = functools.partial(self._drive_masking, attempt, config, session)
+        split = self.split
+        if split is not None:
+            # Opened before RoundStart goes out: an institution may open its stream at once.
+            split.begin(
+                round_number,
+                config.session_id,
+                tuple(config.cohort),
+                config.split.train.local_steps,
+                limits_of(config.split),
+            )
+            drive = functools.partial(self._split_then, attempt, split, drive)
         start = pb.ServerItem(round_start=pb.RoundStart(config=config.SerializeToString()))
         for client_id in config.cohort:
             item = pb.ServerItem()
@@ -425,6 +460,8 @@ class RoundRunner:
             refused = self._store.refusals(attempt)
             if refused:
                 reason += f" (refusals: {'; '.join(f'{c}: {why}' for c, why in refused[:5])})"
+            if split is not None:
+                split.rollback()  # nothing released: the server's part is put back too
             self._end_attempt(attempt, cohort_ids, round_number, reason)
             return reason
         finally:
@@ -432,10 +469,16 @@ class RoundRunner:
                 self._session = None
                 self._ckks = None
                 self._attempt = None
+            if split is not None:
+                split.end()
         if self._stop.is_set():
             return None
         self.model.apply_sum(released)
-        path, adapter = self.model.save(self.checkpoint_dir, round_number)
+        path, adapter = self.model.save(
+            self.checkpoint_dir,
+            round_number,
+            server_part=None if split is None else split.vector(),
+        )
         self._store.complete_round(attempt, contributors, path.name)
         self.run_record.round(
             config, contributors, server_record, time.monotonic() - began, adapter
@@ -457,6 +500,44 @@ class RoundRunner:
         end = pb.RoundEnd(round_number=round_number, completed=True, final=final)
         self._broadcast_end(end, tuple(config.cohort))
         return True
+
+    # --- split training ---------------------------------------------------------------------
+
+    def _split_then(
+        self,
+        attempt: int,
+        split: SplitService,
+        drive: Callable[[], Released],
+    ) -> Released:
+        """Serve every institution's split steps in turn, then aggregate their client parts
+        (the backend's first deadline starts after the last turn)."""
+        began = time.monotonic()
+        phase = split.run_turns(self._stop)
+        expected = len(phase.finished) + len(phase.dropped)
+        self._store.record_stage(
+            attempt,
+            "split_steps",
+            expected,
+            len(phase.finished),
+            bool(phase.dropped),
+            time.monotonic() - began,
+        )
+        self._log_stage("split_steps", expected, sorted(phase.dropped))
+        with self._cond:
+            # A client dropped from the steps will not upload (it hung, died or left): the
+            # secure sum stops waiting for it, as for a client that refused the round.
+            for client, reason in sorted(phase.dropped.items()):
+                if self._session is not None:
+                    self._session.withdraw(client)
+                if self._ckks is not None:
+                    self._ckks.withdraw(client)
+                self._store.record_refusal(attempt, client, f"split steps: {reason}")
+            self._cond.notify_all()
+        if self._stop.is_set():
+            raise ProtocolAbort("server shutting down")
+        if not phase.finished:
+            raise TooFewSurvivors("no institution completed its split steps")
+        return drive()
 
     # --- masking ----------------------------------------------------------------------------
 

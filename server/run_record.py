@@ -8,10 +8,13 @@ in ``transcripts/``. ``fedsec audit STATE_DIR/run`` reads it as it reads a simul
 differences, both for the server's resources: the adapters stay in ``checkpoints/`` (pruned by
 ``keep_checkpoints``) instead of being copied under ``adapters/``, and masked inputs are not
 kept (the server's memory stays O(d)), so the audit's uniformity check says "not tested".
+A split deployment's ``run.json`` also says where the model is cut and what the server saw
+beyond the secure sums (``split``, as a split simulation's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +32,15 @@ RUN_DIR = "run"
 class DeploymentRunRecord:
     """Appends each released round to ``STATE_DIR/run``; reopened (not rewritten) on restart."""
 
-    def __init__(self, config: ServerConfig, calibration: Calibration | None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        calibration: Calibration | None,
+        split: Mapping[str, object] | None = None,
+    ) -> None:
         self._config = config
         self._calibration = calibration
+        self._split = split
         directory = config.state_dir / RUN_DIR
         if (directory / METRICS_FILE).exists():
             self._writer = RunWriter.reopen(directory)
@@ -59,8 +68,9 @@ class DeploymentRunRecord:
                 "coins": "OS CSPRNG, known to the coordinator",
             },
             "backend": rounds.backend,
-            "strategy": task.recipe.strategy if task.kind == "train" else "fedavg",
+            "strategy": task.recipe.strategy if task.trains else "fedavg",
             "task": task.kind,
+            **({"mode": "split", "split": dict(self._split)} if self._split is not None else {}),
             "secagg": {
                 "ring_bits": rounds.ring_bits,
                 "corrupt_fraction": rounds.corrupt_fraction,

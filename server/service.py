@@ -108,6 +108,28 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         item, payload = got
         yield from server_frames(item, payload)
 
+    def SplitSteps(
+        self, request_iterator: Iterator[pb.SplitUp], context: Any
+    ) -> Iterator[pb.SplitDown]:
+        client: int | None = None
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("body") != "open":
+                raise Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT, "a split stream starts with a SplitOpen"
+                )
+            client = self._admission.client_of(first.open.token)
+            split = self._runner.split
+            if split is None:
+                raise Refusal(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    'this server does not run split training ([task] kind = "split")',
+                )
+            yield from split.serve(client, first.open, request_iterator, context)
+        except Refusal as refusal:
+            self._refuse(context, "SplitSteps", client, refusal)
+            raise
+
     def Submit(self, request_iterator: Iterator[pb.ClientFrame], context: Any) -> pb.SubmitReply:
         client: list[int] = []
 

@@ -76,6 +76,11 @@ def download_limit(cohort_size: int) -> int:
     return HEADER_ALLOWANCE + PER_PEER_BYTES * cohort_size
 
 
+def train_task_of(config: pb.RoundConfig) -> pb.TrainTask:
+    """The local-training fields of a round: a ``split`` task's, or else a ``train`` task's."""
+    return config.split.train if config.WhichOneof("task") == "split" else config.train
+
+
 def codec_to_config(codec: RoundCodec, config: pb.RoundConfig) -> None:
     """Write ``codec`` into a masking round's config (the edge: protobuf goes no further)."""
     config.ring_bits = codec.ring_bits
@@ -99,7 +104,8 @@ def codec_to_config(codec: RoundCodec, config: pb.RoundConfig) -> None:
     config.scale = q.scale
     config.weighted = q.weighted
     if q.weighted:
-        config.train.max_weight = q.max_weight
+        # A split round's task must be chosen before this (it carries its own TrainTask).
+        train_task_of(config).max_weight = q.max_weight
 
 
 def codec_from_config(config: pb.RoundConfig) -> RoundCodec:
@@ -126,7 +132,7 @@ def codec_from_config(config: pb.RoundConfig) -> RoundCodec:
         config.clip,
         config.scale,
         max_clients=len(config.cohort),
-        max_weight=config.train.max_weight if config.weighted else 1,
+        max_weight=train_task_of(config).max_weight if config.weighted else 1,
         weighted=config.weighted,
     )
     return RoundCodec(size, quant=quant)

@@ -24,6 +24,14 @@ class MessageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HE_DECRYPTED_SUM: _ClassVar[MessageKind]
     SEED_COMMIT: _ClassVar[MessageKind]
     ROUND_REFUSAL: _ClassVar[MessageKind]
+
+class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_KIND_UNSPECIFIED: _ClassVar[TensorKind]
+    BOTTOM_ACTIVATION: _ClassVar[TensorKind]
+    TOP_ACTIVATION: _ClassVar[TensorKind]
+    TOP_GRADIENT: _ClassVar[TensorKind]
+    BOTTOM_GRADIENT: _ClassVar[TensorKind]
 BACKEND_MASKING: Backend
 BACKEND_CKKS: Backend
 MESSAGE_KIND_UNSPECIFIED: MessageKind
@@ -36,6 +44,11 @@ HE_UPDATE: MessageKind
 HE_DECRYPTED_SUM: MessageKind
 SEED_COMMIT: MessageKind
 ROUND_REFUSAL: MessageKind
+TENSOR_KIND_UNSPECIFIED: TensorKind
+BOTTOM_ACTIVATION: TensorKind
+TOP_ACTIVATION: TensorKind
+TOP_GRADIENT: TensorKind
+BOTTOM_GRADIENT: TensorKind
 
 class ChallengeRequest(_message.Message):
     __slots__ = ("client_id",)
@@ -82,7 +95,7 @@ class PollRequest(_message.Message):
     def __init__(self, token: _Optional[bytes] = ..., seq: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("round_number", "session_id", "ring_bits", "dim", "threshold", "cohort", "neighbours", "model_dim", "random", "train", "clip", "scale", "weighted", "backend", "ckks", "quorum", "min_survivors", "dp", "contribution_dim")
+    __slots__ = ("round_number", "session_id", "ring_bits", "dim", "threshold", "cohort", "neighbours", "model_dim", "random", "train", "split", "clip", "scale", "weighted", "backend", "ckks", "quorum", "min_survivors", "dp", "contribution_dim")
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RING_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +106,7 @@ class RoundConfig(_message.Message):
     MODEL_DIM_FIELD_NUMBER: _ClassVar[int]
     RANDOM_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTED_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +126,7 @@ class RoundConfig(_message.Message):
     model_dim: int
     random: RandomTask
     train: TrainTask
+    split: SplitTask
     clip: float
     scale: float
     weighted: bool
@@ -121,7 +136,7 @@ class RoundConfig(_message.Message):
     min_survivors: int
     dp: DpRound
     contribution_dim: int
-    def __init__(self, round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ..., ring_bits: _Optional[int] = ..., dim: _Optional[int] = ..., threshold: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., neighbours: _Optional[int] = ..., model_dim: _Optional[int] = ..., random: _Optional[_Union[RandomTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., weighted: _Optional[bool] = ..., backend: _Optional[_Union[Backend, str]] = ..., ckks: _Optional[_Union[CkksRound, _Mapping]] = ..., quorum: _Optional[int] = ..., min_survivors: _Optional[int] = ..., dp: _Optional[_Union[DpRound, _Mapping]] = ..., contribution_dim: _Optional[int] = ...) -> None: ...
+    def __init__(self, round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ..., ring_bits: _Optional[int] = ..., dim: _Optional[int] = ..., threshold: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., neighbours: _Optional[int] = ..., model_dim: _Optional[int] = ..., random: _Optional[_Union[RandomTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., split: _Optional[_Union[SplitTask, _Mapping]] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., weighted: _Optional[bool] = ..., backend: _Optional[_Union[Backend, str]] = ..., ckks: _Optional[_Union[CkksRound, _Mapping]] = ..., quorum: _Optional[int] = ..., min_survivors: _Optional[int] = ..., dp: _Optional[_Union[DpRound, _Mapping]] = ..., contribution_dim: _Optional[int] = ...) -> None: ...
 
 class DpRound(_message.Message):
     __slots__ = ("mechanism", "stddev", "clip", "scale", "rotation_seed", "max_clients", "beta")
@@ -196,6 +211,24 @@ class TrainTask(_message.Message):
     dpo_loss: str
     dpo_reference: bytes
     def __init__(self, seed: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_weight: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., local_epochs: _Optional[int] = ..., optimizer: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., strategy: _Optional[str] = ..., prox_mu: _Optional[float] = ..., server_control: _Optional[bool] = ..., objective: _Optional[str] = ..., dpo_beta: _Optional[float] = ..., dpo_loss: _Optional[str] = ..., dpo_reference: _Optional[bytes] = ...) -> None: ...
+
+class SplitTask(_message.Message):
+    __slots__ = ("train", "client_bottom", "client_top", "max_length", "hidden_size", "step_timeout_s", "join_timeout_s")
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_BOTTOM_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TOP_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    JOIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    train: TrainTask
+    client_bottom: int
+    client_top: int
+    max_length: int
+    hidden_size: int
+    step_timeout_s: float
+    join_timeout_s: float
+    def __init__(self, train: _Optional[_Union[TrainTask, _Mapping]] = ..., client_bottom: _Optional[int] = ..., client_top: _Optional[int] = ..., max_length: _Optional[int] = ..., hidden_size: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., join_timeout_s: _Optional[float] = ...) -> None: ...
 
 class RoundStart(_message.Message):
     __slots__ = ("config",)
@@ -282,3 +315,51 @@ class ClientFrame(_message.Message):
 class SubmitReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class TensorHeader(_message.Message):
+    __slots__ = ("step", "kind", "shape", "lengths", "payload_size")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    kind: TensorKind
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    payload_size: int
+    def __init__(self, step: _Optional[int] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., shape: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., payload_size: _Optional[int] = ...) -> None: ...
+
+class SplitOpen(_message.Message):
+    __slots__ = ("token", "round_number", "session_id")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    token: bytes
+    round_number: int
+    session_id: bytes
+    def __init__(self, token: _Optional[bytes] = ..., round_number: _Optional[int] = ..., session_id: _Optional[bytes] = ...) -> None: ...
+
+class SplitTurn(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SplitUp(_message.Message):
+    __slots__ = ("open", "tensor", "chunk")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    open: SplitOpen
+    tensor: TensorHeader
+    chunk: bytes
+    def __init__(self, open: _Optional[_Union[SplitOpen, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class SplitDown(_message.Message):
+    __slots__ = ("turn", "tensor", "chunk")
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    turn: SplitTurn
+    tensor: TensorHeader
+    chunk: bytes
+    def __init__(self, turn: _Optional[_Union[SplitTurn, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...

@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=fl__core_dot_wire_dot_fedsec__pb2.ClientFrame.SerializeToString,
                 response_deserializer=fl__core_dot_wire_dot_fedsec__pb2.SubmitReply.FromString,
                 _registered_method=True)
+        self.SplitSteps = channel.stream_stream(
+                '/fedsec.wire.v1.Coordinator/SplitSteps',
+                request_serializer=fl__core_dot_wire_dot_fedsec__pb2.SplitUp.SerializeToString,
+                response_deserializer=fl__core_dot_wire_dot_fedsec__pb2.SplitDown.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -90,6 +95,17 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SplitSteps(self, request_iterator, context):
+        """Split training: one stream per institution and round. The client opens it (SplitOpen); the
+        server answers SplitTurn when the institution's turn comes (the sorted cohort, one
+        institution's steps at a time); then, per step, the bottom activation goes up, the top
+        activation comes down, the gradient at the top cut goes up and the gradient at the bottom
+        cut comes down. Every tensor is a TensorHeader declaring its shape and size, then chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +128,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=fl__core_dot_wire_dot_fedsec__pb2.ClientFrame.FromString,
                     response_serializer=fl__core_dot_wire_dot_fedsec__pb2.SubmitReply.SerializeToString,
+            ),
+            'SplitSteps': grpc.stream_stream_rpc_method_handler(
+                    servicer.SplitSteps,
+                    request_deserializer=fl__core_dot_wire_dot_fedsec__pb2.SplitUp.FromString,
+                    response_serializer=fl__core_dot_wire_dot_fedsec__pb2.SplitDown.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +243,33 @@ class Coordinator:
             '/fedsec.wire.v1.Coordinator/Submit',
             fl__core_dot_wire_dot_fedsec__pb2.ClientFrame.SerializeToString,
             fl__core_dot_wire_dot_fedsec__pb2.SubmitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitSteps(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fedsec.wire.v1.Coordinator/SplitSteps',
+            fl__core_dot_wire_dot_fedsec__pb2.SplitUp.SerializeToString,
+            fl__core_dot_wire_dot_fedsec__pb2.SplitDown.FromString,
             options,
             channel_credentials,
             insecure,

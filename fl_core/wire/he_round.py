@@ -21,6 +21,7 @@ import struct
 import numpy as np
 
 from fl_core.wire import fedsec_pb2 as pb
+from fl_core.wire.convert import train_task_of
 from fl_core.wire.framing import WireFormatError
 from secagg.errors import ConfigurationError, SessionMismatch
 from secagg.he import CKKSParams, DecryptedSum, HeRoundSpec
@@ -44,7 +45,7 @@ def ckks_params_from_config(config: pb.RoundConfig) -> CKKSParams:
     return CKKSParams(
         clip=config.clip,
         max_clients=len(config.cohort),
-        max_weight=config.train.max_weight if config.weighted else 1,
+        max_weight=train_task_of(config).max_weight if config.weighted else 1,
         weighted=config.weighted,
         min_contributors=ckks.min_contributors,
         poly_modulus_degree=ckks.poly_modulus_degree,

@@ -137,14 +137,15 @@ dim = {s["dim"]}
 """
         )
 
-    def start_server(self) -> Proc:
+    def start_server(self, timeout: float = 30.0) -> Proc:
+        """``timeout``: how long it may take to listen (a split server builds its model first)."""
         proc = Proc(
             ["server", "--config", "server.toml"],
             self.root / f"server-{len(self.procs)}.log",
             self.root,
         )
         self.procs.append(proc)
-        self.port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)", 30).group(1))
+        self.port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)", timeout).group(1))
         self._write_server_config()  # a restart must come back on the same port
         return proc
 

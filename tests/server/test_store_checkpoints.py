@@ -119,3 +119,18 @@ def test_checkpoint_retention_keeps_the_newest_and_their_adapters(tmp_path: Path
         "round-000004.safetensors",
     ]
     assert load_checkpoint(tmp_path / "round-000004.safetensors").global_vector[0] == 4
+
+
+def test_split_checkpoint_carries_the_server_part(tmp_path: Path) -> None:
+    vector = np.arange(10, dtype=np.float32)
+    part = np.linspace(-1, 1, 7, dtype=np.float32)
+    path = save_checkpoint(tmp_path, Checkpoint(2, vector, {}, part))
+    loaded = load_checkpoint(path)
+    assert loaded.server_part is not None
+    np.testing.assert_array_equal(loaded.server_part, part)
+    assert load_checkpoint(save_checkpoint(tmp_path, Checkpoint(3, vector))).server_part is None
+    with safe_open(str(path), framework="np") as handle:
+        metadata = handle.metadata()
+    save_file({"global": vector, "split/server": part + 1}, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match="server part does not match"):
+        load_checkpoint(path)
