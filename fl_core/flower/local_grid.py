@@ -3,9 +3,11 @@
 For tests, benchmarks and debugging: a ServerApp's workflow (fedsec's, or Flower's own
 ``SecAggPlusWorkflow``) runs against real ``ClientApp``s and their mods, through Flower's
 ``Message``/``RecordDict`` API, with one ``Context`` per node kept between messages as a
-SuperNode keeps it, but without Ray or a SuperLink (messages are passed as objects, not
-serialised). A ClientApp that raises answers with an error reply, as Flower's engines do; a node
-in :attr:`LocalGrid.silent` never answers (a dropout).
+SuperNode keeps it, but without Ray or a SuperLink. Each message is delivered as a deep copy,
+and so is each reply, as over a network: a receiver that edits what it got (Flower's
+``secaggplus_mod`` pops keys from its records) cannot change what another node receives. A
+ClientApp that raises answers with an error reply, as Flower's engines do; a node in
+:attr:`LocalGrid.silent` never answers (a dropout).
 
 Constructing one makes this process the ServerApp task of run ``run_id`` (Flower's
 ``TaskIdentity``, which every new ``Message`` reads), as Flower's own runtime does.
@@ -13,7 +15,9 @@ Constructing one makes this process the ServerApp task of run ``run_id`` (Flower
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import copy
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 from fl_core.errors import FLError
 from fl_core.flower import require_flwr
@@ -41,7 +45,7 @@ class LocalGrid(Grid):
 
     def __init__(
         self,
-        app: ClientApp,
+        app: ClientApp | Callable[[Message, Context], Message],
         node_configs: Mapping[int, Mapping[str, bool | float | int | str]],
         run_config: Mapping[str, bool | float | int | str] | None = None,
         run_id: int = 1,
@@ -59,6 +63,8 @@ class LocalGrid(Grid):
         }
         #: Nodes that stop answering (a dropout): their messages get no reply.
         self.silent: set[int] = set()
+        #: Seconds spent copying messages and replies (this grid's stand-in for the network).
+        self.copy_s = 0.0
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -95,11 +101,16 @@ class LocalGrid(Grid):
             node = message.metadata.dst_node_id
             if node not in self.contexts or node in self.silent:
                 continue
+            begin = time.perf_counter()
+            message = copy.deepcopy(message)
+            self.copy_s += time.perf_counter() - begin
             try:
                 reply = self._app(message, self.contexts[node])
             except Exception as exc:  # Flower's engines turn a raising app into an error reply
                 reply = Message(
                     Error(CLIENT_APP_RAISED, f"{type(exc).__name__}: {exc}"), reply_to=message
                 )
-            replies.append(reply)
+            begin = time.perf_counter()
+            replies.append(copy.deepcopy(reply))
+            self.copy_s += time.perf_counter() - begin
         return replies

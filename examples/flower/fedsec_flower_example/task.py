@@ -3,9 +3,9 @@
 The workload is exactly ``fedsec simulate``'s (:func:`clients.simulate_cli.prepare` of the same
 :class:`~clients.simulate_cli.SimulationSpec`): the embedded tiny Llama with its LoRA adapter and
 the synthetic non-IID institutions, so a Flower run and ``fedsec simulate`` of the same seed train
-the same clients on the same data from the same initial adapter. Every process builds it once
-(deterministically, from the seed): the ServerApp for the initial adapter and evaluation, each
-Flower worker for local training.
+the same clients on the same data from the same initial adapter. Every process that needs it
+builds it once (deterministically, from the seed): the ServerApp for the initial adapter and
+evaluation, each Flower worker for local training.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context
 
-from clients.simulate_cli import SimulationSpec, TorchTrainer, prepare
 from fl_core import recipe as recipes
-from fl_core.federation import Federation
 from fl_core.flower.mod import (
     NODE_CLIENT_ID,
     ClientCredentials,
@@ -33,6 +32,10 @@ from fl_core.wire.credentials import (
     write_roster,
 )
 from secagg.keys import Identity
+
+if TYPE_CHECKING:
+    from clients.simulate_cli import SimulationSpec, TorchTrainer
+    from fl_core.federation import Federation
 
 #: The one array the apps exchange: the adapter's trainable vector (LoRA A and B, flattened in
 #: fedsec's fixed named order; ``clients.trainer.LoraModel`` maps it to and from the PEFT tensors).
@@ -65,6 +68,8 @@ class ExampleSettings:
         return out
 
     def spec(self) -> SimulationSpec:
+        from clients.simulate_cli import SimulationSpec
+
         recipe = replace(recipes.EMBEDDED, local_steps=self.local_steps)
         return SimulationSpec(
             institutions=self.institutions,
@@ -79,7 +84,11 @@ class ExampleSettings:
 
 @functools.lru_cache(maxsize=2)
 def workload(settings: ExampleSettings) -> tuple[Federation, TorchTrainer]:
-    """``fedsec simulate``'s federation and trainer for these settings (built once a process)."""
+    """``fedsec simulate``'s federation and trainer for these settings (built once a process).
+    Imported here: torch and transformers load only in a process that trains or evaluates
+    (Flower's deployment engine starts a process per message)."""
+    from clients.simulate_cli import prepare
+
     return prepare(settings.spec())
 
 
