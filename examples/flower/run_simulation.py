@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="(default: a temporary folder)")
     parser.add_argument("--compare", action="store_true", help="also run `fedsec simulate`")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="no Flower run: compare the adapters another run (deploy_loopback.sh) saved in OUT",
+    )
     args = parser.parse_args(argv)
     if args.institutions < 3 or args.rounds < 1:
         print("error: --institutions must be >= 3 and --rounds >= 1", file=sys.stderr)
@@ -90,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         keys_dir=str(out / "keys"),
         out_dir=str(out),
     )
+    if args.compare_with is not None:
+        report = json.loads((args.compare_with / RESULT_FILE).read_text())
+        vectors = np.load(args.compare_with / VECTORS_FILE)
+        report["fedsec_simulate"] = compare(settings, vectors)
+        print(json.dumps(report))
+        return 0
     write_keys(settings)
 
     from flwr.simulation import run_simulation

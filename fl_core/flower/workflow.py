@@ -206,9 +206,11 @@ class FedsecWorkflow:
         names = fed.sampler.sample(r, self.config.clients)
         self._check_budget(fed, names)
         sampled = tuple(sorted(fed.ids[n] for n in names))
+        begin = time.perf_counter()
         node_of = self._join(grid, sampled)
         cohort = tuple(u for u in sampled if u in node_of)
         record = FlowerRoundRecord(r, cohort)
+        record.stage_s["join"] = time.perf_counter() - begin
         masking = fed.backend
         if not isinstance(masking, MaskingBackend):  # guarded in __init__
             raise FederationConfigError("the Flower workflow runs the masking backend")
