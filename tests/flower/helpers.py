@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_core.federation import FederationConfig, SecAggSettings
+from fl_core.federation import DpSettings, FederationConfig, SecAggSettings
 from fl_core.flower.mod import ClientCredentials, FedsecMod
 from secagg.keys import Identity, Roster
 from secagg.protocol import ClientPolicy
@@ -55,6 +55,7 @@ def make_federation(
     rounds: int = 1,
     credentials: Callable[[Context], ClientCredentials] | None = None,
     policy: ClientPolicy | None = None,
+    dp: DpSettings | None = None,
 ) -> FlowerFederation:
     names = tuple(f"inst-{i}" for i in range(n))
     identities = {u: Identity.generate() for u in range(1, n + 1)}
@@ -81,7 +82,7 @@ def make_federation(
         )
         return Message(content, reply_to=msg)
 
-    config = FederationConfig(clients=names, rounds=rounds, secagg=SecAggSettings(clip=0.05))
+    config = FederationConfig(clients=names, rounds=rounds, secagg=SecAggSettings(clip=0.05), dp=dp)
     return FlowerFederation(
         config, roster, identities, nodes, app, policy, updates, samples, failing, trained
     )

@@ -11,6 +11,7 @@ pytest.importorskip("flwr", reason="needs Flower, the optional extra: pip instal
 
 from flwr.app import Context, Message
 
+from fl_core.federation import DpSettings
 from fl_core.flower.local_grid import LocalGrid
 from fl_core.flower.mod import ClientCredentials
 from fl_core.flower.plan import RECORD
@@ -50,6 +51,30 @@ def test_honest_rounds_release_the_weighted_mean_and_nothing_else() -> None:
     assert all(0 < b < 20_000 for b in result.rounds[0].upload_bytes.values())
 
 
+def test_distributed_dp_rounds_release_a_noised_mean() -> None:
+    fed = make_federation(8, rounds=2, dp=DpSettings(epsilon=5.0, clip=1.0))
+    grid = LocalGrid(fed.app, {node: {} for node in fed.nodes})
+    workflow = FedsecWorkflow(fed.config, fed.roster, max_samples=1000)
+    result = workflow.start(grid, fed.initial())
+    assert workflow.federation is not None and workflow.federation.calibration is not None
+    assert [r.contributors for r in result.rounds] == [tuple(range(1, 9))] * 2
+    # With DP every client has weight 1: the plain mean of the updates, plus the noise.
+    move = result.global_vector - np.concatenate([np.zeros(12), np.ones(5)])
+    expected = 2 * float(np.mean(list(fed.updates.values())))
+    assert abs(float(np.mean(move)) - expected) < 6 * float(np.std(move)) / np.sqrt(move.size)
+
+
+def test_a_dp_round_below_its_calibrated_floor_releases_nothing() -> None:
+    """The noise is sized for at least max(t, n - 5%) contributors; with 3 of 8 gone, abort."""
+    fed = make_federation(8, dp=DpSettings(epsilon=5.0, clip=1.0))
+    grid = DropAfterSharing(fed, victim=8)
+    grid.victims = {n for n, u in fed.nodes.items() if u in (6, 7, 8)}
+    result = FedsecWorkflow(fed.config, fed.roster, max_samples=1000).start(grid, fed.initial())
+    record = result.rounds[0]
+    assert record.aborted is not None and "TooFewSurvivors" in record.aborted
+    np.testing.assert_array_equal(result.global_vector, np.concatenate([np.zeros(12), np.ones(5)]))
+
+
 def test_secaggplus_graph_on_a_larger_cohort() -> None:
     fed = make_federation(24)
     result = _start(fed)
@@ -58,11 +83,12 @@ def test_secaggplus_graph_on_a_larger_cohort() -> None:
 
 
 class DropAfterSharing(LocalGrid):
-    """Node of client ``victim`` goes silent once it has shared its keys."""
+    """The node of client ``victim`` (or every node in ``victims``) goes silent once it has
+    shared its keys."""
 
     def __init__(self, fed: FlowerFederation, victim: int) -> None:
         super().__init__(fed.app, {node: {} for node in fed.nodes})
-        self.victim_node = next(n for n, u in fed.nodes.items() if u == victim)
+        self.victims = {n for n, u in fed.nodes.items() if u == victim}
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -70,10 +96,10 @@ class DropAfterSharing(LocalGrid):
         messages = list(messages)
         for m in messages:
             payload = m.content.config_records[RECORD]["payload"]
-            to_victim = m.metadata.dst_node_id == self.victim_node
+            to_victim = m.metadata.dst_node_id in self.victims
             secagg = isinstance(payload, bytes) and payload[:3] == b"FSA"
             if to_victim and secagg and isinstance(decode_message(payload), SharesDelivery):
-                self.silent.add(self.victim_node)
+                self.silent.add(m.metadata.dst_node_id)
         return super().send_and_receive(messages, timeout=timeout)
 
 
