@@ -13,7 +13,8 @@ the app unchanged. Per round:
    strategy's contribution, encodes it with the plan's codec (quantisation, or distributed DP),
    and starts a :class:`~secagg.protocol.ClientSession` that binds the exact plan bytes and the
    digest of the model it received;
-3. *secagg*: every later message is a canonical secagg message, answered by the session.
+3. *secagg*: every later message is a canonical secagg message, answered by the session;
+4. *end* (only when the server gives up on a round): it erases the session.
 
 The session runs unchanged, so the guarantees are those of fedsec's own transport: roster
 signatures on every key advert and survivor set, the consistency check, the isolation checks
@@ -47,6 +48,7 @@ from fl_core.errors import FLError  # noqa: E402
 from fl_core.flower.plan import (  # noqa: E402
     RECORD,
     STAGE_ABORT,
+    STAGE_END,
     STAGE_JOIN,
     STAGE_SECAGG,
     STAGE_SETUP,
@@ -144,6 +146,9 @@ class FedsecMod:
                 return self._setup(msg, ctxt, payload, call_next)
             if stage == STAGE_SECAGG:
                 return self._secagg(msg, ctxt, payload)
+            if stage == STAGE_END:
+                ctxt.state.config_records.pop(STATE, None)
+                return _reply(msg, STAGE_END, b"")
             raise UnexpectedMessage(f"unknown fedsec stage {stage!r}")
         except (SecAggError, FLError) as exc:
             ctxt.state.config_records.pop(STATE, None)  # fail closed: nothing survives

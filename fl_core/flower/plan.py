@@ -55,6 +55,7 @@ STAGE_JOIN = "join"  # payload: the workflow's nonce; reply adds "client_id", "s
 STAGE_SETUP = "setup"  # payload: FlowerRound.to_bytes(); reply payload: first client message
 STAGE_SECAGG = "secagg"  # payload: a canonical secagg message (secagg.messages) either way
 STAGE_ABORT = "abort"  # reply only: the client left the round; payload: the reason (UTF-8)
+STAGE_END = "end"  # the server gave up on the round; payload: why. The client erases its session
 
 
 class FlowerPlanError(FLError, ValueError):

@@ -25,7 +25,8 @@ same config plan the same rounds. One round:
    ``receive`` (a reply whose sender is not the roster id that joined at its node is discarded),
    ``close_stage`` gives the next messages, until the session releases the sum or aborts;
 5. the codec decodes the sum, the strategy turns it into the next global arrays, ``evaluate_fn``
-   scores them. An aborted round releases nothing and leaves the global model as it was.
+   scores them. An aborted round releases nothing and leaves the global model as it was; the
+   clients still in it are told to erase their sessions (``end``).
 
 Flower's node ids only route; see :mod:`fl_core.flower` for what Flower's node authentication
 gives and does not give.
@@ -61,6 +62,7 @@ from fl_core.flower.plan import (  # noqa: E402
     NONCE_BYTES,
     RECORD,
     STAGE_ABORT,
+    STAGE_END,
     STAGE_JOIN,
     STAGE_SECAGG,
     STAGE_SETUP,
@@ -214,10 +216,10 @@ class FedsecWorkflow:
         masking = fed.backend
         if not isinstance(masking, MaskingBackend):  # guarded in __init__
             raise FederationConfigError("the Flower workflow runs the masking backend")
-        shape = masking.shape
-        if len(cohort) != self.config.cohort:
-            shape = choose_graph(len(cohort), self.config.secagg)
         try:
+            shape = masking.shape
+            if len(cohort) != self.config.cohort:  # members that did not join are left out
+                shape = choose_graph(len(cohort), self.config.secagg)
             plan = RoundPlan(
                 r,
                 os.urandom(32),
@@ -246,6 +248,10 @@ class FedsecWorkflow:
                 messages = server.close_stage()
             except ProtocolAbort as exc:
                 record.aborted = f"{type(exc).__name__}: {exc}"
+                # Tell every client still in the round to erase its session (best effort).
+                reason = record.aborted.encode("utf-8")
+                ended = [(u, _content(STAGE_END, reason)) for u in cohort if u not in record.left]
+                self._exchange(grid, node_of, ended, r)
                 return record
             finally:
                 record.server_s[stage] = time.perf_counter() - closing
@@ -256,7 +262,7 @@ class FedsecWorkflow:
             outgoing = [(m.recipient, _content(STAGE_SECAGG, encode_message(m))) for m in messages]
         result = server.result
         agg = plan.codec.decode(result.sum, len(result.contributors))
-        fed.global_vector = fed.strategy.aggregate(fed.global_vector, agg).astype(np.float32)
+        fed.global_vector = fed.strategy.aggregate(fed.global_vector, agg)  # float32
         names_of = {uid: name for name, uid in fed.ids.items()}
         fed.contributions.update(names_of[u] for u in result.contributors)
         record.contributors = result.contributors

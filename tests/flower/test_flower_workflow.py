@@ -14,7 +14,7 @@ from flwr.app import Context, Message
 from fl_core.federation import DpSettings
 from fl_core.flower.local_grid import LocalGrid
 from fl_core.flower.mod import ClientCredentials
-from fl_core.flower.plan import RECORD
+from fl_core.flower.plan import RECORD, STATE
 from fl_core.flower.workflow import FedsecWorkflow, FlowerResult
 from secagg.keys import Identity
 from secagg.messages import SharesDelivery, decode_message
@@ -73,6 +73,9 @@ def test_a_dp_round_below_its_calibrated_floor_releases_nothing() -> None:
     record = result.rounds[0]
     assert record.aborted is not None and "TooFewSurvivors" in record.aborted
     np.testing.assert_array_equal(result.global_vector, np.concatenate([np.zeros(12), np.ones(5)]))
+    # The survivors were told the round is over: no node keeps a session (or its secrets).
+    assert all(STATE not in c.state.config_records for c in grid.contexts.values()
+               if c.node_id not in grid.victims)  # fmt: skip
 
 
 def test_secaggplus_graph_on_a_larger_cohort() -> None:
