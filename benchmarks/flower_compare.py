@@ -220,12 +220,13 @@ def run_fedsec(n: int, d: int, dropped: set[int]) -> dict[str, Any]:
     return {"total_s": total, "contributors": len(record.contributors), **grid.summary()}
 
 
-# Flower stage -> the fedsec stages doing the same job (by message the server sends).
+# Flower's stages -> fedsec's stages doing the same job (named by what the server sends).
+# masking: Flower's collect_masked_vectors also runs the (trivial) fit and the quantisation,
+# which fedsec does at setup; unmask: fedsec's includes its consistency check (a round trip
+# Flower does not have). The all_stages ratios compare everything each side does.
 PHASES = {
-    "keys": (["setup"], ["join", "setup", "SeedCommitments", "KeysBroadcast"]),
     "masking": (["collect_masked_vectors"], ["SharesDelivery"]),
     "unmask": (["unmask"], ["ConsistencyRequest", "UnmaskRequest"]),
-    "share_keys": (["share_keys"], []),
 }
 
 
@@ -246,6 +247,10 @@ def compare(n: int, d: int, dropout: float) -> dict[str, Any]:
             a = _phase(flower["stages"], fl_names, what)
             b = _phase(fedsec["stages"], fs_names, what)
             ratios[f"{phase}_{what}"] = a / b if b > 0 else None
+    for what in ("client_s_per_client", "server_s"):
+        a = sum(v[what] for v in flower["stages"].values())
+        b = sum(v[what] for v in fedsec["stages"].values())
+        ratios[f"all_stages_{what}"] = a / b if b > 0 else None
     ratios["upload_bytes"] = flower["upload_bytes_per_client"] / fedsec["upload_bytes_per_client"]
     ratios["total_s"] = flower["total_s"] / fedsec["total_s"]
     return {"n": n, "d": d, "dropout": dropout, "k": k, "t": shape.threshold,
