@@ -18,10 +18,18 @@ anything. The checks against an active server:
   ``signature_quorum`` cohort members in U3 signed the same (session digest, U3), so no other
   survivor set can be attested to any honest client; then, per neighbour, *either* the share of
   its self-mask seed (in U3) *or* of its masking key (not in U3), never both, once per session.
+
+A client whose process does not outlive one message (a Flower ``ClientApp`` runs each message in
+whichever worker is free and keeps a node's state in its ``Context``) carries the session across
+messages with :meth:`ClientSession.export_state` and :meth:`ClientSession.from_state`: the whole
+state, secrets included, in one versioned encoding that is checked as strictly as a message.
+Those bytes must stay with the client (they hold its masking and share-decryption keys, its
+self-mask seed, the shares it holds and, before the masked input, its plaintext input).
 """
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ from secagg.errors import (
     DuplicateClient,
     GraphSeedError,
     InconsistentSharesError,
+    MessageFormatError,
     ProtocolAbort,
     SessionFailure,
     SessionMismatch,
@@ -59,8 +68,10 @@ from secagg.messages import (
     SharesDelivery,
     UnmaskRequest,
     UnmaskResponse,
+    _Reader,
+    _Writer,
 )
-from secagg.packing import pack
+from secagg.packing import pack, unpack
 from secagg.prg import accumulate_masks
 from secagg.protocol.common import (
     SEED_REVEAL_BYTES,
@@ -185,6 +196,102 @@ class ClientSession:
     @property
     def aborted(self) -> bool:
         return self.stage is Stage.ABORTED
+
+    def export_state(self) -> bytes:
+        """The whole session as bytes, secrets included, for :meth:`from_state` (see the module
+        docstring); an aborted or finished session exports no secret (they are already gone)."""
+        w = _Writer()
+        w.parts.append(_STATE_HEAD.pack(_STATE_MAGIC, _STATE_VERSION))
+        p = self.params
+        w.fixed(p.session_id, 32, "session id")
+        for value, what in (
+            (p.ring_bits, "ring bits"),
+            (p.dim, "dim"),
+            (p.threshold, "threshold"),
+            (p.neighbours or 0, "neighbours"),
+            (p.quorum, "quorum"),
+            (p.min_survivors, "min survivors"),
+            (self.client_id, "client id"),
+            (_STAGE_CODES.index(self.stage), "stage"),
+        ):
+            w.u32(value, what)
+        w.ids(p.cohort, "cohort")
+        w.blob(b"" if self._input is None else pack(self._input, p.ring), "input")
+        for key, what in ((self._encryption, "encryption key"), (self._masking, "masking key")):
+            w.blob(b"" if key is None else key.private_bytes(), what)
+        for blob, what in (
+            (self._seed or b"", "self-mask seed"),
+            (self._seed_reveal, "graph-seed reveal"),
+            (self._digest, "session digest"),
+            (self.graph_seed or b"", "graph seed"),
+            (self._own_seed_share, "own seed share"),
+            ((self.abort_reason or "").encode(), "abort reason"),
+        ):
+            w.blob(blob, what)
+        w.ids(tuple(sorted(self._neighbours)), "neighbours")
+        w.id_blobs(self._seed_commitments, "seed commitments")
+        peers = tuple(
+            (v, b"".join(_lp32(x) for x in (q.encryption_public, q.masking_public, q.share_key,
+                                             q.mask_share, q.seed_share)))
+            for v, q in sorted(self._peers.items())
+        )  # fmt: skip
+        w.id_blobs(peers, "peers")
+        w.ids(self._delivered, "delivered")
+        w.ids(self._survivors, "survivors")
+        return b"".join(w.parts)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: bytes,
+        identity: Identity,
+        roster: Roster,
+        policy: ClientPolicy | None = None,
+    ) -> ClientSession:
+        """The session :meth:`export_state` wrote. The parameters are checked against
+        ``policy`` again; bytes that do not decode strictly are :class:`MessageFormatError`."""
+        r = _Reader(state, 0)
+        magic, version = _STATE_HEAD.unpack(r.fixed(_STATE_HEAD.size, "state header"))
+        if magic != _STATE_MAGIC or version != _STATE_VERSION:
+            raise MessageFormatError("not a client-session state of a version this code reads")
+        sid = r.fixed(32, "session id")
+        ring_bits, dim, threshold, k, quorum, floor, client_id, stage = (
+            r.u32(what) for what in ("ring", "dim", "t", "k", "quorum", "floor", "id", "stage")
+        )
+        cohort = r.ids("cohort")
+        if stage >= len(_STAGE_CODES):
+            raise MessageFormatError(f"unknown stage code {stage} in a client-session state")
+        params = RoundParams(sid, ring_bits, dim, threshold, cohort, k or None, quorum, floor)
+        (policy or ClientPolicy()).check(params)
+        if client_id not in params.cohort:
+            raise UnknownClient(f"client {client_id} is not in this session's cohort")
+        session = cls.__new__(cls)
+        session.client_id = client_id
+        session.params = params
+        session._identity = identity
+        session._roster = roster
+        packed = r.blob("input")
+        session._input = unpack(packed, params.ring, dim) if packed else None
+        enc, mask = r.blob("encryption key"), r.blob("masking key")
+        session._encryption = AgreementKeyPair.from_private_bytes(enc) if enc else None
+        session._masking = AgreementKeyPair.from_private_bytes(mask) if mask else None
+        session._seed = r.blob("self-mask seed") or None
+        session._seed_reveal = r.blob("graph-seed reveal")
+        session._digest = r.blob("session digest")
+        session.graph_seed = r.blob("graph seed") or None
+        session._own_seed_share = r.blob("own seed share")
+        session.abort_reason = r.blob("abort reason").decode() or None
+        session._neighbours = frozenset(r.ids("neighbours"))
+        session._seed_commitments = r.id_blobs("seed commitments")
+        session._peers = {v: _peer_from(blob) for v, blob in r.id_blobs("peers")}
+        session._delivered = r.ids("delivered")
+        session._survivors = r.ids("survivors")
+        r.end()
+        session.stage = _STAGE_CODES[stage]
+        session.mask_seconds = 0.0
+        session.mask_count = 0
+        session.pack_seconds = 0.0
+        return session
 
     # --- stages -------------------------------------------------------------------------------
 
@@ -500,3 +607,31 @@ class ClientSession:
         self._forget()
         self.stage = Stage.ABORTED
         self.abort_reason = reason
+
+
+_STATE_MAGIC = b"FSS"
+_STATE_VERSION = 1
+_STATE_HEAD = struct.Struct(">3sB")
+_STAGE_CODES = tuple(Stage)
+
+
+def _lp32(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def _peer_from(blob: bytes) -> _Peer:
+    """Inverse of the peer encoding in :meth:`ClientSession.export_state`."""
+    fields: list[bytes] = []
+    offset = 0
+    for _ in range(5):
+        if offset + 4 > len(blob):
+            raise MessageFormatError("client-session state: peer record truncated")
+        (size,) = struct.unpack_from(">I", blob, offset)
+        offset += 4
+        if offset + size > len(blob):
+            raise MessageFormatError("client-session state: peer record truncated")
+        fields.append(blob[offset : offset + size])
+        offset += size
+    if offset != len(blob):
+        raise MessageFormatError("client-session state: trailing bytes in a peer record")
+    return _Peer(*fields)

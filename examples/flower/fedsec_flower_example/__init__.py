@@ -1,0 +1,1 @@
+"""fedsec secure aggregation in a Flower app: LoRA fine-tuning across the embedded institutions."""
