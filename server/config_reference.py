@@ -66,6 +66,15 @@ DESCRIPTIONS: dict[str, str] = {
     "server.toml:ckks.poly_modulus_degree": "CKKS ring degree the context must have",
     "server.toml:ckks.coeff_mod_bit_sizes": "CKKS modulus chain the context must have",
     "server.toml:ckks.scale_bits": "CKKS scale (bits) the context must have",
+    "server.toml:split.base": "kind = split: the base model the server cuts (as [train] base)",
+    "server.toml:split.client_bottom": "blocks the institutions keep at the bottom",
+    "server.toml:split.client_top": "blocks the institutions keep at the top (with the head)",
+    "server.toml:split.device": "where the server runs its blocks",
+    "server.toml:split.federation_seed": "embedded base: the federation's seed (as the clients')",
+    "server.toml:split.institutions": "embedded base: the federation's size (as the clients')",
+    "server.toml:split.max_length": "tokens per example: bounds every step tensor",
+    "server.toml:split.records": "embedded base: records per institution (as the clients')",
+    "server.toml:split.step_timeout_s": "deadline of each message of a split step",
     "roster.toml:institution.id": "the institution's client id",
     "roster.toml:institution.name": "display name, in logs and the run record",
     "roster.toml:institution.public_key": "its Ed25519 identity key, hex",
@@ -92,6 +101,8 @@ DESCRIPTIONS: dict[str, str] = {
     "client.toml:policy.privacy_ledger": "where every release it joined is recorded",
     "client.toml:data.synthetic": "train on this embedded synthetic institution's data",
     "client.toml:data.jsonl": "train on these local records (one JSON object per line)",
+    "client.toml:data.preference": "DPO pairs ({prompt, chosen, rejected} or chat form)",
+    "client.toml:split.activation_noise": "split rounds: noise on sent activations, x their RMS",
     "client.toml:train.base": "embedded, a named model, or a model directory",
     "client.toml:train.institutions": "embedded federation's size (its tokenizer depends on it)",
     "client.toml:train.records": "records per embedded institution",
@@ -161,7 +172,11 @@ def traced_keys() -> list[KeySpec]:
         _trace(
             load_server_config,
             "server.toml",
-            [_insert(server, "dp.toml", "[dp]", "epsilon = 8.0\n"), ckks / "server.toml"],
+            [
+                _insert(server, "dp.toml", "[dp]", "epsilon = 8.0\n"),
+                _split_variant(masking / "server.toml"),
+                ckks / "server.toml",
+            ],
             keys,
         )
         client_1 = masking / "client-1" / "client.toml"
@@ -177,6 +192,9 @@ def traced_keys() -> list[KeySpec]:
         client = _insert(
             client, "testing.toml", "[testing]", 'stall_before = "unmask"\nstall_round = 0\n'
         )
+        client = _insert(client, "split.toml", "[split]", "activation_noise = 0.5\n")
+        (client_1.parent / "pairs.jsonl").write_text("")
+        client = _insert(client, "pairs.toml", "[data]", 'preference = "pairs.jsonl"\n')
         _trace(
             load_client_config,
             "client.toml",
@@ -184,6 +202,14 @@ def traced_keys() -> list[KeySpec]:
             keys,
         )
     return keys
+
+
+def _split_variant(server_toml: Path) -> Path:
+    """The training server as a split-learning coordinator (its [split] table filled in)."""
+    split = server_toml.with_name("split.toml")
+    text = server_toml.read_text().replace('kind = "train"', 'kind = "split"')
+    split.write_text(text + "\n[split]\nclient_bottom = 1\nclient_top = 0\n")
+    return split
 
 
 def _write_jsonl_variant(client_toml: Path) -> None:
