@@ -27,7 +27,7 @@ B = "base_model.model.layers.0.q_proj.lora_B.weight"
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("deploy") / "d"
-    assert fedsec(["keygen", "--out", str(out), "--clients", "3"]) == 0
+    assert fedsec(["keygen", "--out", str(out), "--clients", "3", "--task", "random"]) == 0
     tensors = {A: np.ones((2, 8), np.float32), B: np.zeros((8, 2), np.float32)}
     save_adapter(out / "adapter", tensors, AdapterConfig(2, 4, ("q_proj",)))
     return out
