@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,15 @@ class Proc:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(10)
+
+
+@dataclass
+class Training:
+    """A training deployment's institutions: names, client.toml extras, in-process trainers."""
+
+    names: list[str]
+    extras: dict[int, str]
+    trainers: dict[int, Any]  # clients.train_task.LocalTrainer
 
 
 class Deployment:
@@ -163,6 +173,31 @@ give_up_after_s = 60.0
 {extra}"""
         )
         return path
+
+    def set_up_training(self, train: str, records: int, task: Callable[[Path], str]) -> Training:
+        """Institutions 1..n training on the embedded synthetic institutions (``train``: their
+        ``[train]`` table), built here too for in-process replays; the coordinator's starting
+        adapter written with institution 1's model settings; ``task(adapter)`` replaces the
+        server's ``[task]`` (and whatever follows it)."""
+        # Imported here: only training tests need torch.
+        from clients.client_config import load_client_config
+        from clients.synthetic import make_federation
+        from clients.train_task import LocalTrainer
+
+        clients = int(self.settings["cohort_size"])  # type: ignore[call-overload]
+        names = [i.name for i in make_federation(clients, records).institutions]
+        extras = {
+            c: f'{train}\n[data]\nsynthetic = "{names[c - 1]}"\n' for c in range(1, clients + 1)
+        }
+        trainers = {
+            c: LocalTrainer(load_client_config(self.client_config(c, extras[c]))) for c in extras
+        }
+        adapter = self.root / "initial-adapter"
+        trainers[1].write_initial_adapter(adapter)
+        server_toml = self.root / "server.toml"
+        text = server_toml.read_text()
+        server_toml.write_text(text[: text.index("[task]")] + task(adapter))
+        return Training(names, extras, trainers)
 
     def start_client(self, client_id: int, extra: str = "") -> Proc:
         return self.start_client_from(self.client_config(client_id, extra))

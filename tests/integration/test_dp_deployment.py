@@ -11,10 +11,7 @@ import numpy as np
 import pytest
 from conftest import Deployment
 
-from clients.client_config import load_client_config
 from clients.privacy_ledger import PrivacyLedger
-from clients.synthetic import make_federation
-from clients.train_task import LocalTrainer
 from fl_core.cli import main as fedsec
 from fl_core.federation import (
     ClientUpdate,
@@ -116,17 +113,11 @@ def test_dp_scaffold_deployment_is_the_round_core_plus_the_calibrated_noise(
     run; the audit passes."""
     clients, rounds = 4, 3
     d = deploy(clients, count=rounds, min_clients=3, stage_timeout_s=300.0, join_timeout_s=600.0)
-    names = [i.name for i in make_federation(clients, 12).institutions]
-    extras = {c: f'{TRAIN}\n[data]\nsynthetic = "{names[c - 1]}"\n' for c in range(1, clients + 1)}
-    configs = {c: d.client_config(c, extras[c]) for c in extras}
-    trainers = {c: LocalTrainer(load_client_config(configs[c])) for c in configs}
-    adapter = d.root / "initial-adapter"
-    trainers[1].write_initial_adapter(adapter)
-    server_toml = d.root / "server.toml"
-    text = server_toml.read_text()
-    server_toml.write_text(
-        text[: text.index("[task]")]
-        + f"""[task]
+    training = d.set_up_training(
+        TRAIN,
+        12,
+        lambda adapter: (
+            f"""[task]
 kind = "train"
 initial_adapter = "{adapter}"
 lora_mode = "ffa"
@@ -138,7 +129,10 @@ batch_size = 4
 [dp]
 epsilon = {EPSILON}
 """
+        ),
     )
+    names, extras, trainers = training.names, training.extras, training.trainers
+    server_toml = d.root / "server.toml"
     server_config = load_server_config(server_toml)  # start_server rewrites the file
     server = d.start_server()
     procs = [d.start_client(c, extras[c]) for c in extras]

@@ -10,9 +10,6 @@ import numpy as np
 import pytest
 from conftest import Deployment
 
-from clients.client_config import load_client_config
-from clients.synthetic import make_federation
-from clients.train_task import LocalTrainer
 from fl_core.strategies import AggregateInput, FedAvg
 from fl_core.wire import fedsec_pb2 as pb
 from server.global_model import vector_digest
@@ -53,15 +50,8 @@ def test_sft_then_dpo_rounds_equal_the_in_process_run(
     deploy: Callable[..., Deployment],
 ) -> None:
     d = deploy(CLIENTS, count=3, stage_timeout_s=300.0, join_timeout_s=600.0)
-    names = [i.name for i in make_federation(CLIENTS, RECORDS).institutions]
-    extras = {c: f'{TRAIN}\n[data]\nsynthetic = "{names[c - 1]}"\n' for c in range(1, CLIENTS + 1)}
-    configs = {c: d.client_config(c, extras[c]) for c in extras}
-    trainers = {c: LocalTrainer(load_client_config(configs[c])) for c in configs}
-    adapter = d.root / "initial-adapter"
-    trainers[1].write_initial_adapter(adapter)
-    server_toml = d.root / "server.toml"
-    text = server_toml.read_text()
-    server_toml.write_text(text[: text.index("[task]")] + _server_task(adapter))
+    training = d.set_up_training(TRAIN, RECORDS, _server_task)
+    extras, trainers = training.extras, training.trainers
 
     server = d.start_server()
     clients = [d.start_client(c, extras[c]) for c in extras]

@@ -11,9 +11,6 @@ import numpy as np
 import pytest
 from conftest import Deployment
 
-from clients.client_config import load_client_config
-from clients.synthetic import make_federation
-from clients.train_task import LocalTrainer
 from fl_core.adapter_io import load_adapter
 from fl_core.round import client_contribution
 from fl_core.strategies import AggregateInput, FedAvg, Scaffold
@@ -55,16 +52,8 @@ def test_two_training_rounds_equal_the_in_process_run(deploy: Callable[..., Depl
     # Nobody dies here, so a deadline only ever ends a stage when a slow (loaded) machine makes a
     # live client late, which would change the sum: deadlines far above any honest delay.
     d = deploy(CLIENTS, count=2, stage_timeout_s=300.0, join_timeout_s=600.0)
-    names = [i.name for i in make_federation(CLIENTS, RECORDS).institutions]
-    extras = {c: f'{TRAIN}\n[data]\nsynthetic = "{names[c - 1]}"\n' for c in range(1, CLIENTS + 1)}
-    # The coordinator's starting adapter, written with an institution's model settings.
-    configs = {c: d.client_config(c, extras[c]) for c in extras}
-    trainers = {c: LocalTrainer(load_client_config(configs[c])) for c in configs}
-    adapter = d.root / "initial-adapter"
-    trainers[1].write_initial_adapter(adapter)
-    server_toml = d.root / "server.toml"
-    text = server_toml.read_text()
-    server_toml.write_text(text[: text.index("[task]")] + _server_task(adapter))
+    training = d.set_up_training(TRAIN, RECORDS, _server_task)
+    extras, trainers = training.extras, training.trainers
 
     server = d.start_server()
     clients = [d.start_client(c, extras[c]) for c in extras]
@@ -110,16 +99,10 @@ def test_scaffold_rounds_over_grpc_follow_the_round_core(
 ) -> None:
     clients = 4
     d = deploy(clients, count=2, stage_timeout_s=300.0, join_timeout_s=600.0)
-    names = [i.name for i in make_federation(clients, RECORDS).institutions]
     train = TRAIN.replace(f"institutions = {CLIENTS}", f"institutions = {clients}")
-    extras = {c: f'{train}\n[data]\nsynthetic = "{names[c - 1]}"\n' for c in range(1, clients + 1)}
-    configs = {c: d.client_config(c, extras[c]) for c in extras}
-    trainers = {c: LocalTrainer(load_client_config(configs[c])) for c in configs}
-    adapter = d.root / "initial-adapter"
-    trainers[1].write_initial_adapter(adapter)
+    training = d.set_up_training(train, RECORDS, lambda a: _server_task(a, "scaffold"))
+    extras, trainers = training.extras, training.trainers
     server_toml = d.root / "server.toml"
-    text = server_toml.read_text()
-    server_toml.write_text(text[: text.index("[task]")] + _server_task(adapter, "scaffold"))
     # The codec the server sends each round, as the in-process run would build it.
     # (Kept: start_server rewrites server.toml with the port it got.)
     server_config = load_server_config(server_toml)
