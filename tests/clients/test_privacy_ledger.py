@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -83,3 +84,18 @@ def test_require_dp_refuses_a_round_without_noise_and_a_plain_round_costs_nothin
     ledger.check(plain, 1)
     ledger.charge(plain, plain.session_id)
     assert ledger.entries == [] and not (tmp_path / "ledger.json").exists()
+
+
+def test_a_server_that_cuts_the_noise_is_refused_from_the_parameters_it_sent() -> None:
+    """The charge is computed from the noise the round's config carries, not from anything the
+    server claims: a coordinator that halves every client's noise share (plan otherwise the one
+    calibrated for epsilon 3) makes the same institution refuse the very first round."""
+    honest = _plan(3.0)
+    dp = honest.codec.dp
+    assert dp is not None
+    cut = dataclasses.replace(dp, noise=dataclasses.replace(dp.noise, stddev=dp.noise.stddev / 2))
+    attacked = dataclasses.replace(honest, codec=dataclasses.replace(honest.codec, dp=cut))
+    ledger = PrivacyLedger.load(None, max_epsilon=4.0, require_dp=False, delta=1e-5)
+    ledger.check(honest, 1)  # the calibrated round fits the budget
+    with pytest.raises(PolicyViolation, match="above its budget 4"):
+        ledger.check(attacked, 1)
