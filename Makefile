@@ -50,7 +50,7 @@ test-slow: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy secagg fl_core clients server proofs
+	$(BIN)/mypy secagg wire fl_core clients server proofs
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

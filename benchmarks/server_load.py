@@ -38,8 +38,6 @@ import numpy as np
 
 from clients.transport import random_input, random_update
 from fl_core.cli import main as fedsec
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.convert import codec_from_config
 from secagg.packing import packed_size
 from secagg.params import session_shape
 from secagg.protocol import RoundParams
@@ -48,6 +46,8 @@ from secagg.simulate import simulate_round
 from server.config import load_server_config
 from server.global_model import GlobalModel
 from server.store import Store
+from wire import fedsec_pb2 as pb
+from wire.convert import codec_from_config
 
 ENTRY = "import sys; from fl_core.cli import main; sys.exit(main())"
 RING_BITS = 32

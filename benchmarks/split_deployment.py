@@ -47,11 +47,11 @@ from clients.synthetic import make_federation
 from clients.train_task import LocalTrainer
 from clients.trainer import evaluate
 from fl_core.strategies import AggregateInput, FedAvg
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.split_wire import limits_of
 from server.checkpoints import load_checkpoint
 from server.config import load_server_config
 from server.split_service import build_split_service
+from wire import fedsec_pb2 as pb
+from wire.split_wire import limits_of
 
 ENTRY = "import sys; from fl_core.cli import main; sys.exit(main())"
 SEED = 7

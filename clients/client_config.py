@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fl_core.recipe import BaseKind, Recipe, resolve_table
-from fl_core.wire.credentials import check_key_pair, load_certificates, load_identity, load_roster
-from fl_core.wire.toml_config import ConfigError, load_toml
+from fl_core.toml_config import ConfigError, load_toml
 from secagg.errors import ConfigurationError
 from secagg.keys import Identity, Roster
 from secagg.protocol import ClientPolicy
+from wire.credentials import check_key_pair, load_certificates, load_identity, load_roster
 
 if TYPE_CHECKING:
-    from fl_core.wire.he_files import HeldSecret
+    from wire.he_files import HeldSecret
 
 #: Messages a client can be told to withhold (``[testing] stall_before``).
 STALLABLE_STAGES = (
@@ -219,7 +219,7 @@ def load_client_config(path: Path, load_secret: bool = True) -> ClientConfig:
         ckks.done()
         if load_secret:
             # Imported here: tenseal loads only on an institution configured for ckks.
-            from fl_core.wire.he_files import load_secret_context
+            from wire.he_files import load_secret_context
 
             secret = load_secret_context(secret_path)
     top.done()

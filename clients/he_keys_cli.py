@@ -27,7 +27,8 @@ from pathlib import Path
 
 from clients.client_config import ClientConfig, load_client_config
 from fl_core.cli import UsageError
-from fl_core.wire.he_files import (
+from secagg.errors import SecAggError
+from wire.he_files import (
     CkksShape,
     announce,
     deal,
@@ -40,7 +41,6 @@ from fl_core.wire.he_files import (
     write_announcement,
     write_public_context,
 )
-from secagg.errors import SecAggError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_core.round import RoundPlan
-from fl_core.wire.toml_config import ConfigError
+from fl_core.toml_config import ConfigError
 from secagg.dp.calibration import release_event, releases_epsilon
 from secagg.dp.events import DpEvent
 from secagg.dp.rdp import AccountingError

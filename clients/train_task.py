@@ -44,10 +44,10 @@ from clients.trainer import (
 from fl_core.adapter_io import save_adapter
 from fl_core.round import client_contribution
 from fl_core.strategies import Strategy, build_strategy
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.convert import train_task_of
-from fl_core.wire.toml_config import ConfigError
+from fl_core.toml_config import ConfigError
 from secagg.errors import ConfigurationError
+from wire import fedsec_pb2 as pb
+from wire.convert import train_task_of
 
 
 def _examples(config: ClientConfig, options: TrainOptions) -> list[Example]:

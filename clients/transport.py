@@ -52,9 +52,15 @@ from clients.client_config import ClientConfig
 from clients.privacy_ledger import PrivacyLedger
 from fl_core.errors import FLError
 from fl_core.round import RoundCodec, RoundPlan
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire import fedsec_pb2_grpc as pb_grpc
-from fl_core.wire.convert import (
+from fl_core.toml_config import ConfigError
+from secagg.encoding import QuantizationParams
+from secagg.errors import MessageFormatError, PolicyViolation, ProtocolAbort, SecAggError
+from secagg.messages import SERVER_MESSAGE_TYPES, MaskedInput, decode_message, encode_message
+from secagg.protocol import ClientSession
+from secagg.ring import Ring, RingArray
+from wire import fedsec_pb2 as pb
+from wire import fedsec_pb2_grpc as pb_grpc
+from wire.convert import (
     MAX_MODEL_DIM,
     REFUSAL_MAX_BYTES,
     admission_signed_bytes,
@@ -62,13 +68,7 @@ from fl_core.wire.convert import (
     kind_of,
     plan_from_config,
 )
-from fl_core.wire.framing import client_frames, grpc_options, read_item
-from fl_core.wire.toml_config import ConfigError
-from secagg.encoding import QuantizationParams
-from secagg.errors import MessageFormatError, PolicyViolation, ProtocolAbort, SecAggError
-from secagg.messages import SERVER_MESSAGE_TYPES, MaskedInput, decode_message, encode_message
-from secagg.protocol import ClientSession
-from secagg.ring import Ring, RingArray
+from wire.framing import client_frames, grpc_options, read_item
 
 if TYPE_CHECKING:
     from clients.train_task import LocalTrainer
@@ -375,7 +375,7 @@ class ClientTransport:
         if kind == "secagg" and self._round is not None:
             return download_limit(len(self._round.config.cohort))
         if kind == "he_aggregate" and self._round is not None and self._round.he is not None:
-            from fl_core.wire.he_round import aggregate_download_limit
+            from wire.he_round import aggregate_download_limit
 
             return aggregate_download_limit(self._round.he.params, self._round.config.dim)
         return 0
@@ -479,8 +479,8 @@ class ClientTransport:
         self._send(kind_of(start), encode_message(start))
 
     def _start_ckks_round(self, config: pb.RoundConfig, config_bytes: bytes, model: bytes) -> None:
-        from fl_core.wire.he_round import ckks_spec_from_config
         from secagg.he import HeClientSession
+        from wire.he_round import ckks_spec_from_config
 
         held = self._config.ckks_secret
         if held is None:
@@ -593,7 +593,7 @@ class ClientTransport:
         self._send(kind_of(reply), encode_message(reply))
 
     def _on_he_aggregate(self, session_id: bytes, payload: bytes) -> None:
-        from fl_core.wire.he_round import encode_release
+        from wire.he_round import encode_release
 
         current = self._round
         if current is None or session_id != current.config.session_id:

@@ -32,7 +32,7 @@ from typing import Any, Literal, cast
 
 from fl_core.errors import FLError
 from fl_core.strategies import STRATEGIES
-from fl_core.wire.toml_config import ConfigError, Table
+from fl_core.toml_config import ConfigError, Table
 
 Who = Literal["round", "local", "shared"]
 BaseKind = Literal["embedded", "pretrained"]
@@ -682,7 +682,7 @@ def resolve(kind: BaseKind, overrides: Mapping[str, Any]) -> Resolved:
 
 def resolve_table(table: Table, who: Who, kind: BaseKind) -> Resolved:
     """The recipe keys of a config table (``who``'s and the shared ones), resolved for ``kind``;
-    every refusal names the file and key (:class:`~fl_core.wire.toml_config.ConfigError`)."""
+    every refusal names the file and key (:class:`~fl_core.toml_config.ConfigError`)."""
     raw = table.take(spec.name for spec in FIELDS)
     try:
         return resolve(kind, overrides_from_mapping(raw, who, table.where))

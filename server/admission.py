@@ -2,7 +2,7 @@
 
 TLS authenticates the server to the client. The client authenticates with a challenge-response
 on top: the server hands out a fresh 32-byte nonce per request (single use, short-lived), the
-client signs :func:`fl_core.wire.convert.admission_signed_bytes` (domain, nonce, SHA-256 of this
+client signs :func:`wire.convert.admission_signed_bytes` (domain, nonce, SHA-256 of this
 server's certificate, client id) and gets an opaque random token that names it on later calls.
 
 Refusal codes tell a client what it can do about them: PERMISSION_DENIED is permanent (not in
@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from fl_core.wire.convert import NONCE_BYTES, admission_signed_bytes
 from secagg.errors import InvalidSignatureError
 from secagg.ids import id_bytes
 from secagg.keys import Roster
+from wire.convert import NONCE_BYTES, admission_signed_bytes
 
 TOKEN_BYTES = 32
 #: A token used this recently belongs to a live client process (an idle client always has a

@@ -1,6 +1,6 @@
 """``fedsec server --config server.toml``: the coordinator's settings, validated on load.
 
-Every refusal names the file and the key (see :mod:`fl_core.wire.toml_config`). Cross-field
+Every refusal names the file and the key (see :mod:`fl_core.toml_config`). Cross-field
 rules that would otherwise surface mid-round (a threshold above the cohort, a cohort above the
 roster) are checked here, before the server listens.
 
@@ -28,13 +28,13 @@ from fl_core.adapter_io import load_adapter
 from fl_core.errors import AdapterFormatError, FLError
 from fl_core.federation import DpSettings
 from fl_core.recipe import EMBEDDED, BaseKind, Recipe, RecipeError, resolve_table
-from fl_core.wire.credentials import check_key_pair, load_certificates, load_roster
-from fl_core.wire.toml_config import ConfigError, Table, load_toml
+from fl_core.toml_config import ConfigError, Table, load_toml
 from secagg.dp.noise import MECHANISMS, Mechanism
 from secagg.encoding import QuantizationParams
 from secagg.errors import ConfigurationError
 from secagg.keys import Roster
 from secagg.params import SessionShape, release_floor, session_shape
+from wire.credentials import check_key_pair, load_certificates, load_roster
 
 if TYPE_CHECKING:
     from secagg.he import PublicContext
@@ -225,8 +225,8 @@ def _load_ckks(
     path: Path, table: Table, rounds: RoundConfig, task: TaskConfig, roster: Roster
 ) -> CkksConfig:
     # Imported here: tenseal loads only on a server configured for ckks.
-    from fl_core.wire.he_files import load_public_context
     from secagg.he import CKKSParams
+    from wire.he_files import load_public_context
 
     public_path = table.path("public_context")
     min_contributors = table.integer("min_contributors", default=2, minimum=2)

@@ -1,8 +1,8 @@
 """``docs/configuration.md``, generated from the config loaders themselves.
 
 The loaders (:func:`server.config.load_server_config`, :func:`clients.client_config.
-load_client_config`) read every key through :class:`fl_core.wire.toml_config.Table`, which
-declares its type, default and range where it is read; :func:`fl_core.wire.toml_config.
+load_client_config`) read every key through :class:`fl_core.toml_config.Table`, which
+declares its type, default and range where it is read; :func:`fl_core.toml_config.
 trace_keys` records those reads. This module loads a set of sample deployments made by
 ``fedsec keygen`` (masking and ckks, with the optional tables filled in) under that trace and
 renders one table per config table, with the descriptions of :data:`DESCRIPTIONS` and the
@@ -25,7 +25,7 @@ from typing import Any
 
 from fl_core.cli import main as fedsec
 from fl_core.recipe import EMBEDDED, FIELDS, PRETRAINED, FieldSpec
-from fl_core.wire.toml_config import KeySpec, trace_keys
+from fl_core.toml_config import KeySpec, trace_keys
 from server.config import load_server_config
 
 #: What each key is for, by ``file:table.key`` (recipe keys are described in FIELDS). The test

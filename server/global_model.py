@@ -40,15 +40,15 @@ from fl_core.errors import AdapterFormatError
 from fl_core.round import EncodingSpec, calibrate_run
 from fl_core.split import SplitLayout
 from fl_core.strategies import AggregateInput, Strategy, build_strategy
+from fl_core.toml_config import ConfigError
 from fl_core.updates import LoraLayout
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.convert import codec_from_config, codec_to_config
-from fl_core.wire.toml_config import ConfigError
 from secagg.dp.calibration import Calibration
 from secagg.errors import ConfigurationError
 from secagg.protocol import AggregateResult
 from server.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from server.config import ServerConfig
+from wire import fedsec_pb2 as pb
+from wire.convert import codec_from_config, codec_to_config
 
 #: Where the DPO stage's reference digest is kept, beside the checkpoints.
 DPO_REFERENCE_FILE = "dpo-reference.sha256"

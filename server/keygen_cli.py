@@ -35,10 +35,10 @@ import json
 from pathlib import Path
 
 from fl_core.cli import UsageError
-from fl_core.wire.credentials import RosterEntry, make_dev_pki, save_identity, write_roster
-from fl_core.wire.toml_config import check_host
+from fl_core.toml_config import check_host
 from secagg.keys import Identity, Roster
 from secagg.params import session_shape
+from wire.credentials import RosterEntry, make_dev_pki, save_identity, write_roster
 
 #: Where a training deployment keeps its starting adapter and the embedded base model.
 INITIAL_ADAPTER = "initial-adapter"
@@ -235,7 +235,7 @@ def _embedded_names() -> list[str]:
 def _dev_ckks_keys(out: Path, identities: dict[int, Identity]) -> None:
     """The institutions' key distribution, run in one process for a development federation."""
     # Imported here: tenseal loads only when CKKS keys are made.
-    from fl_core.wire.he_files import (
+    from wire.he_files import (
         CkksShape,
         announce,
         deal,

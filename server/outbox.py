@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from fl_core.wire import fedsec_pb2 as pb
+from wire import fedsec_pb2 as pb
 
 
 class Outbox:

@@ -17,7 +17,7 @@ checkpoint. Any failed attempt releases nothing (``ServerSession`` wipes its sum
 Backends (``[rounds] backend``): both share sampling, RoundStart, deadlines, the store, the
 strategy step and checkpoints; only the middle differs. ``masking`` drives the
 :class:`ServerSession` stages; ``ckks`` drives a :class:`secagg.he.HeServerSession` built from
-the round config at the edge (:func:`fl_core.wire.he_round.ckks_spec_from_config`): uploads until
+the round config at the edge (:func:`wire.he_round.ckks_spec_from_config`): uploads until
 the join deadline (clients train first), then the aggregate to the round's one decryptor (the
 lowest cohort id, named by every contributor's pads), which must answer within
 ``stage_timeout_s``; otherwise the attempt aborts and the round is rerun under a fresh session.
@@ -45,16 +45,7 @@ import numpy as np
 
 from fl_core.aggregation import CkksRoundRecord, UploadRecord
 from fl_core.strategies import AggregateInput
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.convert import (
-    KIND_OF,
-    REFUSAL_MAX_BYTES,
-    params_from_config,
-    upload_limit,
-)
-from fl_core.wire.he_round import ckks_spec_from_config, decode_release, he_upload_limit
-from fl_core.wire.split_wire import limits_of
-from fl_core.wire.toml_config import ConfigError
+from fl_core.toml_config import ConfigError
 from secagg.errors import (
     MessageFormatError,
     ProtocolAbort,
@@ -74,6 +65,15 @@ from server.global_model import GlobalModel
 from server.outbox import Mailboxes
 from server.run_record import DeploymentRunRecord
 from server.store import Store
+from wire import fedsec_pb2 as pb
+from wire.convert import (
+    KIND_OF,
+    REFUSAL_MAX_BYTES,
+    params_from_config,
+    upload_limit,
+)
+from wire.he_round import ckks_spec_from_config, decode_release, he_upload_limit
+from wire.split_wire import limits_of
 
 if TYPE_CHECKING:
     from server.split_service import SplitService

@@ -21,10 +21,10 @@ from typing import Any
 from fl_core.aggregation import CkksRoundRecord
 from fl_core.round import release_record
 from fl_core.run_dir import METRICS_FILE, RunWriter
-from fl_core.wire import fedsec_pb2 as pb
 from secagg.dp.calibration import Calibration
 from secagg.transcript import Transcript
 from server.config import ServerConfig
+from wire import fedsec_pb2 as pb
 
 RUN_DIR = "run"
 

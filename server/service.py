@@ -2,7 +2,7 @@
 
 Every refusal ends the call with a specific gRPC status and a log line naming the client (when
 known) and the reason; the server keeps serving everyone else. The message-size limits of the
-gRPC server are pinned to one frame (:func:`fl_core.wire.framing.grpc_options`): anything
+gRPC server are pinned to one frame (:func:`wire.framing.grpc_options`): anything
 larger arrives in chunks whose total was declared and checked first.
 """
 
@@ -17,22 +17,22 @@ from typing import Any
 import grpc
 
 from fl_core.cli import UsageError
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire import fedsec_pb2_grpc as pb_grpc
-from fl_core.wire.credentials import cert_sha256
-from fl_core.wire.framing import (
-    PayloadTooLarge,
-    WireFormatError,
-    grpc_options,
-    read_upload,
-    server_frames,
-)
 from secagg.protocol import SumBackend
 from server.admission import Admission, Refusal
 from server.config import ServerConfig
 from server.outbox import Mailboxes
 from server.rounds import RoundRunner
 from server.store import Store
+from wire import fedsec_pb2 as pb
+from wire import fedsec_pb2_grpc as pb_grpc
+from wire.credentials import cert_sha256
+from wire.framing import (
+    PayloadTooLarge,
+    WireFormatError,
+    grpc_options,
+    read_upload,
+    server_frames,
+)
 
 log = logging.getLogger("fedsec.server")
 

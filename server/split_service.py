@@ -52,11 +52,11 @@ from fl_core.split import (
     SplitTensorError,
     StepLimits,
 )
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.framing import PayloadTooLarge, WireFormatError
-from fl_core.wire.split_wire import StreamEnded, read_tensor, tensor_frames
-from fl_core.wire.toml_config import ConfigError
+from fl_core.toml_config import ConfigError
 from server.admission import Refusal
+from wire import fedsec_pb2 as pb
+from wire.framing import PayloadTooLarge, WireFormatError
+from wire.split_wire import StreamEnded, read_tensor, tensor_frames
 
 if TYPE_CHECKING:
     from clients.split.middle import MiddleServer

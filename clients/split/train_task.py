@@ -20,9 +20,9 @@ from clients.split.model import MiddleLink, SplitModel
 from clients.split.trainer import split_train_local
 from clients.train_task import LocalTrainer, optimizer_of, training_seed
 from clients.trainer import LocalResult, TrainSettings
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.split_wire import spec_of
 from secagg.errors import ConfigurationError
+from wire import fedsec_pb2 as pb
+from wire.split_wire import spec_of
 
 
 def split_model_for(trainer: LocalTrainer, config: pb.RoundConfig, model: bytes) -> SplitModel:

@@ -4,7 +4,7 @@ One stream per round, on the client's TLS channel and admitted by its session to
 refuses a token it did not issue, a round or session other than the current one, and a second
 stream of the same institution). The client waits for ``SplitTurn`` (at most as long as the
 institutions before it in the sorted cohort may take,
-:func:`fl_core.wire.split_wire.turn_timeout`), then each answer of the server is due within the
+:func:`wire.split_wire.turn_timeout`), then each answer of the server is due within the
 round's ``step_timeout_s``; a late or refused answer ends the stream and raises a
 :class:`SplitLinkError` whose message says which step and why, so the client leaves the round
 with one line in its log and tells the server. What the server sends back is checked like what
@@ -25,9 +25,9 @@ import numpy as np
 
 from fl_core.errors import FLError
 from fl_core.split import SplitError, StepLimits
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.framing import WireFormatError
-from fl_core.wire.split_wire import limits_of, read_tensor, tensor_frames, turn_timeout
+from wire import fedsec_pb2 as pb
+from wire.framing import WireFormatError
+from wire.split_wire import limits_of, read_tensor, tensor_frames, turn_timeout
 
 log = logging.getLogger("fedsec.client")
 

@@ -97,7 +97,7 @@ def node_config_credentials(context: Context) -> ClientCredentials:
     """Credentials from the node's config (``flower-supernode --node-config``): the keys
     ``fedsec-client-id``, ``fedsec-identity`` (an identity key file, ``fedsec keygen``) and
     ``fedsec-roster`` (the roster file)."""
-    from fl_core.wire.credentials import load_identity, load_roster
+    from wire.credentials import load_identity, load_roster
 
     config = context.node_config
     missing = [k for k in (NODE_CLIENT_ID, NODE_IDENTITY, NODE_ROSTER) if k not in config]

@@ -6,7 +6,7 @@ cohort, dimension, federation fingerprint) describes the round; the server's
 an institution's :class:`HeClientSession` turns its update into one upload and, if it is the
 round's decryptor, opens the aggregate. The in-process backend (:mod:`fl_core.aggregation`) and
 the gRPC server and client (:mod:`server.rounds`, :mod:`clients.transport`) drive these same
-objects; protobuf is converted at the edge (:mod:`fl_core.wire.he_round`).
+objects; protobuf is converted at the edge (:mod:`wire.he_round`).
 
 Why the decryptor is no oracle (the argument is ``proofs/SPEC.md`` §9):
 

@@ -10,7 +10,7 @@ import pytest
 
 from clients.privacy_ledger import PrivacyLedger
 from fl_core.round import EncodingSpec, RoundPlan
-from fl_core.wire.toml_config import ConfigError
+from fl_core.toml_config import ConfigError
 from secagg.dp.calibration import calibrate, release_event, releases_epsilon
 from secagg.errors import PolicyViolation
 from secagg.params import session_shape

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from fl_core.cli import main as fedsec
-from fl_core.wire import fedsec_pb2 as pb
 from secagg.encoding import QuantizationParams
 from server.checkpoints import load_checkpoint
+from wire import fedsec_pb2 as pb
 
 ENTRY = "import sys; from fl_core.cli import main; sys.exit(main())"
 REPO = Path(__file__).resolve().parents[2]

@@ -19,9 +19,9 @@ from conftest import ENTRY, Proc
 
 from clients.transport import random_update
 from fl_core.cli import main as fedsec
-from fl_core.wire import fedsec_pb2 as pb
 from secagg.he import CKKSParams
 from server.checkpoints import load_checkpoint
+from wire import fedsec_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

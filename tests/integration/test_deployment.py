@@ -16,15 +16,15 @@ from conftest import Deployment, round_config
 
 from clients.transport import random_input
 from fl_core.strategies import AggregateInput, FedAvg
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire import fedsec_pb2_grpc as pb_grpc
-from fl_core.wire.convert import admission_signed_bytes
-from fl_core.wire.credentials import cert_sha256, load_identity
-from fl_core.wire.framing import CHUNK_BYTES, client_frames
 from secagg.encoding import QuantizationParams, decode_sum
 from secagg.keys import Identity
 from secagg.protocol import RoundParams
 from secagg.simulate import simulate_round
+from wire import fedsec_pb2 as pb
+from wire import fedsec_pb2_grpc as pb_grpc
+from wire.convert import admission_signed_bytes
+from wire.credentials import cert_sha256, load_identity
+from wire.framing import CHUNK_BYTES, client_frames
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -22,11 +22,11 @@ from fl_core.federation import (
 )
 from fl_core.round import client_contribution
 from fl_core.strategies import ClientOptions
-from fl_core.wire import fedsec_pb2 as pb
 from secagg.dp.calibration import release_event, releases_epsilon
 from secagg.dp.events import DpEvent
 from server.config import load_server_config
 from server.global_model import GlobalModel
+from wire import fedsec_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

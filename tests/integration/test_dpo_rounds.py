@@ -11,8 +11,8 @@ import pytest
 from conftest import Deployment
 
 from fl_core.strategies import AggregateInput, FedAvg
-from fl_core.wire import fedsec_pb2 as pb
 from server.global_model import vector_digest
+from wire import fedsec_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 

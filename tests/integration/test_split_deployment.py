@@ -23,11 +23,11 @@ from clients.train_task import LocalTrainer
 from fl_core.adapter_io import load_adapter
 from fl_core.cli import main as fedsec
 from fl_core.strategies import AggregateInput, FedProx
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.split_wire import limits_of
 from server.checkpoints import load_checkpoint
 from server.config import load_server_config
 from server.split_service import build_split_service
+from wire import fedsec_pb2 as pb
+from wire.split_wire import limits_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 

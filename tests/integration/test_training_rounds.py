@@ -14,10 +14,10 @@ from conftest import Deployment
 from fl_core.adapter_io import load_adapter
 from fl_core.round import client_contribution
 from fl_core.strategies import AggregateInput, FedAvg, Scaffold
-from fl_core.wire import fedsec_pb2 as pb
 from secagg.ring import Ring
 from server.config import load_server_config
 from server.global_model import GlobalModel
+from wire import fedsec_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 

@@ -9,13 +9,13 @@ import time
 import grpc
 import pytest
 
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.convert import admission_signed_bytes, upload_limit
-from fl_core.wire.framing import WireFormatError
 from secagg.keys import Identity, Roster
 from secagg.packing import packed_size
 from server.admission import Admission, Refusal
 from server.outbox import Mailboxes, Outbox
+from wire import fedsec_pb2 as pb
+from wire.convert import admission_signed_bytes, upload_limit
+from wire.framing import WireFormatError
 
 CERT = hashlib.sha256(b"server certificate").digest()
 

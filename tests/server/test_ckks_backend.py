@@ -22,23 +22,7 @@ from clients.client_config import load_client_config
 from clients.transport import ClientTransport, random_update
 from fl_core.adapter_io import AdapterConfig, save_adapter
 from fl_core.cli import main as fedsec
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.credentials import load_identity
-from fl_core.wire.he_files import (
-    CkksShape,
-    decode_announcement,
-    encode_announcement,
-    load_public_context,
-    load_secret_context,
-)
-from fl_core.wire.he_round import (
-    ckks_params_from_config,
-    ckks_spec_from_config,
-    decode_release,
-    encode_release,
-    he_upload_limit,
-)
-from fl_core.wire.toml_config import ConfigError
+from fl_core.toml_config import ConfigError
 from secagg.errors import TooFewSurvivors, UnexpectedMessage
 from secagg.he import (
     DecryptedSum,
@@ -57,6 +41,22 @@ from server.config import load_server_config
 from server.outbox import Mailboxes
 from server.rounds import RoundRunner
 from server.store import Store
+from wire import fedsec_pb2 as pb
+from wire.credentials import load_identity
+from wire.he_files import (
+    CkksShape,
+    decode_announcement,
+    encode_announcement,
+    load_public_context,
+    load_secret_context,
+)
+from wire.he_round import (
+    ckks_params_from_config,
+    ckks_spec_from_config,
+    decode_release,
+    encode_release,
+    he_upload_limit,
+)
 
 DIM = 1000
 

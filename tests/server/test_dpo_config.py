@@ -14,11 +14,11 @@ from clients.synthetic import institution_name
 from clients.train_task import LocalTrainer
 from fl_core.adapter_io import AdapterConfig, save_adapter
 from fl_core.cli import main as fedsec
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.toml_config import ConfigError
+from fl_core.toml_config import ConfigError
 from secagg.errors import ConfigurationError
 from server.config import load_server_config
 from server.global_model import DPO_REFERENCE_FILE, GlobalModel
+from wire import fedsec_pb2 as pb
 
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
 B = "base_model.model.layers.0.q_proj.lora_B.weight"

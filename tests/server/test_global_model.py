@@ -9,11 +9,11 @@ import pytest
 
 from fl_core.adapter_io import AdapterConfig, load_adapter, save_adapter
 from fl_core.cli import main as fedsec
-from fl_core.wire import fedsec_pb2 as pb
 from secagg.encoding import QuantizationParams, encode
 from secagg.protocol import AggregateResult
 from server.config import load_server_config
 from server.global_model import GlobalModel
+from wire import fedsec_pb2 as pb
 
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
 B = "base_model.model.layers.0.q_proj.lora_B.weight"

@@ -15,12 +15,12 @@ from transformers import AutoModelForCausalLM
 from clients.client_config import load_client_config
 from clients.train_task import LocalTrainer
 from fl_core.cli import UsageError, main
-from fl_core.wire.credentials import load_identity, load_roster
-from fl_core.wire.toml_config import ConfigError
+from fl_core.toml_config import ConfigError
 from secagg.params import SessionShape
 from server import keygen_cli
 from server.config import default_workers, load_server_config
 from server.keygen_cli import BASE_MODEL, INITIAL_ADAPTER
+from wire.credentials import load_identity, load_roster
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import pytest
 from clients.client_config import load_client_config
 from fl_core.adapter_io import AdapterConfig, save_adapter
 from fl_core.cli import main as fedsec
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.toml_config import ConfigError
+from fl_core.toml_config import ConfigError
 from server.config import load_server_config
 from server.global_model import GlobalModel
+from wire import fedsec_pb2 as pb
 
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
 B = "base_model.model.layers.0.q_proj.lora_B.weight"

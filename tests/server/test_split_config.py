@@ -11,7 +11,7 @@ import pytest
 from clients.client_config import load_client_config
 from fl_core.adapter_io import AdapterConfig, save_adapter
 from fl_core.cli import main as fedsec
-from fl_core.wire.toml_config import ConfigError
+from fl_core.toml_config import ConfigError
 from server.config import SplitServerConfig, load_server_config
 
 A = "base_model.model.layers.0.q_proj.lora_A.weight"

@@ -23,16 +23,16 @@ from clients.split.trainer import InProcessLink, split_train_local
 from clients.split.transport import GrpcSplitLink, SplitStepTimeout, SplitStreamRefused
 from clients.trainer import LocalResult, LoraModel, LoraSettings, TrainSettings
 from fl_core.split import SplitSpec
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire import fedsec_pb2_grpc as pb_grpc
-from fl_core.wire.credentials import make_dev_pki
-from fl_core.wire.framing import grpc_options
-from fl_core.wire.split_wire import tensor_frames
 from secagg.keys import Identity, Roster
 from server.admission import Admission
 from server.outbox import Mailboxes
 from server.service import CoordinatorService
 from server.split_service import SplitService
+from wire import fedsec_pb2 as pb
+from wire import fedsec_pb2_grpc as pb_grpc
+from wire.credentials import make_dev_pki
+from wire.framing import grpc_options
+from wire.split_wire import tensor_frames
 
 SPEC = TinyLlamaSpec(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
 VOCAB, ROWS, WIDTH, STEPS = 40, 3, 8, 2
@@ -63,7 +63,7 @@ class Federation:
         self.admission = Admission(Roster({c: i.public_bytes for c, i in identities.items()}), CERT)
         self.tokens = {}
         for c, identity in identities.items():
-            from fl_core.wire.convert import admission_signed_bytes
+            from wire.convert import admission_signed_bytes
 
             nonce = self.admission.challenge(c)
             sig = identity.sign(admission_signed_bytes(nonce, CERT, c))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.framing import (
+from wire import fedsec_pb2 as pb
+from wire.framing import (
     ChunkTooLarge,
     PayloadAssembler,
     PayloadTooLarge,
@@ -98,7 +98,7 @@ def test_grpc_options_bound_both_directions() -> None:
 
 def test_checked_in_modules_are_what_protoc_generates(tmp_path: Path) -> None:
     """The checked-in _pb2 modules were generated from the .proto beside them, with the
-    command written in fl_core/wire/__init__.py; a schema edit without regeneration fails."""
+    command written in wire/__init__.py; a schema edit without regeneration fails."""
     grpc_tools = pytest.importorskip("grpc_tools.protoc")
     root = Path(__file__).resolve().parents[2]
     rc = grpc_tools.main(
@@ -108,10 +108,10 @@ def test_checked_in_modules_are_what_protoc_generates(tmp_path: Path) -> None:
             f"--python_out={tmp_path}",
             f"--pyi_out={tmp_path}",
             f"--grpc_python_out={tmp_path}",
-            str(root / "fl_core/wire/fedsec.proto"),
+            str(root / "wire/fedsec.proto"),
         ]
     )
     assert rc == 0
     for name in ("fedsec_pb2.py", "fedsec_pb2.pyi", "fedsec_pb2_grpc.py"):
-        generated = (tmp_path / "fl_core/wire" / name).read_text()
-        assert generated == (root / "fl_core/wire" / name).read_text(), name
+        generated = (tmp_path / "wire" / name).read_text()
+        assert generated == (root / "wire" / name).read_text(), name

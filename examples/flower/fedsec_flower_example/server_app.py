@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsec_flower_example.task import ADAPTER, ROSTER_FILE, ExampleSettings, workload
 from fl_core.flower.workflow import FedsecWorkflow
-from fl_core.wire.credentials import load_roster
+from wire.credentials import load_roster
 
 RESULT_FILE = "flower_result.json"
 #: The global adapter vector after each round, stacked (rounds x dim).

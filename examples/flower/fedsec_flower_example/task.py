@@ -24,14 +24,14 @@ from fl_core.flower.mod import (
     ClientCredentials,
     node_config_credentials,
 )
-from fl_core.wire.credentials import (
+from secagg.keys import Identity
+from wire.credentials import (
     RosterEntry,
     load_identity,
     load_roster,
     save_identity,
     write_roster,
 )
-from secagg.keys import Identity
 
 if TYPE_CHECKING:
     from clients.simulate_cli import SimulationSpec, TorchTrainer

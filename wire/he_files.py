@@ -35,8 +35,7 @@ from pathlib import Path
 
 import tenseal as ts
 
-from fl_core.wire.credentials import _write_private
-from fl_core.wire.toml_config import ConfigError
+from fl_core.toml_config import ConfigError
 from secagg.errors import SecAggError
 from secagg.he import (
     CKKSParams,
@@ -49,6 +48,7 @@ from secagg.he import (
 )
 from secagg.he.keys import TAG_KEY_BYTES
 from secagg.keys import AgreementKeyPair, Identity, Roster
+from wire.credentials import _write_private
 
 _VERSION = 1
 #: Kinds whose layout changed: the secret-bearing files gained the tag key in version 2.

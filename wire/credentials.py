@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fl_core.wire.toml_config import ConfigError, load_toml
+from fl_core.toml_config import ConfigError, load_toml
 from secagg.errors import ConfigurationError
 from secagg.keys import Identity, Roster
 

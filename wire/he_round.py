@@ -20,11 +20,11 @@ import struct
 
 import numpy as np
 
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.convert import train_task_of
-from fl_core.wire.framing import WireFormatError
 from secagg.errors import ConfigurationError, SessionMismatch
 from secagg.he import CKKSParams, DecryptedSum, HeRoundSpec
+from wire import fedsec_pb2 as pb
+from wire.convert import train_task_of
+from wire.framing import WireFormatError
 
 _RELEASE_MAGIC = b"FSDS"
 _RELEASE_VERSION = 1

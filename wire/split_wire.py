@@ -1,10 +1,10 @@
 """Split-training tensors on the wire (the ``SplitSteps`` stream), sized before they are read.
 
 A step tensor travels as a :class:`TensorHeader` (step, kind, shape, row lengths, payload size)
-followed by chunk frames, like every large payload (:mod:`fl_core.wire.framing`): the receiver
+followed by chunk frames, like every large payload (:mod:`wire.framing`): the receiver
 runs its check of the header (the round's step limits, the step it waits for) *before*
 allocating, the declared size must be exactly ``4 * rows * tokens * hidden``, and a chunk that
-overruns it or a stream that ends early is a :class:`~fl_core.wire.framing.WireFormatError`.
+overruns it or a stream that ends early is a :class:`~wire.framing.WireFormatError`.
 Payloads are little-endian float32 in C order; NaN/Inf are refused by the receiver.
 
 :func:`limits_of` and :func:`turn_timeout` are what both ends derive from a round's
@@ -19,8 +19,8 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from fl_core.split import FLOAT_BYTES, SplitSpec, StepLimits, check_tensor_values
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.framing import CHUNK_BYTES, PayloadAssembler, WireFormatError, split_chunks
+from wire import fedsec_pb2 as pb
+from wire.framing import CHUNK_BYTES, PayloadAssembler, WireFormatError, split_chunks
 
 _LE_FLOAT32 = np.dtype("<f4")
 

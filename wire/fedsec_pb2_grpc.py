@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fl_core.wire import fedsec_pb2 as fl__core_dot_wire_dot_fedsec__pb2
+from wire import fedsec_pb2 as wire_dot_fedsec__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fl_core/wire/fedsec_pb2_grpc.py depends on'
+        + ' but the generated code in wire/fedsec_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class CoordinatorStub:
         """
         self.Challenge = channel.unary_unary(
                 '/fedsec.wire.v1.Coordinator/Challenge',
-                request_serializer=fl__core_dot_wire_dot_fedsec__pb2.ChallengeRequest.SerializeToString,
-                response_deserializer=fl__core_dot_wire_dot_fedsec__pb2.ChallengeReply.FromString,
+                request_serializer=wire_dot_fedsec__pb2.ChallengeRequest.SerializeToString,
+                response_deserializer=wire_dot_fedsec__pb2.ChallengeReply.FromString,
                 _registered_method=True)
         self.Authenticate = channel.unary_unary(
                 '/fedsec.wire.v1.Coordinator/Authenticate',
-                request_serializer=fl__core_dot_wire_dot_fedsec__pb2.AuthenticateRequest.SerializeToString,
-                response_deserializer=fl__core_dot_wire_dot_fedsec__pb2.AuthenticateReply.FromString,
+                request_serializer=wire_dot_fedsec__pb2.AuthenticateRequest.SerializeToString,
+                response_deserializer=wire_dot_fedsec__pb2.AuthenticateReply.FromString,
                 _registered_method=True)
         self.Poll = channel.unary_stream(
                 '/fedsec.wire.v1.Coordinator/Poll',
-                request_serializer=fl__core_dot_wire_dot_fedsec__pb2.PollRequest.SerializeToString,
-                response_deserializer=fl__core_dot_wire_dot_fedsec__pb2.ServerFrame.FromString,
+                request_serializer=wire_dot_fedsec__pb2.PollRequest.SerializeToString,
+                response_deserializer=wire_dot_fedsec__pb2.ServerFrame.FromString,
                 _registered_method=True)
         self.Submit = channel.stream_unary(
                 '/fedsec.wire.v1.Coordinator/Submit',
-                request_serializer=fl__core_dot_wire_dot_fedsec__pb2.ClientFrame.SerializeToString,
-                response_deserializer=fl__core_dot_wire_dot_fedsec__pb2.SubmitReply.FromString,
+                request_serializer=wire_dot_fedsec__pb2.ClientFrame.SerializeToString,
+                response_deserializer=wire_dot_fedsec__pb2.SubmitReply.FromString,
                 _registered_method=True)
         self.SplitSteps = channel.stream_stream(
                 '/fedsec.wire.v1.Coordinator/SplitSteps',
-                request_serializer=fl__core_dot_wire_dot_fedsec__pb2.SplitUp.SerializeToString,
-                response_deserializer=fl__core_dot_wire_dot_fedsec__pb2.SplitDown.FromString,
+                request_serializer=wire_dot_fedsec__pb2.SplitUp.SerializeToString,
+                response_deserializer=wire_dot_fedsec__pb2.SplitDown.FromString,
                 _registered_method=True)
 
 
@@ -111,28 +111,28 @@ def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Challenge': grpc.unary_unary_rpc_method_handler(
                     servicer.Challenge,
-                    request_deserializer=fl__core_dot_wire_dot_fedsec__pb2.ChallengeRequest.FromString,
-                    response_serializer=fl__core_dot_wire_dot_fedsec__pb2.ChallengeReply.SerializeToString,
+                    request_deserializer=wire_dot_fedsec__pb2.ChallengeRequest.FromString,
+                    response_serializer=wire_dot_fedsec__pb2.ChallengeReply.SerializeToString,
             ),
             'Authenticate': grpc.unary_unary_rpc_method_handler(
                     servicer.Authenticate,
-                    request_deserializer=fl__core_dot_wire_dot_fedsec__pb2.AuthenticateRequest.FromString,
-                    response_serializer=fl__core_dot_wire_dot_fedsec__pb2.AuthenticateReply.SerializeToString,
+                    request_deserializer=wire_dot_fedsec__pb2.AuthenticateRequest.FromString,
+                    response_serializer=wire_dot_fedsec__pb2.AuthenticateReply.SerializeToString,
             ),
             'Poll': grpc.unary_stream_rpc_method_handler(
                     servicer.Poll,
-                    request_deserializer=fl__core_dot_wire_dot_fedsec__pb2.PollRequest.FromString,
-                    response_serializer=fl__core_dot_wire_dot_fedsec__pb2.ServerFrame.SerializeToString,
+                    request_deserializer=wire_dot_fedsec__pb2.PollRequest.FromString,
+                    response_serializer=wire_dot_fedsec__pb2.ServerFrame.SerializeToString,
             ),
             'Submit': grpc.stream_unary_rpc_method_handler(
                     servicer.Submit,
-                    request_deserializer=fl__core_dot_wire_dot_fedsec__pb2.ClientFrame.FromString,
-                    response_serializer=fl__core_dot_wire_dot_fedsec__pb2.SubmitReply.SerializeToString,
+                    request_deserializer=wire_dot_fedsec__pb2.ClientFrame.FromString,
+                    response_serializer=wire_dot_fedsec__pb2.SubmitReply.SerializeToString,
             ),
             'SplitSteps': grpc.stream_stream_rpc_method_handler(
                     servicer.SplitSteps,
-                    request_deserializer=fl__core_dot_wire_dot_fedsec__pb2.SplitUp.FromString,
-                    response_serializer=fl__core_dot_wire_dot_fedsec__pb2.SplitDown.SerializeToString,
+                    request_deserializer=wire_dot_fedsec__pb2.SplitUp.FromString,
+                    response_serializer=wire_dot_fedsec__pb2.SplitDown.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -160,8 +160,8 @@ class Coordinator:
             request,
             target,
             '/fedsec.wire.v1.Coordinator/Challenge',
-            fl__core_dot_wire_dot_fedsec__pb2.ChallengeRequest.SerializeToString,
-            fl__core_dot_wire_dot_fedsec__pb2.ChallengeReply.FromString,
+            wire_dot_fedsec__pb2.ChallengeRequest.SerializeToString,
+            wire_dot_fedsec__pb2.ChallengeReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -187,8 +187,8 @@ class Coordinator:
             request,
             target,
             '/fedsec.wire.v1.Coordinator/Authenticate',
-            fl__core_dot_wire_dot_fedsec__pb2.AuthenticateRequest.SerializeToString,
-            fl__core_dot_wire_dot_fedsec__pb2.AuthenticateReply.FromString,
+            wire_dot_fedsec__pb2.AuthenticateRequest.SerializeToString,
+            wire_dot_fedsec__pb2.AuthenticateReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -214,8 +214,8 @@ class Coordinator:
             request,
             target,
             '/fedsec.wire.v1.Coordinator/Poll',
-            fl__core_dot_wire_dot_fedsec__pb2.PollRequest.SerializeToString,
-            fl__core_dot_wire_dot_fedsec__pb2.ServerFrame.FromString,
+            wire_dot_fedsec__pb2.PollRequest.SerializeToString,
+            wire_dot_fedsec__pb2.ServerFrame.FromString,
             options,
             channel_credentials,
             insecure,
@@ -241,8 +241,8 @@ class Coordinator:
             request_iterator,
             target,
             '/fedsec.wire.v1.Coordinator/Submit',
-            fl__core_dot_wire_dot_fedsec__pb2.ClientFrame.SerializeToString,
-            fl__core_dot_wire_dot_fedsec__pb2.SubmitReply.FromString,
+            wire_dot_fedsec__pb2.ClientFrame.SerializeToString,
+            wire_dot_fedsec__pb2.SubmitReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -268,8 +268,8 @@ class Coordinator:
             request_iterator,
             target,
             '/fedsec.wire.v1.Coordinator/SplitSteps',
-            fl__core_dot_wire_dot_fedsec__pb2.SplitUp.SerializeToString,
-            fl__core_dot_wire_dot_fedsec__pb2.SplitDown.FromString,
+            wire_dot_fedsec__pb2.SplitUp.SerializeToString,
+            wire_dot_fedsec__pb2.SplitDown.FromString,
             options,
             channel_credentials,
             insecure,

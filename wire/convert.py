@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 from fl_core.round import RoundCodec, RoundPlan
-from fl_core.wire import fedsec_pb2 as pb
-from fl_core.wire.framing import WireFormatError
 from secagg.dp.encoder import DpParams
 from secagg.dp.noise import MECHANISMS, Mechanism, NoiseSpec
 from secagg.encoding import QuantizationParams
@@ -32,6 +30,8 @@ from secagg.messages import (
 from secagg.packing import packed_size
 from secagg.params import SessionShape
 from secagg.protocol import RoundParams
+from wire import fedsec_pb2 as pb
+from wire.framing import WireFormatError
 
 _ADMISSION_DOMAIN = b"fedsec/wire/v1/admission"
 NONCE_BYTES = 32

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from fl_core.wire import fedsec_pb2 as pb
 from secagg.errors import MessageFormatError
+from wire import fedsec_pb2 as pb
 
 #: Bytes of payload per chunk frame. 1 MiB keeps per-frame overhead below 0.01 %.
 CHUNK_BYTES = 1 << 20
