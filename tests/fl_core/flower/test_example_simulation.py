@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("flwr", reason="needs Flower, the optional extra: pip install 'fedsec[flower]'")
 pytest.importorskip("ray", reason="needs Flower's simulation engine: pip install 'fedsec[flower]'")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "flower" / "run_simulation.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "examples" / "flower" / "run_simulation.py"
 
 
 @pytest.mark.slow
