@@ -17,9 +17,9 @@ swapped out for the duration of one call (:func:`blocks_replaced`):
 
 Running transformers' own forward on both sides means the attention mask, rotary or learned
 positions and every architecture's quirks are computed by the library exactly as in the unsplit
-model, so a split step equals a step of the whole model (tests/clients/split/test_split_model.py checks
-logits and LoRA gradients). Blocks must map a hidden-state tensor to a tensor of the same shape
-(transformers >= 5); the blocks are found as the model's ``ModuleList`` of
+model, so a split step equals a step of the whole model (tests/clients/split/test_split_model.py
+checks logits and LoRA gradients). Blocks must map a hidden-state tensor to a tensor of the same
+shape (transformers >= 5); the blocks are found as the model's ``ModuleList`` of
 ``config.num_hidden_layers`` modules (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, OPT, ...).
 
 Rows are right-padded (as :mod:`clients.trainer` pads them) and travel with their lengths; the
