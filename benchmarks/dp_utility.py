@@ -50,14 +50,9 @@ import numpy as np
 import torch
 
 import clients.defaults as defaults
-from clients.simulate_cli import (
-    SimulationSpec,
-    TorchTrainer,
-    Workload,
-    build_workload,
-    default_clip,
-)
+from clients.simulation import TorchTrainer, default_clip
 from clients.trainer import LoraMode, LoraSettings, TrainSettings, evaluate
+from clients.workload import SimulationSpec, Workload, build_workload
 from fl_core.federation import (
     ClientUpdate,
     DpSettings,

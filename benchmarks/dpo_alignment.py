@@ -1,6 +1,6 @@
 """Federated DPO on the embedded preference task vs each institution aligning alone: one JSON line.
 
-``fedsec simulate --stage sft+dpo``'s own workload (:func:`clients.simulate_cli.prepare`): the
+``fedsec simulate --stage sft+dpo``'s own workload (:func:`clients.simulation.prepare`): the
 embedded institutions first instruction-tune together (``--sft-rounds`` rounds), then align with
 DPO on their private preference pairs (``--dpo-rounds`` rounds, :mod:`clients.dpo`), every round
 under secure aggregation (``--backend``). From the adapter the DPO stage starts at, each
@@ -39,9 +39,10 @@ import torch
 
 from clients import defaults
 from clients.dpo import DpoSettings, PairLogps, pair_logps, score_preferences, train_dpo
-from clients.simulate_cli import POOLED, SimulationSpec, TorchTrainer, prepare
+from clients.simulation import POOLED, TorchTrainer, prepare
 from clients.synthetic import make_preferences
 from clients.trainer import evaluate
+from clients.workload import SimulationSpec
 from fl_core import recipe as recipes
 from fl_core.aggregation import BACKENDS
 

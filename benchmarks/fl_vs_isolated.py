@@ -56,8 +56,9 @@ from clients import defaults
 from clients.data import TokenizedDataset
 from clients.generation import answer_questions
 from clients.model_factory import named_model_available
-from clients.simulate_cli import SimulationSpec, TorchTrainer, Workload, default_clip, prepare
+from clients.simulation import TorchTrainer, default_clip, prepare
 from clients.trainer import TrainSettings, evaluate, train_local
+from clients.workload import SimulationSpec, Workload
 from fl_core import recipe as recipes
 from fl_core.federation import Federation, FederationConfig, RoundOutcome, SecAggSettings
 from fl_core.strategies import STRATEGIES
@@ -222,7 +223,7 @@ def train_federated(
     seed: int,
     threads: int,
 ) -> FederatedRun:
-    """One federation under secure aggregation (``clients.simulate_cli``'s trainer and config)."""
+    """One federation under secure aggregation (``clients.simulation``'s trainer and config)."""
     adaptive = recipe.strategy in ADAPTIVE
     client_lr = lr if recipe.client_lr is None else recipe.client_lr
     settings = TrainSettings(

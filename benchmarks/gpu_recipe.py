@@ -27,7 +27,8 @@ from typing import NoReturn
 import torch
 
 from clients.model_factory import named_model_available
-from clients.simulate_cli import SimulationSpec, prepare
+from clients.simulation import prepare
+from clients.workload import SimulationSpec
 from fl_core import recipe as recipes
 from fl_core.errors import FLError
 

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from clients.generation import answer_questions
-from clients.simulate_cli import SimulationSpec, TorchTrainer, build_workload, default_clip
+from clients.simulation import TorchTrainer, default_clip
 from clients.trainer import TrainSettings
+from clients.workload import SimulationSpec, build_workload
 from fl_core import recipe as recipes
 from fl_core.federation import Federation, FederationConfig, SecAggSettings
 

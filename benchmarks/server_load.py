@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 from clients.transport import random_input, random_update
-from fl_core.cli import main as fedsec
 from secagg.packing import packed_size
 from secagg.params import session_shape
 from secagg.protocol import RoundParams
@@ -106,24 +105,12 @@ def _wait_port(log: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
 def run_deployment(
     root: Path, clients: int, dim: int, threshold: int, dp_epsilon: float | None
 ) -> dict[str, object]:
-    with open(os.devnull, "w") as quiet:
-        sys.stdout, saved = quiet, sys.stdout
-        try:
-            fedsec(
-                [
-                    "keygen",
-                    "--out",
-                    str(root),
-                    "--clients",
-                    str(clients),
-                    "--port",
-                    "1",
-                    "--task",
-                    "random",
-                ]
-            )
-        finally:
-            sys.stdout = saved
+    keygen = ["keygen", "--out", str(root), "--clients", str(clients), "--port", "1"]
+    subprocess.run(
+        [sys.executable, "-c", ENTRY, *keygen, "--task", "random"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     (root / "server.toml").write_text(_server_toml(clients, dim, threshold, dp_epsilon))
     server_out = root / "server.out"
     with server_out.open("wb") as out, (root / "server.log").open("wb") as err:

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from clients import defaults
-from clients.simulate_cli import SimulationSpec, prepare
+from clients.simulation import prepare
+from clients.workload import SimulationSpec
 from fl_core import recipe as recipes
 from fl_core.strategies import STRATEGIES
 

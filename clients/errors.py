@@ -31,3 +31,8 @@ class EmptyDatasetError(FLError, ValueError):
 
 class ModelLoadError(FLError, ValueError):
     """A model directory that is missing or does not hold a causal language model."""
+
+
+class WorkloadError(FLError, ValueError):
+    """A simulation whose data sources disagree: institution counts, or preference pairs that
+    do not go with the stage or the SFT data."""

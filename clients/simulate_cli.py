@@ -9,9 +9,11 @@ an optional extra) or any local causal LM directory (its own tokenizer and chat 
 encryption instead of pairwise masking (:mod:`fl_core.aggregation`; no DP with it). The training
 recipe (LoRA shape, batch, lr and schedule, local steps, device, strategy...) is one
 :class:`fl_core.recipe.Recipe`, whose flags are listed under ``--help``; its defaults depend on
-the base model. The federation itself is :class:`fl_core.federation.Federation`; this module
-supplies what needs torch (local training, evaluation, generation) and writes the run directory,
-which ``--resume RUN_DIR`` continues after an interruption.
+the base model. The federation itself is :class:`fl_core.federation.Federation`, built with
+the institutions' local training by :func:`clients.simulation.prepare` from a
+:class:`clients.workload.SimulationSpec` (this module parses the flags into one); this module
+reports progress, scores generation and writes the run directory, which ``--resume RUN_DIR``
+continues after an interruption.
 
 Every institution is scored on its own held-out set, besides the pooled one (their union), and
 answers a few held-out questions by generation before and after training (exact match and
@@ -30,83 +32,65 @@ loss, which alignment must not wreck.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import clients.defaults as defaults
 from clients.data import (
     ChatTemplateUse,
     Example,
-    TokenizedDataset,
-    alpaca_example,
-    tokenize,
 )
-from clients.devices import DeviceError, Runtime, resolve_runtime
+from clients.devices import DeviceError
 from clients.dpo import (
     DpoConfigError,
-    DpoSettings,
-    PairLogps,
     PreferenceScore,
-    pair_logps,
-    score_preferences,
-    train_dpo,
 )
-from clients.errors import ChatTemplateError, DataFormatError, EmptyDatasetError, ModelLoadError
+from clients.errors import (
+    ChatTemplateError,
+    DataFormatError,
+    EmptyDatasetError,
+    ModelLoadError,
+    WorkloadError,
+)
 from clients.generation import GenerationScore, answer_questions
-from clients.local_data import InstitutionData, load_data
 from clients.lora_targets import LoraTargetError
 from clients.model_factory import (
     ModelSource,
-    build_default_base,
-    load_source,
     model_source,
     save_base,
 )
 from clients.partition import SCHEMES, PartitionError, PartitionSpec
-from clients.preference_data import (
-    PreferencePair,
-    TokenizedPairs,
-    load_preference_data,
-    tokenize_pairs,
+from clients.simulation import (
+    POOLED,
+    SplitRunTrainer,
+    TorchTrainer,
+    dp_advice,
+    prepare,
 )
 from clients.split import cli as split_cli
-from clients.split.trainer import SplitOptions, SplitTrainer, split_federation
-from clients.synthetic import make_federation, make_preferences
 from clients.trainer import (
-    LoraModel,
-    LoraSettings,
-    ScaffoldControls,
     TrainingConfigError,
-    TrainSettings,
-    evaluate,
-    train_local,
 )
+from clients.workload import SimulationSpec, Workload
 from fl_core import recipe as recipes
 from fl_core.aggregation import BACKENDS
 from fl_core.cli import UsageError
-from fl_core.dp_guidance import NoiseGuidance, cohort_calibrator, guidance
+from fl_core.dp_guidance import NoiseGuidance
 from fl_core.errors import FLError
 from fl_core.federation import (
-    ClientUpdate,
     DpSettings,
     Federation,
-    FederationConfig,
     FederationConfigError,
     RoundMetrics,
     RoundOutcome,
-    SecAggSettings,
     check_backend,
-    choose_graph,
 )
 from fl_core.recipe import Recipe, RecipeError
 from fl_core.run_dir import (
@@ -119,551 +103,7 @@ from fl_core.run_dir import (
     save_state,
 )
 from fl_core.split import WHAT_THE_SERVER_SEES
-from fl_core.strategies import ClientOptions
 from secagg.errors import SecAggError
-from secagg.params import release_floor
-
-
-@dataclass
-class Workload:
-    """A base model with its LoRA adapter, the institutions' data and their held-out sets."""
-
-    lm: LoraModel
-    pad_id: int
-    train_sets: dict[str, TokenizedDataset]
-    #: Each institution's own held-out set, scored on its own every round.
-    test_sets: dict[str, TokenizedDataset]
-    model_source: str  # a description of the base
-    tokenizer: PreTrainedTokenizerBase
-    #: The embedded task only: one held-out set per domain (the union of the institutions').
-    domain_sets: dict[str, TokenizedDataset] = field(default_factory=dict)
-    data_description: str = ""
-    max_length: int = defaults.MAX_LENGTH
-    #: The embedded base as built, before LoRA was injected (what the run directory saves).
-    embedded_base: PreTrainedModel | None = None
-    #: With a DPO stage: each institution's preference pairs and its own held-out pairs.
-    pair_train: dict[str, TokenizedPairs] = field(default_factory=dict)
-    pair_test: dict[str, TokenizedPairs] = field(default_factory=dict)
-    preference_description: str = ""
-
-    def pooled(self, losses: Mapping[str, float]) -> float:
-        """Token-weighted loss over the union of the held-out sets."""
-        counts = {n: _tokens(d) for n, d in self.test_sets.items()}
-        total = sum(counts[n] for n in losses)
-        return sum(losses[n] * counts[n] for n in losses) / max(total, 1)
-
-    def truncation(self) -> dict[str, int]:
-        train, test = self.train_sets.values(), self.test_sets.values()
-        return {
-            "max_length": self.max_length,
-            "train_examples": sum(len(d) + d.dropped for d in train),
-            "train_truncated": sum(d.truncated for d in train),
-            "train_dropped": sum(d.dropped for d in train),
-            "eval_examples": sum(len(d) + d.dropped for d in test),
-            "eval_truncated": sum(d.truncated for d in test),
-            "eval_dropped": sum(d.dropped for d in test),
-            **self.pair_truncation(),
-        }
-
-    def pair_truncation(self) -> dict[str, int]:
-        if not self.pair_train:
-            return {}
-        train, test = self.pair_train.values(), self.pair_test.values()
-        return {
-            "train_pairs": sum(len(d) + d.dropped for d in train),
-            "train_pairs_truncated": sum(d.truncated for d in train),
-            "train_pairs_dropped": sum(d.dropped for d in train),
-            "eval_pairs": sum(len(d) + d.dropped for d in test),
-            "eval_pairs_truncated": sum(d.truncated for d in test),
-            "eval_pairs_dropped": sum(d.dropped for d in test),
-        }
-
-
-def _tokens(data: TokenizedDataset) -> int:
-    return sum(int((labels[1:] != -100).sum()) for labels in data.labels)
-
-
-@dataclass(frozen=True)
-class SimulationSpec:
-    """Everything a simulation is made of, so that ``run.json`` can rebuild it (``--resume``)."""
-
-    institutions: int | None = None  # None: the default, or as many as the data has
-    rounds: int = defaults.ROUNDS
-    recipe: Recipe = recipes.EMBEDDED
-    dp: DpSettings | None = None
-    seed: int = defaults.SEED
-    model: str = "embedded"  # "embedded", a named model, or a model directory
-    data: Path | None = None
-    partition: PartitionSpec | None = None
-    backend: str = "masking"
-    #: Embedded data only: training and held-out records per institution.
-    records: int = defaults.RECORDS_PER_INSTITUTION
-    eval_records: int = defaults.TEST_RECORDS_PER_INSTITUTION
-    #: Held-out questions per institution answered by generation (0: none).
-    generate: int = defaults.GENERATE_PER_INSTITUTION
-    #: A DPO stage's pairs: a folder or file (None: the embedded task's own pairs).
-    preference_data: Path | None = None
-    #: Embedded pairs only: training and held-out pairs per institution.
-    pairs: int = defaults.PAIRS_PER_INSTITUTION
-    eval_pairs: int = defaults.TEST_PAIRS_PER_INSTITUTION
-    #: ``--mode split``: where the model is cut (None: LoRA FedAvg, ``--mode lora``).
-    split: SplitOptions | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "institutions": self.institutions,
-            "rounds": self.rounds,
-            "recipe": self.recipe.to_dict(),
-            "dp": None
-            if self.dp is None
-            else {
-                "epsilon": self.dp.epsilon,
-                "delta": self.dp.delta,
-                "clip": self.dp.clip,
-                "mechanism": self.dp.mechanism,
-                "ring_bits": self.dp.ring_bits,
-            },
-            "seed": self.seed,
-            "model": self.model,
-            "data": None if self.data is None else str(self.data.resolve()),
-            "partition": None
-            if self.partition is None
-            else {
-                "scheme": self.partition.scheme,
-                "institutions": self.partition.institutions,
-                "field": self.partition.field,
-                "alpha": self.partition.alpha,
-                "seed": self.partition.seed,
-            },
-            "backend": self.backend,
-            "records": self.records,
-            "eval_records": self.eval_records,
-            "generate": self.generate,
-            "preference_data": None
-            if self.preference_data is None
-            else str(self.preference_data.resolve()),
-            "pairs": self.pairs,
-            "eval_pairs": self.eval_pairs,
-            "mode": "lora" if self.split is None else "split",
-            "split": split_cli.to_json(self.split),
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> SimulationSpec:
-        dp = data.get("dp")
-        split = data.get("partition")
-        return cls(
-            institutions=data["institutions"],
-            rounds=data["rounds"],
-            recipe=Recipe.from_dict(data["recipe"]),
-            dp=None if dp is None else DpSettings(**dp),
-            seed=data["seed"],
-            model=data["model"],
-            data=None if data.get("data") is None else Path(data["data"]),
-            partition=None if split is None else PartitionSpec(**split),
-            backend=data["backend"],
-            records=data["records"],
-            eval_records=data["eval_records"],
-            generate=data["generate"],
-            preference_data=None
-            if data.get("preference_data") is None
-            else Path(data["preference_data"]),
-            pairs=data.get("pairs", defaults.PAIRS_PER_INSTITUTION),
-            eval_pairs=data.get("eval_pairs", defaults.TEST_PAIRS_PER_INSTITUTION),
-            split=split_cli.from_json(data.get("split")),
-        )
-
-
-def _embedded_data(
-    institutions: int, spec: SimulationSpec
-) -> tuple[InstitutionData[Example], dict[str, list[Example]], list[str]]:
-    fed = make_federation(
-        institutions,
-        spec.records,
-        defaults.TEST_RECORDS_PER_DOMAIN,
-        defaults.OWN_DOMAIN_SHARE,
-        spec.seed,
-        test_records_per_institution=spec.eval_records,
-    )
-    train = {i.name: [alpaca_example(r) for r in i.records] for i in fed.institutions}
-    test = {n: [alpaca_example(r) for r in rs] for n, rs in fed.institution_test_sets.items()}
-    domains = {d: [alpaca_example(r) for r in rs] for d, rs in fed.test_sets.items()}
-    description = (
-        f"embedded synthetic institutions ({spec.records} records each, "
-        f"{int(100 * defaults.OWN_DOMAIN_SHARE)}% from its own domain; {spec.eval_records} "
-        "held-out records each, drawn the same way from unseen phrasings)"
-    )
-    return InstitutionData(train, test, description), domains, list(fed.corpus())
-
-
-def _embedded_pairs(institutions: int, spec: SimulationSpec) -> InstitutionData[PreferencePair]:
-    task = make_preferences(
-        institutions, spec.pairs, spec.eval_pairs, defaults.OWN_DOMAIN_SHARE, spec.seed
-    )
-    description = (
-        f"embedded preference pairs ({spec.pairs} each, {spec.eval_pairs} held out; chosen "
-        "answers follow the domain's rules, rejected ones break one: a forbidden statement or "
-        "another entity's fact)"
-    )
-    return InstitutionData(
-        {n: list(ps) for n, ps in task.train.items()},
-        {n: list(ps) for n, ps in task.test.items()},
-        description,
-    )
-
-
-def _chosen_answers(pairs: InstitutionData[PreferencePair]) -> InstitutionData[Example]:
-    """SFT data made of the preferred answers (the DPO paper's recipe when there is no SFT
-    data: fit the reference to the chosen completions first)."""
-
-    def chosen(items: Sequence[PreferencePair]) -> list[Example]:
-        return [pair.examples()[0] for pair in items]
-
-    return InstitutionData(
-        {n: chosen(ps) for n, ps in pairs.train.items()},
-        {n: chosen(ps) for n, ps in pairs.test.items()},
-        f"the chosen answers of {pairs.description}",
-    )
-
-
-def _check_institutions(spec: SimulationSpec, count: int, flag: str, path: Path) -> None:
-    if spec.institutions is not None and spec.institutions != count:
-        raise UsageError(
-            f"--institutions {spec.institutions} but {flag} {path} gives {count} institutions; "
-            "drop --institutions or make them agree"
-        )
-
-
-def build_workload(
-    spec: SimulationSpec, lora: LoraSettings | None = None, runtime: Runtime | None = None
-) -> Workload:
-    """Data, base model, tokenizer and adapter of ``spec`` (nothing has trained yet)."""
-    recipe = spec.recipe
-    runtime = runtime or resolve_runtime(recipe.device, recipe.precision, recipe.quantization)
-    lora = lora or LoraSettings.from_recipe(recipe, spec.seed)
-    source = model_source(spec.model)
-    domains: dict[str, list[Example]] = {}
-    pairs: InstitutionData[PreferencePair] | None = None
-    if spec.preference_data is not None:
-        if not recipe.has_dpo:
-            raise UsageError("--preference-data goes with --stage dpo or sft+dpo")
-        pairs = load_preference_data(spec.preference_data, spec.partition)
-        _check_institutions(spec, len(pairs.train), "--preference-data", spec.preference_data)
-    elif recipe.has_dpo and spec.data is not None:
-        raise UsageError(
-            f"--stage {recipe.stage} with --data needs the institutions' preference pairs: "
-            "give --preference-data (the embedded task has its own)"
-        )
-    corpus: list[str] = []
-    if spec.data is not None:
-        data = load_data(spec.data, spec.partition)
-        _check_institutions(spec, len(data.train), "--data", spec.data)
-    elif pairs is not None:
-        data = _chosen_answers(pairs)
-    else:
-        count = spec.institutions or defaults.INSTITUTIONS
-        data, domains, corpus = _embedded_data(count, spec)
-        pairs = _embedded_pairs(count, spec) if recipe.has_dpo else None
-    if pairs is not None and sorted(pairs.train) != sorted(data.train):
-        raise UsageError(
-            "the preference data's institutions ("
-            + ", ".join(sorted(pairs.train))
-            + ") are not the SFT data's ("
-            + ", ".join(sorted(data.train))
-            + "); name the files (or split fields) alike"
-        )
-    base: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    if source.kind == "embedded":
-        if runtime.quantization != "none":
-            raise DeviceError(
-                "quantization 4bit (QLoRA) needs a pretrained base (--model smollm2-135m or a "
-                "model directory); the embedded model is built in float32"
-            )
-        if not corpus:
-            # The tokenizer of the embedded model is trained on the run's own text.
-            corpus = [e.text() for es in (*data.train.values(), *data.test.values()) for e in es]
-            if pairs is not None:
-                corpus += [e.text() for ps in (*pairs.train.values(), *pairs.test.values())
-                           for p in ps for e in p.examples()]  # fmt: skip
-        base, tokenizer = build_default_base(corpus, defaults.MODEL)
-        pristine: PreTrainedModel | None = copy.deepcopy(base)
-    else:
-        base, tokenizer = load_source(source, runtime)
-        pristine = None
-    lm = LoraModel(base, lora, runtime)
-    use: ChatTemplateUse = recipe.chat_template
-
-    def tok(examples: Sequence[Example], name: str) -> TokenizedDataset:
-        return tokenize(list(examples), tokenizer, recipe.max_length, name, use)
-
-    def tok_pairs(items: Sequence[PreferencePair], name: str) -> TokenizedPairs:
-        return tokenize_pairs(items, tokenizer, recipe.max_length, name, use)
-
-    return Workload(
-        lm,
-        int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
-        {n: tok(es, n) for n, es in data.train.items()},
-        {n: tok(es, f"held-out set of {n}") for n, es in data.test.items()},
-        source.describe(),
-        tokenizer,
-        {d: tok(es, f"domain {d}") for d, es in domains.items()},
-        data.description,
-        recipe.max_length,
-        pristine,
-        {}
-        if pairs is None
-        else {n: tok_pairs(ps, f"pairs of {n}") for n, ps in pairs.train.items()},
-        {}
-        if pairs is None
-        else {n: tok_pairs(ps, f"held-out pairs of {n}") for n, ps in pairs.test.items()},
-        "" if pairs is None else pairs.description,
-    )
-
-
-#: The name of the pooled preference score beside the institutions'.
-POOLED = "pooled"
-
-
-@dataclass
-class TorchTrainer:
-    """Local LoRA training of every institution on one shared model (clients run in turn).
-
-    ``settings`` is the template of every client's round (its lr is the default one);
-    ``lr_at(round)`` gives a round's scheduled lr when the strategy does not set one. With a
-    recipe, each round trains its stage's objective (:meth:`Recipe.objective_at`): SFT on the
-    institution's examples or DPO on its pairs. ``dpo_start`` is the global vector the DPO stage
-    started from: the reference of ``dpo_reference = "sft"`` and of the held-out preference
-    scores.
-    """
-
-    work: Workload
-    settings: TrainSettings
-    seed: int
-    controls: dict[str, np.ndarray] = field(default_factory=dict)  # SCAFFOLD c_i per client
-    batches_drawn: dict[str, int] = field(default_factory=dict)  # per client, all rounds so far
-    rounds: int | None = None  # with a recipe: the lr schedule runs over this many rounds
-    recipe: Recipe | None = None
-    pair_batches_drawn: dict[str, int] = field(default_factory=dict)  # DPO batches, per client
-    dpo_start: np.ndarray | None = None
-    _reference_scores: dict[str, PairLogps] = field(default_factory=dict)
-
-    def round_lr(self, round_index: int) -> float:
-        if self.recipe is None or self.rounds is None:
-            return self.settings.lr
-        return self.recipe.lr_at(round_index, self.rounds)
-
-    def objective(self, round_index: int) -> str:
-        if self.recipe is None or self.rounds is None:
-            return "sft"
-        return self.recipe.objective_at(round_index, self.rounds)
-
-    def train(
-        self, client: str, round_index: int, global_vector: np.ndarray, options: ClientOptions
-    ) -> ClientUpdate:
-        index = sorted(self.work.train_sets).index(client)
-        dpo = self.objective(round_index) == "dpo"
-        drawn = self.pair_batches_drawn if dpo else self.batches_drawn
-        settings = replace(
-            self.settings,
-            lr=options.lr if options.lr is not None else self.round_lr(round_index),
-            # One data order per client, reproducible from the run seed, continued across
-            # rounds (see TrainSettings): each example once per epoch of the client's data.
-            seed=self.seed * 1_000_003 + index,
-            data_offset=drawn.get(client, 0),
-            prox_mu=options.prox_mu,
-        )
-        scaffold = None
-        if options.server_control is not None:
-            mine = self.controls.get(client, np.zeros_like(options.server_control))
-            scaffold = ScaffoldControls(options.server_control, mine)
-        if dpo:
-            if self.recipe is None:
-                raise DpoConfigError("a DPO round needs the run's recipe")
-            self.begin_dpo(global_vector)
-            result = train_dpo(
-                self.work.lm,
-                global_vector,
-                self.work.pair_train[client],
-                settings,
-                DpoSettings.from_recipe(self.recipe),
-                self.work.pad_id,
-                self.dpo_start if self.recipe.dpo_reference == "sft" else None,
-                scaffold,
-            )
-        else:
-            result = train_local(
-                self.work.lm,
-                global_vector,
-                self.work.train_sets[client],
-                settings,
-                self.work.pad_id,
-                scaffold,
-            )
-        drawn[client] = drawn.get(client, 0) + result.steps
-        if result.new_client_control is not None:
-            self.controls[client] = result.new_client_control
-        return ClientUpdate(
-            result.delta, result.num_samples, result.mean_loss, result.control_delta
-        )
-
-    def evaluate(self, vector: np.ndarray) -> dict[str, float]:
-        return evaluate(self.work.lm, vector, self.work.test_sets, self.work.pad_id)
-
-    def begin_dpo(self, vector: np.ndarray) -> None:
-        """The DPO stage starts from ``vector`` (once; later calls keep the first)."""
-        if self.dpo_start is not None:
-            return
-        if not self.work.pair_train:
-            raise DpoConfigError("a DPO stage needs the institutions' preference pairs")
-        self.dpo_start = vector.astype(np.float32).copy()
-
-    def preference_scores(self, vector: np.ndarray) -> dict[str, PreferenceScore]:
-        """Each institution's held-out pairs under ``vector`` against the DPO stage's start, and
-        the pooled score over their union (:data:`POOLED`)."""
-        if self.recipe is None or self.dpo_start is None:
-            raise DpoConfigError("preference scores need a DPO stage that has started")
-        work, beta = self.work, self.recipe.dpo_beta
-        if not self._reference_scores:
-            self._reference_scores = {
-                n: pair_logps(work.lm, self.dpo_start, d, work.pad_id)
-                for n, d in work.pair_test.items()
-            }
-        policy = {n: pair_logps(work.lm, vector, d, work.pad_id) for n, d in work.pair_test.items()}
-        out = {n: score_preferences(policy[n], self._reference_scores[n], beta) for n in policy}
-        names = sorted(policy)
-        out[POOLED] = score_preferences(
-            PairLogps.concat([policy[n] for n in names]),
-            PairLogps.concat([self._reference_scores[n] for n in names]),
-            beta,
-        )
-        return out
-
-    def adapter_tensors(self, vector: np.ndarray) -> dict[str, np.ndarray]:
-        """The full PEFT adapter (A and B) with ``vector`` as its trainable part."""
-        self.work.lm.set_vector(vector)
-        return self.work.lm.tensors()
-
-    def client_state(self) -> dict[str, dict[str, np.ndarray]]:
-        out: dict[str, dict[str, np.ndarray]] = {}
-        for name in self.work.train_sets:
-            arrays = {
-                "batches_drawn": np.array([self.batches_drawn.get(name, 0)], np.int64),
-                "pair_batches_drawn": np.array([self.pair_batches_drawn.get(name, 0)], np.int64),
-            }
-            if name in self.controls:
-                arrays["control"] = self.controls[name]
-            out[name] = arrays
-        return out
-
-    def shared_state(self) -> dict[str, np.ndarray]:
-        return {} if self.dpo_start is None else {"dpo_start": self.dpo_start}
-
-    def restore(
-        self,
-        clients: Mapping[str, Mapping[str, np.ndarray]],
-        shared: Mapping[str, np.ndarray] | None = None,
-    ) -> None:
-        for name, arrays in clients.items():
-            if name not in self.work.train_sets:
-                raise RunDirectoryError(f"run state has an unknown institution {name!r}")
-            self.batches_drawn[name] = int(arrays["batches_drawn"][0])
-            if "pair_batches_drawn" in arrays:
-                self.pair_batches_drawn[name] = int(arrays["pair_batches_drawn"][0])
-            if "control" in arrays:
-                self.controls[name] = arrays["control"].astype(np.float32)
-        if shared and "dpo_start" in shared:
-            self.dpo_start = shared["dpo_start"].astype(np.float32)
-
-    def full_vector(self, vector: np.ndarray) -> np.ndarray:
-        """The whole trainable adapter of the federation's ``vector`` (the same here)."""
-        return vector
-
-    def server_part(self) -> np.ndarray | None:
-        """Split training's server part (None: every coordinate is federated)."""
-        return None
-
-    def restore_server_part(self, vector: np.ndarray | None) -> None:
-        if vector is not None:
-            raise RunDirectoryError("the run state holds a split server part; this run is LoRA")
-
-
-@dataclass
-class SplitRunTrainer(TorchTrainer):
-    """``--mode split``: the federation's vector is the institutions' part; the server's part
-    is trained by :class:`~clients.split.middle.MiddleServer` through ``core``'s steps."""
-
-    core: SplitTrainer | None = None
-
-    def _core(self) -> SplitTrainer:
-        if self.core is None:
-            raise TrainingConfigError("split mode without its split trainer")
-        return self.core
-
-    def train(
-        self, client: str, round_index: int, global_vector: np.ndarray, options: ClientOptions
-    ) -> ClientUpdate:
-        lr = options.lr if options.lr is not None else self.round_lr(round_index)
-        return self._core().train(client, round_index, global_vector, replace(options, lr=lr))
-
-    def evaluate(self, vector: np.ndarray) -> dict[str, float]:
-        return self._core().evaluate(vector)
-
-    def adapter_tensors(self, vector: np.ndarray) -> dict[str, np.ndarray]:
-        return self._core().adapter_tensors(vector)
-
-    def full_vector(self, vector: np.ndarray) -> np.ndarray:
-        return self._core().full_vector(vector)
-
-    def server_part(self) -> np.ndarray | None:
-        return self._core().middle.vector()
-
-    def restore_server_part(self, vector: np.ndarray | None) -> None:
-        if vector is None:
-            raise RunDirectoryError("the run state holds no split server part to resume from")
-        self._core().middle.set_vector(vector.astype(np.float32))
-
-    def client_state(self) -> dict[str, dict[str, np.ndarray]]:
-        drawn = self._core().batches_drawn
-        return {
-            name: {"batches_drawn": np.array([drawn.get(name, 0)], np.int64)}
-            for name in self.work.train_sets
-        }
-
-    def restore(
-        self,
-        clients: Mapping[str, Mapping[str, np.ndarray]],
-        shared: Mapping[str, np.ndarray] | None = None,
-    ) -> None:
-        if shared:
-            raise RunDirectoryError("the run state holds a DPO stage; split mode trains SFT only")
-        for name, arrays in clients.items():
-            if name not in self.work.train_sets:
-                raise RunDirectoryError(f"run state has an unknown institution {name!r}")
-            self._core().batches_drawn[name] = int(arrays["batches_drawn"][0])
-
-
-def default_clip(settings: TrainSettings, strategy: str, steps: int | None = None) -> float:
-    """A data-independent bound on a coordinate of a client's contribution.
-
-    AdamW moves a coordinate by about ``lr`` per step and gradient-clipped SGD by at most
-    ``lr * max_grad_norm``, so ``2 * lr * steps`` leaves room without tracking the data
-    (``steps``: the most steps a client takes in a round; by default ``local_steps``).
-    SCAFFOLD also sends the control-variate delta, a mean gradient whose coordinates are bounded
-    by the gradient clip plus the difference of two earlier control variates.
-    """
-    steps = steps or settings.local_steps or 1
-    clip = 2.0 * settings.lr * steps * max(1.0, settings.max_grad_norm)
-    if strategy == "scaffold":
-        clip = max(clip, 4.0 * settings.max_grad_norm)
-    return clip
-
-
-def steps_per_round(recipe: Recipe, sizes: Sequence[int]) -> int:
-    """The most optimizer steps any client takes in a round."""
-    if recipe.local_steps is not None:
-        return recipe.local_steps
-    return (recipe.local_epochs or 1) * max(math.ceil(n / recipe.batch_size) for n in sizes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -927,77 +367,6 @@ def format_round(
         f"{pooled_text}mean {m.eval_loss_mean:.3f}{aligned}  agg {m.aggregation_s:.2f}s  "
         f"upload {upload:.1f} KiB/client  secure-vs-plain {m.secure_vs_plain_max_abs_diff:.2g} "
         f"(bound {m.quantization_bound:.2g})"
-    )
-
-
-def prepare(spec: SimulationSpec) -> tuple[Federation, TorchTrainer]:
-    """The workload, the trainer and the federation of a spec (nothing has trained yet)."""
-    recipe = spec.recipe
-    work = build_workload(spec)
-    settings = TrainSettings.from_recipe(recipe, lr=recipe.lr, seed=spec.seed)
-    trainer = TorchTrainer(work, settings, spec.seed, rounds=spec.rounds, recipe=recipe)
-    # Either stage's updates must fit the encoding: its largest lr and step count.
-    sizes = [len(d) for d in work.train_sets.values()]
-    sizes += [len(d) for d in work.pair_train.values()]
-    steps = steps_per_round(recipe, sizes)
-    largest = replace(settings, lr=recipe.peak_lr())
-    config = FederationConfig(
-        clients=tuple(sorted(work.train_sets)),
-        rounds=spec.rounds,
-        secagg=SecAggSettings(clip=default_clip(largest, recipe.strategy, steps)),
-        strategy=recipe.strategy,
-        strategy_hparams=recipe.params(),
-        dp=spec.dp,
-        seed=spec.seed,
-        backend=spec.backend,
-    )
-    if spec.split is not None:
-        fed, core = split_federation(
-            work.lm,
-            work.pad_id,
-            work.train_sets,
-            work.test_sets,
-            config,
-            settings,
-            spec.split,
-            work.max_length,
-        )
-        split = SplitRunTrainer(
-            work, settings, spec.seed, rounds=spec.rounds, recipe=recipe, core=core
-        )
-        return fed, split
-    initial = work.lm.get_vector()
-    # A client's weight is its example count in SFT rounds and its pair count in DPO rounds.
-    max_samples = max(sizes)
-    return Federation(config, trainer, trainer.evaluate, initial, max_samples), trainer
-
-
-def dp_advice(fed: Federation) -> NoiseGuidance | None:
-    """The DP noise-to-signal guidance of ``fed`` (None without DP)."""
-    calibration, dp = fed.calibration, fed.config.dp
-    if calibration is None or dp is None:
-        return None
-    settings = fed.config.secagg
-
-    def floor(n: int) -> int:
-        return release_floor(n, choose_graph(n, settings).min_release, settings.dropout_fraction)
-
-    at = cohort_calibrator(
-        mechanism=dp.mechanism,
-        epsilon=dp.epsilon,
-        delta=dp.delta,
-        participations=fed.config.participations(),
-        ring_bits=dp.ring_bits,
-        clip=dp.clip,
-        dim=fed.strategy.contribution_size(),
-        min_release=floor,
-    )
-    return guidance(
-        calibration,
-        epsilon=dp.epsilon,
-        cohort=fed.config.cohort,
-        dim=fed.strategy.contribution_size(),
-        calibrate_cohort=at,
     )
 
 
@@ -1382,7 +751,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     except (DeviceError, LoraTargetError, PartitionError, TrainingConfigError) as exc:
         raise UsageError(str(exc)) from exc
-    except DpoConfigError as exc:
+    except (DpoConfigError, WorkloadError) as exc:
         raise UsageError(str(exc)) from exc
     except (FLError, SecAggError) as exc:
         raise UsageError(f"{type(exc).__name__}: {exc}") from exc

@@ -110,7 +110,7 @@ class ClientUpdate:
 
 
 class ClientTrainer(Protocol):
-    """Local training of one institution, e.g. :class:`clients.simulate_cli.TorchTrainer`."""
+    """Local training of one institution, e.g. :class:`clients.simulation.TorchTrainer`."""
 
     def train(
         self, client: str, round_index: int, global_vector: np.ndarray, options: ClientOptions

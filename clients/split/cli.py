@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Mapping
-from typing import Any
 
 from clients.split.trainer import SplitOptions
 from fl_core.cli import UsageError
@@ -96,24 +94,3 @@ def options_from_args(args: argparse.Namespace, recipe: Recipe) -> SplitOptions 
     except SplitConfigError as exc:
         raise UsageError(str(exc)) from exc
     return SplitOptions(spec, noise, args.server_lr)
-
-
-def to_json(options: SplitOptions | None) -> dict[str, Any] | None:
-    if options is None:
-        return None
-    return {
-        "client_bottom": options.spec.client_bottom,
-        "client_top": options.spec.client_top,
-        "activation_noise": options.noise,
-        "server_lr": options.server_lr,
-    }
-
-
-def from_json(data: Mapping[str, Any] | None) -> SplitOptions | None:
-    if data is None:
-        return None
-    return SplitOptions(
-        SplitSpec(int(data["client_bottom"]), int(data["client_top"])),
-        float(data["activation_noise"]),
-        None if data["server_lr"] is None else float(data["server_lr"]),
-    )

@@ -20,6 +20,7 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,7 +148,7 @@ class SplitTrainer:
     """Split training of every institution in one process (a :class:`ClientTrainer`).
 
     ``client`` is the institutions' model (shared, used in turn, as
-    :class:`clients.simulate_cli.TorchTrainer` shares one), ``middle`` the server's. The
+    :class:`clients.simulation.TorchTrainer` shares one), ``middle`` the server's. The
     ``schedule`` is the federation's cohorts (:meth:`FederationConfig.schedule`, public), from
     which each round's turn order is opened on the server; a call out of that order is refused
     by the round (:class:`~fl_core.split.NotYourTurn`).
@@ -245,6 +246,26 @@ class SplitOptions:
             raise TrainingConfigError(f"activation noise must be >= 0, got {self.noise}")
         if self.server_lr is not None and not self.server_lr > 0:
             raise TrainingConfigError(f"the server's lr must be > 0, got {self.server_lr}")
+
+    def to_json(self) -> dict[str, Any]:
+        """``run.json``'s ``split`` (``--resume`` rebuilds the options from it)."""
+        return {
+            "client_bottom": self.spec.client_bottom,
+            "client_top": self.spec.client_top,
+            "activation_noise": self.noise,
+            "server_lr": self.server_lr,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> SplitOptions | None:
+        """The options :meth:`to_json` wrote (None: the run is not split)."""
+        if data is None:
+            return None
+        return cls(
+            SplitSpec(int(data["client_bottom"]), int(data["client_top"])),
+            float(data["activation_noise"]),
+            None if data["server_lr"] is None else float(data["server_lr"]),
+        )
 
 
 def split_federation(

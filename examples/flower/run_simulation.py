@@ -30,7 +30,7 @@ from fedsec_flower_example.client_app import make_client_app  # noqa: E402
 from fedsec_flower_example.server_app import RESULT_FILE, VECTORS_FILE, make_server_app  # noqa: E402
 from fedsec_flower_example.task import ExampleSettings, write_keys  # noqa: E402
 
-from clients.simulate_cli import prepare  # noqa: E402
+from clients.simulation import prepare  # noqa: E402
 
 
 def compare(settings: ExampleSettings, flower_vectors: np.ndarray) -> dict[str, object]:

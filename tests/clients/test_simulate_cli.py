@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import clients.defaults as defaults
 from clients.data import AlpacaRecord, write_alpaca_jsonl
 from clients.model_factory import TinyLlamaSpec, build_tiny_llama, build_tokenizer, save_base
-from clients.simulate_cli import SimulationSpec, prepare
+from clients.simulation import prepare
+from clients.workload import SimulationSpec
 from fl_core.adapter_io import load_adapter
 from fl_core.cli import main
 from fl_core.federation import Federation

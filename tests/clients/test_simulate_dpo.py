@@ -9,7 +9,8 @@ import pytest
 
 import clients.defaults as defaults
 from clients.model_factory import TinyLlamaSpec
-from clients.simulate_cli import SimulationSpec, prepare
+from clients.simulation import prepare
+from clients.workload import SimulationSpec
 from fl_core.cli import main
 from fl_core.federation import Federation
 from fl_core.recipe import EMBEDDED

@@ -1,7 +1,7 @@
 """What both apps share: the settings, the workload (model, data, trainer) and the identities.
 
-The workload is exactly ``fedsec simulate``'s (:func:`clients.simulate_cli.prepare` of the same
-:class:`~clients.simulate_cli.SimulationSpec`): the embedded tiny Llama with its LoRA adapter and
+The workload is exactly ``fedsec simulate``'s (:func:`clients.simulation.prepare` of the same
+:class:`~clients.workload.SimulationSpec`): the embedded tiny Llama with its LoRA adapter and
 the synthetic non-IID institutions, so a Flower run and ``fedsec simulate`` of the same seed train
 the same clients on the same data from the same initial adapter. Every process that needs it
 builds it once (deterministically, from the seed): the ServerApp for the initial adapter and
@@ -34,7 +34,8 @@ from wire.credentials import (
 )
 
 if TYPE_CHECKING:
-    from clients.simulate_cli import SimulationSpec, TorchTrainer
+    from clients.simulation import TorchTrainer
+    from clients.workload import SimulationSpec
     from fl_core.federation import Federation
 
 #: The one array the apps exchange: the adapter's trainable vector (LoRA A and B, flattened in
@@ -68,7 +69,7 @@ class ExampleSettings:
         return out
 
     def spec(self) -> SimulationSpec:
-        from clients.simulate_cli import SimulationSpec
+        from clients.workload import SimulationSpec
 
         recipe = replace(recipes.EMBEDDED, local_steps=self.local_steps)
         return SimulationSpec(
@@ -87,7 +88,7 @@ def workload(settings: ExampleSettings) -> tuple[Federation, TorchTrainer]:
     """``fedsec simulate``'s federation and trainer for these settings (built once a process).
     Imported here: torch and transformers load only in a process that trains or evaluates
     (Flower's deployment engine starts a process per message)."""
-    from clients.simulate_cli import prepare
+    from clients.simulation import prepare
 
     return prepare(settings.spec())
 
