@@ -38,15 +38,13 @@ import numpy as np
 
 from clients.transport import random_input, random_update
 from secagg.packing import packed_size
-from secagg.params import session_shape
+from secagg.params import SessionShape, session_shape
 from secagg.protocol import RoundParams
 from secagg.ring import Ring
 from secagg.simulate import simulate_round
 from server.config import load_server_config
 from server.global_model import GlobalModel
 from server.store import Store
-from wire import fedsec_pb2 as pb
-from wire.convert import codec_from_config
 
 ENTRY = "import sys; from fl_core.cli import main; sys.exit(main())"
 RING_BITS = 32
@@ -174,9 +172,9 @@ def run_simulation(server_toml: Path, clients: int, threshold: int) -> tuple[flo
     encoding the inputs."""
     cohort = list(range(1, clients + 1))
     model = GlobalModel(load_server_config(server_toml))
-    config = pb.RoundConfig(round_number=ROUNDS - 1, cohort=cohort)
-    model.fill_round(config)
-    codec = codec_from_config(config)
+    shape = SessionShape(threshold, None, threshold)
+    config, _ = model.round_config(ROUNDS - 1, os.urandom(32), tuple(cohort), shape)
+    codec = config.masking.codec
     began = time.perf_counter()
     if codec.dp is None:
         inputs = {c: random_input(config, c) for c in cohort}

@@ -46,12 +46,11 @@ from clients.split.trainer import InProcessLink
 from clients.synthetic import make_federation
 from clients.train_task import LocalTrainer
 from clients.trainer import evaluate
+from fl_core.round_config import TrainTask
 from fl_core.strategies import AggregateInput, FedAvg
 from server.checkpoints import load_checkpoint
 from server.config import load_server_config
 from server.split_service import build_split_service
-from wire import fedsec_pb2 as pb
-from wire.split_wire import limits_of
 
 ENTRY = "import sys; from fl_core.cli import main; sys.exit(main())"
 SEED = 7
@@ -195,19 +194,20 @@ def main() -> int:
 
         def replay_round(number: int, client: np.ndarray, server: np.ndarray) -> np.ndarray:
             """One round from (client, server); the new client part (middle holds the server's)."""
-            config = pb.RoundConfig(round_number=number, cohort=cohort)
-            task = config.split
-            task.train.seed, task.train.local_steps = SEED, args.local_steps
-            task.train.learning_rate = recipe.lr_at(number, args.rounds)
-            task.train.batch_size = recipe.batch_size
-            task.train.max_weight = d.records_per_institution
-            task.train.layout_fingerprint = client_part.fingerprint()
-            service.fill(task, d.recipe.max_length)
+            train = TrainTask(
+                seed=SEED,
+                local_steps=args.local_steps,
+                learning_rate=recipe.lr_at(number, args.rounds),
+                batch_size=recipe.batch_size,
+                max_weight=d.records_per_institution,
+                layout_fingerprint=client_part.fingerprint(),
+            )
+            task = service.task(train, d.recipe.max_length)
             middle.set_vector(server)
-            middle.begin_round(cohort, args.local_steps, limits_of(task))
+            middle.begin_round(cohort, args.local_steps, task.limits)
             model = client.astype("<f4").tobytes()
             results = [
-                split_update(trainers[c], config, model, InProcessLink(middle, c)) for c in cohort
+                split_update(trainers[c], task, model, InProcessLink(middle, c)) for c in cohort
             ]
             total = sum(r.num_samples * r.delta.astype(np.float64) for r in results)
             weight = float(sum(r.num_samples for r in results))

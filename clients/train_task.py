@@ -43,11 +43,10 @@ from clients.trainer import (
 )
 from fl_core.adapter_io import save_adapter
 from fl_core.round import client_contribution
+from fl_core.round_config import RoundConfig, TrainTask
 from fl_core.strategies import Strategy, build_strategy
 from fl_core.toml_config import ConfigError
 from secagg.errors import ConfigurationError
-from wire import fedsec_pb2 as pb
-from wire.convert import train_task_of
 
 
 def _examples(config: ClientConfig, options: TrainOptions) -> list[Example]:
@@ -92,9 +91,9 @@ def optimizer_of(name: str) -> Literal["adamw", "sgd"]:
     raise ConfigurationError(f"the round asks for optimizer {name!r}; this client has adamw, sgd")
 
 
-def training_seed(config: pb.RoundConfig, client_id: int) -> int:
+def training_seed(task: TrainTask, client_id: int) -> int:
     """This client's data-order seed: the same every round, so the order continues."""
-    return train_task_of(config).seed * 65_537 + client_id
+    return task.seed * 65_537 + client_id
 
 
 class LocalTrainer:
@@ -150,15 +149,14 @@ class LocalTrainer:
 
     def train(
         self,
-        config: pb.RoundConfig,
+        task: TrainTask,
         global_vector: np.ndarray,
         server_control: np.ndarray | None = None,
     ) -> LocalResult:
-        """This round's local training from ``global_vector`` (reproducible from the config
+        """This round's local training from ``global_vector`` (reproducible from the task
         and the batches this process drew in earlier rounds), with the strategy's options:
         FedProx's proximal term, SCAFFOLD's control variates (this client's own is kept here
         between rounds; a restarted client starts again from zero, which SCAFFOLD allows)."""
-        task = config.train
         if task.layout_fingerprint != self.lm.layout.fingerprint():
             raise ConfigurationError(
                 "the server's adapter layout differs from this client's LoRA settings "
@@ -171,7 +169,7 @@ class LocalTrainer:
             lr=task.learning_rate,
             optimizer=optimizer_of(task.optimizer),
             max_grad_norm=task.max_grad_norm or self.recipe.max_grad_norm,
-            seed=training_seed(config, self.client_id),
+            seed=training_seed(task, self.client_id),
             num_threads=self.recipe.threads,
             data_offset=self.batches_drawn,
             grad_accum=min(self.recipe.grad_accum, task.batch_size),
@@ -193,7 +191,7 @@ class LocalTrainer:
 
     def _train_dpo(
         self,
-        task: pb.TrainTask,
+        task: TrainTask,
         global_vector: np.ndarray,
         settings: TrainSettings,
         scaffold: ScaffoldControls | None,
@@ -246,10 +244,9 @@ class LocalTrainer:
             "reference log-probabilities"
         )
 
-    def local_update(self, config: pb.RoundConfig, model: bytes) -> LocalResult:
-        """Check the round against this client and train. ``model`` is the global vector,
-        followed by SCAFFOLD's server control variate when the round carries one."""
-        task = config.train
+    def local_update(self, task: TrainTask, model: bytes) -> LocalResult:
+        """Check the round's task against this client and train. ``model`` is the global
+        vector, followed by SCAFFOLD's server control variate when the round carries one."""
         size = self.lm.layout.size
         expected = 4 * size * (2 if task.server_control else 1)
         if len(model) != expected:
@@ -264,27 +261,31 @@ class LocalTrainer:
             )
         vectors = np.frombuffer(model, dtype="<f4").astype(np.float32)
         control = vectors[size:] if task.server_control else None
-        return self.train(config, vectors[:size], control)
+        return self.train(task, vectors[:size], control)
 
-    def contribution(self, config: pb.RoundConfig, model: bytes) -> tuple[np.ndarray, int]:
-        """Train, then the round core's client step (:func:`contribution_of`)."""
-        return contribution_of(config, self.local_update(config, model), self.lm.layout.size)
+    def contribution(
+        self, config: RoundConfig, task: TrainTask, model: bytes
+    ) -> tuple[np.ndarray, int]:
+        """Train ``config``'s ``task``, then the round core's client step
+        (:func:`contribution_of`)."""
+        return contribution_of(config, self.local_update(task, model), self.lm.layout.size)
 
 
-def contribution_of(
-    config: pb.RoundConfig, result: LocalResult, dim: int
-) -> tuple[np.ndarray, int]:
+def contribution_of(config: RoundConfig, result: LocalResult, dim: int) -> tuple[np.ndarray, int]:
     """The round core's client step (:func:`fl_core.round.client_contribution`) by the server's
     strategy's client-side rule, for a ``train`` or ``split`` round (``dim``: the trained
     vector's length, the client part's in split): the codec's (or CKKS's) input and its
     integer weight."""
-    rule = client_rule(train_task_of(config).strategy or "fedavg", dim)
+    train = config.train
+    if train is None:
+        raise ConfigurationError(f"round {config.round_number} trains nothing")
+    rule = client_rule(train.strategy or "fedavg", dim)
     return client_contribution(
         rule,
         result.delta,
         result.num_samples,
         result.control_delta,
-        dp=config.HasField("dp"),
+        dp=config.dp is not None,
     )
 
 

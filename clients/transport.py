@@ -52,8 +52,8 @@ from clients.client_config import ClientConfig
 from clients.privacy_ledger import PrivacyLedger
 from fl_core.errors import FLError
 from fl_core.round import RoundCodec, RoundPlan
+from fl_core.round_config import RandomTask, RoundConfig, SplitTask, TrainTask
 from fl_core.toml_config import ConfigError
-from secagg.encoding import QuantizationParams
 from secagg.errors import MessageFormatError, PolicyViolation, ProtocolAbort, SecAggError
 from secagg.messages import SERVER_MESSAGE_TYPES, MaskedInput, decode_message, encode_message
 from secagg.protocol import ClientSession
@@ -64,9 +64,10 @@ from wire.convert import (
     MAX_MODEL_DIM,
     REFUSAL_MAX_BYTES,
     admission_signed_bytes,
+    backend_name,
     download_limit,
     kind_of,
-    plan_from_config,
+    round_config_from_pb,
 )
 from wire.framing import client_frames, grpc_options, read_item
 
@@ -90,7 +91,6 @@ _STAGE_OF_KIND: dict[int, str] = {
     pb.HE_UPDATE: "he_upload",
     pb.HE_DECRYPTED_SUM: "he_decrypt",
 }
-_BACKEND_NAMES = {pb.BACKEND_MASKING: "masking", pb.BACKEND_CKKS: "ckks"}
 _RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 #: How long another process of this institution may hold the connection before we give up.
 DUPLICATE_GRACE_S = 60.0
@@ -100,31 +100,37 @@ class GiveUp(Exception):
     """The server stayed unreachable (or kept refusing us) for longer than configured."""
 
 
-def random_input(config: pb.RoundConfig, client_id: int) -> RingArray:
-    """The ``random`` task's update: integers uniform in the range of an encoded, clipped
+def _random_seed(config: RoundConfig) -> int:
+    if not isinstance(config.task, RandomTask):
+        raise ConfigError(f"round {config.round_number} is not a random round")
+    return config.task.seed
+
+
+def random_input(config: RoundConfig, client_id: int) -> RingArray:
+    """The plain ``random`` task's update: integers uniform in the range of an encoded, clipped
     update, drawn from (seed, round, client id). Public test data (a load test or drill), so
     numpy's generator is fine here; it is reproducible so tests can compute the exact sum."""
-    quant = QuantizationParams(
-        config.ring_bits, config.clip, config.scale, max_clients=len(config.cohort)
-    )
+    codec = config.masking.codec
+    if codec.quant is None:
+        raise ConfigError(f"round {config.round_number} encodes with DP, not quantisation")
+    quant = codec.quant
     bound = int(np.floor(quant.scale * quant.clip))
-    rng = np.random.default_rng([config.random.seed, config.round_number, client_id])
-    values = rng.integers(-bound, bound + 1, size=config.dim, dtype=np.int64)
-    return Ring(config.ring_bits).from_signed(values)
+    rng = np.random.default_rng([_random_seed(config), config.round_number, client_id])
+    values = rng.integers(-bound, bound + 1, size=codec.encoded_dim, dtype=np.int64)
+    return Ring(quant.ring_bits).from_signed(values)
 
 
-def random_update(config: pb.RoundConfig, client_id: int) -> np.ndarray:
+def random_update(config: RoundConfig, client_id: int) -> np.ndarray:
     """The ``random`` task's float update (ckks, or masking with DP): uniform in [-clip, clip]
     drawn from (seed, round, client id); public test data, reproducible so tests know the sum."""
-    rng = np.random.default_rng([config.random.seed, config.round_number, client_id])
-    size = config.contribution_dim or config.dim
-    clip = config.dp.clip if config.HasField("dp") else config.clip
-    return rng.uniform(-clip, clip, size=size).astype(np.float32)
+    rng = np.random.default_rng([_random_seed(config), config.round_number, client_id])
+    clip = config.clip
+    return rng.uniform(-clip, clip, size=config.contribution_size).astype(np.float32)
 
 
 @dataclass
 class _Round:
-    config: pb.RoundConfig
+    config: RoundConfig
     #: The masking protocol session (masking rounds only).
     session: ClientSession | None = None
     #: The CKKS client session (ckks rounds only).
@@ -377,7 +383,9 @@ class ClientTransport:
         if kind == "he_aggregate" and self._round is not None and self._round.he is not None:
             from wire.he_round import aggregate_download_limit
 
-            return aggregate_download_limit(self._round.he.params, self._round.config.dim)
+            return aggregate_download_limit(
+                self._round.he.params, self._round.config.contribution_size
+            )
         return 0
 
     def _poll_once(self) -> bool:
@@ -411,41 +419,45 @@ class ClientTransport:
     def _start_round(self, config_bytes: bytes, model: bytes) -> None:
         if self._round is not None:
             self._drop_round(aborted=True)
-        config: pb.RoundConfig = pb.RoundConfig.FromString(config_bytes)
-        backend = _BACKEND_NAMES.get(config.backend, f"unknown ({config.backend})")
+        message: pb.RoundConfig = pb.RoundConfig.FromString(config_bytes)
+        where = (message.round_number, message.session_id)
+        backend = backend_name(message)
         if backend != self._config.backend:
             self._refuse(
-                config,
+                *where,
                 f"it uses the {backend} backend, this client is configured for "
                 f"{self._config.backend}",
             )
             return
         try:
-            if config.backend == pb.BACKEND_CKKS:
+            # The edge: past here the round is a domain object. What the session signs is
+            # still the bytes received (config_bytes), never a re-encoding of the conversion.
+            config = round_config_from_pb(message)
+            if config.backend == "ckks":
                 self._start_ckks_round(config, config_bytes, model)
             else:
                 self._start_masking_round(config, config_bytes, model)
         except (SecAggError, FLError, ConfigError) as exc:
             self._round = None
-            self._refuse(config, f"{type(exc).__name__}: {exc}")
+            self._refuse(*where, f"{type(exc).__name__}: {exc}")
 
-    def _refuse(self, config: pb.RoundConfig, reason: str) -> None:
+    def _refuse(self, round_number: int, session_id: bytes, reason: str) -> None:
         """Leave the round before computing anything, and tell the server why."""
-        log.error("round %d refused: %s", config.round_number, reason)
+        log.error("round %d refused: %s", round_number, reason)
         self.stats.rounds_aborted += 1
         self.stats.rounds_refused += 1
         self._last_refusal = reason
-        self._tell_server(config, reason)
+        self._tell_server(round_number, session_id, reason)
 
-    def _tell_server(self, config: pb.RoundConfig, reason: str) -> None:
+    def _tell_server(self, round_number: int, session_id: bytes, reason: str) -> None:
         """Best effort: the server logs and records why this institution left the round, and
         stops waiting for it. Nothing secret is in a reason (they name parameters and checks)."""
         if self._stub is None:
             return  # not connected (a transport driven in-process)
         header = pb.SubmitHeader(
             token=self._token,
-            round_number=config.round_number,
-            session_id=config.session_id,
+            round_number=round_number,
+            session_id=session_id,
             kind=pb.ROUND_REFUSAL,
         )
         payload = reason.encode("utf-8")[:REFUSAL_MAX_BYTES]
@@ -454,10 +466,8 @@ class ClientTransport:
         except grpc.RpcError as exc:
             log.warning("could not tell the server why: %s: %s", exc.code().name, exc.details())
 
-    def _start_masking_round(
-        self, config: pb.RoundConfig, config_bytes: bytes, model: bytes
-    ) -> None:
-        plan = plan_from_config(config)
+    def _start_masking_round(self, config: RoundConfig, config_bytes: bytes, model: bytes) -> None:
+        plan = config.plan()
         params = plan.secagg_params()
         # Refuse before spending time on training: the session parameters, and the DP noise
         # against this institution's own privacy budget.
@@ -478,9 +488,9 @@ class ClientTransport:
         start = session.start()
         self._send(kind_of(start), encode_message(start))
 
-    def _start_ckks_round(self, config: pb.RoundConfig, config_bytes: bytes, model: bytes) -> None:
+    def _start_ckks_round(self, config: RoundConfig, config_bytes: bytes, model: bytes) -> None:
         from secagg.he import HeClientSession
-        from wire.he_round import ckks_spec_from_config
+        from wire.he_round import ckks_spec_of
 
         held = self._config.ckks_secret
         if held is None:
@@ -490,7 +500,7 @@ class ClientTransport:
                 f"session {config.session_id[:8].hex()} was already run: a client takes part in "
                 "a ckks session once"
             )
-        spec = ckks_spec_from_config(config)
+        spec = ckks_spec_of(config)
         # Policy (cohort size, release floor, membership) and the federation key are checked
         # here, before training; the session's view binds the exact config and model received.
         session = HeClientSession(
@@ -506,44 +516,42 @@ class ClientTransport:
         self._round = _Round(config, he=session)
         self._send(pb.HE_UPDATE, session.encrypt(update, weight))
 
-    def _log_round(self, config: pb.RoundConfig) -> None:
+    def _log_round(self, config: RoundConfig) -> None:
         log.info(
             "round %d (%s): session %s, cohort of %d",
             config.round_number,
-            _BACKEND_NAMES[config.backend],
+            config.backend,
             config.session_id[:8].hex(),
             len(config.cohort),
         )
 
-    def _float_update(self, config: pb.RoundConfig, model: bytes) -> tuple[np.ndarray, int]:
+    def _float_update(self, config: RoundConfig, model: bytes) -> tuple[np.ndarray, int]:
         """The round core's client step: the float contribution and its weight (1 for
         ``random``), what the ckks session encrypts or the masking codec encodes."""
-        task = config.WhichOneof("task")
-        if task == "random":
+        task = config.task
+        if isinstance(task, RandomTask):
             return random_update(config, self._config.client_id), 1
-        if task == "train":
-            return self._local_trainer().contribution(config, model)
-        if task != "split":
-            raise ConfigError(f"round {config.round_number} has no task this client knows")
+        if isinstance(task, TrainTask):
+            return self._local_trainer().contribution(config, task, model)
         from clients.train_task import contribution_of
 
-        result = self._split_update(config, model)
+        result = self._split_update(config, task, model)
         return contribution_of(config, result, result.delta.size)
 
-    def _split_update(self, config: pb.RoundConfig, model: bytes) -> LocalResult:
+    def _split_update(self, config: RoundConfig, task: SplitTask, model: bytes) -> LocalResult:
         """Split training: this institution's steps through the round's ``SplitSteps`` stream,
         then the update of its client part (what goes into the secure sum)."""
         from clients.split.train_task import split_model_for, split_update
         from clients.split.transport import GrpcSplitLink
 
         trainer = self._local_trainer()
-        split_model_for(trainer, config, model)  # refuse before opening a stream
+        split_model_for(trainer, task, model)  # refuse before opening a stream
         stall = self._config.stall_before == "split_gradient" and (
             self._config.stall_round in (None, config.round_number)
         )
         link = GrpcSplitLink(self._stub, self._token, config, self._config.client_id, stall)
         try:
-            result = split_update(trainer, config, model, link)
+            result = split_update(trainer, task, model, link)
         finally:
             link.close()
             self.stats.bytes_up += link.bytes_up
@@ -561,10 +569,10 @@ class ClientTransport:
             self._trainer = LocalTrainer(self._config)
         return self._trainer
 
-    def _input(self, config: pb.RoundConfig, model: bytes, codec: RoundCodec) -> RingArray:
+    def _input(self, config: RoundConfig, model: bytes, codec: RoundCodec) -> RingArray:
         """The masking session's input: the contribution through the round's codec. (Plain
         ``random`` rounds send pre-quantized integers, so tests know their sum exactly.)"""
-        if config.WhichOneof("task") == "random" and codec.dp is None:
+        if isinstance(config.task, RandomTask) and codec.dp is None:
             return random_input(config, self._config.client_id)
         unit, weight = self._float_update(config, model)
         return codec.encode(unit, weight).vector
@@ -584,7 +592,11 @@ class ClientTransport:
         except SecAggError as exc:
             log.error("round %d: leaving the session: %s", current.config.round_number, exc)
             self._drop_round(aborted=True)
-            self._tell_server(current.config, f"left the session: {type(exc).__name__}: {exc}")
+            self._tell_server(
+                current.config.round_number,
+                current.config.session_id,
+                f"left the session: {type(exc).__name__}: {exc}",
+            )
             return
         if isinstance(reply, MaskedInput) and current.plan is not None:
             # Charged when the noised input leaves, before it is sent: from then on the server
@@ -606,7 +618,11 @@ class ClientTransport:
         except SecAggError as exc:
             log.error("round %d: refusing to decrypt: %s", current.config.round_number, exc)
             self._drop_round(aborted=True)
-            self._tell_server(current.config, f"refused to decrypt: {type(exc).__name__}: {exc}")
+            self._tell_server(
+                current.config.round_number,
+                current.config.session_id,
+                f"refused to decrypt: {type(exc).__name__}: {exc}",
+            )
             return
         log.info(
             "round %d: decrypted the sum of %d contributors",

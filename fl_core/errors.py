@@ -33,3 +33,9 @@ class SamplingError(FLError, ValueError):
 
 class AggregationError(FLError, ValueError):
     """A released aggregate the strategy cannot use (no contributors, zero weight, wrong size)."""
+
+
+class RoundConfigError(FLError, ValueError):
+    """A round configuration whose parts contradict each other (a codec sized for another
+    cohort or weight, a weighted round without a training task), or a question it cannot
+    answer (the masking plan of a CKKS round)."""

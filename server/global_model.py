@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,17 +39,25 @@ import numpy as np
 from fl_core.adapter_io import AdapterConfig, load_adapter, save_adapter
 from fl_core.errors import AdapterFormatError
 from fl_core.round import EncodingSpec, calibrate_run
+from fl_core.round_config import (
+    CkksAggregation,
+    CkksRound,
+    MaskingRound,
+    RandomTask,
+    RoundConfig,
+    SplitTask,
+    TrainTask,
+)
 from fl_core.split import SplitLayout
 from fl_core.strategies import AggregateInput, Strategy, build_strategy
 from fl_core.toml_config import ConfigError
 from fl_core.updates import LoraLayout
 from secagg.dp.calibration import Calibration
 from secagg.errors import ConfigurationError
+from secagg.params import SessionShape
 from secagg.protocol import AggregateResult
 from server.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from server.config import ServerConfig
-from wire import fedsec_pb2 as pb
-from wire.convert import codec_from_config, codec_to_config
 
 #: Where the DPO stage's reference digest is kept, beside the checkpoints.
 DPO_REFERENCE_FILE = "dpo-reference.sha256"
@@ -143,65 +152,89 @@ class GlobalModel:
         """With DP, the contributors every release must have (the noise is sized for them)."""
         return 0 if self.calibration is None else self.calibration.min_contributors
 
-    def fill_round(self, config: pb.RoundConfig) -> bytes:
-        """Set the task and encoding fields of ``config``; returns the payload that follows
-        RoundStart (the global vector, and SCAFFOLD's server control variate after it).
+    def round_config(
+        self,
+        round_number: int,
+        session_id: bytes,
+        cohort: tuple[int, ...],
+        backend: SessionShape | CkksRound,
+        split: Callable[[TrainTask], SplitTask] | None = None,
+    ) -> tuple[RoundConfig, bytes]:
+        """The round to announce, and the payload that follows RoundStart (the global vector,
+        and SCAFFOLD's server control variate after it).
 
-        Under masking the round's codec (:class:`fl_core.round.RoundCodec`, plain or DP) goes
-        into the config; under ckks ``dim`` is the model vector's length (the CKKS envelope adds
-        the weight slot itself) and there is no codec.
+        ``backend``: the masking session's shape, whose round gets this federation's codec
+        (:class:`fl_core.round.RoundCodec`, plain or DP) and release floor; or the CKKS
+        parameters, whose round gets the clip and the contribution's length (the CKKS envelope
+        adds the weight slot itself). ``split``: a split round's cut around its train task
+        (the split service's), required when the model is split.
         """
         task, rounds = self._config.task, self._config.rounds
-        if self._split is not None:
-            # A split round carries its own TrainTask (the cut is the split service's): chosen
-            # first, so the codec's max_weight lands in it.
-            config.split.SetInParent()
-        if config.backend == pb.BACKEND_MASKING:
-            codec_to_config(self.encoding.codec(len(config.cohort)), config)
-            config.min_survivors = self.min_survivors
+        aggregation: MaskingRound | CkksAggregation
+        if isinstance(backend, CkksRound):
+            contribution = self.strategy.contribution_size()
+            aggregation = CkksAggregation(
+                backend, task.clip, contribution, self._adapter is not None
+            )
         else:
-            config.clip = task.clip
-            config.dim = self.strategy.contribution_size()
-        options = self.strategy.client_options()
+            codec = self.encoding.codec(len(cohort))
+            aggregation = MaskingRound(backend, codec, self.min_survivors)
         if self._adapter is None:
-            config.model_dim = 0
-            config.random.seed = rounds.seed
-            return b""
-        config.weighted = config.backend == pb.BACKEND_CKKS or self.encoding.weighted
-        config.model_dim = self.vector.size
-        train = config.split.train if self._split is not None else config.train
-        train.seed = rounds.seed
-        recipe = task.recipe
-        train.local_steps = recipe.local_steps or 0
-        train.local_epochs = recipe.local_epochs or 0
-        # The recipe's schedule, evaluated here: clients get this round's rate.
-        train.learning_rate = recipe.lr_at(
-            min(config.round_number, rounds.rounds - 1), rounds.rounds
-        )
-        train.batch_size = recipe.batch_size
-        train.optimizer = recipe.optimizer
-        train.max_grad_norm = recipe.max_grad_norm
-        train.max_weight = task.max_weight
-        train.layout_fingerprint = self._adapter.layout.fingerprint()
-        train.strategy = self.strategy.name
-        train.prox_mu = options.prox_mu
-        self._fill_objective(train, min(config.round_number, rounds.rounds - 1))
+            random = RandomTask(rounds.seed)
+            return RoundConfig(round_number, session_id, cohort, aggregation, random), b""
+        train = self._train_task(round_number)
         payload = self.vector.astype("<f4").tobytes()
-        if options.server_control is not None:
-            train.server_control = True
-            payload += options.server_control.astype("<f4").tobytes()
-        return payload
+        server_control = self.strategy.client_options().server_control
+        if server_control is not None:
+            payload += server_control.astype("<f4").tobytes()
+        if self._split is None:
+            announced: TrainTask | SplitTask = train
+        elif split is None:
+            raise ConfigError("a split model's round needs the split service's cut")
+        else:
+            announced = split(train)
+        config = RoundConfig(
+            round_number, session_id, cohort, aggregation, announced, self.vector.size
+        )
+        return config, payload
 
-    def _fill_objective(self, train: pb.TrainTask, round_number: int) -> None:
+    def _train_task(self, round_number: int) -> TrainTask:
+        task, rounds = self._config.task, self._config.rounds
+        recipe = task.recipe
+        options = self.strategy.client_options()
+        # The recipe's schedule, evaluated here: clients get this round's rate.
+        at = min(round_number, rounds.rounds - 1)
+        if self._adapter is None:
+            raise ConfigError(f'kind = "{task.kind}" trains no model')
+        objective, dpo_beta, dpo_loss, dpo_reference = self._objective(at)
+        return TrainTask(
+            seed=rounds.seed,
+            local_steps=recipe.local_steps or 0,
+            learning_rate=recipe.lr_at(at, rounds.rounds),
+            batch_size=recipe.batch_size,
+            max_weight=task.max_weight,
+            layout_fingerprint=self._adapter.layout.fingerprint(),
+            local_epochs=recipe.local_epochs or 0,
+            optimizer=recipe.optimizer,
+            max_grad_norm=recipe.max_grad_norm,
+            strategy=self.strategy.name,
+            prox_mu=options.prox_mu,
+            server_control=options.server_control is not None,
+            objective=objective,
+            dpo_beta=dpo_beta,
+            dpo_loss=dpo_loss,
+            dpo_reference=dpo_reference,
+        )
+
+    def _objective(self, round_number: int) -> tuple[str, float, str, bytes]:
+        """The train task's objective, DPO beta, DPO loss and DPO reference for this round (the
+        last three empty outside the DPO stage)."""
         recipe, rounds = self._config.task.recipe, self._config.rounds.rounds
         objective = recipe.objective_at(round_number, rounds)
-        train.objective = objective
         if objective != "dpo":
-            return
-        train.dpo_beta = recipe.dpo_beta
-        train.dpo_loss = recipe.dpo_loss
+            return objective, 0.0, "", b""
         if recipe.dpo_reference != "sft":
-            return
+            return objective, recipe.dpo_beta, recipe.dpo_loss, b""
         if self.dpo_reference is None:
             if round_number != recipe.dpo_start(rounds):
                 raise ConfigError(
@@ -211,12 +244,12 @@ class GlobalModel:
                 )
             # The stage starts from the vector this round sends: the reference of its rounds.
             self.dpo_reference = vector_digest(self.vector)
-        train.dpo_reference = self.dpo_reference
+        return objective, recipe.dpo_beta, recipe.dpo_loss, self.dpo_reference
 
-    def decode(self, config: pb.RoundConfig, result: AggregateResult) -> AggregateInput:
+    def decode(self, config: RoundConfig, result: AggregateResult) -> AggregateInput:
         """A masking round's released ring sum as the strategy's input, by the codec the round
         was sent with."""
-        return codec_from_config(config).decode(result.sum, len(result.contributors))
+        return config.masking.codec.decode(result.sum, len(result.contributors))
 
     def apply_sum(self, released: AggregateInput) -> None:
         """Apply the strategy to a decoded sum (both backends end here)."""

@@ -17,7 +17,7 @@ checkpoint. Any failed attempt releases nothing (``ServerSession`` wipes its sum
 Backends (``[rounds] backend``): both share sampling, RoundStart, deadlines, the store, the
 strategy step and checkpoints; only the middle differs. ``masking`` drives the
 :class:`ServerSession` stages; ``ckks`` drives a :class:`secagg.he.HeServerSession` built from
-the round config at the edge (:func:`wire.he_round.ckks_spec_from_config`): uploads until
+the round config (:func:`wire.he_round.ckks_spec_of`): uploads until
 the join deadline (clients train first), then the aggregate to the round's one decryptor (the
 lowest cohort id, named by every contributor's pads), which must answer within
 ``stage_timeout_s``; otherwise the attempt aborts and the round is rerun under a fresh session.
@@ -44,6 +44,7 @@ import grpc
 import numpy as np
 
 from fl_core.aggregation import CkksRoundRecord, UploadRecord
+from fl_core.round_config import CkksRound, RoundConfig, SplitTask
 from fl_core.strategies import AggregateInput
 from fl_core.toml_config import ConfigError
 from secagg.errors import (
@@ -56,6 +57,7 @@ from secagg.errors import (
 )
 from secagg.he import HeServerSession, HeStage, NoDecryptor
 from secagg.messages import ClientMessage, decode_message, encode_message
+from secagg.params import SessionShape
 from secagg.protocol import ServerSession, Stage, SumBackend
 from secagg.transcript import Transcript
 from server.admission import Refusal
@@ -66,14 +68,8 @@ from server.outbox import Mailboxes
 from server.run_record import DeploymentRunRecord
 from server.store import Store
 from wire import fedsec_pb2 as pb
-from wire.convert import (
-    KIND_OF,
-    REFUSAL_MAX_BYTES,
-    params_from_config,
-    upload_limit,
-)
-from wire.he_round import ckks_spec_from_config, decode_release, he_upload_limit
-from wire.split_wire import limits_of
+from wire.convert import KIND_OF, REFUSAL_MAX_BYTES, round_config_bytes, upload_limit
+from wire.he_round import ckks_spec_of, decode_release, he_upload_limit
 
 if TYPE_CHECKING:
     from server.split_service import SplitService
@@ -96,6 +92,13 @@ def _ids_text(ids: tuple[int, ...] | list[int]) -> str:
     if len(ids) <= _COHORT_LISTED:
         return str(ids)
     return f"{len(ids)} clients (ids {ids[0]}..{ids[-1]})"
+
+
+def split_task(config: RoundConfig) -> SplitTask:
+    """A split model's round's task (the model announces one for every round)."""
+    if not isinstance(config.task, SplitTask):
+        raise ConfigError(f"round {config.round_number} of a split model has no split task")
+    return config.task
 
 
 class FederationStopped(Exception):
@@ -370,31 +373,27 @@ class RoundRunner:
             self._stop.wait(0.1)
         return None
 
-    def _round_config(self, round_number: int, cohort: list[int]) -> tuple[pb.RoundConfig, bytes]:
-        rounds = self._config.rounds
-        config = pb.RoundConfig(round_number=round_number, session_id=os.urandom(32))
-        config.cohort.extend(sorted(cohort))
+    def _round_config(self, round_number: int, cohort: list[int]) -> tuple[RoundConfig, bytes]:
         ckks = self._config.ckks
+        backend: SessionShape | CkksRound
         if ckks is None:
-            shape = rounds.session_shape(len(cohort))
-            config.backend = pb.BACKEND_MASKING
-            config.ring_bits = rounds.ring_bits
-            config.threshold = shape.threshold
-            config.neighbours = shape.neighbours or 0
-            config.quorum = shape.quorum
+            backend = self._config.rounds.session_shape(len(cohort))
         else:
             params = ckks.public.params
-            config.backend = pb.BACKEND_CKKS
-            config.ckks.poly_modulus_degree = params.poly_modulus_degree
-            config.ckks.coeff_mod_bit_sizes.extend(params.coeff_mod_bit_sizes)
-            config.ckks.scale_bits = params.scale_bits
-            config.ckks.min_contributors = params.min_contributors
-            config.ckks.fingerprint = ckks.public.fingerprint
-        payload = self.model.fill_round(config)
+            backend = CkksRound(
+                params.poly_modulus_degree,
+                params.coeff_mod_bit_sizes,
+                params.scale_bits,
+                params.min_contributors,
+                ckks.public.fingerprint,
+            )
         split = self._config.task.split
+        cut = None
         if self.split is not None and split is not None:
-            self.split.fill(config.split, split.max_length)
-        return config, payload
+            cut = functools.partial(self.split.task, max_length=split.max_length)
+        return self.model.round_config(
+            round_number, os.urandom(32), tuple(sorted(cohort)), backend, cut
+        )
 
     def _run_attempt(self, round_number: int, rng: random.Random) -> bool | str | None:
         """True: the round completed; a string: it aborted, why; None: the server is stopping."""
@@ -404,6 +403,8 @@ class RoundRunner:
         began = time.monotonic()
         cohort = sorted(rng.sample(online, min(len(online), self._config.rounds.cohort_size)))
         config, model_payload = self._round_config(round_number, cohort)
+        # Split: the steps' task, taken before anything is recorded.
+        steps = None if self.split is None else split_task(config)
         # The backend's round state is built (and its parameters checked) before the attempt is
         # recorded, and installed before RoundStart goes out: a client may answer at once.
         drive: Callable[[], Released]
@@ -411,15 +412,15 @@ class RoundRunner:
         ckks = (
             None
             if ckks_config is None
-            else HeServerSession(ckks_config.public, ckks_spec_from_config(config))
+            else HeServerSession(ckks_config.public, ckks_spec_of(config))
         )
         session: ServerSession | None = None
         if ckks is None:
-            params = params_from_config(config)
+            params = config.plan().secagg_params()
             # Masked inputs are not kept: the server's memory stays O(d) (see run_record).
             session = ServerSession(params, self._config.roster, False, backend=self._sum_backend)
         attempt = self._store.begin_round(
-            round_number, config.session_id, tuple(config.cohort), self._config.rounds.backend
+            round_number, config.session_id, config.cohort, self._config.rounds.backend
         )
         log.info(
             "round %d attempt %d (%s): session %s, cohort %s",
@@ -437,17 +438,18 @@ class RoundRunner:
         elif session is not None:
             drive = functools.partial(self._drive_masking, attempt, config, session)
         split = self.split
-        if split is not None:
+        if split is not None and steps is not None:
             # Opened before RoundStart goes out: an institution may open its stream at once.
             split.begin(
                 round_number,
                 config.session_id,
-                tuple(config.cohort),
-                config.split.train.local_steps,
-                limits_of(config.split),
+                config.cohort,
+                steps.train.local_steps,
+                steps.limits,
             )
             drive = functools.partial(self._split_then, attempt, split, drive)
-        start = pb.ServerItem(round_start=pb.RoundStart(config=config.SerializeToString()))
+        # Serialized once: every cohort member hashes these same bytes into what it signs.
+        start = pb.ServerItem(round_start=pb.RoundStart(config=round_config_bytes(config)))
         for client_id in config.cohort:
             item = pb.ServerItem()
             item.CopyFrom(start)
@@ -455,7 +457,7 @@ class RoundRunner:
         try:
             released, contributors, server_record = drive()
         except ProtocolAbort as exc:
-            cohort_ids = tuple(config.cohort)
+            cohort_ids = config.cohort
             reason = f"{type(exc).__name__}: {exc}"
             refused = self._store.refusals(attempt)
             if refused:
@@ -498,7 +500,7 @@ class RoundRunner:
         )
         final = round_number + 1 >= self._config.rounds.rounds
         end = pb.RoundEnd(round_number=round_number, completed=True, final=final)
-        self._broadcast_end(end, tuple(config.cohort))
+        self._broadcast_end(end, config.cohort)
         return True
 
     # --- split training ---------------------------------------------------------------------
@@ -541,9 +543,7 @@ class RoundRunner:
 
     # --- masking ----------------------------------------------------------------------------
 
-    def _drive_masking(
-        self, attempt: int, config: pb.RoundConfig, session: ServerSession
-    ) -> Released:
+    def _drive_masking(self, attempt: int, config: RoundConfig, session: ServerSession) -> Released:
         stages = session.params.stages
         for stage in stages:
             # Clients train before their first message: the first stage waits for that.

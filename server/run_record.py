@@ -20,11 +20,11 @@ from typing import Any
 
 from fl_core.aggregation import CkksRoundRecord
 from fl_core.round import release_record
+from fl_core.round_config import MaskingRound, RoundConfig
 from fl_core.run_dir import METRICS_FILE, RunWriter
 from secagg.dp.calibration import Calibration
 from secagg.transcript import Transcript
 from server.config import ServerConfig
-from wire import fedsec_pb2 as pb
 
 RUN_DIR = "run"
 
@@ -83,7 +83,7 @@ class DeploymentRunRecord:
 
     def round(
         self,
-        round_config: pb.RoundConfig,
+        round_config: RoundConfig,
         contributors: tuple[int, ...],
         server_record: Transcript | CkksRoundRecord,
         seconds: float,
@@ -91,17 +91,20 @@ class DeploymentRunRecord:
     ) -> None:
         """Record one released round."""
         names = self._config.names
+        agg = round_config.aggregation
+        # A CKKS round has no masking session: no threshold, quorum or graph (as 0 on the wire).
+        shape = agg.shape if isinstance(agg, MaskingRound) else None
+        floor = agg.min_survivors if isinstance(agg, MaskingRound) else 0
+        threshold = 0 if shape is None else shape.threshold
         record: dict[str, Any] = {
             "round": round_config.round_number,
             "backend": self._config.rounds.backend,
             "cohort": [names.get(c, f"client-{c}") for c in round_config.cohort],
             "contributors": [names.get(c, f"client-{c}") for c in contributors],
             "session_id": round_config.session_id.hex(),
-            "threshold": round_config.threshold,
-            "min_release": max(
-                round_config.threshold, round_config.quorum, round_config.min_survivors
-            ),
-            "neighbours": round_config.neighbours or None,
+            "threshold": threshold,
+            "min_release": max(threshold, 0 if shape is None else shape.quorum, floor),
+            "neighbours": None if shape is None else shape.neighbours,
             "round_s": seconds,
             "adapter": None if adapter is None else str(adapter),
         }

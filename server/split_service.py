@@ -41,6 +41,7 @@ import numpy as np
 
 from fl_core.adapter_io import load_adapter
 from fl_core.errors import FLError
+from fl_core.round_config import SplitTask, TrainTask
 from fl_core.split import (
     WHAT_THE_SERVER_SEES,
     ClientDropped,
@@ -123,15 +124,17 @@ class SplitService:
             "what_the_server_sees": WHAT_THE_SERVER_SEES,
         }
 
-    def fill(self, task: pb.SplitTask, max_length: int) -> None:
-        """The cut, the step limits and the deadline every institution of a round gets."""
-        spec = self._middle.split.spec
-        task.client_bottom = spec.client_bottom
-        task.client_top = spec.client_top
-        task.max_length = max_length
-        task.hidden_size = self.hidden_size
-        task.step_timeout_s = self.step_timeout_s
-        task.join_timeout_s = self.join_timeout_s
+    def task(self, train: TrainTask, max_length: int) -> SplitTask:
+        """A round's split task: its train task with the cut, the step limits and the
+        deadlines every institution of the round gets."""
+        return SplitTask(
+            train,
+            self._middle.split.spec,
+            max_length,
+            self.hidden_size,
+            self.step_timeout_s,
+            self.join_timeout_s,
+        )
 
     def vector(self) -> np.ndarray:
         return self._middle.vector()

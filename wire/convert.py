@@ -6,14 +6,29 @@
   and the client id, under a domain label no protocol signature uses.
 - :data:`KIND_OF` / :func:`upload_limit` / :func:`download_limit`: the byte budget of every
   message, from the round parameters alone, checked before a payload is allocated.
-- :func:`plan_to_config` / :func:`plan_from_config`: a masking round's
-  :class:`~fl_core.round.RoundPlan` (session parameters and codec, plain or DP) in and out of a
-  ``RoundConfig``; :func:`params_from_config` its secure-aggregation parameters.
+- :func:`round_config_to_pb` / :func:`round_config_from_pb`: a round's
+  :class:`~fl_core.round_config.RoundConfig` (task, session shape and codec, plain or DP, or
+  the CKKS parameters) in and out of the ``RoundConfig`` message. A client hashes and signs the
+  bytes it received, then converts them; nothing past this edge reads the message.
 """
 
 from __future__ import annotations
 
-from fl_core.round import RoundCodec, RoundPlan
+from dataclasses import fields
+
+from fl_core.round import RoundCodec
+from fl_core.round_config import (
+    Backend,
+    CkksAggregation,
+    CkksRound,
+    MaskingRound,
+    RandomTask,
+    RoundConfig,
+    SplitTask,
+    Task,
+    TrainTask,
+)
+from fl_core.split import SplitSpec
 from secagg.dp.encoder import DpParams
 from secagg.dp.noise import MECHANISMS, Mechanism, NoiseSpec
 from secagg.encoding import QuantizationParams
@@ -29,7 +44,6 @@ from secagg.messages import (
 )
 from secagg.packing import packed_size
 from secagg.params import SessionShape
-from secagg.protocol import RoundParams
 from wire import fedsec_pb2 as pb
 from wire.framing import WireFormatError
 
@@ -76,48 +90,188 @@ def download_limit(cohort_size: int) -> int:
     return HEADER_ALLOWANCE + PER_PEER_BYTES * cohort_size
 
 
-def train_task_of(config: pb.RoundConfig) -> pb.TrainTask:
-    """The local-training fields of a round: a ``split`` task's, or else a ``train`` task's."""
-    return config.split.train if config.WhichOneof("task") == "split" else config.train
+#: The backends this version knows, by their names in ``[rounds] backend`` / ``[client] backend``.
+_BACKENDS: dict[int, Backend] = {pb.BACKEND_MASKING: "masking", pb.BACKEND_CKKS: "ckks"}
 
 
-def codec_to_config(codec: RoundCodec, config: pb.RoundConfig) -> None:
-    """Write ``codec`` into a masking round's config (the edge: protobuf goes no further)."""
-    config.ring_bits = codec.ring_bits
-    config.dim = codec.encoded_dim
-    config.contribution_dim = codec.contribution_size
+def backend_name(message: pb.RoundConfig) -> str:
+    """The backend a received config names, ``"unknown (n)"`` for one this version does not
+    know: what a client compares with its own before anything else (the refusal says both)."""
+    return _BACKENDS.get(message.backend, f"unknown ({message.backend})")
+
+
+def round_config_to_pb(config: RoundConfig) -> pb.RoundConfig:
+    """The message of a round config (the coordinator serializes it once for the cohort)."""
+    message = pb.RoundConfig(
+        round_number=config.round_number,
+        session_id=config.session_id,
+        cohort=list(config.cohort),
+        model_dim=config.model_dim,
+    )
+    task = config.task
+    if isinstance(task, RandomTask):
+        message.random.SetInParent()
+        message.random.seed = task.seed
+    elif isinstance(task, TrainTask):
+        message.train.SetInParent()
+        message.train.MergeFrom(_train_to_pb(task))
+    else:
+        message.split.SetInParent()
+        message.split.MergeFrom(
+            pb.SplitTask(
+                train=_train_to_pb(task.train),
+                client_bottom=task.spec.client_bottom,
+                client_top=task.spec.client_top,
+                max_length=task.max_length,
+                hidden_size=task.hidden_size,
+                step_timeout_s=task.step_timeout_s,
+                join_timeout_s=task.join_timeout_s,
+            )
+        )
+    aggregation = config.aggregation
+    if isinstance(aggregation, MaskingRound):
+        message.backend = pb.BACKEND_MASKING
+        message.threshold = aggregation.shape.threshold
+        message.neighbours = aggregation.shape.neighbours or 0
+        message.quorum = aggregation.shape.quorum
+        message.min_survivors = aggregation.min_survivors
+        _codec_to_pb(aggregation.codec, message)
+    else:
+        ckks = aggregation.ckks
+        message.backend = pb.BACKEND_CKKS
+        message.ckks.SetInParent()
+        message.ckks.poly_modulus_degree = ckks.poly_modulus_degree
+        message.ckks.coeff_mod_bit_sizes.extend(ckks.coeff_mod_bit_sizes)
+        message.ckks.scale_bits = ckks.scale_bits
+        message.ckks.min_contributors = ckks.min_contributors
+        message.ckks.fingerprint = ckks.fingerprint
+        message.clip = aggregation.clip
+        message.dim = aggregation.dim
+        message.weighted = aggregation.weighted
+    return message
+
+
+def round_config_bytes(config: RoundConfig) -> bytes:
+    """What RoundStart carries: the serialized message, hashed as received by every client."""
+    data: bytes = round_config_to_pb(config).SerializeToString()
+    return data
+
+
+def round_config_from_pb(message: pb.RoundConfig) -> RoundConfig:
+    """The round a received config describes. Refuses (typed: :class:`WireFormatError`, or the
+    domain's :class:`~secagg.errors.ConfigurationError` / :class:`~fl_core.errors.FLError`)
+    an unknown backend, a missing task, a backend without its parameters or with another's,
+    an unknown DP mechanism and parameters the codec or the split cut refuse."""
+    task = _task_from_pb(message)
+    aggregation: MaskingRound | CkksAggregation
+    backend = _BACKENDS.get(message.backend)
+    if backend == "masking":
+        if message.HasField("ckks"):
+            raise WireFormatError(
+                f"round {message.round_number} is a masking round carrying CKKS parameters"
+            )
+        aggregation = MaskingRound(
+            SessionShape(message.threshold, message.neighbours or None, message.quorum),
+            _codec_from_pb(message, task),
+            message.min_survivors,
+        )
+    elif backend == "ckks":
+        if not message.HasField("ckks"):
+            raise WireFormatError(
+                f"round {message.round_number} is a ckks round without CKKS parameters"
+            )
+        if message.HasField("dp"):
+            raise WireFormatError(
+                f"round {message.round_number} is a ckks round carrying DP parameters (the ckks "
+                "backend offers no DP)"
+            )
+        c = message.ckks
+        ckks = CkksRound(
+            c.poly_modulus_degree,
+            tuple(c.coeff_mod_bit_sizes),
+            c.scale_bits,
+            c.min_contributors,
+            c.fingerprint,
+        )
+        aggregation = CkksAggregation(ckks, message.clip, message.dim, message.weighted)
+    else:
+        raise WireFormatError(
+            f"round {message.round_number} names backend {message.backend}, which this version "
+            "does not know"
+        )
+    return RoundConfig(
+        message.round_number,
+        message.session_id,
+        tuple(message.cohort),
+        aggregation,
+        task,
+        message.model_dim,
+    )
+
+
+def _train_to_pb(task: TrainTask) -> pb.TrainTask:
+    # The domain's field names are the message's (a test pins the two sets equal).
+    return pb.TrainTask(**{f.name: getattr(task, f.name) for f in fields(TrainTask)})
+
+
+def _train_from_pb(message: pb.TrainTask) -> TrainTask:
+    return TrainTask(**{f.name: getattr(message, f.name) for f in fields(TrainTask)})
+
+
+def _task_from_pb(message: pb.RoundConfig) -> Task:
+    kind = message.WhichOneof("task")
+    if kind == "random":
+        return RandomTask(message.random.seed)
+    if kind == "train":
+        return _train_from_pb(message.train)
+    if kind == "split":
+        s = message.split
+        return SplitTask(
+            _train_from_pb(s.train),
+            SplitSpec(s.client_bottom, s.client_top),
+            s.max_length,
+            s.hidden_size,
+            s.step_timeout_s,
+            s.join_timeout_s,
+        )
+    raise WireFormatError(f"round {message.round_number} has no task this client knows")
+
+
+def _codec_to_pb(codec: RoundCodec, message: pb.RoundConfig) -> None:
+    message.ring_bits = codec.ring_bits
+    message.dim = codec.encoded_dim
+    message.contribution_dim = codec.contribution_size
     if codec.dp is not None:
         p = codec.dp
-        config.dp.mechanism = p.noise.mechanism
-        config.dp.stddev = p.noise.stddev
-        config.dp.clip = p.clip
-        config.dp.scale = p.scale
-        config.dp.rotation_seed = p.seed
-        config.dp.max_clients = p.max_clients
-        config.dp.beta = p.beta
-        config.weighted = False
+        message.dp.mechanism = p.noise.mechanism
+        message.dp.stddev = p.noise.stddev
+        message.dp.clip = p.clip
+        message.dp.scale = p.scale
+        message.dp.rotation_seed = p.seed
+        message.dp.max_clients = p.max_clients
+        message.dp.beta = p.beta
+        message.weighted = False
         return
     q = codec.quant
     if q is None:
         raise WireFormatError("a codec without parameters")
-    config.clip = q.clip
-    config.scale = q.scale
-    config.weighted = q.weighted
-    if q.weighted:
-        # A split round's task must be chosen before this (it carries its own TrainTask).
-        train_task_of(config).max_weight = q.max_weight
+    # max_clients is the cohort and a weighted codec's max_weight the task's (RoundConfig
+    # checks both), so neither travels twice.
+    message.clip = q.clip
+    message.scale = q.scale
+    message.weighted = q.weighted
 
 
-def codec_from_config(config: pb.RoundConfig) -> RoundCodec:
+def _codec_from_pb(message: pb.RoundConfig, task: Task) -> RoundCodec:
     """The codec a masking round's config describes (secagg validates the parameters)."""
-    size = config.contribution_dim or (config.dim - 1 if config.weighted else config.dim)
-    if config.HasField("dp"):
-        d = config.dp
+    size = message.contribution_dim or (message.dim - 1 if message.weighted else message.dim)
+    if message.HasField("dp"):
+        d = message.dp
         if d.mechanism not in MECHANISMS:
             raise WireFormatError(f"unknown DP mechanism {d.mechanism!r} in the round config")
         mechanism: Mechanism = d.mechanism
         params = DpParams(
-            ring_bits=config.ring_bits,
+            ring_bits=message.ring_bits,
             dim=size,
             clip=d.clip,
             scale=d.scale,
@@ -127,43 +281,14 @@ def codec_from_config(config: pb.RoundConfig) -> RoundCodec:
             beta=d.beta,
         )
         return RoundCodec(size, dp=params)
+    train = task.train if isinstance(task, SplitTask) else task
+    task_weight = train.max_weight if isinstance(train, TrainTask) else 0
     quant = QuantizationParams(
-        config.ring_bits,
-        config.clip,
-        config.scale,
-        max_clients=len(config.cohort),
-        max_weight=train_task_of(config).max_weight if config.weighted else 1,
-        weighted=config.weighted,
+        message.ring_bits,
+        message.clip,
+        message.scale,
+        max_clients=len(message.cohort),
+        max_weight=task_weight if message.weighted else 1,
+        weighted=message.weighted,
     )
     return RoundCodec(size, quant=quant)
-
-
-def plan_from_config(config: pb.RoundConfig) -> RoundPlan:
-    """The masking round a config describes."""
-    shape = SessionShape(config.threshold, config.neighbours or None, config.quorum)
-    return RoundPlan(
-        config.round_number,
-        config.session_id,
-        tuple(config.cohort),
-        shape,
-        codec_from_config(config),
-        config.min_survivors,
-    )
-
-
-def plan_to_config(plan: RoundPlan, config: pb.RoundConfig) -> None:
-    """Write a masking round's plan into its config."""
-    config.round_number = plan.index
-    config.session_id = plan.session_id
-    del config.cohort[:]
-    config.cohort.extend(plan.cohort)
-    config.threshold = plan.shape.threshold
-    config.neighbours = plan.shape.neighbours or 0
-    config.quorum = plan.shape.quorum
-    config.min_survivors = plan.min_survivors
-    codec_to_config(plan.codec, config)
-
-
-def params_from_config(config: pb.RoundConfig) -> RoundParams:
-    """The secure-aggregation parameters a masking round's config describes."""
-    return plan_from_config(config).secagg_params()

@@ -1,9 +1,10 @@
 """What server and client must compute identically in a CKKS round (``backend = "ckks"``).
 
-- :func:`ckks_params_from_config`: the :class:`secagg.he.CKKSParams` a ``RoundConfig`` describes
-  (``max_clients`` is the cohort size, so both ends size the overflow check the same way), and
-  :func:`ckks_spec_from_config`: the :class:`secagg.he.HeRoundSpec` both ends build their
-  sessions from. Protobuf goes no further in than these two.
+- :func:`ckks_params_of`: the :class:`secagg.he.CKKSParams` a round's
+  :class:`~fl_core.round_config.RoundConfig` describes (``max_clients`` is the cohort size, so
+  both ends size the overflow check the same way), and :func:`ckks_spec_of`: the
+  :class:`secagg.he.HeRoundSpec` both ends build their sessions from (here, not in
+  :mod:`fl_core.round_config`, which stays free of TenSEAL).
 - :func:`he_upload_limit` / :func:`aggregate_download_limit`: byte budgets of the CKKS uploads
   and of the aggregate sent to the decryptor, from the round parameters alone, checked before a
   payload is allocated.
@@ -20,10 +21,10 @@ import struct
 
 import numpy as np
 
+from fl_core.round_config import CkksAggregation, RoundConfig
 from secagg.errors import ConfigurationError, SessionMismatch
 from secagg.he import CKKSParams, DecryptedSum, HeRoundSpec
 from wire import fedsec_pb2 as pb
-from wire.convert import train_task_of
 from wire.framing import WireFormatError
 
 _RELEASE_MAGIC = b"FSDS"
@@ -36,34 +37,37 @@ ENVELOPE_ALLOWANCE = 256
 CIPHERTEXT_SLACK = 4096 + 4
 
 
-def ckks_params_from_config(config: pb.RoundConfig) -> CKKSParams:
-    """The CKKS parameters of a round; raises :class:`ConfigurationError` for a config that is
+def ckks_params_of(config: RoundConfig) -> CKKSParams:
+    """The CKKS parameters of a round; raises :class:`ConfigurationError` for a round that is
     not a CKKS round or whose parameters are invalid (below 128-bit security, overflowing)."""
-    if config.backend != pb.BACKEND_CKKS or not config.HasField("ckks"):
-        raise ConfigurationError(f"round {config.round_number} is not a CKKS round")
-    ckks = config.ckks
+    agg = _ckks_of(config)
+    train = config.train
     return CKKSParams(
-        clip=config.clip,
+        clip=agg.clip,
         max_clients=len(config.cohort),
-        max_weight=train_task_of(config).max_weight if config.weighted else 1,
-        weighted=config.weighted,
-        min_contributors=ckks.min_contributors,
-        poly_modulus_degree=ckks.poly_modulus_degree,
-        coeff_mod_bit_sizes=tuple(ckks.coeff_mod_bit_sizes),
-        scale_bits=ckks.scale_bits,
+        max_weight=train.max_weight if agg.weighted and train is not None else 1,
+        weighted=agg.weighted,
+        min_contributors=agg.ckks.min_contributors,
+        poly_modulus_degree=agg.ckks.poly_modulus_degree,
+        coeff_mod_bit_sizes=agg.ckks.coeff_mod_bit_sizes,
+        scale_bits=agg.ckks.scale_bits,
     )
 
 
-def ckks_spec_from_config(config: pb.RoundConfig) -> HeRoundSpec:
+def ckks_spec_of(config: RoundConfig) -> HeRoundSpec:
     """The round as both sessions see it: parameters, session id, cohort, dimension and the
     federation fingerprint the config names. :class:`ConfigurationError` for an invalid one."""
+    agg = _ckks_of(config)
     return HeRoundSpec(
-        ckks_params_from_config(config),
-        config.session_id,
-        tuple(config.cohort),
-        config.dim,
-        config.ckks.fingerprint,
+        ckks_params_of(config), config.session_id, config.cohort, agg.dim, agg.ckks.fingerprint
     )
+
+
+def _ckks_of(config: RoundConfig) -> CkksAggregation:
+    agg = config.aggregation
+    if not isinstance(agg, CkksAggregation):
+        raise ConfigurationError(f"round {config.round_number} is not a CKKS round")
+    return agg
 
 
 def _envelope_limit(params: CKKSParams, dim: int) -> int:

@@ -7,8 +7,8 @@ allocating, the declared size must be exactly ``4 * rows * tokens * hidden``, an
 overruns it or a stream that ends early is a :class:`~wire.framing.WireFormatError`.
 Payloads are little-endian float32 in C order; NaN/Inf are refused by the receiver.
 
-:func:`limits_of` and :func:`turn_timeout` are what both ends derive from a round's
-:class:`SplitTask`.
+:func:`turn_timeout` is what both ends derive from a round's
+:class:`~fl_core.round_config.SplitTask` (whose ``limits`` are the step tensors' bounds).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from fl_core.split import FLOAT_BYTES, SplitSpec, StepLimits, check_tensor_values
+from fl_core.split import FLOAT_BYTES, check_tensor_values
 from wire import fedsec_pb2 as pb
 from wire.framing import CHUNK_BYTES, PayloadAssembler, WireFormatError, split_chunks
 
@@ -39,14 +39,6 @@ F = TypeVar("F", pb.SplitUp, pb.SplitDown)
 
 class StreamEnded(WireFormatError):
     """The other side closed the stream where a step tensor was due."""
-
-
-def spec_of(task: pb.SplitTask) -> SplitSpec:
-    return SplitSpec(task.client_bottom, task.client_top)
-
-
-def limits_of(task: pb.SplitTask) -> StepLimits:
-    return StepLimits(task.train.batch_size, task.max_length, task.hidden_size)
 
 
 def turn_timeout(

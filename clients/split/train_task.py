@@ -20,15 +20,13 @@ from clients.split.model import MiddleLink, SplitModel
 from clients.split.trainer import split_train_local
 from clients.train_task import LocalTrainer, optimizer_of, training_seed
 from clients.trainer import LocalResult, TrainSettings
+from fl_core.round_config import SplitTask
 from secagg.errors import ConfigurationError
-from wire import fedsec_pb2 as pb
-from wire.split_wire import spec_of
 
 
-def split_model_for(trainer: LocalTrainer, config: pb.RoundConfig, model: bytes) -> SplitModel:
+def split_model_for(trainer: LocalTrainer, task: SplitTask, model: bytes) -> SplitModel:
     """This institution's model cut as the round says, after every check it can make."""
-    task = config.split
-    split = SplitModel(trainer.lm, spec_of(task))
+    split = SplitModel(trainer.lm, task.spec)
     if task.train.layout_fingerprint != split.layout.client.fingerprint():
         raise ConfigurationError(
             "the server's client-part layout differs from this institution's (check [train] "
@@ -63,18 +61,18 @@ def split_model_for(trainer: LocalTrainer, config: pb.RoundConfig, model: bytes)
 
 
 def split_update(
-    trainer: LocalTrainer, config: pb.RoundConfig, model: bytes, link: MiddleLink
+    trainer: LocalTrainer, split_task: SplitTask, model: bytes, link: MiddleLink
 ) -> LocalResult:
     """This round's steps through ``link``; the update of the client part and its weight."""
-    split = split_model_for(trainer, config, model)
-    task = config.split.train
+    split = split_model_for(trainer, split_task, model)
+    task = split_task.train
     settings = TrainSettings(
         local_steps=task.local_steps,
         batch_size=task.batch_size,
         lr=task.learning_rate,
         optimizer=optimizer_of(task.optimizer),
         max_grad_norm=task.max_grad_norm or trainer.recipe.max_grad_norm,
-        seed=training_seed(config, trainer.client_id),
+        seed=training_seed(task, trainer.client_id),
         num_threads=trainer.recipe.threads,
         data_offset=trainer.batches_drawn,
         prox_mu=task.prox_mu,

@@ -24,10 +24,11 @@ import grpc
 import numpy as np
 
 from fl_core.errors import FLError
+from fl_core.round_config import RoundConfig, SplitTask
 from fl_core.split import SplitError, StepLimits
 from wire import fedsec_pb2 as pb
 from wire.framing import WireFormatError
-from wire.split_wire import limits_of, read_tensor, tensor_frames, turn_timeout
+from wire.split_wire import read_tensor, tensor_frames, turn_timeout
 
 log = logging.getLogger("fedsec.client")
 
@@ -51,11 +52,13 @@ class GrpcSplitLink:
         self,
         stub: Any,
         token: bytes,
-        config: pb.RoundConfig,
+        config: RoundConfig,
         client_id: int,
         stall_gradient: bool = False,
     ) -> None:
-        task = config.split
+        task = config.task
+        if not isinstance(task, SplitTask):
+            raise SplitStreamRefused(f"round {config.round_number} is not a split round")
         #: Fault injection (``[testing] stall_before = "split_gradient"``): hang instead of
         #: sending the first gradient, as a client that dies mid-step.
         self._stall_gradient = stall_gradient
@@ -63,7 +66,7 @@ class GrpcSplitLink:
         if client_id not in cohort:
             raise SplitStreamRefused(f"client {client_id} is not in round {config.round_number}")
         self._round = config.round_number
-        self._limits: StepLimits = limits_of(task)
+        self._limits: StepLimits = task.limits
         self._step_timeout = task.step_timeout_s
         steps = task.train.local_steps
         self._turn_timeout = turn_timeout(

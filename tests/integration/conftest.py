@@ -22,9 +22,11 @@ import numpy as np
 import pytest
 
 from fl_core.cli import main as fedsec
+from fl_core.round import RoundCodec
+from fl_core.round_config import MaskingRound, RandomTask, RoundConfig
 from secagg.encoding import QuantizationParams
+from secagg.params import SessionShape
 from server.checkpoints import load_checkpoint
-from wire import fedsec_pb2 as pb
 
 ENTRY = "import sys; from fl_core.cli import main; sys.exit(main())"
 REPO = Path(__file__).resolve().parents[2]
@@ -243,16 +245,9 @@ def deploy(tmp_path: Path) -> Iterator[Callable[..., Deployment]]:
         d.close()
 
 
-def round_config(round_number: int, cohort: list[int], dim: int, seed: int) -> pb.RoundConfig:
-    """The public fields of a round's config that determine the random task's inputs."""
+def round_config(round_number: int, cohort: list[int], dim: int, seed: int) -> RoundConfig:
+    """A random round whose public fields (round, cohort, codec, seed) determine the inputs;
+    the session id and shape do not."""
     quant = QuantizationParams.fit(32, 1.0, max_clients=len(cohort))
-    config = pb.RoundConfig(
-        round_number=round_number,
-        ring_bits=32,
-        dim=dim,
-        cohort=cohort,
-        clip=1.0,
-        scale=quant.scale,
-    )
-    config.random.seed = seed
-    return config
+    masking = MaskingRound(SessionShape(3, None, 3), RoundCodec(dim, quant=quant))
+    return RoundConfig(round_number, bytes(32), tuple(cohort), masking, RandomTask(seed))

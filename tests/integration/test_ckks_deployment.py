@@ -19,9 +19,9 @@ from conftest import ENTRY, Proc
 
 from clients.transport import random_update
 from fl_core.cli import main as fedsec
+from fl_core.round_config import CkksAggregation, CkksRound, RandomTask, RoundConfig
 from secagg.he import CKKSParams
 from server.checkpoints import load_checkpoint
-from wire import fedsec_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -139,8 +139,9 @@ def test_ckks_round_survives_a_lost_client_and_a_silent_decryptor(tmp_path: Path
 
     # FedAvg from zero: the checkpoint is the mean of the contributors' updates, within the
     # CKKS error bound (release grid of the sum, then float32 rounding, divided by their count).
-    config = pb.RoundConfig(round_number=0, dim=DIM, clip=1.0)
-    config.random.seed = SEED
+    # Round 0's random inputs depend on its number, seed, clip and length only.
+    ckks = CkksAggregation(CkksRound(8192, (60, 40, 60), 40, 1, bytes(32)), 1.0, DIM, False)
+    config = RoundConfig(0, bytes(32), tuple(sorted(contributors)), ckks, RandomTask(SEED))
     updates = [random_update(config, c).astype(np.float64) for c in contributors]
     n = len(contributors)
     expected = np.sum(updates, axis=0) / n

@@ -16,7 +16,7 @@ from conftest import Deployment, round_config
 
 from clients.transport import random_input
 from fl_core.strategies import AggregateInput, FedAvg
-from secagg.encoding import QuantizationParams, decode_sum
+from secagg.encoding import decode_sum
 from secagg.keys import Identity
 from secagg.protocol import RoundParams
 from secagg.simulate import simulate_round
@@ -43,7 +43,8 @@ def expected_global(rounds: list[list[int]], dim: int = DIM) -> np.ndarray:
         inputs = {c: random_input(config, c) for c in cohort}
         params = RoundParams(os.urandom(32), 32, dim, 3, tuple(cohort))
         simulated = simulate_round(params, inputs)
-        quant = QuantizationParams(32, 1.0, config.scale, max_clients=len(cohort))
+        quant = config.masking.codec.quant
+        assert quant is not None
         decoded = decode_sum(simulated.result.sum, quant, len(cohort))
         released = AggregateInput(decoded.total.astype(np.float64), decoded.weight, len(cohort))
         vector = FedAvg(dim).aggregate(vector, released).astype(np.float32)

@@ -21,12 +21,13 @@ from fl_core.federation import (
     SecAggSettings,
 )
 from fl_core.round import client_contribution
+from fl_core.round_config import TrainTask
 from fl_core.strategies import ClientOptions
 from secagg.dp.calibration import release_event, releases_epsilon
 from secagg.dp.events import DpEvent
+from secagg.params import SessionShape
 from server.config import load_server_config
 from server.global_model import GlobalModel
-from wire import fedsec_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -145,8 +146,9 @@ epsilon = {EPSILON}
         model = GlobalModel(server_config)
         if number > 0:
             model.restore(checkpoints / f"round-{number - 1:06d}.safetensors")
-        config = pb.RoundConfig(round_number=number, cohort=list(range(1, clients + 1)))
-        model.fill_round(config)
+        cohort = tuple(range(1, clients + 1))
+        config, _ = model.round_config(number, bytes(32), cohort, SessionShape(3, None, 3))
+        assert isinstance(config.task, TrainTask)
         start = model.vector.copy()
         c_before = model.strategy.state_dict()["c"]
         control = model.strategy.client_options().server_control
@@ -154,7 +156,7 @@ epsilon = {EPSILON}
         assert calibration is not None
         noise_free = np.zeros(model.strategy.contribution_size())
         for c in sorted(trainers):
-            result = trainers[c].train(config, start, control)
+            result = trainers[c].train(config.task, start, control)
             unit, weight = client_contribution(
                 model.strategy, result.delta, result.num_samples, result.control_delta, dp=True
             )

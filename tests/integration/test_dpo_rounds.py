@@ -4,15 +4,16 @@ updates take the same encoding and secure sum as SFT's, against the stage's refe
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import Deployment
 
+from fl_core.round_config import TrainTask
 from fl_core.strategies import AggregateInput, FedAvg
 from server.global_model import vector_digest
-from wire import fedsec_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -62,16 +63,18 @@ def test_sft_then_dpo_rounds_equal_the_in_process_run(
     start = trainers[1].lm.get_vector()
     reference = b""
     for number, (objective, lr) in enumerate((("sft", 0.01), ("dpo", 0.002), ("dpo", 0.002))):
-        config = pb.RoundConfig(round_number=number, cohort=list(range(1, CLIENTS + 1)))
-        task = config.train
-        task.seed, task.local_steps, task.batch_size, task.learning_rate = 7, 2, 4, lr
-        task.layout_fingerprint = trainers[1].lm.layout.fingerprint()
-        task.objective = objective
+        task = TrainTask(
+            seed=7,
+            local_steps=2,
+            batch_size=4,
+            learning_rate=lr,
+            layout_fingerprint=trainers[1].lm.layout.fingerprint(),
+            objective=objective,
+        )
         if objective == "dpo":
-            task.dpo_beta, task.dpo_loss = 0.5, "sigmoid"
             reference = reference or vector_digest(start)  # the stage's first round's vector
-            task.dpo_reference = reference
-        results = [trainers[c].train(config, start) for c in sorted(trainers)]
+            task = replace(task, dpo_beta=0.5, dpo_loss="sigmoid", dpo_reference=reference)
+        results = [trainers[c].train(task, start) for c in sorted(trainers)]
         if objective == "dpo":
             pairs = [trainers[c].pairs for c in sorted(trainers)]
             assert [r.num_samples for r in results] == [len(p or ()) for p in pairs]

@@ -22,12 +22,11 @@ from clients.synthetic import make_federation
 from clients.train_task import LocalTrainer
 from fl_core.adapter_io import load_adapter
 from fl_core.cli import main as fedsec
+from fl_core.round_config import TrainTask
 from fl_core.strategies import AggregateInput, FedProx
 from server.checkpoints import load_checkpoint
 from server.config import load_server_config
 from server.split_service import build_split_service
-from wire import fedsec_pb2 as pb
-from wire.split_wire import limits_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -125,17 +124,21 @@ def test_split_rounds_over_grpc_equal_the_in_process_run(
     client_part = middle.split.layout.client
     start = middle.split.client_vector()
     for number in range(2):
-        config = pb.RoundConfig(round_number=number, cohort=list(range(1, CLIENTS + 1)))
-        task = config.split
-        task.train.seed, task.train.local_steps, task.train.learning_rate = 7, 2, 0.01
-        task.train.batch_size, task.train.max_weight = 4, 64
-        task.train.strategy, task.train.prox_mu = "fedprox", MU
-        task.train.layout_fingerprint = client_part.fingerprint()
-        service.fill(task, 64)
-        middle.begin_round(list(config.cohort), 2, limits_of(task))
+        train = TrainTask(
+            seed=7,
+            local_steps=2,
+            learning_rate=0.01,
+            batch_size=4,
+            max_weight=64,
+            strategy="fedprox",
+            prox_mu=MU,
+            layout_fingerprint=client_part.fingerprint(),
+        )
+        task = service.task(train, 64)
+        middle.begin_round(list(range(1, CLIENTS + 1)), 2, task.limits)
         model = start.astype("<f4").tobytes()
         results = [
-            split_update(trainers[c], config, model, InProcessLink(middle, c)) for c in (1, 2, 3)
+            split_update(trainers[c], task, model, InProcessLink(middle, c)) for c in (1, 2, 3)
         ]
         total = sum(r.num_samples * r.delta.astype(np.float64) for r in results)
         weight = float(sum(r.num_samples for r in results))

@@ -13,11 +13,11 @@ from conftest import Deployment
 
 from fl_core.adapter_io import load_adapter
 from fl_core.round import client_contribution
+from fl_core.round_config import TrainTask
 from fl_core.strategies import AggregateInput, FedAvg, Scaffold
 from secagg.ring import Ring
 from server.config import load_server_config
 from server.global_model import GlobalModel
-from wire import fedsec_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -67,13 +67,14 @@ def test_two_training_rounds_equal_the_in_process_run(deploy: Callable[..., Depl
     initial = trainers[1].lm.get_vector()
     start = initial
     for number in range(2):
-        config = pb.RoundConfig(round_number=number, cohort=list(range(1, CLIENTS + 1)))
-        config.train.seed = 7
-        config.train.local_steps = 2
-        config.train.learning_rate = 0.01
-        config.train.batch_size = 4
-        config.train.layout_fingerprint = trainers[1].lm.layout.fingerprint()
-        results = [trainers[c].train(config, start) for c in sorted(trainers)]
+        task = TrainTask(
+            seed=7,
+            local_steps=2,
+            learning_rate=0.01,
+            batch_size=4,
+            layout_fingerprint=trainers[1].lm.layout.fingerprint(),
+        )
+        results = [trainers[c].train(task, start) for c in sorted(trainers)]
         total = sum(r.num_samples * r.delta.astype(np.float64) for r in results)
         weight = float(sum(r.num_samples for r in results))
         released = AggregateInput(np.asarray(total), weight, len(results))
@@ -119,18 +120,19 @@ def test_scaffold_rounds_over_grpc_follow_the_round_core(
     start = trainers[1].lm.get_vector()
     strategy = Scaffold(start.size, num_clients=clients)
     for number in range(2):
-        config = pb.RoundConfig(round_number=number, cohort=list(range(1, clients + 1)))
-        config.train.seed = 7
-        config.train.local_steps = 2
-        config.train.learning_rate = 0.01
-        config.train.optimizer = "sgd"  # what the server's SCAFFOLD recipe sends
-        config.train.batch_size = 4
-        config.train.layout_fingerprint = trainers[1].lm.layout.fingerprint()
+        task = TrainTask(
+            seed=7,
+            local_steps=2,
+            learning_rate=0.01,
+            optimizer="sgd",  # what the server's SCAFFOLD recipe sends
+            batch_size=4,
+            layout_fingerprint=trainers[1].lm.layout.fingerprint(),
+        )
         control = strategy.client_options().server_control
         ring = Ring(codec.ring_bits)
         ring_sum = ring.zeros(codec.encoded_dim)
         for c in sorted(trainers):
-            result = trainers[c].train(config, start, control)
+            result = trainers[c].train(task, start, control)
             assert result.control_delta is not None
             unit, weight = client_contribution(
                 strategy, result.delta, result.num_samples, result.control_delta, dp=False

@@ -22,6 +22,7 @@ from clients.client_config import load_client_config
 from clients.transport import ClientTransport, random_update
 from fl_core.adapter_io import AdapterConfig, save_adapter
 from fl_core.cli import main as fedsec
+from fl_core.round_config import CkksAggregation, RoundConfig
 from fl_core.toml_config import ConfigError
 from secagg.errors import TooFewSurvivors, UnexpectedMessage
 from secagg.he import (
@@ -42,6 +43,7 @@ from server.outbox import Mailboxes
 from server.rounds import RoundRunner
 from server.store import Store
 from wire import fedsec_pb2 as pb
+from wire.convert import round_config_bytes, round_config_to_pb
 from wire.credentials import load_identity
 from wire.he_files import (
     CkksShape,
@@ -51,8 +53,8 @@ from wire.he_files import (
     load_secret_context,
 )
 from wire.he_round import (
-    ckks_params_from_config,
-    ckks_spec_from_config,
+    ckks_params_of,
+    ckks_spec_of,
     decode_release,
     encode_release,
     he_upload_limit,
@@ -89,20 +91,20 @@ def runner(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> RoundRunne
     return RoundRunner(config, Store(tmp_path_factory.mktemp("state") / "s.db"), Mailboxes())
 
 
-def _round(runner: RoundRunner, cohort: list[int]) -> tuple[HeServerSession, pb.RoundConfig]:
+def _round(runner: RoundRunner, cohort: list[int]) -> tuple[HeServerSession, RoundConfig]:
     config, _ = runner._round_config(0, cohort)
     assert runner._config.ckks is not None
-    return HeServerSession(runner._config.ckks.public, ckks_spec_from_config(config)), config
+    return HeServerSession(runner._config.ckks.public, ckks_spec_of(config)), config
 
 
-def _client(bundle: Path, client_id: int, config: pb.RoundConfig) -> HeClientSession:
+def _client(bundle: Path, client_id: int, config: RoundConfig) -> HeClientSession:
     held = load_secret_context(bundle / f"client-{client_id}" / "he-secret.ctx")
-    spec = ckks_spec_from_config(config)
+    spec = ckks_spec_of(config)
     return HeClientSession(client_id, held.for_round(spec.params), spec, b"model")
 
 
 def _uploads(
-    bundle: Path, config: pb.RoundConfig, cohort: tuple[int, ...]
+    bundle: Path, config: RoundConfig, cohort: tuple[int, ...]
 ) -> tuple[dict[int, HeClientSession], dict[int, bytes]]:
     clients = {c: _client(bundle, c, config) for c in cohort}
     return clients, {c: clients[c].encrypt(random_update(config, c)) for c in cohort}
@@ -194,7 +196,7 @@ def test_uploads_are_added_foreign_ones_refused_and_the_release_applied(
     bundle: Path, runner: RoundRunner
 ) -> None:
     ckks, config = _round(runner, [1, 2, 3, 4])
-    assert config.backend == pb.BACKEND_CKKS and config.dim == DIM
+    assert config.backend == "ckks" and config.contribution_size == DIM
     clients, uploads = _uploads(bundle, config, (1, 2, 3))
     for c in (1, 2, 3):
         assert len(uploads[c]) <= he_upload_limit(pb.HE_UPDATE, ckks.params, DIM)
@@ -300,11 +302,14 @@ def test_train_rounds_under_ckks_send_the_model_vector_and_the_weight_bound(
     )
     trainer = RoundRunner(load_server_config(path), Store(tmp_path / "s.db"), Mailboxes())
     config, payload = trainer._round_config(0, [1, 2, 3])
-    assert config.dim == config.model_dim == 16 and len(payload) == 4 * 16
-    assert config.weighted and config.scale == 0 and config.ring_bits == 0
-    params = ckks_params_from_config(config)
+    agg = config.aggregation
+    assert isinstance(agg, CkksAggregation)
+    assert agg.dim == config.model_dim == 16 and len(payload) == 4 * 16 and agg.weighted
+    message = round_config_to_pb(config)  # no masking fields on the wire
+    assert message.scale == 0 and message.ring_bits == 0 and not message.HasField("dp")
+    params = ckks_params_of(config)
     assert (params.weighted, params.max_weight, params.max_clients) == (True, 50, 3)
-    assert params.encoded_dim(config.dim) == 17
+    assert params.encoded_dim(agg.dim) == 17
 
 
 # --- the client -----------------------------------------------------------------------------
@@ -338,11 +343,10 @@ def test_client_refuses_a_round_of_another_backend_or_key_without_uploading(
     masking_config = pb.RoundConfig(round_number=1, session_id=os.urandom(32), cohort=[1, 2, 3])
 
     masking_client = _transport(bundle, 2, "masking")
-    masking_client._start_round(ckks_config.SerializeToString(), b"")
+    masking_client._start_round(round_config_bytes(ckks_config), b"")
     ckks_client = _transport(bundle, 2)
     ckks_client._start_round(masking_config.SerializeToString(), b"")
-    foreign = pb.RoundConfig()
-    foreign.CopyFrom(ckks_config)
+    foreign = round_config_to_pb(ckks_config)
     foreign.ckks.fingerprint = bytes(32)
     ckks_client._start_round(foreign.SerializeToString(), b"")
 
@@ -354,14 +358,14 @@ def test_client_refuses_a_round_of_another_backend_or_key_without_uploading(
     assert "uses the masking backend, this client is configured for ckks" in text
     assert "another federation key" in text
 
-    ckks_client._start_round(ckks_config.SerializeToString(), b"")
+    ckks_client._start_round(round_config_bytes(ckks_config), b"")
     assert ckks_client.sent == [pb.HE_UPDATE]  # type: ignore[attr-defined]
 
 
-def _scaled(public: PublicContext, config: pb.RoundConfig, upload: bytes, k: int) -> bytes:
+def _scaled(public: PublicContext, config: RoundConfig, upload: bytes, k: int) -> bytes:
     """What a server can make alone: one upload added to itself k times, claimed as 1..k."""
-    params = ckks_params_from_config(config)
-    envelope = unpack(upload, params, KIND_UPDATE, config.session_id, config.dim, 1)
+    params = ckks_params_of(config)
+    envelope = unpack(upload, params, KIND_UPDATE, config.session_id, config.contribution_size, 1)
     chunks = []
     for chunk in envelope.chunks:
         total = ts.ckks_vector_from(public.context, chunk)
@@ -393,7 +397,7 @@ def test_the_decryptor_client_releases_the_honest_sum_and_nothing_forged(
 
     config, payload = runner._round_config(0, [1, 2, 3])
     for t in transports.values():
-        t._start_round(config.SerializeToString(), payload)
+        t._start_round(round_config_bytes(config), payload)
     uploads = {c: t.payloads[0] for c, t in transports.items()}  # type: ignore[attr-defined]
     forged = _scaled(public, config, uploads[2], 3)
     decryptor = transports[1]
@@ -403,14 +407,14 @@ def test_the_decryptor_client_releases_the_honest_sum_and_nothing_forged(
 
     # The same session id again: refused before training, nothing uploaded (the round in
     # flight is dropped, the replay refused: two aborts).
-    transports[2]._start_round(config.SerializeToString(), payload)
+    transports[2]._start_round(round_config_bytes(config), payload)
     assert transports[2].sent == [pb.HE_UPDATE]  # type: ignore[attr-defined]
     assert transports[2].stats.rounds_aborted == 2
 
     config, payload = runner._round_config(1, [1, 2, 3])
-    server = HeServerSession(public, ckks_spec_from_config(config))
+    server = HeServerSession(public, ckks_spec_of(config))
     for c, t in transports.items():
-        t._start_round(config.SerializeToString(), payload)
+        t._start_round(round_config_bytes(config), payload)
         server.receive_update(c, t.payloads[-1])  # type: ignore[attr-defined]
     decryptor._on_he_aggregate(config.session_id, server.close_uploads())
     assert decryptor.sent[-1] == pb.HE_DECRYPTED_SUM  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@ its objective (and the stage's reference by digest), and an institution trains i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -14,11 +15,12 @@ from clients.synthetic import institution_name
 from clients.train_task import LocalTrainer
 from fl_core.adapter_io import AdapterConfig, save_adapter
 from fl_core.cli import main as fedsec
+from fl_core.round_config import TrainTask
 from fl_core.toml_config import ConfigError
 from secagg.errors import ConfigurationError
+from secagg.params import SessionShape
 from server.config import load_server_config
 from server.global_model import DPO_REFERENCE_FILE, GlobalModel
-from wire import fedsec_pb2 as pb
 
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
 B = "base_model.model.layers.0.q_proj.lora_B.weight"
@@ -41,10 +43,11 @@ def server_with(root: Path, task: str, rounds: int = 3) -> Path:
     return path
 
 
-def _round(model: GlobalModel, number: int) -> pb.RoundConfig:
-    config = pb.RoundConfig(round_number=number, ring_bits=32, cohort=[1, 2, 3])
-    model.fill_round(config)
-    return config
+def _round(model: GlobalModel, number: int) -> TrainTask:
+    """The train task the coordinator announces for round ``number``."""
+    config, _ = model.round_config(number, bytes(32), (1, 2, 3), SessionShape(2, None, 2))
+    assert isinstance(config.task, TrainTask)
+    return config.task
 
 
 def test_every_round_names_its_objective_and_the_stage_reference(root: Path) -> None:
@@ -55,21 +58,21 @@ def test_every_round_names_its_objective_and_the_stage_reference(root: Path) -> 
     )
     model = GlobalModel(load_server_config(path))
     first = _round(model, 0)
-    assert first.train.objective == "sft" and first.train.dpo_reference == b""
+    assert first.objective == "sft" and first.dpo_reference == b""
     model.vector = model.vector + 0.5  # what round 0 released
     second = _round(model, 1)
-    assert second.train.objective == "dpo" and second.train.dpo_beta == 0.25
-    assert second.train.dpo_loss == "sigmoid" and second.train.learning_rate == 0.002
+    assert second.objective == "dpo" and second.dpo_beta == 0.25
+    assert second.dpo_loss == "sigmoid" and second.learning_rate == 0.002
     digest = hashlib.sha256(model.vector.astype("<f4").tobytes()).digest()
-    assert second.train.dpo_reference == digest
+    assert second.dpo_reference == digest
     model.vector = model.vector + 0.5  # the stage goes on; its reference does not move
-    assert _round(model, 2).train.dpo_reference == digest
+    assert _round(model, 2).dpo_reference == digest
     # The digest survives a restart of the coordinator (it sits beside the checkpoints).
     state = root / "dpo-state"
     checkpoint, _ = model.save(state, 1)
     again = GlobalModel(load_server_config(path))
     again.restore(checkpoint)
-    assert _round(again, 2).train.dpo_reference == digest
+    assert _round(again, 2).dpo_reference == digest
     # Without it, a restarted coordinator cannot name the reference: it refuses, it does not
     # silently move the reference to the current vector.
     (state / DPO_REFERENCE_FILE).unlink()
@@ -82,8 +85,8 @@ def test_every_round_names_its_objective_and_the_stage_reference(root: Path) -> 
 def test_the_round_reference_needs_no_digest(root: Path) -> None:
     path = server_with(root, 'stage = "dpo"\ndpo_reference = "round"\ndpo_loss = "ipo"\n')
     config = _round(GlobalModel(load_server_config(path)), 0)
-    assert config.train.objective == "dpo" and config.train.dpo_loss == "ipo"
-    assert config.train.dpo_reference == b""
+    assert config.objective == "dpo" and config.dpo_loss == "ipo"
+    assert config.dpo_reference == b""
 
 
 @pytest.mark.parametrize(
@@ -134,15 +137,19 @@ def trainer(root: Path) -> LocalTrainer:
     )
 
 
-def _dpo_task(trainer: LocalTrainer, reference: bytes = b"") -> pb.RoundConfig:
-    config = pb.RoundConfig(round_number=1, cohort=[1, 2, 3])
-    task = config.train
-    task.seed, task.local_steps, task.batch_size, task.learning_rate = 3, 2, 4, 0.01
-    task.max_weight = 1000
-    task.layout_fingerprint = trainer.lm.layout.fingerprint()
-    task.objective, task.dpo_beta, task.dpo_loss = "dpo", 0.1, "sigmoid"
-    task.dpo_reference = reference
-    return config
+def _dpo_task(trainer: LocalTrainer, reference: bytes = b"") -> TrainTask:
+    return TrainTask(
+        seed=3,
+        local_steps=2,
+        batch_size=4,
+        learning_rate=0.01,
+        max_weight=1000,
+        layout_fingerprint=trainer.lm.layout.fingerprint(),
+        objective="dpo",
+        dpo_beta=0.1,
+        dpo_loss="sigmoid",
+        dpo_reference=reference,
+    )
 
 
 def test_an_embedded_institution_trains_its_pairs_on_a_dpo_round(trainer: LocalTrainer) -> None:
@@ -159,11 +166,10 @@ def test_an_embedded_institution_trains_its_pairs_on_a_dpo_round(trainer: LocalT
     assert later.mean_loss != pytest.approx(np.log(2), abs=1e-4)  # policy != reference
     with pytest.raises(ConfigurationError, match="did not receive"):
         trainer.local_update(_dpo_task(trainer, b"\x01" * 32), moved)
-    odd = _dpo_task(trainer)
-    odd.train.objective = "ppo"
+    odd = dataclasses.replace(_dpo_task(trainer), objective="ppo")
     with pytest.raises(ConfigurationError, match="objective 'ppo'"):
         trainer.local_update(odd, model)
-    odd.train.objective, odd.train.dpo_loss = "dpo", "hinge"
+    odd = dataclasses.replace(odd, objective="dpo", dpo_loss="hinge")
     with pytest.raises(ConfigurationError, match="DPO loss 'hinge'"):
         trainer.local_update(odd, model)
 

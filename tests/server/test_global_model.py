@@ -10,10 +10,10 @@ import pytest
 from fl_core.adapter_io import AdapterConfig, load_adapter, save_adapter
 from fl_core.cli import main as fedsec
 from secagg.encoding import QuantizationParams, encode
+from secagg.params import SessionShape
 from secagg.protocol import AggregateResult
 from server.config import load_server_config
 from server.global_model import GlobalModel
-from wire import fedsec_pb2 as pb
 
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
 B = "base_model.model.layers.0.q_proj.lora_B.weight"
@@ -44,12 +44,13 @@ def test_released_sum_updates_the_adapter_and_survives_a_restart(config_path: Pa
     config = load_server_config(config_path)
     model = GlobalModel(config)
     assert model.vector.size == 16  # FFA: only B is trained and sent
-    round_config = pb.RoundConfig(round_number=0, ring_bits=32, cohort=[1, 2, 3])
-    payload = model.fill_round(round_config)
-    assert len(payload) == 4 * 16 and round_config.dim == 17 and round_config.weighted
-
+    shape = SessionShape(2, None, 2)
+    round_config, payload = model.round_config(0, bytes(32), (1, 2, 3), shape)
+    codec = round_config.masking.codec
+    assert len(payload) == 4 * 16 and codec.encoded_dim == 17 and codec.weighted
+    assert codec.quant is not None
     quant = QuantizationParams(
-        32, round_config.clip, round_config.scale, 3, max_weight=50, weighted=True
+        32, codec.quant.clip, codec.quant.scale, 3, max_weight=50, weighted=True
     )
     deltas = {1: np.full(16, 0.01, np.float32), 2: np.full(16, -0.02, np.float32)}
     weights = {1: 30, 2: 10}

@@ -11,10 +11,11 @@ import pytest
 from clients.client_config import load_client_config
 from fl_core.adapter_io import AdapterConfig, save_adapter
 from fl_core.cli import main as fedsec
+from fl_core.round_config import TrainTask
 from fl_core.toml_config import ConfigError
+from secagg.params import SessionShape
 from server.config import load_server_config
 from server.global_model import GlobalModel
-from wire import fedsec_pb2 as pb
 
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
 B = "base_model.model.layers.0.q_proj.lora_B.weight"
@@ -50,11 +51,12 @@ def test_the_coordinator_sends_its_recipe_and_the_scheduled_lr(root: Path) -> No
     model = GlobalModel(load_server_config(path))
     rates = []
     for number in range(2):  # the deployment's [rounds] count is 2
-        config = pb.RoundConfig(round_number=number, ring_bits=32, cohort=[1, 2, 3])
-        model.fill_round(config)
-        assert config.train.local_epochs == 2 and config.train.local_steps == 0
-        assert config.train.optimizer == "sgd" and config.train.batch_size == 4
-        rates.append(config.train.learning_rate)
+        config, _ = model.round_config(number, bytes(32), (1, 2, 3), SessionShape(2, None, 2))
+        task = config.task
+        assert isinstance(task, TrainTask)
+        assert task.local_epochs == 2 and task.local_steps == 0
+        assert task.optimizer == "sgd" and task.batch_size == 4
+        rates.append(task.learning_rate)
     assert rates == pytest.approx([0.04, 0.02])  # cosine over 2 rounds
 
 

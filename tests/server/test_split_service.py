@@ -22,8 +22,12 @@ from clients.split.model import SplitModel
 from clients.split.trainer import InProcessLink, split_train_local
 from clients.split.transport import GrpcSplitLink, SplitStepTimeout, SplitStreamRefused
 from clients.trainer import LocalResult, LoraModel, LoraSettings, TrainSettings
+from fl_core.round import RoundCodec
+from fl_core.round_config import MaskingRound, RoundConfig, SplitTask, TrainTask
 from fl_core.split import SplitSpec
+from secagg.encoding import QuantizationParams
 from secagg.keys import Identity, Roster
+from secagg.params import SessionShape
 from server.admission import Admission
 from server.outbox import Mailboxes
 from server.service import CoordinatorService
@@ -86,13 +90,16 @@ class Federation:
             options=[*grpc_options(), ("grpc.ssl_target_name_override", "localhost")],
         )
         self.stub: Any = pb_grpc.CoordinatorStub(self.channel)  # type: ignore[no-untyped-call]
-        self.config = pb.RoundConfig(round_number=4, session_id=b"s" * 32, cohort=[1, 2, 3])
-        self.config.split.train.local_steps = STEPS
-        self.config.split.train.batch_size = ROWS
-        self.config.split.client_bottom = 1
-        self.config.split.max_length = WIDTH
-        self.config.split.hidden_size = SPEC.hidden_size
-        self.config.split.step_timeout_s = step_timeout_s
+        # The round as a client receives it (the secure sum's codec does not matter here).
+        codec = RoundCodec(1, quant=QuantizationParams.fit(32, 1.0, 3))
+        train = TrainTask(local_steps=STEPS, batch_size=ROWS)
+        self.config = RoundConfig(
+            4,
+            b"s" * 32,
+            (1, 2, 3),
+            MaskingRound(SessionShape(2, None, 2), codec),
+            SplitTask(train, SplitSpec(1, 0), WIDTH, SPEC.hidden_size, step_timeout_s, 0.0),
+        )
 
     def begin(self) -> None:
         limits = self.middle.split.limits(ROWS, WIDTH)
