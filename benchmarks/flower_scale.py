@@ -63,7 +63,7 @@ def _apps(n: int, d: int, out: dict[str, Any]) -> tuple[ServerApp, ClientApp]:
 
     client = ClientApp(mods=[FedsecMod(credentials, ClientPolicy())])
 
-    @client.train()
+    @client.train()  # type: ignore[untyped-decorator, unused-ignore]  # no flwr: Any
     def train(msg: Message, context: Context) -> Message:
         arrays = msg.content.array_records["arrays"]
         rng = np.random.default_rng(int(context.node_config["partition-id"]))
@@ -78,7 +78,7 @@ def _apps(n: int, d: int, out: dict[str, Any]) -> tuple[ServerApp, ClientApp]:
 
     server = ServerApp()
 
-    @server.main()
+    @server.main()  # type: ignore[untyped-decorator, unused-ignore]  # no flwr: Any
     def main(grid: Grid, context: Context) -> None:
         names = tuple(f"c{u:05d}" for u in range(1, n + 1))
         config = FederationConfig(clients=names, rounds=1, secagg=SecAggSettings(clip=1.0))
