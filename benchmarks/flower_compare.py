@@ -146,7 +146,8 @@ def run_flower(n: int, d: int, k: int, t: int, dropped: set[int]) -> dict[str, A
 
     update = np.random.default_rng(0).uniform(-1, 1, d).astype(np.float32)
 
-    class Client(NumPyClient):  # type: ignore[misc]
+    # Without flwr, NumPyClient is Any (a subclass of Any is an error); with it, it is typed.
+    class Client(NumPyClient):  # type: ignore[misc, unused-ignore]
         def fit(self, parameters: Any, config: Any) -> Any:
             return [update], 10, {}
 
@@ -155,7 +156,7 @@ def run_flower(n: int, d: int, k: int, t: int, dropped: set[int]) -> dict[str, A
     def label(m: Message) -> str:
         return str(m.content.config_records[RECORD_KEY_CONFIGS]["stage"])
 
-    nodes = {NODE_BASE + u: {} for u in range(1, n + 1)}
+    nodes: dict[int, dict[str, Any]] = {NODE_BASE + u: {} for u in range(1, n + 1)}
     grid = TimingGrid(app, nodes, label, "collect_masked_vectors",
                       {NODE_BASE + u for u in dropped})  # fmt: skip
     strategy = FedAvg(
@@ -190,7 +191,7 @@ def run_fedsec(n: int, d: int, dropped: set[int]) -> dict[str, Any]:
     app = ClientApp(mods=[FedsecMod(lambda c: creds[c.node_id], policy)])
     update = np.random.default_rng(0).uniform(-1, 1, d).astype(np.float32)
 
-    @app.train()
+    @app.train()  # type: ignore[untyped-decorator, unused-ignore]  # no flwr: Any
     def train(msg: Message, ctxt: Context) -> Message:
         arrays = msg.content.array_records["arrays"]
         out = ArrayRecord({"x": Array(arrays["x"].numpy() + update)})
@@ -206,7 +207,7 @@ def run_fedsec(n: int, d: int, dropped: set[int]) -> dict[str, Any]:
         assert isinstance(payload, bytes)
         return type(decode_message(payload)).__name__
 
-    nodes = {node: {} for node in creds}
+    nodes: dict[int, dict[str, Any]] = {node: {} for node in creds}
     grid = TimingGrid(app, nodes, label, "SharesDelivery", {NODE_BASE + u for u in dropped})
     names = tuple(f"c{u:05d}" for u in range(1, n + 1))
     config = FederationConfig(clients=names, rounds=1, secagg=SecAggSettings(clip=1.0))
@@ -231,7 +232,7 @@ PHASES = {
 
 
 def _phase(stages: dict[str, Any], names: list[str], what: str) -> float:
-    return sum(stages.get(s, {}).get(what, 0.0) for s in names)
+    return float(sum(stages.get(s, {}).get(what, 0.0) for s in names))
 
 
 def compare(n: int, d: int, dropout: float) -> dict[str, Any]:

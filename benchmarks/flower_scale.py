@@ -1,16 +1,25 @@
 """fedsec on Flower's simulation engine (Ray backend) at scale, beside fedsec's own simulation.
 
-One round of SecAgg+ over n virtual clients (Flower SuperNodes simulated by the Ray backend,
-each running fedsec's mod in a ClientApp) with a d-dimensional update, driven by fedsec's
-workflow in the ServerApp; and the same n, d through :class:`secagg.simulate.Simulation` in one
-process (every message through its canonical bytes, no Flower). Reported per stage: the
-server's own compute (``close_stage``) and the stage's wall time, and the server's peak memory
-(Python/numpy allocations, ``tracemalloc``, while the workflow or the session runs).
+Three parts per n, each in a child process (Ray starts and stops cleanly; peak memory is per
+run):
+
+* ``flower``: one round of SecAgg+ over n virtual clients (Flower SuperNodes simulated by the Ray
+  backend, each running fedsec's mod in a ClientApp) with a d-dimensional update, driven by
+  fedsec's workflow in the ServerApp. Per stage: the server's own compute (``close_stage``) and
+  the stage's wall time; the server's peak memory (Python/numpy allocations, ``tracemalloc``,
+  while the workflow runs) and the process's peak RSS (the engine's state included).
+* ``engine_floor``: Flower's engine alone, the same n and number of exchanges (7: join, setup
+  and the five SecAgg+ stages), each message and reply carrying ``--payload`` bytes, answered by
+  a mod that does nothing. What no ClientApp or workflow on this engine can go below.
+* ``fedsec_inprocess``: the same n, d through :class:`secagg.simulate.Simulation` in one process
+  (every message through its canonical bytes, no Flower).
+
+Flower's engine: ``os.cpu_count() / --cpus-per-client`` ClientApp actors (default one per core),
+no Ray dashboard.
 
     .venv/bin/python benchmarks/flower_scale.py --clients 100 1000 --dim 1000
 
-Each n runs in a child process (Ray starts and stops cleanly; peak memory is per run). Prints
-one JSON line; ``{"skipped": ...}`` when Flower's simulation engine is not installed.
+Prints one JSON line; ``{"skipped": ...}`` when Flower's simulation engine is not installed.
 """
 
 from __future__ import annotations
@@ -35,7 +44,15 @@ except ImportError:
                       "not installed: pip install 'fedsec[flower]'"}))  # fmt: skip
     raise SystemExit(0) from None
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -63,7 +80,7 @@ def _apps(n: int, d: int, out: dict[str, Any]) -> tuple[ServerApp, ClientApp]:
 
     client = ClientApp(mods=[FedsecMod(credentials, ClientPolicy())])
 
-    @client.train()
+    @client.train()  # type: ignore[untyped-decorator, unused-ignore]  # no flwr: Any
     def train(msg: Message, context: Context) -> Message:
         arrays = msg.content.array_records["arrays"]
         rng = np.random.default_rng(int(context.node_config["partition-id"]))
@@ -78,7 +95,7 @@ def _apps(n: int, d: int, out: dict[str, Any]) -> tuple[ServerApp, ClientApp]:
 
     server = ServerApp()
 
-    @server.main()
+    @server.main()  # type: ignore[untyped-decorator, unused-ignore]  # no flwr: Any
     def main(grid: Grid, context: Context) -> None:
         names = tuple(f"c{u:05d}" for u in range(1, n + 1))
         config = FederationConfig(clients=names, rounds=1, secagg=SecAggSettings(clip=1.0))
@@ -102,7 +119,15 @@ def _apps(n: int, d: int, out: dict[str, Any]) -> tuple[ServerApp, ClientApp]:
     return server, client
 
 
-def run_flower(n: int, d: int) -> dict[str, Any]:
+def _backend_config(cpus_per_client: float) -> dict[str, Any]:
+    """Ray backend: ``os.cpu_count() / cpus_per_client`` ClientApp actors, no dashboard."""
+    return {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False},
+    }
+
+
+def run_flower(n: int, d: int, cpus_per_client: float) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     out: dict[str, Any] = {}
@@ -112,10 +137,66 @@ def run_flower(n: int, d: int) -> dict[str, Any]:
         server_app=server,
         client_app=client,
         num_supernodes=n,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        backend_config=_backend_config(cpus_per_client),
     )
     out["total_s"] = time.perf_counter() - begin
     out["process_max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+#: Message exchanges in one fedsec SecAgg+ round on Flower: join, setup (answered with the seed
+#: commitment), advertise keys, share keys, masked input, consistency check, unmask.
+FEDSEC_EXCHANGES = 7
+
+
+def _echo_apps(n: int, payload: int, out: dict[str, Any]) -> tuple[ServerApp, ClientApp]:
+    """Flower's engine alone: the same number of exchanges of n messages as a fedsec round,
+    each message and reply carrying ``payload`` bytes, answered by a mod that does nothing."""
+
+    def echo(msg: Message, ctxt: Context, call_next: Any) -> Message:
+        body = ConfigRecord({"payload": bytes(payload)})
+        return Message(RecordDict({"echo": body}), reply_to=msg)
+
+    client = ClientApp(mods=[echo])
+
+    @client.train()  # type: ignore[untyped-decorator, unused-ignore]  # no flwr: Any
+    def train(msg: Message, context: Context) -> Message:  # Flower needs one; echo answers
+        raise RuntimeError("the echo mod answers every message")
+
+    server = ServerApp()
+
+    @server.main()  # type: ignore[untyped-decorator, unused-ignore]  # no flwr: Any
+    def main(grid: Grid, context: Context) -> None:
+        while len(list(grid.get_node_ids())) < n:
+            time.sleep(0.2)
+        nodes = sorted(grid.get_node_ids())
+        walls = []
+        for i in range(FEDSEC_EXCHANGES):
+            messages = [
+                Message(RecordDict({"echo": ConfigRecord({"payload": bytes(payload)})}),
+                        dst_node_id=node, message_type="train", group_id=str(i))
+                for node in nodes
+            ]  # fmt: skip
+            begin = time.perf_counter()
+            replies = list(grid.send_and_receive(messages))
+            walls.append(time.perf_counter() - begin)
+            if len(replies) != n or any(r.has_error() for r in replies):
+                errors = [r.error.reason for r in replies if r.has_error()][:1]
+                raise RuntimeError(f"exchange {i}: {len(replies)} replies from {n} nodes {errors}")
+        out.update(exchange_s=walls, exchanges_s=sum(walls))
+
+    return server, client
+
+
+def run_engine_floor(n: int, payload: int, cpus_per_client: float) -> dict[str, Any]:
+    from flwr.simulation import run_simulation
+
+    out: dict[str, Any] = {"payload_bytes": payload}
+    server, client = _echo_apps(n, payload, out)
+    begin = time.perf_counter()
+    run_simulation(server_app=server, client_app=client, num_supernodes=n,
+                   backend_config=_backend_config(cpus_per_client))  # fmt: skip
+    out["total_s"] = time.perf_counter() - begin
     return out
 
 
@@ -144,37 +225,57 @@ def run_inprocess(n: int, d: int) -> dict[str, Any]:
     }
 
 
-def one(n: int, d: int) -> dict[str, Any]:
-    return {"n": n, "d": d, "flower": run_flower(n, d), "fedsec_inprocess": run_inprocess(n, d)}
+PARTS = ("flower", "engine_floor", "fedsec_inprocess")
+
+
+def one(part: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    if part == "flower":
+        return run_flower(n, args.dim, args.cpus_per_client)
+    if part == "engine_floor":
+        return run_engine_floor(n, args.payload, args.cpus_per_client)
+    return run_inprocess(n, args.dim)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--dim", type=int, default=1000)
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per n")
-    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--cpus-per-client", type=float, default=1.0,
+                        help="Ray CPUs per ClientApp actor (actors = cores / this)")  # fmt: skip
+    parser.add_argument("--payload", type=int, default=2048,
+                        help="engine_floor: bytes in each message and reply")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per n and part")
+    parser.add_argument("--one", choices=PARTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if any(n < 3 for n in args.clients) or args.dim < 1:
-        print("error: --clients must be >= 3 and --dim >= 1", file=sys.stderr)
+    if any(n < 3 for n in args.clients) or args.dim < 1 or args.payload < 0:
+        print("error: --clients must be >= 3, --dim >= 1 and --payload >= 0", file=sys.stderr)
+        return 2
+    if args.cpus_per_client <= 0:
+        print("error: --cpus-per-client must be > 0", file=sys.stderr)
         return 2
     if args.one:
-        print(json.dumps(one(args.clients[0], args.dim)))
+        print(json.dumps(one(args.one, args.clients[0], args)))
         return 0
     results = []
     for n in args.clients:
-        command = [sys.executable, __file__, "--one", "--clients", str(n), "--dim", str(args.dim)]
-        try:
-            run = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            results.append({"n": n, "d": args.dim, "error": f"did not finish in {args.timeout} s"})
-            continue
-        if run.returncode != 0:
-            results.append({"n": n, "d": args.dim, "error": run.stderr.strip()[-600:]})
-            continue
-        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        result: dict[str, Any] = {"n": n, "d": args.dim}
+        for part in args.parts:
+            command = [sys.executable, __file__, "--one", part, "--clients", str(n),
+                       "--dim", str(args.dim), "--payload", str(args.payload),
+                       "--cpus-per-client", str(args.cpus_per_client)]  # fmt: skip
+            try:
+                run = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                result[part] = {"error": f"did not finish in {args.timeout} s"}
+                continue
+            if run.returncode != 0:
+                result[part] = {"error": run.stderr.strip()[-600:]}
+                continue
+            result[part] = json.loads(run.stdout.strip().splitlines()[-1])
+        results.append(result)
     print(json.dumps({"benchmark": "flower_scale", "flwr": flwr.__version__, "cpus": os.cpu_count(),
-                      "results": results}))  # fmt: skip
+                      "cpus_per_client": args.cpus_per_client, "results": results}))  # fmt: skip
     return 0
 
 

@@ -25,6 +25,7 @@ VERSION = 2  # 2: SecAgg+ graph-seed commitments and reveals
 SERVER = 0
 _HEAD = struct.Struct(">3sBB32s")  # magic, version, type, session; sender/recipient follow
 _U32 = struct.Struct(">I")
+_U32X2 = struct.Struct(">II")
 
 X25519_PUBLIC_BYTES = 32
 DIGEST_BYTES = 32
@@ -203,8 +204,9 @@ class _Writer:
     def ids(self, values: tuple[int, ...], what: str) -> None:
         _check_sorted_unique(values, what)
         self.u32(len(values), what)
-        for v in values:
-            self.u32(v, what)
+        if values and not 0 <= values[0] <= values[-1] < 1 << 32:  # sorted: the ends bound all
+            raise MessageFormatError(f"{what}: ids must fit in 32 bits")
+        self.parts.append(struct.pack(f">{len(values)}I", *values))  # one pack: lists are O(n)
 
     def id_blobs(self, pairs: tuple[tuple[int, bytes], ...], what: str, size: int = 0) -> None:
         _check_sorted_unique(tuple(v for v, _ in pairs), what)
@@ -250,17 +252,36 @@ class _Reader:
         return n
 
     def ids(self, what: str) -> tuple[int, ...]:
-        values = tuple(self.u32(what) for _ in range(self.count(what, 4)))
+        n = self.count(what, 4)  # checks that the 4n bytes are there
+        values: tuple[int, ...] = struct.unpack_from(f">{n}I", self.data, self.offset)
+        self.offset += 4 * n
         _check_sorted_unique(values, what)
         return values
 
     def id_blobs(self, what: str, size: int = 0) -> tuple[tuple[int, bytes], ...]:
+        # The per-item reads of u32/fixed/blob, inlined: these lists are O(n) long.
         n = self.count(what, 4 + (size or 4))
-        pairs = tuple(
-            (self.u32(what), self.fixed(size, what) if size else self.blob(what)) for _ in range(n)
-        )
-        _check_sorted_unique(tuple(v for v, _ in pairs), what)
-        return pairs
+        data, offset, end = self.data, self.offset, len(self.data)
+        head = _U32 if size else _U32X2  # id, or id and length
+        pairs = []
+        for _ in range(n):
+            if offset + head.size > end:
+                raise MessageFormatError(f"message truncated while reading {what}")
+            if size:
+                v, length = _U32.unpack_from(data, offset)[0], size
+            else:
+                v, length = _U32X2.unpack_from(data, offset)
+                if length > MAX_FIELD_BYTES:
+                    raise MessageFormatError(f"{what} declares {length} bytes, above the limit")
+            offset += head.size
+            if offset + length > end:
+                raise MessageFormatError(f"message truncated while reading {what}")
+            pairs.append((v, bytes(data[offset : offset + length])))
+            offset += length
+        self.offset = offset
+        out = tuple(pairs)
+        _check_sorted_unique(tuple(v for v, _ in out), what)
+        return out
 
     def end(self) -> None:
         if self.offset != len(self.data):

@@ -5,7 +5,7 @@ import warnings
 
 from wire import fedsec_pb2 as wire_dot_fedsec__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

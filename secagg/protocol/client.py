@@ -360,6 +360,9 @@ class ClientSession:
             )
         self.graph_seed = graph_seed(sid, msg.seed_reveals)
         self._neighbours = frozenset(self.params.graph(self.graph_seed).neighbours(self.client_id))
+        # Checked, and folded into the session digest at _seed_list: the n commitments are not
+        # needed again, and dropping them keeps the exported state of the later stages small.
+        self._seed_commitments = ()
 
     def _share_keys(self, msg: KeysBroadcast) -> ShareKeys:
         sid = self.params.session_id

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,31 @@ def test_checked_in_modules_are_what_protoc_generates(tmp_path: Path) -> None:
     for name in ("fedsec_pb2.py", "fedsec_pb2.pyi", "fedsec_pb2_grpc.py"):
         generated = (tmp_path / "wire" / name).read_text()
         assert generated == (root / "wire" / name).read_text(), name
+
+
+def _requirement(requirements: list[str], name: str) -> str:
+    """The version part of the one requirement on ``name``: ``"protobuf>=6,<8"`` -> ``">=6,<8"``."""
+    found = [r[len(name) :] for r in requirements if re.match(rf"{re.escape(name)}[<>=!~ ]", r)]
+    assert len(found) == 1, (name, requirements)
+    return found[0].replace(" ", "")
+
+
+def test_dependency_floors_are_what_the_checked_in_stubs_validate() -> None:
+    """The generated modules refuse, at import, a protobuf runtime older than their gencode and
+    a grpcio older than the grpcio-tools that wrote them: pyproject's floors must be those
+    versions, and the `test` extra must pin exactly that grpcio-tools (whose protoc the
+    regeneration test runs)."""
+    root = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    stub = (root / "wire" / "fedsec_pb2.py").read_text()
+    gencode = re.search(r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+),", stub)
+    assert gencode is not None
+    grpc_stub = (root / "wire" / "fedsec_pb2_grpc.py").read_text()
+    generated_by = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", grpc_stub)
+    assert generated_by is not None
+    protobuf = _requirement(project["dependencies"], "protobuf")
+    assert protobuf.split(",")[0] == ">=" + ".".join(gencode.groups())
+    assert _requirement(project["dependencies"], "grpcio") == ">=" + generated_by[1]
+    pin = "==" + generated_by[1]
+    assert _requirement(project["optional-dependencies"]["test"], "grpcio-tools") == pin
+    assert f"grpcio-tools{pin}" in (root / "wire" / "__init__.py").read_text()
