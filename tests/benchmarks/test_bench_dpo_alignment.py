@@ -38,5 +38,14 @@ def test_quick_run_scores_both_arms_per_institution(capsys: pytest.CaptureFixtur
         assert len(isolated["accuracy_by_round"]) == 1 and isolated["best_round"] == 1
         kinds = run["federated"][name]["accuracy_by_kind"]
         assert set(kinds) <= {"rule", "fact"} and all(0 <= v <= 1 for v in kinds.values())
+        # How far the round moved the adapter: the institution's own step, and the federated one.
+        assert len(isolated["step_norm_by_round"]) == 1 and isolated["step_norm_by_round"][0] > 0
+        lead = result["federated_lead"][name]
+        expected = run["federated"][name]["accuracy"] - isolated["accuracy"]
+        assert lead["mean"] == lead["min"] == lead["max"] == pytest.approx(expected, abs=1e-4)
+        assert set(result["isolated_accuracy_by_kind"][name]) == set(kinds)
+    assert (
+        len(run["federated_step_norm_by_round"]) == 1 and run["federated_step_norm_by_round"][0] > 0
+    )
     assert len(run["secure_vs_plain_over_bound_by_round"]) == 2
     assert result["secure_vs_plain_within_bound_every_dpo_round"] is True

@@ -40,7 +40,7 @@ def test_sft_then_dpo_in_one_run_is_aggregated_securely_and_audited(
     argv += ["--stage", "sft+dpo", "--dpo-rounds", "2", "--dpo-lr", "0.005", *PAIRS]
     assert main([*argv, "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "stage sft+dpo: 1 SFT then 2 DPO rounds (sigmoid, beta 0.1" in printed
+    assert "stage sft+dpo: 1 SFT then 2 DPO rounds (sigmoid, beta 0.5" in printed
     assert "round 2/3 [dpo]" in printed and "preference accuracy" in printed
     records = _records(out)
     assert [r["objective"] for r in records] == ["sft", "dpo", "dpo"]
@@ -63,7 +63,7 @@ def test_sft_then_dpo_in_one_run_is_aggregated_securely_and_audited(
         "sft_rounds": 1,
         "dpo_rounds": 2,
         "dpo_start": 1,
-        "beta": 0.1,
+        "beta": 0.5,  # the embedded default
         "loss": "sigmoid",
         "reference": "sft",
         "lr": 0.005,

@@ -34,6 +34,10 @@ def test_defaults_depend_on_the_base() -> None:
     assert defaults_for("embedded") is EMBEDDED and defaults_for("pretrained") is PRETRAINED
     assert EMBEDDED.lr == 1e-2 and PRETRAINED.lr == 1e-3
     assert EMBEDDED.lora_targets == PRETRAINED.lora_targets == ("all-linear",)
+    # DPO: chosen per base (see EMBEDDED's note); a user's value still wins.
+    assert (EMBEDDED.dpo_lr, EMBEDDED.dpo_beta) == (3e-4, 0.5)
+    assert (PRETRAINED.dpo_lr, PRETRAINED.dpo_beta) == (1e-4, 0.1)
+    assert resolve("embedded", {"dpo_beta": 0.1}).recipe.dpo_beta == 0.1
 
 
 def test_flags_give_checked_overrides_and_only_what_was_set() -> None:
