@@ -297,9 +297,12 @@ def test_mutual_tls_refuses_a_client_certificate_from_another_ca(
     refused = d.start_client_from(wrong)
     assert refused.wait_exit(60) == 1
     assert "the server refused our TLS handshake" in refused.text()
-    server.wait_for("Handshake failed .*certificate signature failure")
     # join_timeout passes with 3 of 4 online; the round runs with the three certified clients.
+    # (gRPC's own "Handshake failed" log line is not awaited: under load its C core sometimes
+    # does not write it before the server exits; that client 4 never got in is what matters.)
     assert server.wait_exit(60) == 0
+    assert "client 4 admitted" not in server.text()
+    assert "client 3 admitted" in server.text()
     for proc in honest:
         assert proc.wait_exit(30) == 0
     np.testing.assert_array_equal(d.checkpoint(0), expected_global([[1, 2, 3]]))
