@@ -54,7 +54,10 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
-class RoundConfig:
+class RoundsTable:
+    """The `[rounds]` table: how many rounds, of which cohorts, under which protocol limits (each
+    round's own configuration, sent to its cohort, is :class:`fl_core.round_config.RoundConfig`)."""
+
     rounds: int
     cohort_size: int
     min_clients: int
@@ -176,7 +179,7 @@ class ServerConfig:
     roster: Roster
     names: dict[int, str]
     state_dir: Path
-    rounds: RoundConfig
+    rounds: RoundsTable
     task: TaskConfig
     ckks: CkksConfig | None = None
     #: Checkpoints (and their PEFT adapters) kept after each round, newest first; 0 keeps all.
@@ -222,7 +225,7 @@ def _load_dp(path: Path, table: Table, masking: bool, ring_bits: int) -> DpSetti
 
 
 def _load_ckks(
-    path: Path, table: Table, rounds: RoundConfig, task: TaskConfig, roster: Roster
+    path: Path, table: Table, rounds: RoundsTable, task: TaskConfig, roster: Roster
 ) -> CkksConfig:
     # Imported here: tenseal loads only on a server configured for ckks.
     from secagg.he import CKKSParams
@@ -302,7 +305,7 @@ def load_server_config(path: Path) -> ServerConfig:
     rounds_table = top.table("rounds")
     backend = rounds_table.string("backend", default="masking", choices=BACKENDS)
     masking = backend == "masking"
-    rounds = RoundConfig(
+    rounds = RoundsTable(
         rounds=rounds_table.integer("count", minimum=1),
         cohort_size=rounds_table.integer("cohort_size", minimum=2),
         min_clients=rounds_table.integer("min_clients", minimum=2),
