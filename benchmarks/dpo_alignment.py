@@ -15,18 +15,22 @@ phrasings no training pair uses), against the adapter the stage started from: pr
 stage's start and end (alignment must not wreck instruction tuning), and, for every round, the
 largest difference between the secure and the plaintext aggregate over its bound.
 
-``isolated.accuracy_best`` is the isolated arm at its best round on the test pairs themselves
-(an oracle stopping rule that favours it); ``federated_beats_isolated`` compares the federated
-model at the end with that. ``federated_lead`` / ``federated_lead_over_best``: per institution,
-federated accuracy minus the isolated arm's at the end / at its best round (mean, min and max
-over the seeds); ``*_accuracy_by_kind``: the same accuracies split by what the rejected answer
-broke. The step norms (``federated_step_norm_by_round``, ``isolated.step_norm_by_round``) show
-how far each round moves the adapter: the federated step is the mean of the institutions'
-updates, which point mostly in different directions (each domain's pairs sit almost only at its
-own institution), so it is shorter than an institution's own step at the same lr.
+``federated_lead``: per institution, the federated adapter's accuracy minus the isolated arm's,
+both at the end (the same compute and no stopping rule for either), as the mean over the seeds
+with a 95% interval from a paired bootstrap over seeds and held-out pairs; ``federated_verdict``
+says ``wins``/``trails`` when that interval excludes 0, else ``tie``, and
+``federated_beats_isolated_every_institution`` is true when every institution's verdict is
+``wins``. ``isolated.accuracy_best`` is the isolated arm at its best round on the test pairs
+themselves (an oracle stopping rule that favours it) and ``federated_lead_over_best`` the lead
+over that (mean, min and max over the seeds). ``*_accuracy_by_kind``: the accuracies split by
+what the rejected answer broke. The step norms (``federated_step_norm_by_round``,
+``isolated.step_norm_by_round``) show how far each round moves the adapter: the federated step is
+the mean of the institutions' updates, which point mostly in different directions (each domain's
+pairs sit almost only at its own institution), so it is shorter than an institution's own step at
+the same lr.
 
     .venv/bin/python benchmarks/dpo_alignment.py [--sft-rounds 8] [--dpo-rounds 4]
-        [--institutions 4] [--pairs 64] [--eval-pairs 64] [--seeds 0,1] [--backend masking|ckks]
+        [--institutions 4] [--pairs 64] [--eval-pairs 512] [--seeds 0,1] [--backend masking|ckks]
         [--dpo-lr X] [--dpo-beta X] [--dpo-reference round|sft] [--quick]
 """
 
@@ -44,7 +48,7 @@ import numpy as np
 import torch
 
 from clients import defaults
-from clients.dpo import DpoSettings, PairLogps, pair_logps, score_preferences, train_dpo
+from clients.dpo import DpoSettings, pair_logps, pair_outcomes, score_preferences, train_dpo
 from clients.simulation import POOLED, TorchTrainer, prepare
 from clients.synthetic import make_preferences
 from clients.trainer import evaluate
@@ -53,28 +57,47 @@ from fl_core import recipe as recipes
 from fl_core.aggregation import BACKENDS
 
 
-def accuracy_by_kind(
-    trainer: TorchTrainer, name: str, vector: np.ndarray, kinds: Sequence[str]
-) -> dict[str, float]:
-    """Preference accuracy of ``vector`` on ``name``'s held-out pairs, split by what the
-    rejected answer broke: a domain rule (``rule``) or an entity's fact (``fact``)."""
-    work, recipe, start = trainer.work, trainer.recipe, trainer.dpo_start
-    assert recipe is not None and start is not None
+def held_out_outcomes(trainer: TorchTrainer, name: str, vector: np.ndarray) -> np.ndarray:
+    """Per held-out pair of ``name``: whether ``vector`` ranks it right against the adapter the
+    stage started from (1, a tie 0.5, 0; :func:`clients.dpo.pair_outcomes`)."""
+    work, start = trainer.work, trainer.dpo_start
+    assert start is not None
     pairs = work.pair_test[name]
-    if len(pairs) != len(kinds):
-        raise SystemExit(f"{name}: {len(pairs)} held-out pairs, {len(kinds)} kinds")
-    policy = pair_logps(work.lm, vector, pairs, work.pad_id)
-    reference = pair_logps(work.lm, start, pairs, work.pad_id)
-    out = {}
-    for kind in sorted(set(kinds)):
-        rows = np.array([k == kind for k in kinds])
+    return pair_outcomes(
+        pair_logps(work.lm, vector, pairs, work.pad_id),
+        pair_logps(work.lm, start, pairs, work.pad_id),
+    )
 
-        def pick(p: PairLogps, rows: np.ndarray = rows) -> PairLogps:
-            return PairLogps(p.chosen[rows], p.rejected[rows], p.chosen_tokens[rows],
-                             p.rejected_tokens[rows])  # fmt: skip
 
-        out[kind] = score_preferences(pick(policy), pick(reference), recipe.dpo_beta).accuracy
-    return out
+def accuracy_by_kind(outcomes: np.ndarray, kinds: Sequence[str]) -> dict[str, float]:
+    """Preference accuracy split by what the rejected answer broke: a domain rule (``rule``) or
+    an entity's fact (``fact``)."""
+    if len(outcomes) != len(kinds):
+        raise SystemExit(f"{len(outcomes)} held-out pairs, {len(kinds)} kinds")
+    labels = np.array(kinds)
+    return {k: float(np.mean(outcomes[labels == k])) for k in sorted(set(kinds))}
+
+
+def lead_interval(
+    differences: Sequence[np.ndarray], resamples: int = 4000, seed: int = 0
+) -> dict[str, float]:
+    """The mean of per-pair differences (federated minus alone, one array per run seed), with a
+    95% interval from a two-level bootstrap: run seeds with replacement, then held-out pairs
+    within each (both arms are scored on the same pairs, so the comparison is paired)."""
+    rng = np.random.default_rng(seed)  # resampling only: nothing secret
+    per_seed = np.stack(
+        [d[rng.integers(len(d), size=(resamples, len(d)))].mean(axis=1) for d in differences]
+    )
+    picked = rng.integers(len(differences), size=(resamples, len(differences)))
+    means = per_seed[picked, np.arange(resamples)[:, None]].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    mean = float(np.mean([d.mean() for d in differences]))
+    return {"mean": round(mean, 4), "low": round(float(low), 4), "high": round(float(high), 4)}
+
+
+def verdict(interval: dict[str, float]) -> str:
+    """``wins``/``trails`` when the 95% interval of the lead excludes 0, else ``tie``."""
+    return "wins" if interval["low"] > 0 else "trails" if interval["high"] < 0 else "tie"
 
 
 def _ratio(diff: float, bound: float) -> float:
@@ -83,8 +106,9 @@ def _ratio(diff: float, bound: float) -> float:
 
 def isolated_arm(
     trainer: TorchTrainer, name: str, sft_rounds: int, kinds: Sequence[str], sft_start: float
-) -> dict[str, Any]:
-    """``name`` aligns alone from the stage's start: the federated stage's rounds and steps."""
+) -> tuple[dict[str, Any], np.ndarray]:
+    """``name`` aligns alone from the stage's start: the federated stage's rounds and steps.
+    Returns its scores and its per-pair outcomes at the end."""
     recipe, work = trainer.recipe, trainer.work
     assert recipe is not None and trainer.rounds is not None and trainer.dpo_start is not None
     start = trainer.dpo_start
@@ -116,6 +140,7 @@ def isolated_arm(
         by_round.append(score_preferences(policy, scores_ref, recipe.dpo_beta))
     sft_loss = evaluate(work.lm, vector, {name: work.test_sets[name]}, work.pad_id)[name]
     best = max(range(len(by_round)), key=lambda i: by_round[i].accuracy)
+    outcomes = held_out_outcomes(trainer, name, vector)
     return {
         "accuracy": by_round[-1].accuracy,
         "margin": round(by_round[-1].margin, 4),
@@ -123,13 +148,17 @@ def isolated_arm(
         "best_round": sft_rounds + best,
         "accuracy_by_round": [s.accuracy for s in by_round],
         "step_norm_by_round": steps,
-        "accuracy_by_kind": accuracy_by_kind(trainer, name, vector, kinds),
+        "accuracy_by_kind": accuracy_by_kind(outcomes, kinds),
         "sft_loss_end": round(sft_loss, 4),
         "sft_loss_change": round((sft_loss - sft_start) / sft_start, 4),
-    }
+    }, outcomes
 
 
-def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+def run_seed(
+    args: argparse.Namespace, seed: int
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """One run: its record, and per institution the per-pair outcomes of both arms at the end
+    (federated, alone)."""
     rounds = args.sft_rounds + args.dpo_rounds
     overrides: dict[str, Any] = {
         "stage": "sft+dpo",
@@ -176,6 +205,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             step_norms.append(round(float(np.linalg.norm(outcome.global_vector - before)), 4))
     sft_end = dict(fed.evaluator(fed.global_vector))
     federated_s = time.perf_counter() - began
+    fed_outcomes = {n: held_out_outcomes(trainer, n, fed.global_vector) for n in names}
     federated = {
         n: {
             "accuracy": scores[n].accuracy,
@@ -184,27 +214,28 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             "sft_loss_start": round(sft_start[n], 4),
             "sft_loss_end": round(sft_end[n], 4),
             "sft_loss_change": round((sft_end[n] - sft_start[n]) / sft_start[n], 4),
-            "accuracy_by_kind": accuracy_by_kind(trainer, n, fed.global_vector, kinds[n]),
+            "accuracy_by_kind": accuracy_by_kind(fed_outcomes[n], kinds[n]),
         }
         for n in names
     }
-    isolated = {n: isolated_arm(trainer, n, args.sft_rounds, kinds[n], sft_start[n]) for n in names}
+    isolated, outcomes = {}, {}
+    for n in names:
+        isolated[n], alone = isolated_arm(trainer, n, args.sft_rounds, kinds[n], sft_start[n])
+        outcomes[n] = (fed_outcomes[n], alone)
     dpo_ratios = ratios[args.sft_rounds :]
-    return {
+    record = {
         "seed": seed,
         "federated": federated,
         "federated_pooled_accuracy_by_round": pooled_accuracy,
         "federated_step_norm_by_round": step_norms,
         "isolated": isolated,
-        "federated_beats_isolated": {
-            n: federated[n]["accuracy"] > isolated[n]["accuracy_best"] for n in names
-        },
         "sft_loss_max_abs_change": max(abs(f["sft_loss_change"]) for f in federated.values()),
         "secure_vs_plain_over_bound_by_round": ratios,
         "secure_vs_plain_within_bound_every_dpo_round": all(x <= 1.0 for x in dpo_ratios),
         "federated_s": round(federated_s, 1),
         "wall_s": round(time.perf_counter() - began, 1),
     }
+    return record, outcomes
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -215,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--local-steps", type=int, default=defaults.LOCAL_STEPS)
     parser.add_argument("--records", type=int, default=defaults.RECORDS_PER_INSTITUTION)
     parser.add_argument("--pairs", type=int, default=defaults.PAIRS_PER_INSTITUTION)
-    parser.add_argument("--eval-pairs", type=int, default=64)
+    parser.add_argument("--eval-pairs", type=int, default=512)
     parser.add_argument("--dpo-lr", type=float, default=None)
     parser.add_argument("--dpo-beta", type=float, default=None)
     parser.add_argument("--dpo-reference", choices=("round", "sft"), default=None)
@@ -229,8 +260,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.sft_rounds, args.dpo_rounds, args.local_steps = 1, 1, 2
         args.records, args.pairs, args.eval_pairs = 16, 8, 8
     torch.set_num_threads(args.threads)
-    runs = [run_seed(args, int(s)) for s in args.seeds.split(",")]
+    done = [run_seed(args, int(s)) for s in args.seeds.split(",")]
+    runs = [record for record, _ in done]
     names = sorted(runs[0]["federated"])
+    # Per institution, the paired lead at the end (no stopping rule for either arm).
+    interval = {
+        n: lead_interval([fed - alone for _, o in done for fed, alone in [o[n]]]) for n in names
+    }
 
     def mean(arm: str, key: str) -> dict[str, float]:
         """Per institution: ``key`` of ``arm``, the mean over the seeds."""
@@ -246,11 +282,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for n in names
         }
 
-    def lead(key: str) -> dict[str, dict[str, float]]:
-        """Per institution: federated accuracy minus the isolated arm's ``key``, over the seeds."""
+    def lead_over_best() -> dict[str, dict[str, float]]:
+        """Per institution: federated accuracy minus the alone arm's at its best round (an oracle
+        stopping rule in its favour), mean, min and max over the seeds."""
         out = {}
         for n in names:
-            d = [r["federated"][n]["accuracy"] - r["isolated"][n][key] for r in runs]
+            d = [r["federated"][n]["accuracy"] - r["isolated"][n]["accuracy_best"] for r in runs]
             out[n] = {"mean": round(float(np.mean(d)), 4), "min": round(min(d), 4),
                       "max": round(max(d), 4)}  # fmt: skip
         return out
@@ -275,14 +312,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "federated_accuracy": mean("federated", "accuracy"),
         "isolated_accuracy": mean("isolated", "accuracy"),
         "isolated_accuracy_best": mean("isolated", "accuracy_best"),
-        "federated_lead": lead("accuracy"),
-        "federated_lead_over_best": lead("accuracy_best"),
+        "federated_lead": interval,
+        "federated_verdict": {n: verdict(interval[n]) for n in names},
+        "federated_lead_over_best": lead_over_best(),
         "federated_accuracy_by_kind": by_kind("federated"),
         "isolated_accuracy_by_kind": by_kind("isolated"),
         "sft_loss_change": mean("federated", "sft_loss_change"),
         "isolated_sft_loss_change": mean("isolated", "sft_loss_change"),
         "federated_beats_isolated_every_institution": all(
-            all(r["federated_beats_isolated"].values()) for r in runs
+            verdict(interval[n]) == "wins" for n in names
         ),
         "secure_vs_plain_within_bound_every_dpo_round": all(
             r["secure_vs_plain_within_bound_every_dpo_round"] for r in runs

@@ -252,21 +252,28 @@ class PreferenceScore:
         }
 
 
-def _win_rate(difference: np.ndarray) -> float:
-    return float(np.mean(np.where(difference > 0, 1.0, np.where(difference == 0, 0.5, 0.0))))
+def _wins(difference: np.ndarray) -> np.ndarray:
+    return np.where(difference > 0, 1.0, np.where(difference == 0, 0.5, 0.0))
+
+
+def pair_outcomes(policy: PairLogps, reference: PairLogps) -> np.ndarray:
+    """Per pair: 1 where the chosen answer's log-ratio (policy against reference) beats the
+    rejected one's, 0.5 on a tie, 0 otherwise; their mean is :attr:`PreferenceScore.accuracy`."""
+    if policy.chosen.shape != reference.chosen.shape:
+        raise DpoConfigError("policy and reference log-probs are of different pair sets")
+    return _wins((policy.chosen - reference.chosen) - (policy.rejected - reference.rejected))
 
 
 def score_preferences(policy: PairLogps, reference: PairLogps, beta: float) -> PreferenceScore:
     """Reward accuracy and margin of ``policy`` against ``reference`` on the same pairs."""
-    if policy.chosen.shape != reference.chosen.shape:
-        raise DpoConfigError("policy and reference log-probs are of different pair sets")
+    outcomes = pair_outcomes(policy, reference)
     chosen = beta * (policy.chosen - reference.chosen)
     rejected = beta * (policy.rejected - reference.rejected)
     return PreferenceScore(
-        accuracy=_win_rate(chosen - rejected),
+        accuracy=float(np.mean(outcomes)),
         margin=float(np.mean(chosen - rejected)),
         chosen_reward=float(np.mean(chosen)),
         rejected_reward=float(np.mean(rejected)),
-        logp_accuracy=_win_rate(policy.chosen - policy.rejected),
+        logp_accuracy=float(np.mean(_wins(policy.chosen - policy.rejected))),
         pairs=int(policy.chosen.size),
     )

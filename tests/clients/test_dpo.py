@@ -18,6 +18,7 @@ from clients.dpo import (
     PairLogps,
     dpo_loss,
     pair_logps,
+    pair_outcomes,
     score_preferences,
     train_dpo,
 )
@@ -153,6 +154,8 @@ def test_scores_count_ties_as_half_and_measure_the_margin() -> None:
     score = score_preferences(moved, ref, 0.5)
     # pair 0: chosen +1, rejected 0 -> won; pair 1: chosen 0, rejected +1 -> lost
     assert score.accuracy == 0.5 and score.margin == pytest.approx(0.0)
+    assert pair_outcomes(moved, ref).tolist() == [1.0, 0.0]  # per pair, in the pairs' order
+    assert pair_outcomes(ref, ref).tolist() == [0.5, 0.5]
     assert score.chosen_reward == pytest.approx(0.25)
     assert score.rejected_reward == pytest.approx(0.25)
     better = PairLogps(np.array([-4.0, -4.0]), np.array([-6.0, -7.0]), ref.chosen_tokens,
