@@ -18,10 +18,9 @@ from secagg.protocol import ServerSession
 from server.admission import Refusal
 from server.config import load_server_config
 from server.outbox import Mailboxes
-from server.rounds import RoundRunner
+from server.rounds import RoundRunner, UploadHeader
 from server.store import Store
-from wire import fedsec_pb2 as pb
-from wire.convert import REFUSAL_MAX_BYTES, upload_limit
+from wire.convert import REFUSAL_MAX_BYTES, UploadKind, upload_limit
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +44,8 @@ def masking(bundle: Path, tmp_path: Path) -> Iterator[tuple[RoundRunner, ServerS
     runner._session = None
 
 
-def _header(session_id: bytes, kind: int) -> pb.SubmitHeader:
-    return pb.SubmitHeader(round_number=0, session_id=session_id, kind=kind)  # type: ignore[arg-type]
+def _header(session_id: bytes, kind: int) -> UploadHeader:
+    return UploadHeader(round_number=0, session_id=session_id, kind=kind, payload_size=1)
 
 
 def _refused(call: Callable[[], object]) -> Refusal:
@@ -60,9 +59,9 @@ def test_a_masking_upload_is_sized_from_the_round_parameters(
 ) -> None:
     runner, session = masking
     params = session.params
-    limit = runner.upload_limit(1, _header(params.session_id, pb.MASKED_INPUT))
-    assert limit == upload_limit(pb.MASKED_INPUT, params.ring_bits, params.dim, 3)
-    assert runner.upload_limit(2, _header(params.session_id, pb.ROUND_REFUSAL)) == (
+    limit = runner.upload_limit(1, _header(params.session_id, UploadKind.MASKED_INPUT))
+    assert limit == upload_limit(UploadKind.MASKED_INPUT, params.ring_bits, params.dim, 3)
+    assert runner.upload_limit(2, _header(params.session_id, UploadKind.ROUND_REFUSAL)) == (
         REFUSAL_MAX_BYTES
     )
 
@@ -74,10 +73,10 @@ def test_uploads_are_refused_in_order_session_then_kind_then_cohort(
     current = session.params.session_id
     foreign = bytes(32)
     # A stale or replayed session is refused first, whatever else the header says.
-    for kind in (pb.MASKED_INPUT, 42, pb.ROUND_REFUSAL, pb.HE_UPDATE):
+    for kind in (UploadKind.MASKED_INPUT, 42, UploadKind.ROUND_REFUSAL, UploadKind.HE_UPDATE):
         stale = _refused(partial(runner.upload_limit, 4, _header(foreign, kind)))
         assert stale.code == grpc.StatusCode.FAILED_PRECONDITION, kind
-    stale = _refused(lambda: runner.upload_limit(1, _header(foreign, pb.MASKED_INPUT)))
+    stale = _refused(lambda: runner.upload_limit(1, _header(foreign, UploadKind.MASKED_INPUT)))
     assert str(stale) == (
         f"message for session {foreign[:8].hex()}, the current session is "
         f"{current[:8].hex()} (stale or replayed)"
@@ -87,11 +86,11 @@ def test_uploads_are_refused_in_order_session_then_kind_then_cohort(
     assert unknown.code == grpc.StatusCode.INVALID_ARGUMENT
     assert str(unknown) == "unknown message kind 42"
     # A CKKS upload in a masking round.
-    other = _refused(lambda: runner.upload_limit(1, _header(current, pb.HE_UPDATE)))
+    other = _refused(lambda: runner.upload_limit(1, _header(current, UploadKind.HE_UPDATE)))
     assert other.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "disagree on the backend" in str(other)
     # Outside the cohort, for a protocol message and for a refusal.
-    for kind in (pb.MASKED_INPUT, pb.ROUND_REFUSAL):
+    for kind in (UploadKind.MASKED_INPUT, UploadKind.ROUND_REFUSAL):
         outsider = _refused(partial(runner.upload_limit, 4, _header(current, kind)))
         assert outsider.code == grpc.StatusCode.PERMISSION_DENIED
         assert str(outsider) == "client 4 is not in this cohort"
@@ -102,7 +101,7 @@ def test_no_round_in_progress_refuses_every_upload(
 ) -> None:
     runner, _ = masking
     runner._session = None
-    for kind in (pb.MASKED_INPUT, pb.ROUND_REFUSAL, pb.HE_UPDATE):
+    for kind in (UploadKind.MASKED_INPUT, UploadKind.ROUND_REFUSAL, UploadKind.HE_UPDATE):
         idle = _refused(partial(runner.upload_limit, 1, _header(bytes(32), kind)))
         assert idle.code == grpc.StatusCode.FAILED_PRECONDITION
         assert str(idle) == "no round is in progress"
@@ -113,7 +112,7 @@ def test_a_delivered_payload_must_be_the_headers_message_from_its_sender(
 ) -> None:
     runner, session = masking
     current = session.params.session_id
-    header = _header(current, pb.CONSISTENCY_SIGNATURE)
+    header = _header(current, UploadKind.CONSISTENCY_SIGNATURE)
     malformed = _refused(lambda: runner.deliver(1, header, b"not a message"))
     assert malformed.code == grpc.StatusCode.INVALID_ARGUMENT
     assert str(malformed).startswith("malformed message: ")
@@ -121,11 +120,11 @@ def test_a_delivered_payload_must_be_the_headers_message_from_its_sender(
     impostor = _refused(lambda: runner.deliver(1, header, message))
     assert impostor.code == grpc.StatusCode.PERMISSION_DENIED
     assert str(impostor) == "client 1 sent a message claiming sender 2"
-    mislabelled = _refused(lambda: runner.deliver(2, _header(current, pb.SHARE_KEYS), message))
-    assert mislabelled.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert str(mislabelled) == (
-        f"header declares kind {pb.SHARE_KEYS}, payload is ConsistencySignature"
+    mislabelled = _refused(
+        lambda: runner.deliver(2, _header(current, UploadKind.SHARE_KEYS), message)
     )
+    assert mislabelled.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(mislabelled) == ("header declares kind 2, payload is ConsistencySignature")
     # The right kind from the right sender reaches the session, which refuses it out of stage.
     early = _refused(lambda: runner.deliver(2, header, message))
     assert early.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -138,10 +137,10 @@ def test_a_refusal_withdraws_the_client_and_is_recorded(
     runner, session = masking
     current = session.params.session_id
     assert 3 in session.pending
-    stale = _refused(lambda: runner.deliver(3, _header(bytes(32), pb.ROUND_REFUSAL), b"no"))
+    stale = _refused(lambda: runner.deliver(3, _header(bytes(32), UploadKind.ROUND_REFUSAL), b"no"))
     assert stale.code == grpc.StatusCode.FAILED_PRECONDITION
     assert 3 in session.pending  # a foreign session's refusal changes nothing
-    runner.deliver(3, _header(current, pb.ROUND_REFUSAL), b"budget\x00spent")
+    runner.deliver(3, _header(current, UploadKind.ROUND_REFUSAL), b"budget\x00spent")
     assert 3 not in session.pending
     assert runner._attempt is not None
     assert runner._store.refusals(runner._attempt) == [(3, "budget spent")]

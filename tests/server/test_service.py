@@ -17,12 +17,12 @@ from fl_core.cli import main as fedsec
 from secagg.protocol import ServerSession
 from server.admission import Admission
 from server.config import load_server_config
-from server.outbox import Mailboxes
-from server.rounds import RoundRunner
-from server.service import CoordinatorService
+from server.outbox import HeAggregate, Item, Mailboxes, Queued, RoundEnd, RoundStart, SecAggMessage
+from server.rounds import RoundRunner, UploadHeader
+from server.service import CoordinatorService, server_item_to_pb, upload_header_from_pb
 from server.store import Store
 from wire import fedsec_pb2 as pb
-from wire.convert import admission_signed_bytes, round_config_from_pb
+from wire.convert import UploadKind, admission_signed_bytes, round_config_from_pb
 from wire.credentials import load_identity
 from wire.framing import client_frames, read_item
 
@@ -187,3 +187,34 @@ def test_uploads_are_refused_at_the_edge_with_the_loops_status_and_message(
     finally:
         runner._session = None
         runner._attempt = None
+
+
+def test_each_queued_item_becomes_its_server_item_with_the_outboxs_number() -> None:
+    sid = b"s" * 32
+    cases: dict[Item, pb.ServerItem] = {
+        RoundStart(b"config bytes"): pb.ServerItem(
+            seq=5, round_start=pb.RoundStart(config=b"config bytes")
+        ),
+        SecAggMessage(sid): pb.ServerItem(seq=5, secagg=pb.SecAggItem(session_id=sid)),
+        HeAggregate(sid): pb.ServerItem(seq=5, he_aggregate=pb.HeAggregate(session_id=sid)),
+        RoundEnd(3, completed=True): pb.ServerItem(
+            seq=5, round_end=pb.RoundEnd(round_number=3, completed=True)
+        ),
+        RoundEnd(3, reason="why", final=True): pb.ServerItem(
+            seq=5, round_end=pb.RoundEnd(round_number=3, reason="why", final=True)
+        ),
+        # An aborted round's end carries no field but its number: still a RoundEnd on the wire.
+        RoundEnd(0): pb.ServerItem(seq=5, round_end=pb.RoundEnd()),
+    }
+    for item, expected in cases.items():
+        converted = server_item_to_pb(Queued(5, item, b"payload"))
+        assert converted.SerializeToString() == expected.SerializeToString(), item
+        assert converted.WhichOneof("kind") == expected.WhichOneof("kind"), item
+
+
+def test_an_upload_header_keeps_what_the_client_declared_but_its_token() -> None:
+    header = pb.SubmitHeader(token=b"t" * 48, round_number=7, session_id=b"s" * 32, payload_size=9)
+    header.kind = 42  # type: ignore[assignment]  # proto3 enums are open: an unknown kind stays
+    assert upload_header_from_pb(header) == UploadHeader(7, b"s" * 32, 42, 9)
+    header.kind = pb.HE_UPDATE
+    assert upload_header_from_pb(header).kind == UploadKind.HE_UPDATE
