@@ -7,6 +7,11 @@ item at ``seq`` and gets it, or waits up to its ``wait_ms`` for it. Items of fin
 are dropped once acknowledged: asking for item ``seq`` acknowledges every item before it. A
 client process that (re)authenticates starts at the current end of its queue, so everything
 queued before is dropped too; a request for a dropped number returns the oldest item held.
+
+The items are domain objects, one type per kind the round loop sends; the gRPC service
+(:mod:`server.service`) turns each into the wire's ``ServerItem`` with its sequence number when a
+client polls it. Items are immutable: the round loop queues one :class:`RoundStart` for the whole
+cohort, so every member receives the same configuration bytes.
 """
 
 from __future__ import annotations
@@ -14,23 +19,71 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from wire import fedsec_pb2 as pb
+
+@dataclass(frozen=True)
+class RoundStart:
+    """A round begins; the payload is the global model (and SCAFFOLD's server control variate).
+
+    ``config`` is the round's configuration, serialized once for the whole cohort
+    (:func:`wire.convert.round_config_bytes`): each member hashes exactly these bytes into what
+    it signs."""
+
+    config: bytes
+
+
+@dataclass(frozen=True)
+class SecAggMessage:
+    """The payload is a canonical secure-aggregation message of session ``session_id``."""
+
+    session_id: bytes
+
+
+@dataclass(frozen=True)
+class HeAggregate:
+    """CKKS: the payload is the session's encrypted sum, for its one decryptor to decrypt."""
+
+    session_id: bytes
+
+
+@dataclass(frozen=True)
+class RoundEnd:
+    """A round attempt ended: ``completed``, or aborted with ``reason``; ``final`` after the last
+    configured round or when the federation stops (clients may exit). No payload."""
+
+    round_number: int
+    reason: str = ""
+    completed: bool = False
+    final: bool = False
+
+
+#: Everything the round loop queues for a client.
+Item = RoundStart | SecAggMessage | HeAggregate | RoundEnd
+
+
+@dataclass(frozen=True)
+class Queued:
+    """An item as a poll returns it: its sequence number in its outbox, and its payload."""
+
+    seq: int
+    item: Item
+    payload: bytes
 
 
 class Outbox:
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._items: dict[int, tuple[pb.ServerItem, bytes]] = {}
+        self._items: dict[int, tuple[Item, bytes]] = {}
         self._first = 0
         self._next = 0
         self.last_poll = 0.0
         self.polling = 0
 
-    def push(self, item: pb.ServerItem, payload: bytes = b"") -> int:
+    def push(self, item: Item, payload: bytes = b"") -> int:
+        """Queue ``item``; returns its sequence number."""
         with self._cond:
             seq = self._next
-            item.seq = seq
             self._items[seq] = (item, payload)
             self._next += 1
             self._cond.notify_all()
@@ -51,7 +104,7 @@ class Outbox:
 
     def get(
         self, seq: int, timeout_s: float, alive: Callable[[], bool] | None = None
-    ) -> tuple[pb.ServerItem, bytes] | None:
+    ) -> Queued | None:
         """The item at ``seq``, waiting up to ``timeout_s``; ``alive`` (the poll's RPC still
         open) is checked every half second, so a client that died stops counting as polling."""
         deadline = time.monotonic() + timeout_s
@@ -63,7 +116,7 @@ class Outbox:
                 while True:
                     wanted = max(seq, self._first)
                     if wanted < self._next:
-                        return self._items[wanted]
+                        return Queued(wanted, *self._items[wanted])
                     left = deadline - time.monotonic()
                     if left <= 0 or (alive is not None and not alive()):
                         return None

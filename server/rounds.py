@@ -38,6 +38,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import grpc
@@ -64,11 +65,10 @@ from server.admission import Refusal
 from server.checkpoints import prune_checkpoints
 from server.config import ServerConfig
 from server.global_model import GlobalModel
-from server.outbox import Mailboxes
+from server.outbox import HeAggregate, Mailboxes, RoundEnd, RoundStart, SecAggMessage
 from server.run_record import DeploymentRunRecord
 from server.store import Store
-from wire import fedsec_pb2 as pb
-from wire.convert import KIND_OF, REFUSAL_MAX_BYTES, round_config_bytes, upload_limit
+from wire.convert import KIND_OF, REFUSAL_MAX_BYTES, UploadKind, round_config_bytes, upload_limit
 from wire.he_round import ckks_spec_of, decode_release, he_upload_limit
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ log = logging.getLogger("fedsec.server")
 #: A client counts as online if it polled within this many seconds.
 ONLINE_WITHIN_S = 15.0
 #: Submit kinds of the ckks backend; every other kind is a masking protocol message.
-HE_KINDS = (pb.HE_UPDATE, pb.HE_DECRYPTED_SUM)
+HE_KINDS = (UploadKind.HE_UPDATE, UploadKind.HE_DECRYPTED_SUM)
 #: How much of a client's ROUND_REFUSAL reason is logged and kept.
 _REFUSAL_LOGGED_CHARS = 500
 #: Cohorts up to this size are listed in the round's log lines; larger ones are counted.
@@ -99,6 +99,20 @@ def split_task(config: RoundConfig) -> SplitTask:
     if not isinstance(config.task, SplitTask):
         raise ConfigError(f"round {config.round_number} of a split model has no split task")
     return config.task
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    """What a client's upload declares before its payload (:mod:`server.service` converts the
+    wire's header; the token that authenticated the call stays there). ``kind`` is an
+    :class:`~wire.convert.UploadKind` code or one this version does not know, which
+    :meth:`RoundRunner.upload_limit` refuses; ``payload_size`` is checked against that limit
+    before anything is allocated (:func:`wire.framing.read_upload`)."""
+
+    round_number: int
+    session_id: bytes
+    kind: int
+    payload_size: int
 
 
 class FederationStopped(Exception):
@@ -187,9 +201,9 @@ class RoundRunner:
             return self._current_ckks(session_id).cohort
         return frozenset(self._current(session_id).params.cohort)
 
-    def upload_limit(self, client_id: int, header: pb.SubmitHeader) -> int:
+    def upload_limit(self, client_id: int, header: UploadHeader) -> int:
         """Bytes this upload may carry; refuses a wrong session or kind before allocation."""
-        if header.kind == pb.ROUND_REFUSAL:
+        if header.kind == UploadKind.ROUND_REFUSAL:
             with self._cond:
                 cohort = self._cohort_of(header.session_id)
             if client_id not in cohort:
@@ -215,8 +229,8 @@ class RoundRunner:
             )
         return upload_limit(header.kind, params.ring_bits, params.dim, len(params.cohort))
 
-    def deliver(self, client_id: int, header: pb.SubmitHeader, raw: bytes) -> None:
-        if header.kind == pb.ROUND_REFUSAL:
+    def deliver(self, client_id: int, header: UploadHeader, raw: bytes) -> None:
+        if header.kind == UploadKind.ROUND_REFUSAL:
             self._on_refusal(client_id, header, raw)
             return
         if header.kind in HE_KINDS:
@@ -240,7 +254,7 @@ class RoundRunner:
             session = self._current(header.session_id)
             self._absorb(lambda: session.receive(cast(ClientMessage, message)))
 
-    def _on_refusal(self, client_id: int, header: pb.SubmitHeader, raw: bytes) -> None:
+    def _on_refusal(self, client_id: int, header: UploadHeader, raw: bytes) -> None:
         """A client leaves the round and says why: log it with the institution, keep it, and
         stop waiting for that client."""
         text = raw.decode("utf-8", errors="replace")
@@ -260,13 +274,13 @@ class RoundRunner:
         if attempt is not None:
             self._store.record_refusal(attempt, client_id, reason)
 
-    def _deliver_ckks(self, client_id: int, header: pb.SubmitHeader, raw: bytes) -> None:
+    def _deliver_ckks(self, client_id: int, header: UploadHeader, raw: bytes) -> None:
         # The sender is the authenticated client: a CKKS upload names no sender of its own.
         # Checking and adding a ciphertext happens under the lock, as a masked input is added
         # under it: the stage cannot close half-way through an addition.
         with self._cond:
             ckks = self._current_ckks(header.session_id)
-            if header.kind == pb.HE_UPDATE:
+            if header.kind == UploadKind.HE_UPDATE:
                 self._absorb(lambda: ckks.receive_update(client_id, raw))
                 digest = hashlib.sha256(raw).digest()
                 self._ckks_uploads[client_id] = UploadRecord(client_id, len(raw), digest)
@@ -352,7 +366,7 @@ class RoundRunner:
             self.stopped_because,
             "" if len(distinct) == 1 else f" (earlier: {'; '.join(distinct[:-1])})",
         )
-        end = pb.RoundEnd(round_number=round_number, reason=self.stopped_because, final=True)
+        end = RoundEnd(round_number, reason=self.stopped_because, final=True)
         self._broadcast_end(end, ())
 
     def _wait_for_clients(self) -> list[int] | None:
@@ -449,11 +463,9 @@ class RoundRunner:
             )
             drive = functools.partial(self._split_then, attempt, split, drive)
         # Serialized once: every cohort member hashes these same bytes into what it signs.
-        start = pb.ServerItem(round_start=pb.RoundStart(config=round_config_bytes(config)))
+        start = RoundStart(round_config_bytes(config))
         for client_id in config.cohort:
-            item = pb.ServerItem()
-            item.CopyFrom(start)
-            self._mailboxes.of(client_id).push(item, model_payload)
+            self._mailboxes.of(client_id).push(start, model_payload)
         try:
             released, contributors, server_record = drive()
         except ProtocolAbort as exc:
@@ -499,8 +511,7 @@ class RoundRunner:
             path.name,
         )
         final = round_number + 1 >= self._config.rounds.rounds
-        end = pb.RoundEnd(round_number=round_number, completed=True, final=final)
-        self._broadcast_end(end, config.cohort)
+        self._broadcast_end(RoundEnd(round_number, completed=True, final=final), config.cohort)
         return True
 
     # --- split training ---------------------------------------------------------------------
@@ -579,8 +590,7 @@ class RoundRunner:
         session_id = session.params.session_id
         for message in outgoing:
             self._mailboxes.of(message.recipient).push(
-                pb.ServerItem(secagg=pb.SecAggItem(session_id=session_id)),
-                encode_message(message),
+                SecAggMessage(session_id), encode_message(message)
             )
 
     # --- ckks -------------------------------------------------------------------------------
@@ -606,9 +616,7 @@ class RoundRunner:
         self._log_stage(HeStage.UPLOAD.value, len(ckks.cohort), missing)
         decryptor = ckks.decryptor
         log.info("asking client %d to decrypt the sum of %s", decryptor, list(ckks.contributors))
-        self._mailboxes.of(decryptor).push(
-            pb.ServerItem(he_aggregate=pb.HeAggregate(session_id=ckks.session_id)), aggregate
-        )
+        self._mailboxes.of(decryptor).push(HeAggregate(ckks.session_id), aggregate)
         began = time.monotonic()
         with self._cond:
             self._wait_while(lambda: ckks.pending, began + rounds.stage_timeout_s, ckks.abort)
@@ -677,13 +685,11 @@ class RoundRunner:
         log.warning(
             "round %d attempt %d aborted, nothing released: %s", round_number, attempt, reason
         )
-        self._broadcast_end(pb.RoundEnd(round_number=round_number, reason=reason), cohort)
+        self._broadcast_end(RoundEnd(round_number, reason=reason), cohort)
 
-    def _broadcast_end(self, end: pb.RoundEnd, cohort: tuple[int, ...]) -> None:
+    def _broadcast_end(self, end: RoundEnd, cohort: tuple[int, ...]) -> None:
         recipients = (
             set(cohort) | set(self._mailboxes.online(ONLINE_WITHIN_S)) if end.final else set(cohort)
         )
         for client_id in sorted(recipients):
-            item = pb.ServerItem()
-            item.round_end.CopyFrom(end)
-            self._mailboxes.of(client_id).push(item)
+            self._mailboxes.of(client_id).push(end)

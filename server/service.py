@@ -4,6 +4,10 @@ Every refusal ends the call with a specific gRPC status and a log line naming th
 known) and the reason; the server keeps serving everyone else. The message-size limits of the
 gRPC server are pinned to one frame (:func:`wire.framing.grpc_options`): anything
 larger arrives in chunks whose total was declared and checked first.
+
+Protobuf stops here: a polled outbox item (:mod:`server.outbox`) becomes a ``ServerItem`` with
+its sequence number, and an upload's ``SubmitHeader`` becomes the round loop's
+:class:`~server.rounds.UploadHeader` before the loop sees it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import socket
 from collections.abc import Iterator
 from concurrent import futures
-from typing import Any
+from typing import Any, assert_never
 
 import grpc
 
@@ -20,8 +24,8 @@ from fl_core.cli import UsageError
 from secagg.protocol import SumBackend
 from server.admission import Admission, Refusal
 from server.config import ServerConfig
-from server.outbox import Mailboxes
-from server.rounds import RoundRunner
+from server.outbox import HeAggregate, Mailboxes, Queued, RoundEnd, RoundStart, SecAggMessage
+from server.rounds import RoundRunner, UploadHeader
 from server.store import Store
 from wire import fedsec_pb2 as pb
 from wire import fedsec_pb2_grpc as pb_grpc
@@ -47,6 +51,37 @@ MAX_POLL_WAIT_MS = 10_000
 
 def _peer(context: Any) -> str:
     return str(context.peer())
+
+
+def server_item_to_pb(queued: Queued) -> pb.ServerItem:
+    """What a poll sends for a queued item (its payload follows in chunk frames)."""
+    item, seq = queued.item, queued.seq
+    if isinstance(item, RoundStart):
+        return pb.ServerItem(seq=seq, round_start=pb.RoundStart(config=item.config))
+    if isinstance(item, SecAggMessage):
+        return pb.ServerItem(seq=seq, secagg=pb.SecAggItem(session_id=item.session_id))
+    if isinstance(item, HeAggregate):
+        return pb.ServerItem(seq=seq, he_aggregate=pb.HeAggregate(session_id=item.session_id))
+    if isinstance(item, RoundEnd):
+        end = pb.RoundEnd(
+            round_number=item.round_number,
+            completed=item.completed,
+            reason=item.reason,
+            final=item.final,
+        )
+        return pb.ServerItem(seq=seq, round_end=end)
+    assert_never(item)
+
+
+def upload_header_from_pb(header: pb.SubmitHeader) -> UploadHeader:
+    """What an upload declares, without its token (the caller has authenticated it). The kind
+    is kept as received, known or not: the round loop refuses one it does not know."""
+    return UploadHeader(
+        round_number=header.round_number,
+        session_id=header.session_id,
+        kind=int(header.kind),
+        payload_size=header.payload_size,
+    )
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -101,12 +136,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self._refuse(context, "Poll", None, refusal)
             raise
         wait_s = min(request.wait_ms, MAX_POLL_WAIT_MS) / 1000.0
-        got = self._mailboxes.of(client_id).get(request.seq, wait_s, context.is_active)
-        if got is None:
+        queued = self._mailboxes.of(client_id).get(request.seq, wait_s, context.is_active)
+        if queued is None:
             yield pb.ServerFrame(item=pb.ServerItem(seq=request.seq, idle=pb.Idle()))
             return
-        item, payload = got
-        yield from server_frames(item, payload)
+        yield from server_frames(server_item_to_pb(queued), queued.payload)
 
     def SplitSteps(
         self, request_iterator: Iterator[pb.SplitUp], context: Any
@@ -132,14 +166,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def Submit(self, request_iterator: Iterator[pb.ClientFrame], context: Any) -> pb.SubmitReply:
         client: list[int] = []
+        declared: list[UploadHeader] = []
 
         def limit_for(header: pb.SubmitHeader) -> int:
             client.append(self._admission.client_of(header.token))
-            return self._runner.upload_limit(client[0], header)
+            declared.append(upload_header_from_pb(header))
+            return self._runner.upload_limit(client[0], declared[0])
 
         try:
-            header, payload = read_upload(request_iterator, limit_for)
-            self._runner.deliver(client[0], header, payload)
+            _, payload = read_upload(request_iterator, limit_for)
+            self._runner.deliver(client[0], declared[0], payload)
         except Refusal as refusal:
             failure = refusal
         except PayloadTooLarge as exc:

@@ -4,6 +4,7 @@
   server nonce, the SHA-256 of the server certificate the client verified (so a signature
   obtained by a rogue server cannot be replayed to the real one, whose certificate differs)
   and the client id, under a domain label no protocol signature uses.
+- :class:`UploadKind`: the kinds an upload declares, for code past this edge.
 - :data:`KIND_OF` / :func:`upload_limit` / :func:`download_limit`: the byte budget of every
   message, from the round parameters alone, checked before a payload is allocated.
 - :func:`round_config_to_pb` / :func:`round_config_from_pb`: a round's
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from enum import IntEnum
 
 from fl_core.round import RoundCodec
 from fl_core.round_config import (
@@ -57,6 +59,24 @@ PER_PEER_BYTES = 512
 MAX_MODEL_DIM = 1 << 28
 #: The longest reason a client's ROUND_REFUSAL may carry (UTF-8).
 REFUSAL_MAX_BYTES = 1024
+
+
+class UploadKind(IntEnum):
+    """What a client's upload declares it carries: the schema's ``MessageKind`` codes (a test
+    pins the two equal), so that code past the edge never names the generated module. A kind
+    received from a client is kept as a plain ``int`` until checked: one this version does not
+    know must reach the check that refuses it."""
+
+    ADVERTISE_KEYS = pb.ADVERTISE_KEYS
+    SHARE_KEYS = pb.SHARE_KEYS
+    MASKED_INPUT = pb.MASKED_INPUT
+    CONSISTENCY_SIGNATURE = pb.CONSISTENCY_SIGNATURE
+    UNMASK_RESPONSE = pb.UNMASK_RESPONSE
+    HE_UPDATE = pb.HE_UPDATE
+    HE_DECRYPTED_SUM = pb.HE_DECRYPTED_SUM
+    SEED_COMMIT = pb.SEED_COMMIT
+    ROUND_REFUSAL = pb.ROUND_REFUSAL
+
 
 KIND_OF: dict[type, pb.MessageKind] = {
     SeedCommit: pb.SEED_COMMIT,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -12,7 +13,7 @@ import pytest
 from secagg.keys import Identity, Roster
 from secagg.packing import packed_size
 from server.admission import Admission, Refusal
-from server.outbox import Mailboxes, Outbox
+from server.outbox import Mailboxes, Outbox, Queued, RoundEnd, RoundStart, SecAggMessage
 from wire import fedsec_pb2 as pb
 from wire.convert import admission_signed_bytes, upload_limit
 from wire.framing import WireFormatError
@@ -98,28 +99,41 @@ def test_expired_nonce_is_refused() -> None:
 def test_outbox_long_poll_acknowledges_and_restarts() -> None:
     box = Outbox()
     assert box.get(0, timeout_s=0.01) is None
-    got: list[int] = []
+    got: list[Queued] = []
 
     def poll() -> None:
         result = box.get(0, timeout_s=5.0)
         assert result is not None
-        got.append(result[0].seq)
+        got.append(result)
 
     waiter = threading.Thread(target=poll)
     waiter.start()
     time.sleep(0.05)
-    box.push(pb.ServerItem(idle=pb.Idle()), b"payload")
+    start = RoundStart(b"cfg")
+    assert box.push(start, b"payload") == 0
     waiter.join(5)
-    assert got == [0]
-    box.push(pb.ServerItem())
-    box.push(pb.ServerItem())
-    item, _ = box.get(2, 0.01) or (None, b"")
-    assert item is not None and item.seq == 2
+    assert got == [Queued(0, start, b"payload")]
+    box.push(SecAggMessage(b"s" * 32), b"message")
+    end = RoundEnd(0, reason="TooFewSurvivors")
+    box.push(end)
+    assert box.get(2, 0.01) == Queued(2, end, b"")
     # Asking for 2 acknowledged 0 and 1: a stale request gets the oldest item still held.
-    stale = box.get(0, 0.01)
-    assert stale is not None and stale[0].seq == 2
+    assert box.get(0, 0.01) == Queued(2, end, b"")
     assert box.restart() == 3
     assert box.get(0, 0.01) is None  # nothing queued before the restart is served
+
+
+def test_one_item_queued_for_many_clients_takes_each_outboxs_number() -> None:
+    """The round loop queues one RoundStart for the whole cohort: each outbox numbers it in its
+    own sequence, and every client gets the same bytes."""
+    boxes = Mailboxes()
+    boxes.of(1).push(RoundEnd(0, completed=True))
+    start = RoundStart(b"the round's config, serialized once")
+    assert [boxes.of(c).push(start, b"model") for c in (1, 2)] == [1, 0]
+    assert boxes.of(1).get(1, 0.0) == Queued(1, start, b"model")
+    assert boxes.of(2).get(0, 0.0) == Queued(0, start, b"model")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        start.config = b"another"  # type: ignore[misc]
 
 
 def test_online_means_polling_recently() -> None:

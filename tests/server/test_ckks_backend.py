@@ -40,10 +40,10 @@ from secagg.keys import AgreementKeyPair
 from server.admission import Refusal
 from server.config import load_server_config
 from server.outbox import Mailboxes
-from server.rounds import RoundRunner
+from server.rounds import RoundRunner, UploadHeader
 from server.store import Store
 from wire import fedsec_pb2 as pb
-from wire.convert import round_config_bytes, round_config_to_pb
+from wire.convert import UploadKind, round_config_bytes, round_config_to_pb
 from wire.credentials import load_identity
 from wire.he_files import (
     CkksShape,
@@ -267,10 +267,10 @@ def test_runner_refuses_uploads_of_the_other_backend_or_from_outside_the_cohort(
     ckks, _ = _round(runner, [1, 2, 3])
     runner._ckks = ckks  # as the round loop installs it
     try:
-        header = pb.SubmitHeader(session_id=ckks.session_id, kind=pb.MASKED_INPUT)
+        header = UploadHeader(0, ckks.session_id, UploadKind.MASKED_INPUT, 1)
         with pytest.raises(Refusal, match="disagree on the backend"):
             runner.upload_limit(1, header)
-        header.kind = pb.HE_UPDATE
+        header = dataclasses.replace(header, kind=UploadKind.HE_UPDATE)
         with pytest.raises(Refusal, match="not in this cohort") as refused:
             runner.upload_limit(4, header)
         assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
@@ -329,7 +329,7 @@ def _transport(bundle: Path, client_id: int, backend: str | None = None) -> Clie
         sent.append(kind)
         payloads.append(payload)
 
-    transport._send = send  # type: ignore[method-assign, assignment]
+    transport._send = send  # type: ignore[method-assign]
     transport.sent = sent  # type: ignore[attr-defined]
     transport.payloads = payloads  # type: ignore[attr-defined]
     return transport
