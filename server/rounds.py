@@ -106,13 +106,12 @@ class UploadHeader:
     """What a client's upload declares before its payload (:mod:`server.service` converts the
     wire's header; the token that authenticated the call stays there). ``kind`` is an
     :class:`~wire.convert.UploadKind` code or one this version does not know, which
-    :meth:`RoundRunner.upload_limit` refuses; ``payload_size`` is checked against that limit
-    before anything is allocated (:func:`wire.framing.read_upload`)."""
+    :meth:`RoundRunner.upload_limit` refuses. The declared payload size stays with the framing,
+    which holds it to that limit before anything is allocated (:func:`wire.framing.read_upload`)."""
 
     round_number: int
     session_id: bytes
     kind: int
-    payload_size: int
 
 
 class FederationStopped(Exception):

@@ -80,7 +80,6 @@ def upload_header_from_pb(header: pb.SubmitHeader) -> UploadHeader:
         round_number=header.round_number,
         session_id=header.session_id,
         kind=int(header.kind),
-        payload_size=header.payload_size,
     )
 
 

@@ -267,7 +267,7 @@ def test_runner_refuses_uploads_of_the_other_backend_or_from_outside_the_cohort(
     ckks, _ = _round(runner, [1, 2, 3])
     runner._ckks = ckks  # as the round loop installs it
     try:
-        header = UploadHeader(0, ckks.session_id, UploadKind.MASKED_INPUT, 1)
+        header = UploadHeader(0, ckks.session_id, UploadKind.MASKED_INPUT)
         with pytest.raises(Refusal, match="disagree on the backend"):
             runner.upload_limit(1, header)
         header = dataclasses.replace(header, kind=UploadKind.HE_UPDATE)

@@ -45,7 +45,7 @@ def masking(bundle: Path, tmp_path: Path) -> Iterator[tuple[RoundRunner, ServerS
 
 
 def _header(session_id: bytes, kind: int) -> UploadHeader:
-    return UploadHeader(round_number=0, session_id=session_id, kind=kind, payload_size=1)
+    return UploadHeader(round_number=0, session_id=session_id, kind=kind)
 
 
 def _refused(call: Callable[[], object]) -> Refusal:

@@ -215,6 +215,6 @@ def test_each_queued_item_becomes_its_server_item_with_the_outboxs_number() -> N
 def test_an_upload_header_keeps_what_the_client_declared_but_its_token() -> None:
     header = pb.SubmitHeader(token=b"t" * 48, round_number=7, session_id=b"s" * 32, payload_size=9)
     header.kind = 42  # type: ignore[assignment]  # proto3 enums are open: an unknown kind stays
-    assert upload_header_from_pb(header) == UploadHeader(7, b"s" * 32, 42, 9)
+    assert upload_header_from_pb(header) == UploadHeader(7, b"s" * 32, 42)
     header.kind = pb.HE_UPDATE
     assert upload_header_from_pb(header).kind == UploadKind.HE_UPDATE
