@@ -20,7 +20,14 @@ both at the end (the same compute and no stopping rule for either), as the mean 
 with a 95% interval from a paired bootstrap over seeds and held-out pairs; ``federated_verdict``
 says ``wins``/``trails`` when that interval excludes 0, else ``tie``, and
 ``federated_beats_isolated_every_institution`` is true when every institution's verdict is
-``wins``. ``isolated.accuracy_best`` is the isolated arm at its best round on the test pairs
+``wins``.
+
+``--adapt-rounds K`` adds a third arm, local adaptation (Yu et al., "Salvaging Federated
+Learning by Local Adaptation", 2020): the federation's adapter K DPO rounds before the end,
+after which each institution trains those last K rounds alone on its own pairs, the same compute
+again; ``adapted_lead``/``adapted_verdict`` compare it with the isolated arm as above.
+
+``isolated.accuracy_best`` is the isolated arm at its best round on the test pairs
 themselves (an oracle stopping rule that favours it) and ``federated_lead_over_best`` the lead
 over that (mean, min and max over the seeds). ``*_accuracy_by_kind``: the accuracies split by
 what the rejected answer broke. The step norms (``federated_step_norm_by_round``,
@@ -31,7 +38,7 @@ the same lr.
 
     .venv/bin/python benchmarks/dpo_alignment.py [--sft-rounds 8] [--dpo-rounds 4]
         [--institutions 4] [--pairs 64] [--eval-pairs 512] [--seeds 0,1] [--backend masking|ckks]
-        [--dpo-lr X] [--dpo-beta X] [--dpo-reference round|sft] [--quick]
+        [--adapt-rounds K] [--dpo-lr X] [--dpo-beta X] [--dpo-reference round|sft] [--quick]
 """
 
 from __future__ import annotations
@@ -105,10 +112,18 @@ def _ratio(diff: float, bound: float) -> float:
 
 
 def isolated_arm(
-    trainer: TorchTrainer, name: str, sft_rounds: int, kinds: Sequence[str], sft_start: float
+    trainer: TorchTrainer,
+    name: str,
+    first_round: int,
+    vector: np.ndarray,
+    drawn: int,
+    kinds: Sequence[str],
+    sft_start: float,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """``name`` aligns alone from the stage's start: the federated stage's rounds and steps.
-    Returns its scores and its per-pair outcomes at the end."""
+    """``name`` trains alone on its own pairs from ``vector``, rounds ``first_round`` to the
+    stage's end with the federation's local steps, lr schedule, beta and reference, its pair
+    order continuing after its first ``drawn`` batches. Returns its scores and its per-pair
+    outcomes at the end."""
     recipe, work = trainer.recipe, trainer.work
     assert recipe is not None and trainer.rounds is not None and trainer.dpo_start is not None
     start = trainer.dpo_start
@@ -116,8 +131,8 @@ def isolated_arm(
     dpo = DpoSettings.from_recipe(recipe)
     reference = start if recipe.dpo_reference == "sft" else None
     scores_ref = pair_logps(work.lm, start, work.pair_test[name], work.pad_id)
-    vector, by_round, steps, drawn = start.copy(), [], [], 0
-    for r in range(sft_rounds, trainer.rounds):
+    by_round, steps = [], []
+    for r in range(first_round, trainer.rounds):
         settings = replace(
             trainer.settings,
             lr=recipe.lr_at(r, trainer.rounds),
@@ -145,7 +160,7 @@ def isolated_arm(
         "accuracy": by_round[-1].accuracy,
         "margin": round(by_round[-1].margin, 4),
         "accuracy_best": by_round[best].accuracy,
-        "best_round": sft_rounds + best,
+        "best_round": first_round + best,
         "accuracy_by_round": [s.accuracy for s in by_round],
         "step_norm_by_round": steps,
         "accuracy_by_kind": accuracy_by_kind(outcomes, kinds),
@@ -156,9 +171,9 @@ def isolated_arm(
 
 def run_seed(
     args: argparse.Namespace, seed: int
-) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """One run: its record, and per institution the per-pair outcomes of both arms at the end
-    (federated, alone)."""
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """One run: its record, and per institution the per-pair outcomes of each arm at the end
+    (``federated``, ``isolated``, and with ``--adapt-rounds`` ``adapted``)."""
     rounds = args.sft_rounds + args.dpo_rounds
     overrides: dict[str, Any] = {
         "stage": "sft+dpo",
@@ -191,6 +206,7 @@ def run_seed(
     ratios, pooled_accuracy, step_norms = [], [], []
     sft_start: dict[str, float] = {}
     scores: dict[str, Any] = {}
+    adapt_from, adapt_drawn = fed.global_vector, dict(trainer.pair_batches_drawn)
     for r in range(rounds):
         before = fed.global_vector.copy()
         outcome = fed.run_round(r)
@@ -203,6 +219,9 @@ def run_seed(
             scores = trainer.preference_scores(outcome.global_vector)
             pooled_accuracy.append(scores[POOLED].accuracy)
             step_norms.append(round(float(np.linalg.norm(outcome.global_vector - before)), 4))
+        if r + 1 == rounds - args.adapt_rounds:
+            adapt_from = outcome.global_vector.copy()
+            adapt_drawn = dict(trainer.pair_batches_drawn)
     sft_end = dict(fed.evaluator(fed.global_vector))
     federated_s = time.perf_counter() - began
     fed_outcomes = {n: held_out_outcomes(trainer, n, fed.global_vector) for n in names}
@@ -218,10 +237,23 @@ def run_seed(
         }
         for n in names
     }
-    isolated, outcomes = {}, {}
+    assert trainer.dpo_start is not None
+    isolated, adapted = {}, {}
+    outcomes: dict[str, dict[str, np.ndarray]] = {n: {"federated": fed_outcomes[n]} for n in names}
     for n in names:
-        isolated[n], alone = isolated_arm(trainer, n, args.sft_rounds, kinds[n], sft_start[n])
-        outcomes[n] = (fed_outcomes[n], alone)
+        isolated[n], outcomes[n]["isolated"] = isolated_arm(
+            trainer, n, args.sft_rounds, trainer.dpo_start, 0, kinds[n], sft_start[n]
+        )
+        if args.adapt_rounds:
+            adapted[n], outcomes[n]["adapted"] = isolated_arm(
+                trainer,
+                n,
+                rounds - args.adapt_rounds,
+                adapt_from,
+                adapt_drawn.get(n, 0),
+                kinds[n],
+                sft_start[n],
+            )
     dpo_ratios = ratios[args.sft_rounds :]
     record = {
         "seed": seed,
@@ -229,6 +261,7 @@ def run_seed(
         "federated_pooled_accuracy_by_round": pooled_accuracy,
         "federated_step_norm_by_round": step_norms,
         "isolated": isolated,
+        **({"adapted": adapted} if args.adapt_rounds else {}),
         "sft_loss_max_abs_change": max(abs(f["sft_loss_change"]) for f in federated.values()),
         "secure_vs_plain_over_bound_by_round": ratios,
         "secure_vs_plain_within_bound_every_dpo_round": all(x <= 1.0 for x in dpo_ratios),
@@ -247,6 +280,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--records", type=int, default=defaults.RECORDS_PER_INSTITUTION)
     parser.add_argument("--pairs", type=int, default=defaults.PAIRS_PER_INSTITUTION)
     parser.add_argument("--eval-pairs", type=int, default=512)
+    parser.add_argument(
+        "--adapt-rounds",
+        type=int,
+        default=0,
+        help="also score a federation that stops K DPO rounds early, each institution then "
+        "training those K rounds alone from its adapter (the same compute as the other arms)",
+    )
     parser.add_argument("--dpo-lr", type=float, default=None)
     parser.add_argument("--dpo-beta", type=float, default=None)
     parser.add_argument("--dpo-reference", choices=("round", "sft"), default=None)
@@ -257,16 +297,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a tiny run (checks the script)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sft_rounds, args.dpo_rounds, args.local_steps = 1, 1, 2
+        args.sft_rounds, args.dpo_rounds, args.local_steps = 1, 2, 2
         args.records, args.pairs, args.eval_pairs = 16, 8, 8
+    if not 0 <= args.adapt_rounds < args.dpo_rounds:
+        parser.error(f"--adapt-rounds must be in [0, --dpo-rounds) = [0, {args.dpo_rounds})")
     torch.set_num_threads(args.threads)
     done = [run_seed(args, int(s)) for s in args.seeds.split(",")]
     runs = [record for record, _ in done]
     names = sorted(runs[0]["federated"])
+
     # Per institution, the paired lead at the end (no stopping rule for either arm).
-    interval = {
-        n: lead_interval([fed - alone for _, o in done for fed, alone in [o[n]]]) for n in names
-    }
+    def paired(arm: str) -> dict[str, dict[str, float]]:
+        """Per institution: ``arm`` minus the isolated arm, per held-out pair, over the seeds."""
+        return {n: lead_interval([o[n][arm] - o[n]["isolated"] for _, o in done]) for n in names}
+
+    interval = paired("federated")
 
     def mean(arm: str, key: str) -> dict[str, float]:
         """Per institution: ``key`` of ``arm``, the mean over the seeds."""
@@ -292,6 +337,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       "max": round(max(d), 4)}  # fmt: skip
         return out
 
+    def adapted_summary(lead: dict[str, dict[str, float]]) -> dict[str, Any]:
+        return {
+            "adapt_rounds": args.adapt_rounds,
+            "adapted_accuracy": mean("adapted", "accuracy"),
+            "adapted_lead": lead,
+            "adapted_verdict": {n: verdict(lead[n]) for n in names},
+            "adapted_accuracy_by_kind": by_kind("adapted"),
+            "adapted_sft_loss_change": mean("adapted", "sft_loss_change"),
+        }
+
     recipe = recipes.resolve("embedded", {"stage": "sft+dpo", "dpo_rounds": args.dpo_rounds}).recipe
     result = {
         "benchmark": "dpo_alignment",
@@ -315,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "federated_lead": interval,
         "federated_verdict": {n: verdict(interval[n]) for n in names},
         "federated_lead_over_best": lead_over_best(),
+        **(adapted_summary(paired("adapted")) if args.adapt_rounds else {}),
         "federated_accuracy_by_kind": by_kind("federated"),
         "isolated_accuracy_by_kind": by_kind("isolated"),
         "sft_loss_change": mean("federated", "sft_loss_change"),

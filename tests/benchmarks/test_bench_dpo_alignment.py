@@ -23,10 +23,13 @@ def _load() -> ModuleType:
     return module
 
 
-def test_quick_run_scores_both_arms_per_institution(capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_run_scores_every_arm_per_institution(capsys: pytest.CaptureFixture[str]) -> None:
     threads = torch.get_num_threads()
     try:
-        result = _load().main(["--quick", "--threads", "1", "--institutions", "3"])
+        bench = _load()
+        result = bench.main(
+            ["--quick", "--threads", "1", "--institutions", "3", "--adapt-rounds", "1"]
+        )
     finally:
         torch.set_num_threads(threads)
     assert capsys.readouterr().out.count("\n") == 1  # one JSON line
@@ -34,24 +37,35 @@ def test_quick_run_scores_both_arms_per_institution(capsys: pytest.CaptureFixtur
     assert set(result["federated_accuracy"]) == set(result["isolated_accuracy"]) == names
     (run,) = result["runs"]
     for name in names:
-        isolated = run["isolated"][name]
-        # The same rounds as the federated stage (--quick: 1 SFT round, then 1 DPO round).
-        assert len(isolated["accuracy_by_round"]) == 1 and isolated["best_round"] == 1
+        isolated, adapted = run["isolated"][name], run["adapted"][name]
+        # The same rounds as the federated stage (--quick: 1 SFT round, then 2 DPO rounds);
+        # the adapted arm trains alone for the last one only, from the federation's adapter.
+        assert len(isolated["accuracy_by_round"]) == 2 and isolated["best_round"] in (1, 2)
+        assert len(adapted["accuracy_by_round"]) == 1 and adapted["best_round"] == 2
         kinds = run["federated"][name]["accuracy_by_kind"]
         assert set(kinds) <= {"rule", "fact"} and all(0 <= v <= 1 for v in kinds.values())
-        # How far the round moved the adapter: the institution's own step, and the federated one.
-        assert len(isolated["step_norm_by_round"]) == 1 and isolated["step_norm_by_round"][0] > 0
-        lead = result["federated_lead"][name]
-        expected = run["federated"][name]["accuracy"] - isolated["accuracy"]
-        assert lead["mean"] == pytest.approx(expected, abs=1e-4)
-        assert lead["low"] <= lead["mean"] <= lead["high"]
-        assert result["federated_verdict"][name] in {"wins", "tie", "trails"}
+        # How far each round moved the adapter: the institution's own step, and the federated one.
+        assert len(isolated["step_norm_by_round"]) == 2 and min(isolated["step_norm_by_round"]) > 0
+        for arm, accuracy in (("federated", run["federated"][name]["accuracy"]),
+                              ("adapted", adapted["accuracy"])):  # fmt: skip
+            lead = result[f"{arm}_lead"][name]
+            assert lead["mean"] == pytest.approx(accuracy - isolated["accuracy"], abs=1e-4)
+            assert lead["low"] <= lead["mean"] <= lead["high"]
+            assert result[f"{arm}_verdict"][name] == bench.verdict(lead)
         assert set(result["isolated_accuracy_by_kind"][name]) == set(kinds)
-    assert (
-        len(run["federated_step_norm_by_round"]) == 1 and run["federated_step_norm_by_round"][0] > 0
-    )
-    assert len(run["secure_vs_plain_over_bound_by_round"]) == 2
+    assert len(run["federated_step_norm_by_round"]) == 2
+    assert min(run["federated_step_norm_by_round"]) > 0
+    assert len(run["secure_vs_plain_over_bound_by_round"]) == 3
     assert result["secure_vs_plain_within_bound_every_dpo_round"] is True
+
+
+def test_adapt_rounds_must_leave_the_federation_a_round(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _load().main(["--quick", "--adapt-rounds", "2"])
+    assert exit_info.value.code == 2
+    assert "--adapt-rounds must be in [0, --dpo-rounds) = [0, 2)" in capsys.readouterr().err
 
 
 def test_the_verdict_needs_the_interval_of_the_paired_lead_to_exclude_zero() -> None:
