@@ -132,6 +132,7 @@ def isolated_arm(
     reference = start if recipe.dpo_reference == "sft" else None
     scores_ref = pair_logps(work.lm, start, work.pair_test[name], work.pad_id)
     by_round, steps = [], []
+    policy = scores_ref  # replaced every round; there is at least one
     for r in range(first_round, trainer.rounds):
         settings = replace(
             trainer.settings,
@@ -155,7 +156,7 @@ def isolated_arm(
         by_round.append(score_preferences(policy, scores_ref, recipe.dpo_beta))
     sft_loss = evaluate(work.lm, vector, {name: work.test_sets[name]}, work.pad_id)[name]
     best = max(range(len(by_round)), key=lambda i: by_round[i].accuracy)
-    outcomes = held_out_outcomes(trainer, name, vector)
+    outcomes = pair_outcomes(policy, scores_ref)  # the last round's, at the end
     return {
         "accuracy": by_round[-1].accuracy,
         "margin": round(by_round[-1].margin, 4),

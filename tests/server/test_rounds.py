@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fl_core.cli import main as fedsec
 from secagg.messages import ConsistencySignature, encode_message
 from secagg.protocol import ServerSession
 from server.admission import Refusal
@@ -23,18 +22,11 @@ from server.store import Store
 from wire.convert import REFUSAL_MAX_BYTES, UploadKind, upload_limit
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("rounds") / "d"
-    assert fedsec(["keygen", "--out", str(root), "--clients", "3", "--task", "random"]) == 0
-    return root
-
-
 @pytest.fixture
-def masking(bundle: Path, tmp_path: Path) -> Iterator[tuple[RoundRunner, ServerSession]]:
+def masking(random_bundle: Path, tmp_path: Path) -> Iterator[tuple[RoundRunner, ServerSession]]:
     """A runner with round 0's masking session (cohort 1, 2, 3) installed as the loop does."""
     runner = RoundRunner(
-        load_server_config(bundle / "server.toml"), Store(tmp_path / "s.db"), Mailboxes()
+        load_server_config(random_bundle / "server.toml"), Store(tmp_path / "s.db"), Mailboxes()
     )
     config, _ = runner._round_config(0, [1, 2, 3])
     session = ServerSession(config.plan().secagg_params(), runner._config.roster, False)

@@ -13,7 +13,6 @@ from typing import NoReturn
 import grpc
 import pytest
 
-from fl_core.cli import main as fedsec
 from secagg.protocol import ServerSession
 from server.admission import Admission
 from server.config import load_server_config
@@ -57,17 +56,10 @@ class Coordinator:
     tokens: dict[int, bytes]
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("service") / "d"
-    assert fedsec(["keygen", "--out", str(root), "--clients", "3", "--task", "random"]) == 0
-    return root
-
-
 @pytest.fixture
-def coordinator(bundle: Path, tmp_path: Path) -> Iterator[Coordinator]:
+def coordinator(random_bundle: Path, tmp_path: Path) -> Iterator[Coordinator]:
     """A servicer and its runner, clients 1..3 admitted; a round's first stage closes at once."""
-    config = load_server_config(bundle / "server.toml")
+    config = load_server_config(random_bundle / "server.toml")
     config = dataclasses.replace(
         config, rounds=dataclasses.replace(config.rounds, join_timeout_s=0.05)
     )
@@ -78,7 +70,7 @@ def coordinator(bundle: Path, tmp_path: Path) -> Iterator[Coordinator]:
     service = CoordinatorService(config, admission, mailboxes, runner, store)
     tokens = {}
     for c in (1, 2, 3):
-        identity = load_identity(bundle / f"client-{c}" / "identity.key")
+        identity = load_identity(random_bundle / f"client-{c}" / "identity.key")
         nonce = service.Challenge(pb.ChallengeRequest(client_id=c), Context()).nonce
         request = pb.AuthenticateRequest(
             client_id=c,
